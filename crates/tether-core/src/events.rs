@@ -1,0 +1,77 @@
+//! The lifecycle event bus. `emit` is synchronous and never blocks: it logs the
+//! event (one `tracing` line per transition) and hands it to a bounded broadcast
+//! channel. A subscriber that falls more than the channel's capacity behind loses
+//! the oldest events and is told how many (`RecvError::Lagged`).
+
+use std::sync::Arc;
+
+use tether_protocol::{EventType, LifecycleEvent};
+use tokio::sync::broadcast;
+
+/// How many events a slow `/api/events` reader may fall behind before it lags.
+pub const EVENT_BUFFER: usize = 4096;
+
+/// The bus: a cheap clone handle.
+#[derive(Clone, Debug)]
+pub struct EventBus {
+    node_id: Arc<str>,
+    tx: broadcast::Sender<Arc<LifecycleEvent>>,
+}
+
+/// The details of an event other than its type.
+#[derive(Clone, Debug, Default)]
+pub struct EventFields<'a> {
+    /// The client concerned.
+    pub client_id: Option<&'a str>,
+    /// The connection concerned.
+    pub conn_id: Option<&'a str>,
+    /// The channel concerned.
+    pub channel: Option<&'a str>,
+    /// A close code.
+    pub code: Option<u16>,
+    /// A close reason.
+    pub reason: Option<&'a str>,
+    /// A duration.
+    pub duration_ms: Option<u64>,
+}
+
+impl EventBus {
+    /// A bus for `node_id`.
+    pub fn new(node_id: Arc<str>) -> Self {
+        let (tx, _) = broadcast::channel(EVENT_BUFFER);
+        Self { node_id, tx }
+    }
+
+    /// A new receiver of every event emitted from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<LifecycleEvent>> {
+        self.tx.subscribe()
+    }
+
+    /// Records one transition: logs it and broadcasts it.
+    pub fn emit(&self, kind: EventType, f: EventFields<'_>) {
+        let event = LifecycleEvent {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind,
+            at: crate::rfc3339_now(),
+            node_id: self.node_id.to_string(),
+            client_id: f.client_id.map(str::to_owned),
+            conn_id: f.conn_id.map(str::to_owned),
+            channel: f.channel.map(str::to_owned),
+            code: f.code,
+            reason: f.reason.map(str::to_owned),
+            duration_ms: f.duration_ms,
+        };
+        tracing::info!(
+            target: "tether::event",
+            event = kind.as_str(),
+            client_id = f.client_id,
+            conn_id = f.conn_id,
+            channel = f.channel,
+            code = f.code,
+            reason = f.reason,
+            duration_ms = f.duration_ms,
+        );
+        // No receiver is not an error: events are still logged.
+        let _ = self.tx.send(Arc::new(event));
+    }
+}

@@ -1,0 +1,129 @@
+//! Prometheus metrics (SPEC section 8). No label carries a client id or a channel
+//! name: labels are transports, close codes and refusal reasons only, so the series
+//! count stays bounded.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as PromRegistry;
+
+/// `transport` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `ws`, `sse` or `proxy`.
+    pub transport: &'static str,
+}
+
+/// `code` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The close code.
+    pub code: u16,
+}
+
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A refusal's `error` code, or `pending_handshakes` for sockets cut at accept.
+    pub reason: &'static str,
+}
+
+/// The node's metrics: a cheap clone handle. Updated where things happen (the
+/// registry, the accept loop), rendered by `GET /metrics`.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: PromRegistry,
+    connections: Family<TransportLabel, Gauge>,
+    clients_online: Gauge,
+    opened: Family<TransportLabel, Counter>,
+    closed: Family<CodeLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    pending_handshakes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics, all zero.
+    pub fn new() -> Self {
+        let mut registry = PromRegistry::with_prefix("tether");
+        let connections = Family::<TransportLabel, Gauge>::default();
+        let clients_online = Gauge::default();
+        let opened = Family::<TransportLabel, Counter>::default();
+        let closed = Family::<CodeLabel, Counter>::default();
+        let refused = Family::<ReasonLabel, Counter>::default();
+        let pending_handshakes = Gauge::default();
+        registry.register("connections", "Open connections", connections.clone());
+        registry.register("clients_online", "Clients online or lingering", clients_online.clone());
+        registry.register("connections_opened", "Connections committed", opened.clone());
+        registry.register("connections_closed", "Connections released, by close code", closed.clone());
+        registry.register("admission_refused", "Handshakes refused, by reason", refused.clone());
+        registry.register(
+            "pending_handshakes",
+            "Sockets accepted and not yet admitted",
+            pending_handshakes.clone(),
+        );
+        for transport in ["ws", "sse", "proxy"] {
+            let _ = connections.get_or_create(&TransportLabel { transport });
+            let _ = opened.get_or_create(&TransportLabel { transport });
+        }
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                connections,
+                clients_online,
+                opened,
+                closed,
+                refused,
+                pending_handshakes,
+            }),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// A connection was committed.
+    pub fn opened(&self, transport: &'static str) {
+        self.inner.connections.get_or_create(&TransportLabel { transport }).inc();
+        self.inner.opened.get_or_create(&TransportLabel { transport }).inc();
+    }
+
+    /// A connection was released with `code`.
+    pub fn closed(&self, transport: &'static str, code: u16) {
+        self.inner.connections.get_or_create(&TransportLabel { transport }).dec();
+        self.inner.closed.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// The number of clients online (or lingering) changed by `delta`.
+    pub fn clients_delta(&self, delta: i64) {
+        self.inner.clients_online.inc_by(delta);
+    }
+
+    /// A handshake was refused for `reason`.
+    pub fn refused(&self, reason: &'static str) {
+        self.inner.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// The number of pending handshakes changed by `delta`.
+    pub fn pending_delta(&self, delta: i64) {
+        self.inner.pending_handshakes.inc_by(delta);
+    }
+}

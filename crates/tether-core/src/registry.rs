@@ -1,0 +1,790 @@
+//! The registry: clients → connections, admission, and release.
+//!
+//! Lifetimes:
+//! - A handshake calls [`Registry::reserve`], which checks the client's limit and the
+//!   node's ceiling and takes a slot atomically under the client's shard lock. The
+//!   [`Reservation`] holds the slot; dropping it uncommitted gives the slot back.
+//! - Once the upgrade is done, [`Reservation::commit`] registers the [`Connection`],
+//!   fires `client.online` (first connection) and `connection.opened`, and under
+//!   `replace_oldest` marks the oldest connection closing and asks it to close (4001)
+//!   after the lock is released. It returns the [`ConnectionGuard`].
+//! - The connection task owns the guard. Dropping the guard is the one release path:
+//!   it removes the connection, fires `connection.closed`, and when it was the
+//!   client's last one either fires `client.offline` or starts the offline grace
+//!   (a timer task tracked by the registry). Drop never blocks or awaits.
+//!
+//! Locks: one `parking_lot` mutex per client shard, and one for the connection index
+//! (always taken after a shard lock, never the other way). No lock is held across an
+//! `.await`. Events are emitted under the shard lock, which is what orders
+//! `client.online` before the first `connection.opened` and `client.offline` after the
+//! last `connection.closed` for each client; emitting is synchronous and non-blocking.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tether_protocol::{CloseCode, Closing, EventType, Refusal};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::events::{EventBus, EventFields};
+use crate::ids::ConnIdGen;
+use crate::ip_limits::IpSlot;
+use crate::metrics::Metrics;
+use crate::select::{Filter, Selector};
+
+const SHARDS: usize = 64;
+
+/// How a connection reaches the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// WebSocket on `/ws`.
+    Ws,
+    /// Server-Sent Events on `/sse`.
+    Sse,
+    /// A proxied connection (two sockets).
+    Proxy,
+}
+
+impl Transport {
+    /// The transport's name in the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+            Transport::Proxy => "proxy",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Sockets the connection uses, counted against `limits.max_connections`.
+    fn weight(self) -> usize {
+        match self {
+            Transport::Proxy => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What to do when a client is at `clients.max_connections_per_client`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientLimitPolicy {
+    /// Refuse the new connection (`client_limit`, 409).
+    #[default]
+    Reject,
+    /// Admit it and close the client's oldest connection with 4001.
+    ReplaceOldest,
+}
+
+/// The registry's settings.
+#[derive(Clone, Debug)]
+pub struct RegistrySettings {
+    /// `limits.max_connections`, in sockets (a proxied connection counts 2).
+    pub max_connections: usize,
+    /// `clients.max_connections_per_client`.
+    pub max_connections_per_client: usize,
+    /// `clients.on_client_limit`.
+    pub on_client_limit: ClientLimitPolicy,
+    /// `clients.offline_grace_ms`.
+    pub offline_grace: Duration,
+}
+
+/// What the transport knows about a connection at commit time.
+#[derive(Clone, Debug)]
+pub struct ConnSpec {
+    /// The transport.
+    pub transport: Transport,
+    /// The client's address (resolved through trusted proxies).
+    pub remote_addr: IpAddr,
+    /// The `User-Agent` header.
+    pub user_agent: Option<String>,
+    /// Claims kept on the connection (`meta` of the token), or `null`.
+    pub meta: Value,
+    /// The upstream URL of a proxied connection.
+    pub upstream: Option<String>,
+}
+
+/// One registered connection, shared by the registry and the connection's task.
+#[derive(Debug)]
+pub struct Connection {
+    /// `<node>-<boot>-<n>`.
+    id: String,
+    /// `n`: the order of `/api/connections`.
+    seq: u64,
+    /// The owning client.
+    client_id: Arc<str>,
+    /// What the transport reported at commit.
+    spec: ConnSpec,
+    /// Wall-clock open time (for the API).
+    opened_at: SystemTime,
+    /// Monotonic open time (for idle and duration).
+    started: Instant,
+    /// Milliseconds after `started` of the last application frame.
+    last_seen_ms: AtomicU64,
+    /// Bytes received from the peer.
+    bytes_in: AtomicU64,
+    /// Bytes sent to the peer.
+    bytes_out: AtomicU64,
+    /// Bytes waiting in the outbound queue.
+    queued_bytes: AtomicU64,
+    /// Set once a close was asked for (replace, kick, drain, ...).
+    closing: AtomicBool,
+    /// The first close asked for; the connection task announces it.
+    close: Mutex<Option<Closing>>,
+    /// Wakes the connection task when `close` is set.
+    notify: Notify,
+    /// Channels the connection is subscribed to.
+    channels: Mutex<Vec<Arc<str>>>,
+}
+
+impl Connection {
+    /// The connection id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The client id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+    /// The transport.
+    pub fn transport(&self) -> Transport {
+        self.spec.transport
+    }
+    /// The client's address.
+    pub fn remote_addr(&self) -> IpAddr {
+        self.spec.remote_addr
+    }
+    /// The `meta` kept on the connection.
+    pub fn meta(&self) -> &Value {
+        &self.spec.meta
+    }
+    /// Whether a close was asked for.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+    /// Whether the connection is subscribed to `channel`.
+    pub fn has_channel(&self, channel: &str) -> bool {
+        self.channels.lock().iter().any(|c| &**c == channel)
+    }
+    /// Milliseconds since the last application frame (or since open).
+    pub fn idle_ms(&self) -> u64 {
+        let now = self.started.elapsed().as_millis() as u64;
+        now.saturating_sub(self.last_seen_ms.load(Ordering::Relaxed))
+    }
+    /// How long the connection has been open.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+    /// Records an application frame from the peer (not a heartbeat).
+    pub fn touch(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_seen_ms.store(now, Ordering::Relaxed);
+    }
+    /// Counts bytes received.
+    pub fn add_bytes_in(&self, n: usize) {
+        self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    /// Counts bytes sent.
+    pub fn add_bytes_out(&self, n: usize) {
+        self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Asks the connection to close with `closing`. The first request wins; returns
+    /// whether this one was taken.
+    pub fn request_close(&self, closing: Closing) -> bool {
+        {
+            let mut slot = self.close.lock();
+            if slot.is_some() {
+                return false;
+            }
+            *slot = Some(closing);
+        }
+        self.closing.store(true, Ordering::Release);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Resolves with the close that was asked for. Only the connection's own task
+    /// waits on this; it may be polled again after being dropped.
+    pub async fn close_requested(&self) -> Closing {
+        loop {
+            if let Some(c) = self.close.lock().clone() {
+                return c;
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// The connection as the API shows it.
+    pub fn snapshot(&self, node_id: &str) -> ConnSnapshot {
+        let last_seen = self.last_seen_ms.load(Ordering::Relaxed);
+        ConnSnapshot {
+            conn_id: self.id.clone(),
+            client_id: self.client_id.to_string(),
+            node_id: node_id.to_owned(),
+            transport: self.spec.transport,
+            state: if self.is_closing() { "closing" } else { "open" },
+            remote_addr: self.spec.remote_addr.to_string(),
+            user_agent: self.spec.user_agent.clone(),
+            opened_at: crate::rfc3339(self.opened_at),
+            last_seen_at: crate::rfc3339(self.opened_at + Duration::from_millis(last_seen)),
+            idle_ms: self.idle_ms(),
+            channels: self.channels.lock().iter().map(|c| c.to_string()).collect(),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            queued_bytes: self.queued_bytes.load(Ordering::Relaxed),
+            meta: self.spec.meta.clone(),
+            upstream: self.spec.upstream.clone(),
+        }
+    }
+}
+
+/// A connection as `GET /api/connections` shows it (SPEC section 8's `conn`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ConnSnapshot {
+    /// Connection id.
+    pub conn_id: String,
+    /// Client id.
+    pub client_id: String,
+    /// Node id.
+    pub node_id: String,
+    /// Transport.
+    pub transport: Transport,
+    /// `open` or `closing`.
+    pub state: &'static str,
+    /// The client's address.
+    pub remote_addr: String,
+    /// `User-Agent`.
+    pub user_agent: Option<String>,
+    /// When it opened.
+    pub opened_at: String,
+    /// Its last application frame.
+    pub last_seen_at: String,
+    /// Milliseconds since then.
+    pub idle_ms: u64,
+    /// Subscribed channels.
+    pub channels: Vec<String>,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// Bytes queued.
+    pub queued_bytes: u64,
+    /// Token `meta`.
+    pub meta: Value,
+    /// Proxy upstream.
+    pub upstream: Option<String>,
+}
+
+/// A client as `GET /api/clients/{id}` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ClientSnapshot {
+    /// Client id.
+    pub client_id: String,
+    /// `online` or `lingering`.
+    pub state: &'static str,
+    /// Its connections.
+    pub connections: Vec<ConnSnapshot>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientState {
+    /// Reserved but never committed: no event fired yet.
+    Fresh,
+    /// `client.online` fired.
+    Online,
+    /// Last connection gone, inside the offline grace.
+    Lingering,
+}
+
+#[derive(Debug)]
+struct ClientEntry {
+    /// Committed connections, oldest first.
+    conns: Vec<Arc<Connection>>,
+    /// Reservations not yet committed or dropped.
+    reserved: u32,
+    /// Which events have fired.
+    state: ClientState,
+    /// Bumped whenever lingering starts or ends, so a stale grace timer does nothing.
+    epoch: u64,
+}
+
+/// The registry: a cheap clone handle.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: RegistrySettings,
+    ids: ConnIdGen,
+    events: EventBus,
+    metrics: Metrics,
+    /// Clients by id, sharded by hash.
+    shards: Box<[Mutex<HashMap<Arc<str>, ClientEntry>>]>,
+    /// Every committed connection by sequence number.
+    index: Mutex<BTreeMap<u64, Arc<Connection>>>,
+    /// Sockets reserved or committed, against `max_connections`.
+    admitted: AtomicUsize,
+    /// Committed connections per transport.
+    by_transport: [AtomicUsize; 3],
+    /// Clients online or lingering.
+    clients: AtomicUsize,
+    /// Offline-grace timers.
+    lingers: TaskTracker,
+    /// Cancels the grace timers at shutdown.
+    lingers_cancel: CancellationToken,
+}
+
+/// A reserved slot for one client's connection. Commit it once the upgrade is done;
+/// drop it to give the slot back.
+#[derive(Debug)]
+pub struct Reservation {
+    registry: Registry,
+    client_id: Arc<str>,
+    transport: Transport,
+    ip_slot: Option<IpSlot>,
+    committed: bool,
+}
+
+/// The committed connection's hold on the registry. Dropping it releases the
+/// connection; it is the only release path.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    registry: Registry,
+    conn: Arc<Connection>,
+    _ip_slot: Option<IpSlot>,
+    /// The close code and reason, recorded by the connection task before it ends.
+    closed_with: Option<(u16, String)>,
+}
+
+impl ConnectionGuard {
+    /// The connection.
+    pub fn conn(&self) -> &Arc<Connection> {
+        &self.conn
+    }
+    /// Records how the connection ended, for `connection.closed` and the metrics.
+    /// The first record wins.
+    pub fn set_close(&mut self, code: u16, reason: impl Into<String>) {
+        if self.closed_with.is_none() {
+            self.closed_with = Some((code, reason.into()));
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let (code, reason) = self
+            .closed_with
+            .take()
+            .unwrap_or((CloseCode::ABNORMAL.0, "connection lost".to_owned()));
+        self.registry.release(&self.conn, code, &reason);
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(settings: RegistrySettings, ids: ConnIdGen, events: EventBus, metrics: Metrics) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                ids,
+                events,
+                metrics,
+                shards,
+                index: Mutex::new(BTreeMap::new()),
+                admitted: AtomicUsize::new(0),
+                by_transport: Default::default(),
+                clients: AtomicUsize::new(0),
+                lingers: TaskTracker::new(),
+                lingers_cancel: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The node id.
+    pub fn node_id(&self) -> &str {
+        self.inner.ids.node_id()
+    }
+    /// The event bus.
+    pub fn events(&self) -> &EventBus {
+        &self.inner.events
+    }
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+    /// The settings.
+    pub fn settings(&self) -> &RegistrySettings {
+        &self.inner.settings
+    }
+
+    fn shard(&self, client_id: &str) -> &Mutex<HashMap<Arc<str>, ClientEntry>> {
+        let mut h = DefaultHasher::new();
+        client_id.hash(&mut h);
+        &self.inner.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Reserves a slot for a connection of `client_id`: checks the per-client limit
+    /// (`client_limit` under `reject`) and the node's ceiling (`server_full`, not
+    /// checked when the connection will replace an older one), atomically.
+    pub fn reserve(
+        &self,
+        client_id: &str,
+        transport: Transport,
+        ip_slot: Option<IpSlot>,
+    ) -> Result<Reservation, Refusal> {
+        let s = &self.inner.settings;
+        let weight = transport.weight();
+        let mut map = self.shard(client_id).lock();
+        let key: Arc<str> = match map.get_key_value(client_id) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(client_id),
+        };
+        let entry = map.entry(key.clone()).or_insert_with(|| ClientEntry {
+            conns: Vec::new(),
+            reserved: 0,
+            state: ClientState::Fresh,
+            epoch: 0,
+        });
+        let live = entry.conns.iter().filter(|c| !c.is_closing()).count() + entry.reserved as usize;
+        let replacing = live >= s.max_connections_per_client;
+        let refusal = if replacing && s.on_client_limit == ClientLimitPolicy::Reject {
+            Some(Refusal::ClientLimit)
+        } else if replacing {
+            self.inner.admitted.fetch_add(weight, Ordering::AcqRel);
+            None
+        } else {
+            let admitted = self.inner.admitted.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n + weight <= s.max_connections).then_some(n + weight)
+            });
+            admitted.err().map(|_| Refusal::ServerFull)
+        };
+        if let Some(r) = refusal {
+            if entry.conns.is_empty() && entry.reserved == 0 && entry.state == ClientState::Fresh {
+                map.remove(client_id);
+            }
+            return Err(r);
+        }
+        entry.reserved += 1;
+        drop(map);
+        Ok(Reservation { registry: self.clone(), client_id: key, transport, ip_slot, committed: false })
+    }
+
+    /// Takes the last reference a reservation or guard had: if the client has no
+    /// connection and no reservation left, it goes offline (or lingers).
+    fn settle(&self, map: &mut HashMap<Arc<str>, ClientEntry>, client_id: &Arc<str>) {
+        let Some(entry) = map.get_mut(client_id) else { return };
+        if !entry.conns.is_empty() || entry.reserved > 0 {
+            return;
+        }
+        match entry.state {
+            ClientState::Fresh => {
+                map.remove(client_id);
+            }
+            ClientState::Lingering => {}
+            ClientState::Online => {
+                let grace = self.inner.settings.offline_grace;
+                let handle = tokio::runtime::Handle::try_current();
+                match handle {
+                    Ok(handle) if !grace.is_zero() && !self.inner.lingers_cancel.is_cancelled() => {
+                        entry.state = ClientState::Lingering;
+                        entry.epoch += 1;
+                        let epoch = entry.epoch;
+                        let weak = Arc::downgrade(&self.inner);
+                        let id = client_id.clone();
+                        let cancel = self.inner.lingers_cancel.clone();
+                        self.inner.lingers.spawn_on(
+                            async move {
+                                tokio::select! {
+                                    _ = tokio::time::sleep(grace) => expire(weak, &id, epoch),
+                                    _ = cancel.cancelled() => {}
+                                }
+                            },
+                            &handle,
+                        );
+                    }
+                    _ => {
+                        map.remove(client_id);
+                        self.went_offline(client_id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn went_offline(&self, client_id: &str) {
+        self.inner.clients.fetch_sub(1, Ordering::AcqRel);
+        self.inner.metrics.clients_delta(-1);
+        self.inner
+            .events
+            .emit(EventType::ClientOffline, EventFields { client_id: Some(client_id), ..Default::default() });
+    }
+
+    fn release(&self, conn: &Arc<Connection>, code: u16, reason: &str) {
+        let transport = conn.spec.transport;
+        {
+            let mut map = self.shard(&conn.client_id).lock();
+            if let Some(entry) = map.get_mut(&*conn.client_id) {
+                entry.conns.retain(|c| !Arc::ptr_eq(c, conn));
+            }
+            self.inner.index.lock().remove(&conn.seq);
+            self.inner.by_transport[transport.index()].fetch_sub(1, Ordering::AcqRel);
+            self.inner.metrics.closed(transport.as_str(), code);
+            self.inner.events.emit(
+                EventType::ConnectionClosed,
+                EventFields {
+                    client_id: Some(&conn.client_id),
+                    conn_id: Some(&conn.id),
+                    code: Some(code),
+                    reason: Some(reason),
+                    duration_ms: Some(conn.age().as_millis() as u64),
+                    ..Default::default()
+                },
+            );
+            self.settle(&mut map, &conn.client_id);
+        }
+        self.inner.admitted.fetch_sub(transport.weight(), Ordering::AcqRel);
+    }
+
+    /// The client as the API shows it.
+    pub fn client(&self, client_id: &str) -> Option<ClientSnapshot> {
+        let map = self.shard(client_id).lock();
+        let entry = map.get(client_id)?;
+        let state = match entry.state {
+            ClientState::Fresh => return None,
+            ClientState::Online => "online",
+            ClientState::Lingering => "lingering",
+        };
+        let node = self.node_id();
+        Some(ClientSnapshot {
+            client_id: client_id.to_owned(),
+            state,
+            connections: entry.conns.iter().map(|c| c.snapshot(node)).collect(),
+        })
+    }
+
+    /// Connections matching `filter` (and `client_id`), after sequence number `after`,
+    /// at most `limit`; with the sequence number to continue from when more remain.
+    pub fn list(
+        &self,
+        client_id: Option<&str>,
+        filter: &Filter,
+        after: u64,
+        limit: usize,
+    ) -> (Vec<ConnSnapshot>, Option<u64>) {
+        let matched: Vec<Arc<Connection>> = {
+            let index = self.inner.index.lock();
+            index
+                .range(after.saturating_add(1)..)
+                .map(|(_, c)| c)
+                .filter(|c| client_id.is_none_or(|id| c.client_id() == id) && filter.matches(c))
+                .take(limit.saturating_add(1))
+                .cloned()
+                .collect()
+        };
+        let next = (matched.len() > limit).then(|| matched[limit - 1].seq);
+        let node = self.node_id();
+        (matched.iter().take(limit).map(|c| c.snapshot(node)).collect(), next)
+    }
+
+    /// Every connection the selector means.
+    pub fn select(&self, selector: &Selector) -> Vec<Arc<Connection>> {
+        if selector.is_empty() {
+            return Vec::new();
+        }
+        if let Some(client) = &selector.client_id {
+            let map = self.shard(client).lock();
+            return map
+                .get(client.as_str())
+                .map(|e| e.conns.iter().filter(|c| selector.matches(c)).cloned().collect())
+                .unwrap_or_default();
+        }
+        self.inner.index.lock().values().filter(|c| selector.matches(c)).cloned().collect()
+    }
+
+    /// Asks every selected connection that is not already closing to close with
+    /// `closing`; returns how many were asked.
+    pub fn disconnect(&self, selector: &Selector, closing: &Closing) -> usize {
+        self.select(selector).iter().filter(|c| c.request_close(closing.clone())).count()
+    }
+
+    /// Every committed connection, oldest first.
+    pub fn connections(&self) -> Vec<Arc<Connection>> {
+        self.inner.index.lock().values().cloned().collect()
+    }
+
+    /// Committed connections per transport: `[ws, sse, proxy]`.
+    pub fn counts(&self) -> [usize; 3] {
+        let t = &self.inner.by_transport;
+        [0, 1, 2].map(|i| t[i].load(Ordering::Acquire))
+    }
+
+    /// Clients online or lingering.
+    pub fn clients(&self) -> usize {
+        self.inner.clients.load(Ordering::Acquire)
+    }
+
+    /// Sockets reserved or committed.
+    pub fn admitted(&self) -> usize {
+        self.inner.admitted.load(Ordering::Acquire)
+    }
+
+    /// Whether a new (non-replacing) WebSocket would be refused `server_full`.
+    pub fn is_full(&self) -> bool {
+        self.admitted() >= self.inner.settings.max_connections
+    }
+
+    /// Client entries of any state (for leak checks: 0 when nothing is connected,
+    /// reserved or lingering).
+    pub fn entries(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Ends every offline grace now, firing the pending `client.offline` events
+    /// (at shutdown, so no offline is lost). Later releases go offline at once.
+    pub fn flush_lingering(&self) {
+        self.inner.lingers_cancel.cancel();
+        for shard in self.inner.shards.iter() {
+            let mut map = shard.lock();
+            let ids: Vec<Arc<str>> = map
+                .iter()
+                .filter(|(_, e)| e.state == ClientState::Lingering)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in ids {
+                map.remove(&id);
+                self.went_offline(&id);
+            }
+        }
+    }
+}
+
+fn expire(weak: Weak<Inner>, client_id: &Arc<str>, epoch: u64) {
+    let Some(inner) = weak.upgrade() else { return };
+    let registry = Registry { inner };
+    let mut map = registry.shard(client_id).lock();
+    let lingering = map.get(&**client_id).is_some_and(|e| {
+        e.state == ClientState::Lingering && e.epoch == epoch && e.conns.is_empty() && e.reserved == 0
+    });
+    if lingering {
+        map.remove(&**client_id);
+        registry.went_offline(client_id);
+    }
+}
+
+impl Reservation {
+    /// Registers the connection: fires `client.online` (first connection) and
+    /// `connection.opened`, and under `replace_oldest` closes the oldest connection
+    /// with 4001 once this one is in.
+    pub fn commit(mut self, spec: ConnSpec) -> ConnectionGuard {
+        self.committed = true;
+        let reg = self.registry.clone();
+        let inner = &reg.inner;
+        let (id, seq) = inner.ids.next();
+        let transport = spec.transport;
+        let conn = Arc::new(Connection {
+            id,
+            seq,
+            client_id: self.client_id.clone(),
+            spec,
+            opened_at: SystemTime::now(),
+            started: Instant::now(),
+            last_seen_ms: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            close: Mutex::new(None),
+            notify: Notify::new(),
+            channels: Mutex::new(Vec::new()),
+        });
+        let victim = {
+            let mut map = reg.shard(&self.client_id).lock();
+            let entry = map.entry(self.client_id.clone()).or_insert_with(|| ClientEntry {
+                conns: Vec::new(),
+                reserved: 1,
+                state: ClientState::Fresh,
+                epoch: 0,
+            });
+            entry.reserved = entry.reserved.saturating_sub(1);
+            match entry.state {
+                ClientState::Fresh => {
+                    entry.state = ClientState::Online;
+                    inner.clients.fetch_add(1, Ordering::AcqRel);
+                    inner.metrics.clients_delta(1);
+                    inner.events.emit(
+                        EventType::ClientOnline,
+                        EventFields { client_id: Some(&self.client_id), ..Default::default() },
+                    );
+                }
+                ClientState::Lingering => {
+                    entry.state = ClientState::Online;
+                    entry.epoch += 1;
+                }
+                ClientState::Online => {}
+            }
+            let live: Vec<&Arc<Connection>> = entry.conns.iter().filter(|c| !c.is_closing()).collect();
+            let victim = (live.len() >= inner.settings.max_connections_per_client
+                && inner.settings.on_client_limit == ClientLimitPolicy::ReplaceOldest)
+                .then(|| live.first().map(|c| (*c).clone()))
+                .flatten();
+            if let Some(v) = &victim {
+                v.closing.store(true, Ordering::Release);
+            }
+            entry.conns.push(conn.clone());
+            inner.index.lock().insert(seq, conn.clone());
+            inner.by_transport[transport.index()].fetch_add(1, Ordering::AcqRel);
+            inner.metrics.opened(transport.as_str());
+            inner.events.emit(
+                EventType::ConnectionOpened,
+                EventFields { client_id: Some(&conn.client_id), conn_id: Some(&conn.id), ..Default::default() },
+            );
+            victim
+        };
+        if let Some(v) = victim {
+            // `closing` is already set, so `request_close` sees no earlier request
+            // only if nobody else asked first; either way the victim closes.
+            let mut slot = v.close.lock();
+            if slot.is_none() {
+                *slot = Some(Closing::new(CloseCode::REPLACED, "replaced by a newer connection"));
+            }
+            drop(slot);
+            v.notify.notify_one();
+        }
+        ConnectionGuard { registry: reg.clone(), conn, _ip_slot: self.ip_slot.take(), closed_with: None }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        let reg = &self.registry;
+        {
+            let mut map = reg.shard(&self.client_id).lock();
+            if let Some(entry) = map.get_mut(&*self.client_id) {
+                entry.reserved = entry.reserved.saturating_sub(1);
+            }
+            reg.settle(&mut map, &self.client_id);
+        }
+        reg.inner.admitted.fetch_sub(self.transport.weight(), Ordering::AcqRel);
+    }
+}

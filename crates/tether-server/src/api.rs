@@ -1,0 +1,259 @@
+//! The server API (SPEC section 8) on its own listener.
+//!
+//! Doors: with `[api] key`, every call needs `Authorization: Bearer KEY` (compared
+//! in constant time); with no key, only `Host` localhost/127.0.0.1/[::1] is served
+//! and POSTs must be `application/json` (no DNS rebinding, no cross-site forms).
+//! `/api/events` streams end when the API shuts down.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tether_core::{Filter, Phase, Selector, Transport};
+use tether_protocol::{CloseCode, Closing};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::net::{error_response, json_response};
+use crate::App;
+
+/// Default and maximum page size of `/api/connections`.
+const PAGE_DEFAULT: usize = 100;
+const PAGE_MAX: usize = 1000;
+
+#[derive(Clone)]
+struct ApiState {
+    app: Arc<App>,
+    stop: CancellationToken,
+}
+
+pub(crate) fn router(app: Arc<App>, stop: CancellationToken) -> Router {
+    let state = ApiState { app: app.clone(), stop };
+    Router::new()
+        .route("/api/stats", get(stats))
+        .route("/api/clients/{id}", get(client))
+        .route("/api/connections", get(connections))
+        .route("/api/disconnect", post(disconnect))
+        .route("/api/events", get(events))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(app, doors))
+}
+
+/// The API's doors (see the module docs).
+async fn doors(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let key = app.cfg.api.key.as_bytes();
+    if !key.is_empty() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(key)) {
+            return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API key");
+        }
+        return next.run(req).await;
+    }
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !local_host(host) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "with no [api] key the API answers only Host localhost, 127.0.0.1 or [::1]",
+        );
+    }
+    if req.method() == Method::POST {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "POST bodies must be Content-Type: application/json",
+            );
+        }
+    }
+    next.run(req).await
+}
+
+fn local_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((h, tail)) if tail.is_empty() || tail.starts_with(':') => return h == "::1",
+            _ => return false,
+        }
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1"
+}
+
+async fn stats(State(s): State<ApiState>) -> Response {
+    let app = &s.app;
+    let [ws, sse, proxy] = app.registry.counts();
+    json_response(
+        StatusCode::OK,
+        json!({
+            "node_id": app.registry.node_id(),
+            "connections": {"ws": ws, "sse": sse, "proxy": proxy},
+            "clients": app.registry.clients(),
+            "channels": 0,
+            "draining": app.drain.phase() != Phase::Running,
+            "max_connections": app.max_connections,
+            "pending_handshakes": app.pending.get(),
+            "tasks": app.tasks.len(),
+        }),
+    )
+}
+
+async fn client(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    match s.app.registry.client(&id) {
+        Some(c) => json_response(StatusCode::OK, json!(c)),
+        None => error_response(StatusCode::NOT_FOUND, "not_found", "no such client on this node"),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionsQuery {
+    client_id: Option<String>,
+    transport: Option<Transport>,
+    channel: Option<String>,
+    idle_ms_gt: Option<u64>,
+    limit: Option<usize>,
+    page: Option<String>,
+}
+
+async fn connections(State(s): State<ApiState>, query: Result<Query<ConnectionsQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()),
+    };
+    let limit = q.limit.unwrap_or(PAGE_DEFAULT);
+    if limit == 0 || limit > PAGE_MAX {
+        return error_response(StatusCode::BAD_REQUEST, "bad_request", &format!("limit must be 1 to {PAGE_MAX}"));
+    }
+    let after = match q.page.as_deref().map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return error_response(StatusCode::BAD_REQUEST, "bad_request", "page is not a page token from next_page"),
+    };
+    let filter = Filter { idle_ms_gt: q.idle_ms_gt, channel: q.channel, transport: q.transport, meta: None };
+    let (conns, next) = s.app.registry.list(q.client_id.as_deref(), &filter, after, limit);
+    json_response(StatusCode::OK, json!({"connections": conns, "next_page": next.map(|n| n.to_string())}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    client_id: Option<String>,
+    conn_id: Option<String>,
+    #[serde(rename = "where")]
+    filter: Option<Filter>,
+    #[serde(default)]
+    all: bool,
+    code: Option<u16>,
+    reason: Option<String>,
+    #[serde(default)]
+    reconnect: bool,
+}
+
+async fn disconnect(State(s): State<ApiState>, body: Bytes) -> Response {
+    let b: DisconnectBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &format!("bad body: {e}")),
+    };
+    let code = b.code.unwrap_or(CloseCode::KICKED.0);
+    if !(code == 1000 || code == 1001 || (3000..=4999).contains(&code)) {
+        return error_response(StatusCode::BAD_REQUEST, "bad_request", "code must be 1000, 1001 or 3000 to 4999");
+    }
+    let selector = Selector {
+        client_id: b.client_id,
+        conn_id: b.conn_id,
+        filter: b.filter.unwrap_or_default(),
+        all: b.all,
+    };
+    if selector.is_empty() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "name a selector: client_id, conn_id, a non-empty where, or all: true",
+        );
+    }
+    let closing = Closing {
+        code: CloseCode(code),
+        reason: b.reason.unwrap_or_else(|| "kicked".into()),
+        reconnect: b.reconnect,
+        retry_ms: None,
+    };
+    let closed = s.app.registry.disconnect(&selector, &closing);
+    json_response(StatusCode::OK, json!({"closed": closed}))
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(Body::from(s.app.metrics.render()))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// `GET /api/events`: lifecycle events as SSE, `event: <type>`, `id: <event id>`.
+/// A reader that falls behind the bus gets a `: lagged N` comment for what it lost.
+async fn events(State(s): State<ApiState>) -> Response {
+    let rx = s.app.registry.events().subscribe();
+    let stop = s.stop.clone();
+    let hard = s.app.drain.hard_stop().clone();
+    let stream = futures_util::stream::unfold((rx, stop, hard, true), |(mut rx, stop, hard, first)| async move {
+        if first {
+            return Some((Ok::<_, Infallible>(Frame::data(Bytes::from_static(b": events\n\n"))), (rx, stop, hard, false)));
+        }
+        let item = tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = hard.cancelled() => return None,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => Bytes::from_static(b": hb\n\n"),
+            r = rx.recv() => match r {
+                Ok(ev) => Bytes::from(format!("id: {}\nevent: {}\ndata: {}\n\n", ev.id, ev.kind.as_str(), ev.to_json())),
+                Err(RecvError::Lagged(n)) => Bytes::from(format!(": lagged {n}\n\n")),
+                Err(RecvError::Closed) => return None,
+            },
+        };
+        Some((Ok(Frame::data(item)), (rx, stop, hard, false)))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::new(StreamBody::new(stream)))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_host;
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        for ok in ["localhost", "localhost:7701", "127.0.0.1", "127.0.0.1:1", "[::1]", "[::1]:7701", "LOCALHOST"] {
+            assert!(local_host(ok), "{ok}");
+        }
+        for bad in ["", "evil.com", "127.0.0.1.evil.com", "localhost.evil", "[::2]", "[::1]x", "10.0.0.1"] {
+            assert!(!local_host(bad), "{bad}");
+        }
+    }
+}

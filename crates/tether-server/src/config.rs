@@ -1,0 +1,532 @@
+//! Configuration: the TOML file, `TETHER_*` environment variables and flags, in
+//! that precedence, validated before anything binds.
+//!
+//! The embedded `default.toml` is the documentation of every key (`tether config
+//! default` prints it) and is checked by tests to equal [`Config::default`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU64;
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tether_core::{ClientLimitPolicy, Filter};
+
+/// The default configuration with a comment per key.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Client listener.
+    pub listen: SocketAddr,
+    /// Node id.
+    pub node_id: String,
+    /// `[server]`.
+    pub server: ServerSection,
+    /// `[api]`.
+    pub api: ApiSection,
+    /// `[auth]`.
+    pub auth: AuthSection,
+    /// `[clients]`.
+    pub clients: ClientsSection,
+    /// `[limits]`.
+    pub limits: LimitsSection,
+    /// `[heartbeat]`.
+    pub heartbeat: HeartbeatSection,
+    /// `[sse]`.
+    pub sse: SseSection,
+    /// `[shutdown]`.
+    pub shutdown: ShutdownSection,
+    /// `[log]`.
+    pub log: LogSection,
+    /// `[[sweeps]]`.
+    pub sweeps: Vec<Sweep>,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Proxies allowed to set the client address.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// `[api]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSection {
+    /// API listener.
+    pub listen: SocketAddr,
+    /// Bearer key; empty = none.
+    pub key: String,
+}
+
+/// Auth modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// `?client=ID`.
+    #[default]
+    None,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// The mode.
+    pub mode: AuthMode,
+    /// Allow `none` on a non-loopback listener.
+    pub allow_insecure: bool,
+}
+
+/// `[clients]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientsSection {
+    /// Per-client limit.
+    pub max_connections_per_client: NonZeroU64,
+    /// Policy at the limit.
+    pub on_client_limit: ClientLimitPolicy,
+    /// Offline grace.
+    pub offline_grace_ms: u64,
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Ceiling in sockets; 0 = derived.
+    pub max_connections: u64,
+    /// Accepted but not admitted sockets.
+    pub max_pending_handshakes: NonZeroU64,
+    /// Per address; 0 = off.
+    pub max_connections_per_ip: u32,
+    /// Per address per second; 0 = off.
+    pub handshakes_per_ip_per_sec: u32,
+    /// Slowloris deadline.
+    pub handshake_timeout_ms: NonZeroU64,
+    /// 0 = off.
+    pub max_connection_lifetime_ms: u64,
+    /// WebSocket message bound.
+    pub max_message_bytes: NonZeroU64,
+    /// Inbound frame rate bound.
+    pub max_inbound_per_sec: NonZeroU64,
+}
+
+/// `[heartbeat]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatSection {
+    /// Ping interval.
+    pub interval_ms: NonZeroU64,
+    /// Pong deadline.
+    pub timeout_ms: NonZeroU64,
+}
+
+/// `[sse]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SseSection {
+    /// `retry:` value.
+    pub retry_ms: u64,
+}
+
+/// `[shutdown]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSection {
+    /// Admit this long after the signal.
+    pub pre_drain_ms: u64,
+    /// Spread the closes over this.
+    pub drain_window_ms: u64,
+    /// Hard deadline.
+    pub timeout_ms: NonZeroU64,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// tracing filter.
+    pub level: String,
+}
+
+/// One `[[sweeps]]` rule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sweep {
+    /// Evaluation period.
+    pub every_ms: NonZeroU64,
+    /// Which connections (must not be empty).
+    #[serde(rename = "where")]
+    pub filter: Filter,
+    /// Close code (default 4002).
+    #[serde(default = "default_sweep_code")]
+    pub code: u16,
+    /// Close reason.
+    #[serde(default = "default_sweep_reason")]
+    pub reason: String,
+    /// Whether the client should reconnect.
+    #[serde(default)]
+    pub reconnect: bool,
+}
+
+fn default_sweep_code() -> u16 {
+    4002
+}
+fn default_sweep_reason() -> String {
+    "swept".into()
+}
+
+fn nz(n: u64) -> NonZeroU64 {
+    NonZeroU64::new(n).unwrap_or(NonZeroU64::MIN)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            node_id: "n1".into(),
+            server: ServerSection::default(),
+            api: ApiSection::default(),
+            auth: AuthSection::default(),
+            clients: ClientsSection::default(),
+            limits: LimitsSection::default(),
+            heartbeat: HeartbeatSection::default(),
+            sse: SseSection::default(),
+            shutdown: ShutdownSection::default(),
+            log: LogSection::default(),
+            sweeps: Vec::new(),
+        }
+    }
+}
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 7701)), key: String::new() }
+    }
+}
+impl Default for ClientsSection {
+    fn default() -> Self {
+        Self {
+            max_connections_per_client: nz(16),
+            on_client_limit: ClientLimitPolicy::Reject,
+            offline_grace_ms: 0,
+        }
+    }
+}
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            max_pending_handshakes: nz(1024),
+            max_connections_per_ip: 0,
+            handshakes_per_ip_per_sec: 0,
+            handshake_timeout_ms: nz(10_000),
+            max_connection_lifetime_ms: 0,
+            max_message_bytes: nz(65_536),
+            max_inbound_per_sec: nz(50),
+        }
+    }
+}
+impl Default for HeartbeatSection {
+    fn default() -> Self {
+        Self { interval_ms: nz(25_000), timeout_ms: nz(10_000) }
+    }
+}
+impl Default for SseSection {
+    fn default() -> Self {
+        Self { retry_ms: 2000 }
+    }
+}
+impl Default for ShutdownSection {
+    fn default() -> Self {
+        Self { pre_drain_ms: 5000, drain_window_ms: 10_000, timeout_ms: nz(25_000) }
+    }
+}
+impl Default for LogSection {
+    fn default() -> Self {
+        Self { level: "info".into() }
+    }
+}
+
+/// A configuration error, naming where the bad key or value came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file has a bad key or value (the message names the line and the key).
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// toml's message, with line and column.
+        message: String,
+    },
+    /// An environment variable or flag has a bad value.
+    #[error("{source_name}: {message}")]
+    Override {
+        /// `TETHER_…` or `--flag`.
+        source_name: String,
+        /// Why.
+        message: String,
+    },
+    /// The values are individually valid but do not fit together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// One override of a key path (from the environment or a flag).
+#[derive(Clone, Debug)]
+pub struct Override {
+    /// Where it came from, for messages (`TETHER_LISTEN`, `--listen`).
+    pub source_name: String,
+    /// The key path, e.g. `["heartbeat", "interval_ms"]`.
+    pub path: Vec<String>,
+    /// The raw value.
+    pub value: String,
+}
+
+/// What loading found besides the configuration (warnings to log once logging is up).
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Unknown `TETHER_*` variables and the like.
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Parses a file's text; errors name the line and the key.
+    pub fn from_toml(path: &str, text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::File { path: path.into(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: name.clone(), source })?;
+        Self::from_toml(&name, &text)
+    }
+
+    /// Loads file (optional) + environment + flags, in increasing precedence.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: Vec<Override>,
+    ) -> Result<(Config, LoadReport), ConfigError> {
+        let mut report = LoadReport::default();
+        let base = match file {
+            Some(p) => Self::from_file(p)?,
+            None => Config::default(),
+        };
+        let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut table = toml::Table::try_from(&base).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut overrides: Vec<Override> = Vec::new();
+        let mut env: Vec<(String, String)> = env.into_iter().collect();
+        env.sort();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("TETHER_") else { continue };
+            let path: Vec<String> = rest.to_ascii_lowercase().split("__").map(str::to_owned).collect();
+            if lookup(&defaults, &path).is_none() {
+                report.warnings.push(format!("ignoring unknown environment variable {name}"));
+                continue;
+            }
+            overrides.push(Override { source_name: name, path, value });
+        }
+        overrides.extend(flags);
+        for o in overrides {
+            let Some(default_value) = lookup(&defaults, &o.path) else {
+                return Err(ConfigError::Override { source_name: o.source_name, message: "no such key".into() });
+            };
+            let value = coerce(&o.value, default_value);
+            set(&mut table, &o.path, value);
+            let check: Result<Config, _> = toml::Value::Table(table.clone()).try_into();
+            if let Err(e) = check {
+                return Err(ConfigError::Override { source_name: o.source_name, message: e.message().to_owned() });
+            }
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        cfg.validate()?;
+        Ok((cfg, report))
+    }
+
+    /// Checks what single values cannot: relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id.is_empty()
+            || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        {
+            return Err(ConfigError::Invalid(format!(
+                "node_id {:?} must be non-empty and made of letters, digits, '_' and '.'",
+                self.node_id
+            )));
+        }
+        for (i, s) in self.sweeps.iter().enumerate() {
+            if s.filter.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "sweeps[{i}].where must name at least one selector (idle_ms_gt, channel, transport, meta)"
+                )));
+            }
+            if !(1000..=4999).contains(&s.code) {
+                return Err(ConfigError::Invalid(format!("sweeps[{i}].code {} is not a close code", s.code)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective connection ceiling: `limits.max_connections`, or derived from
+    /// the open-file limit.
+    pub fn max_connections(&self, nofile: u64) -> usize {
+        if self.limits.max_connections > 0 {
+            return self.limits.max_connections as usize;
+        }
+        nofile.saturating_sub(512).max(1) as usize
+    }
+}
+
+fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (first, rest) = path.split_first()?;
+    let v = table.get(first)?;
+    if rest.is_empty() {
+        return Some(v);
+    }
+    lookup(v.as_table()?, rest)
+}
+
+fn set(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((first, rest)) = path.split_first() else { return };
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return;
+    }
+    let sub = table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = sub {
+        set(t, rest, value);
+    }
+}
+
+/// Turns a raw override into a value of the default's type: strings stay strings;
+/// numbers and booleans are parsed as TOML; arrays are TOML arrays or comma lists.
+fn coerce(raw: &str, like: &toml::Value) -> toml::Value {
+    let parsed = || -> Option<toml::Value> {
+        let t: toml::Table = toml::from_str(&format!("v = {raw}")).ok()?;
+        t.get("v").cloned()
+    };
+    match like {
+        toml::Value::String(_) => toml::Value::String(raw.to_owned()),
+        toml::Value::Array(_) => match parsed() {
+            Some(v @ toml::Value::Array(_)) => v,
+            _ => toml::Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_owned()))
+                    .collect(),
+            ),
+        },
+        _ => parsed().unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+    }
+}
+
+/// The keys of a table as dotted paths (for the "default config is complete" check).
+pub fn key_paths(table: &toml::Table) -> BTreeMap<String, ()> {
+    fn walk(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, ()>) {
+        for (k, v) in t {
+            let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            match v {
+                toml::Value::Table(sub) => walk(&p, sub, out),
+                _ => {
+                    out.insert(p, ());
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", table, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_is_the_default_and_complete() {
+        let parsed = Config::from_toml("default.toml", DEFAULT_TOML);
+        assert_eq!(parsed.as_ref().ok(), Some(&Config::default()), "{parsed:?}");
+        let shown: toml::Table = toml::from_str(DEFAULT_TOML).unwrap_or_default();
+        let all = toml::Table::try_from(Config::default()).unwrap_or_default();
+        let mut want = key_paths(&all);
+        want.remove("sweeps");
+        assert_eq!(key_paths(&shown), want);
+    }
+
+    #[test]
+    fn unknown_file_key_names_line_and_key() {
+        let err = Config::from_toml("t.toml", "listen = \"127.0.0.1:1\"\n[heartbeat]\nintervall_ms = 5\n");
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("intervall_ms"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_line() {
+        let err = Config::from_toml("t.toml", "[heartbeat]\ninterval_ms = 0\n");
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("line 2") && msg.contains("nonzero"), "{msg}");
+        let err = Config::from_toml("t.toml", "[clients]\non_client_limit = \"kick\"\n");
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("line 2") && msg.contains("kick"), "{msg}");
+    }
+
+    #[test]
+    fn precedence_flag_over_env_over_file() {
+        let dir = std::env::temp_dir().join(format!("tether-cfg-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let file = dir.join("c.toml");
+        let _ = std::fs::write(&file, "node_id = \"file\"\n[heartbeat]\ninterval_ms = 1111\ntimeout_ms = 2222\n");
+        let env = vec![
+            ("TETHER_HEARTBEAT__INTERVAL_MS".to_owned(), "3333".to_owned()),
+            ("TETHER_NODE_ID".to_owned(), "env".to_owned()),
+            ("TETHER_PORT".to_owned(), "80".to_owned()),
+            ("TETHER_SERVER__TRUSTED_PROXIES".to_owned(), "10.0.0.0/8, 192.168.0.0/16".to_owned()),
+            ("PATH".to_owned(), "/bin".to_owned()),
+        ];
+        let flags = vec![Override { source_name: "--node-id".into(), path: vec!["node_id".into()], value: "flag".into() }];
+        let (cfg, report) = Config::load(Some(&file), env, flags).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.node_id, "flag");
+        assert_eq!(cfg.heartbeat.interval_ms.get(), 3333);
+        assert_eq!(cfg.heartbeat.timeout_ms.get(), 2222);
+        assert_eq!(cfg.server.trusted_proxies.len(), 2);
+        assert_eq!(report.warnings.len(), 1);
+        assert!(report.warnings[0].contains("TETHER_PORT"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        let env = vec![("TETHER_HEARTBEAT__INTERVAL_MS".to_owned(), "soon".to_owned())];
+        let err = Config::load(None, env, vec![]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("TETHER_HEARTBEAT__INTERVAL_MS"), "{err}");
+    }
+
+    #[test]
+    fn sweeps_need_a_selector() {
+        let err = Config::from_toml("t.toml", "[[sweeps]]\nevery_ms = 10\nwhere = {}\n");
+        assert!(err.err().map(|e| e.to_string()).unwrap_or_default().contains("sweeps[0].where"));
+        let ok = Config::from_toml("t.toml", "[[sweeps]]\nevery_ms = 10\nwhere = { idle_ms_gt = 5, transport = \"sse\" }\n");
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+}

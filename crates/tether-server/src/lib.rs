@@ -1,0 +1,219 @@
+//! Tether's HTTP edge: the accept loop, the WebSocket and SSE transports, the
+//! server API, metrics, sweeps and drain, on top of `tether-core`.
+//!
+//! Ownership: [`Server::start`] builds one [`App`] (shared state behind an `Arc`),
+//! binds both listeners and spawns their accept loops, the sweeps and the drain
+//! coordinator. Every per-socket task and every connection task is spawned on the
+//! app's [`TaskTracker`] (`tasks` in `/api/stats`), so drain can wait for them.
+//! [`Running::begin_drain`] starts the shutdown; [`Running::wait`] resolves once
+//! every connection is closed and the listeners are gone.
+#![warn(missing_docs)]
+
+pub mod admission;
+mod api;
+pub mod config;
+mod drain;
+mod net;
+mod sse;
+mod sweeps;
+mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_core::{ConnIdGen, Drain, EventBus, IpLimits, Metrics, Registry, RegistrySettings};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// State shared by every task of one server.
+#[derive(Debug)]
+pub struct App {
+    /// The configuration it was started with.
+    pub cfg: Config,
+    /// Clients and connections.
+    pub registry: Registry,
+    /// Per-address limits.
+    pub ip_limits: IpLimits,
+    /// Shutdown state.
+    pub drain: Drain,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Per-socket and per-connection tasks.
+    pub tasks: TaskTracker,
+    /// Sockets accepted and not yet admitted.
+    pub pending: net::PendingCounter,
+    /// The effective connection ceiling.
+    pub max_connections: usize,
+}
+
+impl App {
+    fn new(cfg: Config, nofile: u64) -> Arc<App> {
+        let max_connections = cfg.max_connections(nofile);
+        let ids = ConnIdGen::new(&cfg.node_id);
+        let metrics = Metrics::new();
+        let events = EventBus::new(ids.node_id().clone());
+        let registry = Registry::new(
+            RegistrySettings {
+                max_connections,
+                max_connections_per_client: cfg.clients.max_connections_per_client.get() as usize,
+                on_client_limit: cfg.clients.on_client_limit,
+                offline_grace: Duration::from_millis(cfg.clients.offline_grace_ms),
+            },
+            ids,
+            events,
+            metrics.clone(),
+        );
+        Arc::new(App {
+            ip_limits: IpLimits::new(cfg.limits.max_connections_per_ip, cfg.limits.handshakes_per_ip_per_sec),
+            registry,
+            drain: Drain::new(),
+            pending: net::PendingCounter::new(metrics.clone()),
+            metrics,
+            tasks: TaskTracker::new(),
+            max_connections,
+            cfg,
+        })
+    }
+
+    /// Whether a handshake would be admitted now (`/readyz`).
+    pub fn ready(&self) -> bool {
+        self.drain.phase() == tether_core::Phase::Running && !self.registry.is_full()
+    }
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Running {
+    app: Arc<App>,
+    client_addr: SocketAddr,
+    api_addr: SocketAddr,
+    begin: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration is refused at startup.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl Server {
+    /// Validates what needs the environment, binds both listeners and spawns
+    /// everything. `nofile` is the open-file limit the ceiling derives from.
+    pub async fn start(cfg: Config, nofile: u64) -> Result<Running, StartError> {
+        if !cfg.auth.allow_insecure && !cfg.listen.ip().is_loopback() {
+            return Err(StartError::Refused(format!(
+                "auth mode \"none\" lets anyone pick any client id; refusing to listen on non-loopback {} \
+                 (set [auth] allow_insecure = true to accept that)",
+                cfg.listen
+            )));
+        }
+        let same = cfg.listen == cfg.api.listen;
+        let app = App::new(cfg, nofile);
+        let client = net::bind(app.cfg.listen).map_err(|source| StartError::Bind { addr: app.cfg.listen, source })?;
+        let client_addr = client.local_addr().map_err(|source| StartError::Bind { addr: app.cfg.listen, source })?;
+        let api_listener = if same {
+            None
+        } else {
+            let l = net::bind(app.cfg.api.listen).map_err(|source| StartError::Bind { addr: app.cfg.api.listen, source })?;
+            Some(l)
+        };
+        let api_addr = match &api_listener {
+            Some(l) => l.local_addr().map_err(|source| StartError::Bind { addr: app.cfg.api.listen, source })?,
+            None => client_addr,
+        };
+        tracing::info!(
+            %client_addr, %api_addr, node_id = %app.cfg.node_id, max_connections = app.max_connections,
+            "tether listening"
+        );
+        let begin = CancellationToken::new();
+        let done = tokio::spawn(run(app.clone(), client, api_listener, begin.clone()));
+        Ok(Running { app, client_addr, api_addr, begin, done })
+    }
+}
+
+/// Namespace for [`Server::start`].
+#[derive(Debug)]
+pub struct Server;
+
+async fn run(app: Arc<App>, client: TcpListener, api: Option<TcpListener>, begin: CancellationToken) {
+    let stop_accepting = CancellationToken::new();
+    let api_stop = CancellationToken::new();
+    let client_router = match api {
+        Some(_) => net::client_router(app.clone()),
+        None => net::client_router(app.clone()).merge(api::router(app.clone(), api_stop.clone())),
+    };
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(net::accept_loop(app.clone(), client, client_router, stop_accepting.clone()));
+    if let Some(api) = api {
+        let router = api::router(app.clone(), api_stop.clone()).merge(net::health_router(app.clone()));
+        let stop = api_stop.clone();
+        background.spawn(async move {
+            let serve = axum::serve(api, router).with_graceful_shutdown(stop.cancelled_owned());
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "API listener failed");
+            }
+        });
+    }
+    let sweeps_stop = CancellationToken::new();
+    for rule in app.cfg.sweeps.clone() {
+        background.spawn(sweeps::run(app.clone(), rule, sweeps_stop.clone()));
+    }
+    begin.cancelled().await;
+    drain::run(&app).await;
+    sweeps_stop.cancel();
+    stop_accepting.cancel();
+    api_stop.cancel();
+    while background.join_next().await.is_some() {}
+}
+
+impl Running {
+    /// The client listener's address.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+    /// The API listener's address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+    /// The shared state (for in-process tests and the binary's logging).
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+    /// Starts the shutdown (what SIGTERM does). Idempotent.
+    pub fn begin_drain(&self) {
+        self.begin.cancel();
+    }
+    /// Ends every remaining connection at once (a second signal).
+    pub fn hard_stop(&self) {
+        self.begin.cancel();
+        self.app.drain.hard_stop().cancel();
+    }
+    /// Resolves once the server has drained and stopped.
+    pub async fn wait(self) {
+        if let Err(e) = self.done.await {
+            tracing::error!(error = %e, "server task failed");
+        }
+    }
+}
+
+/// `ms` with ±10% jitter (lifetimes, so connections opened together do not all
+/// close together).
+pub(crate) fn jittered(ms: u64) -> Duration {
+    let spread = ms / 10;
+    Duration::from_millis(ms - spread + fastrand::u64(..=spread * 2))
+}

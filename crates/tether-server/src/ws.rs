@@ -1,0 +1,377 @@
+//! The WebSocket transport (`GET /ws`).
+//!
+//! The handler runs admission, answers `101` and spawns one tracked task that
+//! awaits the upgrade (within `limits.handshake_timeout_ms`), commits the
+//! reservation and then owns the socket and the [`ConnectionGuard`] until the end.
+//! That task's single `select!` covers: inbound frames, the heartbeat/lifetime
+//! timer, the connection's close requests (replace, kick, sweep, drain) and the
+//! hard-stop token. Every way out records the close on the guard, announces it
+//! (`closing` + close frame) when the server is the one closing, and drops the guard.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tether_core::{ConnSpec, ConnectionGuard, Transport};
+use tether_protocol::{ClientFrame, CloseCode, Closing, Refusal, ServerFrame};
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::admission::{self, AdmitError};
+use crate::net::SocketInfo;
+use crate::App;
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// The subprotocol Tether speaks when asked.
+const SUBPROTOCOL: &str = "tether.v1";
+
+/// How long a closing handshake may take once announced.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default, Deserialize)]
+struct WsQuery {
+    client: Option<String>,
+    refusal: Option<String>,
+}
+
+/// `GET /ws`.
+pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>) -> Response {
+    let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
+        return admission::bad_request("WebSocket is served on the client listener");
+    };
+    let headers = req.headers();
+    let key = match check_upgrade(headers) {
+        Ok(k) => k,
+        Err(resp) => return resp,
+    };
+    let query = match Query::<WsQuery>::try_from_uri(req.uri()) {
+        Ok(Query(q)) => q,
+        Err(e) => return admission::bad_request(&e.body_text()),
+    };
+    let refusal_close = match query.refusal.as_deref() {
+        None => false,
+        Some("close") => true,
+        Some(other) => return admission::bad_request(&format!("refusal must be \"close\", not {other:?}")),
+    };
+    let protocol = offered_protocol(headers);
+    let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
+    let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
+    match admission::admit(&app, query.client.as_deref(), ip, Transport::Ws) {
+        Err(AdmitError::BadRequest(m)) => admission::bad_request(&m),
+        Err(AdmitError::Refused(refusal)) if !refusal_close => admission::http_refusal(refusal),
+        Err(AdmitError::Refused(refusal)) => {
+            let pending = info.take_pending();
+            let cfg = ws_config(&app);
+            app.tasks.spawn(async move {
+                let _pending = pending;
+                if let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await {
+                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+                    refuse_after_upgrade(ws, refusal).await;
+                }
+            });
+            switching(&key, protocol)
+        }
+        Ok((reservation, client_id)) => {
+            let pending = info.take_pending();
+            let task_app = app.clone();
+            app.tasks.spawn(async move {
+                let upgraded = match timeout(hs_timeout, on_upgrade).await {
+                    Ok(Ok(up)) => up,
+                    _ => return, // the reservation drops here: slot released, no event
+                };
+                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&task_app))).await;
+                let guard = reservation.commit(ConnSpec {
+                    transport: Transport::Ws,
+                    remote_addr: ip,
+                    user_agent,
+                    meta: serde_json::Value::Null,
+                    upstream: None,
+                });
+                drop(pending);
+                tracing::debug!(client_id, conn_id = guard.conn().id(), "websocket admitted");
+                run(task_app, ws, guard).await;
+            });
+            switching(&key, protocol)
+        }
+    }
+}
+
+/// Validates an upgrade request; returns the `Sec-WebSocket-Key`.
+fn check_upgrade(headers: &HeaderMap) -> Result<String, Response> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        let mut r = crate::net::error_response(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket: send Upgrade: websocket",
+        );
+        r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return Err(r);
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
+        return Err(admission::bad_request("Sec-WebSocket-Version must be 13"));
+    }
+    match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(k) if !k.as_bytes().is_empty() => Ok(derive_accept_key(k.as_bytes())),
+        _ => Err(admission::bad_request("Sec-WebSocket-Key is missing")),
+    }
+}
+
+fn offered_protocol(headers: &HeaderMap) -> bool {
+    headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().any(|v| {
+        v.to_str().is_ok_and(|s| s.split(',').any(|p| p.trim() == SUBPROTOCOL))
+    })
+}
+
+fn switching(accept: &str, protocol: bool) -> Response {
+    let mut builder = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if protocol {
+        builder = builder.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    }
+    builder.body(Body::empty()).unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+fn ws_config(app: &App) -> WebSocketConfig {
+    let max = app.cfg.limits.max_message_bytes.get() as usize;
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// `?refusal=close`: announce the refusal, then close with its code.
+async fn refuse_after_upgrade(mut ws: Ws, refusal: Refusal) {
+    let retry = admission::retry_ms(refusal);
+    let body = admission::closing_json(refusal, retry).to_string();
+    let code = refusal.close_code();
+    let closing = Closing { code, reason: refusal.error().into(), reconnect: code.reconnect(), retry_ms: Some(retry) };
+    let _ = timeout(CLOSE_WAIT, ws.send(Message::text(body))).await;
+    close_handshake(&mut ws, &closing).await;
+}
+
+/// Why the connection loop ended.
+enum End {
+    /// The server closes: announce, then close frame.
+    Announce(Closing),
+    /// The peer sent a close frame with this code.
+    PeerClosed(u16, String),
+    /// The socket failed or ended without a close frame.
+    Lost(String),
+    /// Writes stalled past the heartbeat timeout: the peer does not read.
+    Stalled,
+    /// The shutdown deadline passed.
+    Hard,
+}
+
+async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
+    let conn = guard.conn().clone();
+    let cfg = &app.cfg;
+    let interval = Duration::from_millis(cfg.heartbeat.interval_ms.get());
+    let hb_timeout = Duration::from_millis(cfg.heartbeat.timeout_ms.get());
+    let max_rate = cfg.limits.max_inbound_per_sec.get();
+    let start = Instant::now();
+    let lifetime_at = match cfg.limits.max_connection_lifetime_ms {
+        0 => None,
+        ms => Some(start + crate::jittered(ms)),
+    };
+    let mut next_ping = start + interval;
+    let mut pong_due: Option<Instant> = None;
+    let mut window = (start, 0u64);
+
+    let welcome = ServerFrame::Welcome {
+        conn_id: conn.id(),
+        client_id: conn.client_id(),
+        node_id: app.registry.node_id(),
+        heartbeat_ms: interval.as_millis() as u64,
+    }
+    .encode();
+    let mut end = match send(&mut ws, Message::text(welcome), hb_timeout, &guard).await {
+        Ok(()) => None,
+        Err(e) => Some(e),
+    };
+    let timer = tokio::time::sleep_until(next_ping);
+    tokio::pin!(timer);
+
+    let end = loop {
+        if let Some(e) = end.take() {
+            break e;
+        }
+        let wake = [Some(next_ping), pong_due, lifetime_at].into_iter().flatten().min().unwrap_or(next_ping);
+        timer.as_mut().reset(wake);
+        tokio::select! {
+            biased;
+            _ = app.drain.hard_stop().cancelled() => break End::Hard,
+            closing = conn.close_requested() => break End::Announce(closing),
+            _ = &mut timer => {
+                let now = Instant::now();
+                if pong_due.is_some_and(|d| now >= d) {
+                    break End::Announce(Closing::new(CloseCode::HEARTBEAT_TIMEOUT, "no heartbeat from the peer"));
+                }
+                if lifetime_at.is_some_and(|d| now >= d) {
+                    break End::Announce(Closing::new(CloseCode::MAX_LIFETIME, "maximum connection lifetime reached"));
+                }
+                if now >= next_ping {
+                    next_ping = now + interval;
+                    if pong_due.is_none() {
+                        pong_due = Some(now + hb_timeout);
+                    }
+                    if let Err(e) = send(&mut ws, Message::Ping(Default::default()), hb_timeout, &guard).await {
+                        break e;
+                    }
+                }
+            }
+            msg = ws.next() => {
+                let msg = match msg {
+                    None => break End::Lost("connection closed without a close frame".into()),
+                    Some(Err(e)) => break read_error(e),
+                    Some(Ok(m)) => m,
+                };
+                pong_due = None;
+                let now = Instant::now();
+                if now.duration_since(window.0) >= Duration::from_secs(1) {
+                    window = (now, 0);
+                }
+                window.1 += 1;
+                if window.1 > max_rate {
+                    break End::Announce(Closing::new(CloseCode::RATE_LIMITED, "too many frames per second"));
+                }
+                if let Some(e) = handle(&mut ws, msg, hb_timeout, &guard).await {
+                    break e;
+                }
+            }
+        }
+    };
+
+    match end {
+        End::Announce(closing) => {
+            guard.set_close(closing.code.0, closing.reason.clone());
+            let text = ServerFrame::Closing(&closing).encode();
+            let _ = timeout(CLOSE_WAIT, ws.send(Message::text(text))).await;
+            close_handshake(&mut ws, &closing).await;
+        }
+        End::PeerClosed(code, reason) => {
+            guard.set_close(code, reason);
+            let _ = timeout(CLOSE_WAIT, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+        }
+        End::Lost(why) => guard.set_close(CloseCode::ABNORMAL.0, why),
+        End::Stalled => guard.set_close(CloseCode::SLOW_CONSUMER.0, "peer stopped reading"),
+        End::Hard => guard.set_close(CloseCode::GOING_AWAY.0, "shutdown deadline"),
+    }
+    drop(ws);
+    drop(guard);
+}
+
+/// Handles one inbound message; returns how the loop ends, if it does.
+async fn handle(ws: &mut Ws, msg: Message, hb_timeout: Duration, guard: &ConnectionGuard) -> Option<End> {
+    let conn = guard.conn();
+    match msg {
+        Message::Text(text) => {
+            conn.add_bytes_in(text.len());
+            let reply = match ClientFrame::decode(text.as_str()) {
+                Ok(ClientFrame::Ping { reference }) => ServerFrame::Pong { reference }.encode(),
+                Ok(frame) => {
+                    conn.touch();
+                    let (reference, what) = match &frame {
+                        ClientFrame::Subscribe { reference, .. } => (*reference, "subscribe"),
+                        ClientFrame::Unsubscribe { reference, .. } => (*reference, "unsubscribe"),
+                        ClientFrame::Refresh { reference, .. } => (*reference, "refresh"),
+                        ClientFrame::Connect { .. } => (None, "connect"),
+                        ClientFrame::Ping { reference } => (*reference, "ping"),
+                    };
+                    let message = format!("{what} is not available on this node");
+                    ServerFrame::Error { reference, code: "unsupported", message: &message }.encode()
+                }
+                Err(e) => {
+                    conn.touch();
+                    ServerFrame::Error { reference: e.reference, code: e.code, message: &e.message }.encode()
+                }
+            };
+            send(ws, Message::text(reply), hb_timeout, guard).await.err()
+        }
+        Message::Binary(b) => {
+            conn.add_bytes_in(b.len());
+            conn.touch();
+            let reply = ServerFrame::Error {
+                reference: None,
+                code: "binary_not_supported",
+                message: "the tether protocol uses JSON text frames",
+            }
+            .encode();
+            send(ws, Message::text(reply), hb_timeout, guard).await.err()
+        }
+        Message::Close(frame) => {
+            let (code, reason) = frame
+                .map(|f| (u16::from(f.code), f.reason.to_string()))
+                .unwrap_or((1005, "closed by the peer".into()));
+            Some(End::PeerClosed(code, reason))
+        }
+        // Pings are answered by tungstenite on the next write or read; pongs only
+        // prove liveness, which the caller already recorded.
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+            match timeout(hb_timeout, ws.flush()).await {
+                Err(_) => Some(End::Stalled),
+                Ok(Err(e)) => Some(read_error(e)),
+                Ok(Ok(())) => None,
+            }
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, msg: Message, hb_timeout: Duration, guard: &ConnectionGuard) -> Result<(), End> {
+    let n = msg.len();
+    match timeout(hb_timeout, ws.send(msg)).await {
+        Err(_) => Err(End::Stalled),
+        Ok(Err(e)) => Err(End::Lost(format!("write failed: {e}"))),
+        Ok(Ok(())) => {
+            guard.conn().add_bytes_out(n);
+            Ok(())
+        }
+    }
+}
+
+fn read_error(e: WsError) -> End {
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) | WsError::Capacity(_) => {
+            End::Announce(Closing::new(CloseCode::MESSAGE_TOO_BIG, "message too big"))
+        }
+        WsError::Utf8(_) => End::Announce(Closing::new(CloseCode::INVALID_PAYLOAD, "text frame is not valid UTF-8")),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            End::Lost("connection reset without a closing handshake".into())
+        }
+        WsError::Protocol(p) => End::Announce(Closing::new(CloseCode::PROTOCOL_ERROR, format!("protocol error: {p}"))),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => End::Lost("connection closed".into()),
+        WsError::Io(e) => End::Lost(format!("socket error: {e}")),
+        other => End::Announce(Closing::new(CloseCode::INTERNAL_ERROR, format!("internal error: {other}"))),
+    }
+}
+
+/// Sends the close frame and waits (bounded) for the peer's close.
+async fn close_handshake(ws: &mut Ws, closing: &Closing) {
+    let frame = CloseFrame { code: WireCode::from(closing.code.0), reason: closing.frame_reason().to_owned().into() };
+    let _ = timeout(CLOSE_WAIT, ws.close(Some(frame))).await;
+    let _ = timeout(CLOSE_WAIT, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+}

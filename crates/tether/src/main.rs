@@ -1,0 +1,167 @@
+//! The `tether` binary: parses the command line and hands off to the crates.
+//! `serve` is thin: load and validate the config, raise the open-file limit, start,
+//! wait for SIGTERM/SIGINT, drain (a second signal stops hard), exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tether_server::config::{Config, Override, DEFAULT_TOML};
+
+#[derive(Parser, Debug)]
+#[command(name = "tether", version, about = "Tether: a real-time connection gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Client listener address.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Server API listener address.
+        #[arg(long)]
+        api_listen: Option<String>,
+        /// This node's id.
+        #[arg(long)]
+        node_id: Option<String>,
+    },
+    /// Validate a configuration or print the default one.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// The load generator.
+    Bench(tether_bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Check a configuration file; prints the bad key, value and line.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Print the default configuration with a comment per key.
+    Default,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config { command: ConfigCommand::Default } => {
+            print!("{DEFAULT_TOML}");
+            ExitCode::SUCCESS
+        }
+        Command::Config { command: ConfigCommand::Check { file } } => match Config::from_file(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Bench(args) => runtime().and_then(|rt| rt.block_on(tether_bench::run(args))).map_or_else(
+            |e| {
+                eprintln!("tether bench: {e}");
+                ExitCode::FAILURE
+            },
+            |()| ExitCode::SUCCESS,
+        ),
+        Command::Serve { config, listen, api_listen, node_id } => {
+            let mut flags = Vec::new();
+            let mut flag = |name: &str, path: &[&str], value: Option<String>| {
+                if let Some(value) = value {
+                    flags.push(Override {
+                        source_name: name.into(),
+                        path: path.iter().map(|s| s.to_string()).collect(),
+                        value,
+                    });
+                }
+            };
+            flag("--listen", &["listen"], listen);
+            flag("--api-listen", &["api", "listen"], api_listen);
+            flag("--node-id", &["node_id"], node_id);
+            let (cfg, report) = match Config::load(config.as_deref(), std::env::vars(), flags) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("tether: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(&cfg.log.level);
+            for w in report.warnings {
+                tracing::warn!("{w}");
+            }
+            match runtime().and_then(|rt| rt.block_on(serve(cfg))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("tether: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Raises the soft open-file limit to the hard one; returns the resulting limit.
+fn raise_nofile() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024)
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> Result<(), String> {
+    let nofile = raise_nofile();
+    tracing::info!(open_file_limit = nofile, ceiling = cfg.max_connections(nofile), "connection ceiling");
+    let running = tether_server::Server::start(cfg, nofile).await.map_err(|e| e.to_string())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot listen for SIGTERM: {e}"))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| format!("cannot listen for SIGINT: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    running.begin_drain();
+    let app = running.app().clone();
+    let second = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: stopping hard");
+        app.drain.hard_stop().cancel();
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = running.wait() => {}
+        _ = second => {}
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
