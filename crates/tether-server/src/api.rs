@@ -53,6 +53,10 @@ pub(crate) fn router(app: Arc<App>, stop: CancellationToken) -> Router {
 
 /// The API's doors (see the module docs).
 async fn doors(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    // With the API on the client listener, an API request is not a pending handshake.
+    if let Some(info) = req.extensions().get::<crate::net::SocketInfo>() {
+        drop(info.take_pending());
+    }
     let key = app.cfg.api.key.as_bytes();
     if !key.is_empty() {
         let given = req

@@ -122,7 +122,8 @@ impl Server {
                 cfg.listen
             )));
         }
-        let same = cfg.listen == cfg.api.listen;
+        // Port 0 means "any free port": two such listeners are two ports, not one.
+        let same = cfg.listen == cfg.api.listen && cfg.listen.port() != 0;
         let app = App::new(cfg, nofile);
         let client = net::bind(app.cfg.listen).map_err(|source| StartError::Bind { addr: app.cfg.listen, source })?;
         let client_addr = client.local_addr().map_err(|source| StartError::Bind { addr: app.cfg.listen, source })?;

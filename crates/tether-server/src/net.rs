@@ -3,7 +3,7 @@
 //!
 //! A socket's life: accepted → counted as pending (a [`PendingSlot`], refused at
 //! once beyond `limits.max_pending_handshakes`) → served by one tracked task running
-//! hyper's HTTP/1 connection (keep-alive off: one request per socket) → either
+//! hyper's HTTP/1 connection (one request per socket: answers carry `Connection: close`) → either
 //! refused (socket closes), or admitted: the transport takes the pending slot and
 //! drops it once the connection is committed. A socket still pending at
 //! `limits.handshake_timeout_ms` is dropped (slowloris).
@@ -136,10 +136,18 @@ async fn serve_socket(app: Arc<App>, socket: TcpStream, info: SocketInfo, router
         let mut req = req.map(Body::new);
         req.extensions_mut().insert(svc_info.clone());
         let mut router = router.clone();
-        async move { Ok::<_, Infallible>(router.call(req).await.unwrap_or_else(|e| match e {})) }
+        async move {
+            let mut resp = router.call(req).await.unwrap_or_else(|e| match e {});
+            // One request per socket: every answer but an upgrade closes it. (hyper's
+            // own keep-alive switch would also rewrite the 101's `Connection: upgrade`.)
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.keep_alive(false).timer(TokioTimer::new()).header_read_timeout(deadline);
+    builder.timer(TokioTimer::new()).header_read_timeout(deadline);
     let conn = builder.serve_connection(TokioIo::new(socket), service).with_upgrades();
     tokio::pin!(conn);
     let timer = tokio::time::sleep(deadline);

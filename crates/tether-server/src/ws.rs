@@ -41,6 +41,9 @@ const SUBPROTOCOL: &str = "tether.v1";
 /// How long a closing handshake may take once announced.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
+/// The same for a peer that stopped answering (4000) or reading (4008, 1009).
+const DEAD_PEER_WAIT: Duration = Duration::from_millis(250);
+
 #[derive(Debug, Default, Deserialize)]
 struct WsQuery {
     client: Option<String>,
@@ -170,7 +173,7 @@ async fn refuse_after_upgrade(mut ws: Ws, refusal: Refusal) {
     let code = refusal.close_code();
     let closing = Closing { code, reason: refusal.error().into(), reconnect: code.reconnect(), retry_ms: Some(retry) };
     let _ = timeout(CLOSE_WAIT, ws.send(Message::text(body))).await;
-    close_handshake(&mut ws, &closing).await;
+    close_handshake(&mut ws, &closing, CLOSE_WAIT).await;
 }
 
 /// Why the connection loop ended.
@@ -270,8 +273,11 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
         End::Announce(closing) => {
             guard.set_close(closing.code.0, closing.reason.clone());
             let text = ServerFrame::Closing(&closing).encode();
-            let _ = timeout(CLOSE_WAIT, ws.send(Message::text(text))).await;
-            close_handshake(&mut ws, &closing).await;
+            // A peer closed for not answering or not reading gets a best-effort
+            // announcement: nobody waits long on it.
+            let wait = if closing.code.drops_queue() { DEAD_PEER_WAIT } else { CLOSE_WAIT };
+            let _ = timeout(wait, ws.send(Message::text(text))).await;
+            close_handshake(&mut ws, &closing, wait).await;
         }
         End::PeerClosed(code, reason) => {
             guard.set_close(code, reason);
@@ -370,8 +376,8 @@ fn read_error(e: WsError) -> End {
 }
 
 /// Sends the close frame and waits (bounded) for the peer's close.
-async fn close_handshake(ws: &mut Ws, closing: &Closing) {
+async fn close_handshake(ws: &mut Ws, closing: &Closing, wait: Duration) {
     let frame = CloseFrame { code: WireCode::from(closing.code.0), reason: closing.frame_reason().to_owned().into() };
-    let _ = timeout(CLOSE_WAIT, ws.close(Some(frame))).await;
-    let _ = timeout(CLOSE_WAIT, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    let _ = timeout(wait, ws.close(Some(frame))).await;
+    let _ = timeout(wait, async { while let Some(Ok(_)) = ws.next().await {} }).await;
 }

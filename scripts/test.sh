@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The project's whole check: installs what the tests need (idempotent, safe to
+# rerun), then runs formatting, lints, the build, the Rust tests and the Python
+# interop tests against the real binary.
+#
+#   bash scripts/test.sh            # every step
+#   bash scripts/test.sh py         # only the named steps (see STEPS below)
+#
+# Runnable from any directory; .ci/run calls it with no arguments.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV="$ROOT/.venv"
+PY_REQS="$ROOT/tests/python/requirements.txt"
+
+section() {
+    printf '\n==================== %s ====================\n' "$*"
+}
+
+# Runs a command as root: directly when we are root, else through sudo.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "need root to run: $*" >&2
+        return 1
+    fi
+}
+
+APT_UPDATED=0
+# apt_install PKG...: installs the Debian packages that are not installed yet.
+apt_install() {
+    local missing=()
+    local pkg
+    for pkg in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$pkg")
+        fi
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+}
+
+# ---------------------------------------------------------------------------
+# Setup steps. Each installs one kind of dependency and is a no-op when it is
+# already there.
+# ---------------------------------------------------------------------------
+
+setup_python() {
+    section "setup: python venv ($VENV)"
+    # Debian's python3 needs python3-venv for `-m venv`; pyenv builds have it.
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        apt_install python3-venv
+    fi
+    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        rm -rf "$VENV"
+        python3 -m venv "$VENV"
+    fi
+    # Reinstall only when requirements.txt changed since the last install.
+    local stamp="$VENV/.tether-requirements.sha256"
+    local want
+    want="$(sha256sum "$PY_REQS" | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
+        || ! "$VENV/bin/python" -c 'import pytest, websockets, requests' >/dev/null 2>&1; then
+        "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$PY_REQS"
+        echo "$want" >"$stamp"
+    fi
+    "$VENV/bin/python" -c 'import pytest, websockets, requests; print("pytest", pytest.__version__, "| websockets", websockets.__version__, "| requests", requests.__version__)'
+}
+
+# >>> EXTENSION POINT: more setup steps go here (Redis server for cluster tests,
+# >>> Debian's chromium + chromium-driver for browser tests, `npm ci` for front-end
+# >>> tests). Write each as a setup_* function using apt_install, and add it to
+# >>> SETUP_FOR below next to the steps that need it.
+
+# ---------------------------------------------------------------------------
+# Check steps.
+# ---------------------------------------------------------------------------
+
+step_fmt() {
+    section "cargo fmt --check"
+    cargo fmt --all -- --check
+}
+
+step_clippy() {
+    section "cargo clippy"
+    cargo clippy --all-targets -- -D warnings
+}
+
+step_build() {
+    section "cargo build"
+    cargo build
+}
+
+step_rust() {
+    if cargo nextest --version >/dev/null 2>&1; then
+        section "cargo nextest run --workspace"
+        cargo nextest run --workspace
+    else
+        section "cargo test --workspace (cargo-nextest not installed)"
+        cargo test --workspace
+    fi
+}
+
+step_py() {
+    section "python interop tests (tests/python)"
+    # The tests start target/debug/tether; make sure it is the current one.
+    cargo build --quiet
+    TETHER_BIN="$ROOT/target/debug/tether" "$VENV/bin/python" -m pytest -q tests/python
+}
+
+# >>> EXTENSION POINT: more check steps go here (cluster tests against Redis,
+# >>> browser tests in headless Chromium, npm tests). Add each to STEPS, and its
+# >>> setup to SETUP_FOR.
+
+STEPS=(fmt clippy build rust py)
+
+# The setup functions each step needs (space-separated).
+declare -A SETUP_FOR=(
+    [py]="setup_python"
+)
+
+main() {
+    local selected=("$@")
+    [ "${#selected[@]}" -eq 0 ] && selected=("${STEPS[@]}")
+    local s k known
+    for s in "${selected[@]}"; do
+        known=0
+        for k in "${STEPS[@]}"; do [ "$k" = "$s" ] && known=1; done
+        if [ "$known" -eq 0 ]; then
+            echo "unknown step '$s'; steps: ${STEPS[*]}" >&2
+            exit 2
+        fi
+    done
+
+    # Setup first, each setup function once, so a missing dependency fails fast.
+    declare -A done_setup=()
+    local fn
+    for s in "${selected[@]}"; do
+        for fn in ${SETUP_FOR[$s]:-}; do
+            if [ -z "${done_setup[$fn]:-}" ]; then
+                "$fn"
+                done_setup[$fn]=1
+            fi
+        done
+    done
+
+    for s in "${selected[@]}"; do
+        "step_$s"
+    done
+    section "all steps passed: ${selected[*]}"
+}
+
+main "$@"
