@@ -157,7 +157,10 @@ async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>)
             let retry = closing.retry_ms.map(|r| format!("retry: {r}\n")).unwrap_or_default();
             let text = format!("{retry}event: closing\ndata: {}\n\n", ServerFrame::Closing(&closing).encode());
             conn.add_bytes_out(text.len());
-            let _ = timeout(Duration::from_secs(2), tx.send(Bytes::from(text))).await;
+            tokio::select! {
+                _ = timeout(Duration::from_secs(2), tx.send(Bytes::from(text))) => {}
+                _ = app.drain.hard_stop().cancelled() => {}
+            }
         }
         End::Lost => guard.set_close(CloseCode::ABNORMAL.0, "stream closed by the peer"),
         End::Stalled => guard.set_close(CloseCode::SLOW_CONSUMER.0, "peer stopped reading"),

@@ -276,8 +276,14 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
             // A peer closed for not answering or not reading gets a best-effort
             // announcement: nobody waits long on it.
             let wait = if closing.code.drops_queue() { DEAD_PEER_WAIT } else { CLOSE_WAIT };
-            let _ = timeout(wait, ws.send(Message::text(text))).await;
-            close_handshake(&mut ws, &closing, wait).await;
+            let announce = async {
+                let _ = timeout(wait, ws.send(Message::text(text))).await;
+                close_handshake(&mut ws, &closing, wait).await;
+            };
+            tokio::select! {
+                _ = announce => {}
+                _ = app.drain.hard_stop().cancelled() => {}
+            }
         }
         End::PeerClosed(code, reason) => {
             guard.set_close(code, reason);
