@@ -62,10 +62,17 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 /// Memory of a process: (RSS, PSS) in KiB.
 pub fn process_memory(pid: u32) -> Result<(u64, u64), String> {
     let field = |text: &str, name: &str| -> Option<u64> {
-        text.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
+        text.lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("pid {pid}: {e}"))?;
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).map_err(|e| format!("pid {pid}: {e}"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("pid {pid}: {e}"))?;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .map_err(|e| format!("pid {pid}: {e}"))?;
     let rss = field(&status, "VmRSS:").ok_or("no VmRSS")?;
     let pss = field(&smaps, "Pss:").ok_or("no Pss")?;
     Ok((rss, pss))
@@ -95,13 +102,25 @@ async fn idle(a: IdleArgs) -> Result<(), String> {
     let sources = a.sources.clone();
     let results: Vec<Result<_, String>> = futures_util::stream::iter(0..a.connections)
         .map(|i| {
-            let url = format!("{url}{}client=bench-{i}", if url.contains('?') { '&' } else { '?' });
+            let url = format!(
+                "{url}{}client=bench-{i}",
+                if url.contains('?') { '&' } else { '?' }
+            );
             let src = sources[i % sources.len()];
             async move {
-                let socket = if src.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| e.to_string())?;
-                socket.bind(SocketAddr::new(src, 0)).map_err(|e| e.to_string())?;
+                let socket = if src.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .map_err(|e| e.to_string())?;
+                socket
+                    .bind(SocketAddr::new(src, 0))
+                    .map_err(|e| e.to_string())?;
                 let stream = socket.connect(target).await.map_err(|e| e.to_string())?;
-                let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.map_err(|e| e.to_string())?;
+                let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 // The welcome frame proves admission.
                 match ws.next().await {
                     Some(Ok(_)) => Ok(ws),

@@ -33,7 +33,10 @@ impl Drain {
     /// A node that is running.
     pub fn new() -> Self {
         let (phase, _) = watch::channel(Phase::Running);
-        Self { phase, hard: CancellationToken::new() }
+        Self {
+            phase,
+            hard: CancellationToken::new(),
+        }
     }
 
     /// The current phase.

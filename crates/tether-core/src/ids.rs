@@ -40,6 +40,9 @@ impl ConnIdGen {
     /// The next id and its sequence number.
     pub fn next(&self) -> (String, u64) {
         let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        (format!("{}-{}-{}", self.inner.node_id, self.inner.boot_id, n), n)
+        (
+            format!("{}-{}-{}", self.inner.node_id, self.inner.boot_id, n),
+            n,
+        )
     }
 }

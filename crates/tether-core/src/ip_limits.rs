@@ -71,7 +71,10 @@ impl IpLimits {
         if buckets.len() >= PRUNE_AT {
             buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * cap < cap);
         }
-        let b = buckets.entry(ip).or_insert(Bucket { tokens: cap, at: now });
+        let b = buckets.entry(ip).or_insert(Bucket {
+            tokens: cap,
+            at: now,
+        });
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * cap).min(cap);
         b.at = now;
         if b.tokens >= 1.0 {
@@ -96,7 +99,9 @@ impl IpLimits {
             return Err(Refusal::IpLimit);
         }
         *n += 1;
-        Ok(IpSlot { owner: Some((self.inner.clone(), ip)) })
+        Ok(IpSlot {
+            owner: Some((self.inner.clone(), ip)),
+        })
     }
 
     /// Addresses currently holding a slot (for tests and stats).

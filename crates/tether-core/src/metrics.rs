@@ -66,10 +66,26 @@ impl Metrics {
         let refused = Family::<ReasonLabel, Counter>::default();
         let pending_handshakes = Gauge::default();
         registry.register("connections", "Open connections", connections.clone());
-        registry.register("clients_online", "Clients online or lingering", clients_online.clone());
-        registry.register("connections_opened", "Connections committed", opened.clone());
-        registry.register("connections_closed", "Connections released, by close code", closed.clone());
-        registry.register("admission_refused", "Handshakes refused, by reason", refused.clone());
+        registry.register(
+            "clients_online",
+            "Clients online or lingering",
+            clients_online.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "Connections committed",
+            opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections released, by close code",
+            closed.clone(),
+        );
+        registry.register(
+            "admission_refused",
+            "Handshakes refused, by reason",
+            refused.clone(),
+        );
         registry.register(
             "pending_handshakes",
             "Sockets accepted and not yet admitted",
@@ -102,13 +118,22 @@ impl Metrics {
 
     /// A connection was committed.
     pub fn opened(&self, transport: &'static str) {
-        self.inner.connections.get_or_create(&TransportLabel { transport }).inc();
-        self.inner.opened.get_or_create(&TransportLabel { transport }).inc();
+        self.inner
+            .connections
+            .get_or_create(&TransportLabel { transport })
+            .inc();
+        self.inner
+            .opened
+            .get_or_create(&TransportLabel { transport })
+            .inc();
     }
 
     /// A connection was released with `code`.
     pub fn closed(&self, transport: &'static str, code: u16) {
-        self.inner.connections.get_or_create(&TransportLabel { transport }).dec();
+        self.inner
+            .connections
+            .get_or_create(&TransportLabel { transport })
+            .dec();
         self.inner.closed.get_or_create(&CodeLabel { code }).inc();
     }
 
@@ -119,7 +144,10 @@ impl Metrics {
 
     /// A handshake was refused for `reason`.
     pub fn refused(&self, reason: &'static str) {
-        self.inner.refused.get_or_create(&ReasonLabel { reason }).inc();
+        self.inner
+            .refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// The number of pending handshakes changed by `delta`.

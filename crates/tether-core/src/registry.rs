@@ -44,6 +44,9 @@ use crate::select::{Filter, Selector};
 
 const SHARDS: usize = 64;
 
+/// One shard of the client table.
+type Shard = Mutex<HashMap<Arc<str>, ClientEntry>>;
+
 /// How a connection reaches the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -336,7 +339,7 @@ struct Inner {
     events: EventBus,
     metrics: Metrics,
     /// Clients by id, sharded by hash.
-    shards: Box<[Mutex<HashMap<Arc<str>, ClientEntry>>]>,
+    shards: Box<[Shard]>,
     /// Every committed connection by sequence number.
     index: Mutex<BTreeMap<u64, Arc<Connection>>>,
     /// Sockets reserved or committed, against `max_connections`.
@@ -399,7 +402,12 @@ impl Drop for ConnectionGuard {
 
 impl Registry {
     /// An empty registry.
-    pub fn new(settings: RegistrySettings, ids: ConnIdGen, events: EventBus, metrics: Metrics) -> Self {
+    pub fn new(
+        settings: RegistrySettings,
+        ids: ConnIdGen,
+        events: EventBus,
+        metrics: Metrics,
+    ) -> Self {
         let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
         Self {
             inner: Arc::new(Inner {
@@ -435,7 +443,7 @@ impl Registry {
         &self.inner.settings
     }
 
-    fn shard(&self, client_id: &str) -> &Mutex<HashMap<Arc<str>, ClientEntry>> {
+    fn shard(&self, client_id: &str) -> &Shard {
         let mut h = DefaultHasher::new();
         client_id.hash(&mut h);
         &self.inner.shards[(h.finish() as usize) % SHARDS]
@@ -471,9 +479,12 @@ impl Registry {
             self.inner.admitted.fetch_add(weight, Ordering::AcqRel);
             None
         } else {
-            let admitted = self.inner.admitted.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n + weight <= s.max_connections).then_some(n + weight)
-            });
+            let admitted =
+                self.inner
+                    .admitted
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n + weight <= s.max_connections).then_some(n + weight)
+                    });
             admitted.err().map(|_| Refusal::ServerFull)
         };
         if let Some(r) = refusal {
@@ -484,13 +495,21 @@ impl Registry {
         }
         entry.reserved += 1;
         drop(map);
-        Ok(Reservation { registry: self.clone(), client_id: key, transport, ip_slot, committed: false })
+        Ok(Reservation {
+            registry: self.clone(),
+            client_id: key,
+            transport,
+            ip_slot,
+            committed: false,
+        })
     }
 
     /// Takes the last reference a reservation or guard had: if the client has no
     /// connection and no reservation left, it goes offline (or lingers).
     fn settle(&self, map: &mut HashMap<Arc<str>, ClientEntry>, client_id: &Arc<str>) {
-        let Some(entry) = map.get_mut(client_id) else { return };
+        let Some(entry) = map.get_mut(client_id) else {
+            return;
+        };
         if !entry.conns.is_empty() || entry.reserved > 0 {
             return;
         }
@@ -532,9 +551,13 @@ impl Registry {
     fn went_offline(&self, client_id: &str) {
         self.inner.clients.fetch_sub(1, Ordering::AcqRel);
         self.inner.metrics.clients_delta(-1);
-        self.inner
-            .events
-            .emit(EventType::ClientOffline, EventFields { client_id: Some(client_id), ..Default::default() });
+        self.inner.events.emit(
+            EventType::ClientOffline,
+            EventFields {
+                client_id: Some(client_id),
+                ..Default::default()
+            },
+        );
     }
 
     fn release(&self, conn: &Arc<Connection>, code: u16, reason: &str) {
@@ -560,7 +583,9 @@ impl Registry {
             );
             self.settle(&mut map, &conn.client_id);
         }
-        self.inner.admitted.fetch_sub(transport.weight(), Ordering::AcqRel);
+        self.inner
+            .admitted
+            .fetch_sub(transport.weight(), Ordering::AcqRel);
     }
 
     /// The client as the API shows it.
@@ -601,7 +626,14 @@ impl Registry {
         };
         let next = (matched.len() > limit).then(|| matched[limit - 1].seq);
         let node = self.node_id();
-        (matched.iter().take(limit).map(|c| c.snapshot(node)).collect(), next)
+        (
+            matched
+                .iter()
+                .take(limit)
+                .map(|c| c.snapshot(node))
+                .collect(),
+            next,
+        )
     }
 
     /// Every connection the selector means.
@@ -613,16 +645,31 @@ impl Registry {
             let map = self.shard(client).lock();
             return map
                 .get(client.as_str())
-                .map(|e| e.conns.iter().filter(|c| selector.matches(c)).cloned().collect())
+                .map(|e| {
+                    e.conns
+                        .iter()
+                        .filter(|c| selector.matches(c))
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default();
         }
-        self.inner.index.lock().values().filter(|c| selector.matches(c)).cloned().collect()
+        self.inner
+            .index
+            .lock()
+            .values()
+            .filter(|c| selector.matches(c))
+            .cloned()
+            .collect()
     }
 
     /// Asks every selected connection that is not already closing to close with
     /// `closing`; returns how many were asked.
     pub fn disconnect(&self, selector: &Selector, closing: &Closing) -> usize {
-        self.select(selector).iter().filter(|c| c.request_close(closing.clone())).count()
+        self.select(selector)
+            .iter()
+            .filter(|c| c.request_close(closing.clone()))
+            .count()
     }
 
     /// Every committed connection, oldest first.
@@ -681,7 +728,10 @@ fn expire(weak: Weak<Inner>, client_id: &Arc<str>, epoch: u64) {
     let registry = Registry { inner };
     let mut map = registry.shard(client_id).lock();
     let lingering = map.get(&**client_id).is_some_and(|e| {
-        e.state == ClientState::Lingering && e.epoch == epoch && e.conns.is_empty() && e.reserved == 0
+        e.state == ClientState::Lingering
+            && e.epoch == epoch
+            && e.conns.is_empty()
+            && e.reserved == 0
     });
     if lingering {
         map.remove(&**client_id);
@@ -717,12 +767,14 @@ impl Reservation {
         });
         let victim = {
             let mut map = reg.shard(&self.client_id).lock();
-            let entry = map.entry(self.client_id.clone()).or_insert_with(|| ClientEntry {
-                conns: Vec::new(),
-                reserved: 1,
-                state: ClientState::Fresh,
-                epoch: 0,
-            });
+            let entry = map
+                .entry(self.client_id.clone())
+                .or_insert_with(|| ClientEntry {
+                    conns: Vec::new(),
+                    reserved: 1,
+                    state: ClientState::Fresh,
+                    epoch: 0,
+                });
             entry.reserved = entry.reserved.saturating_sub(1);
             match entry.state {
                 ClientState::Fresh => {
@@ -731,7 +783,10 @@ impl Reservation {
                     inner.metrics.clients_delta(1);
                     inner.events.emit(
                         EventType::ClientOnline,
-                        EventFields { client_id: Some(&self.client_id), ..Default::default() },
+                        EventFields {
+                            client_id: Some(&self.client_id),
+                            ..Default::default()
+                        },
                     );
                 }
                 ClientState::Lingering => {
@@ -740,7 +795,8 @@ impl Reservation {
                 }
                 ClientState::Online => {}
             }
-            let live: Vec<&Arc<Connection>> = entry.conns.iter().filter(|c| !c.is_closing()).collect();
+            let live: Vec<&Arc<Connection>> =
+                entry.conns.iter().filter(|c| !c.is_closing()).collect();
             let victim = (live.len() >= inner.settings.max_connections_per_client
                 && inner.settings.on_client_limit == ClientLimitPolicy::ReplaceOldest)
                 .then(|| live.first().map(|c| (*c).clone()))
@@ -754,7 +810,11 @@ impl Reservation {
             inner.metrics.opened(transport.as_str());
             inner.events.emit(
                 EventType::ConnectionOpened,
-                EventFields { client_id: Some(&conn.client_id), conn_id: Some(&conn.id), ..Default::default() },
+                EventFields {
+                    client_id: Some(&conn.client_id),
+                    conn_id: Some(&conn.id),
+                    ..Default::default()
+                },
             );
             victim
         };
@@ -763,12 +823,20 @@ impl Reservation {
             // only if nobody else asked first; either way the victim closes.
             let mut slot = v.close.lock();
             if slot.is_none() {
-                *slot = Some(Closing::new(CloseCode::REPLACED, "replaced by a newer connection"));
+                *slot = Some(Closing::new(
+                    CloseCode::REPLACED,
+                    "replaced by a newer connection",
+                ));
             }
             drop(slot);
             v.notify.notify_one();
         }
-        ConnectionGuard { registry: reg.clone(), conn, _ip_slot: self.ip_slot.take(), closed_with: None }
+        ConnectionGuard {
+            registry: reg.clone(),
+            conn,
+            _ip_slot: self.ip_slot.take(),
+            closed_with: None,
+        }
     }
 }
 
@@ -785,6 +853,160 @@ impl Drop for Reservation {
             }
             reg.settle(&mut map, &self.client_id);
         }
-        reg.inner.admitted.fetch_sub(self.transport.weight(), Ordering::AcqRel);
+        reg.inner
+            .admitted
+            .fetch_sub(self.transport.weight(), Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn registry(
+        max: usize,
+        per_client: usize,
+        policy: ClientLimitPolicy,
+        grace_ms: u64,
+    ) -> Registry {
+        let ids = ConnIdGen::new("t");
+        Registry::new(
+            RegistrySettings {
+                max_connections: max,
+                max_connections_per_client: per_client,
+                on_client_limit: policy,
+                offline_grace: Duration::from_millis(grace_ms),
+            },
+            ids.clone(),
+            EventBus::new(ids.node_id().clone()),
+            Metrics::new(),
+        )
+    }
+
+    fn spec() -> ConnSpec {
+        ConnSpec {
+            transport: Transport::Ws,
+            remote_addr: Ipv4Addr::LOCALHOST.into(),
+            user_agent: None,
+            meta: Value::Null,
+            upstream: None,
+        }
+    }
+
+    fn drain_kinds(
+        rx: &mut tokio::sync::broadcast::Receiver<Arc<tether_protocol::LifecycleEvent>>,
+    ) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            out.push(e.kind.as_str());
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grace_expires_into_one_offline() {
+        let r = registry(10, 4, ClientLimitPolicy::Reject, 1000);
+        let mut rx = r.events().subscribe();
+        let g = r.reserve("a", Transport::Ws, None).unwrap().commit(spec());
+        drop(g);
+        assert_eq!(r.client("a").map(|c| c.state), Some("lingering"));
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert_eq!(
+            drain_kinds(&mut rx),
+            ["client.online", "connection.opened", "connection.closed"]
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(drain_kinds(&mut rx), ["client.offline"]);
+        assert_eq!((r.entries(), r.clients(), r.admitted()), (0, 0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnect_within_grace_cancels_the_timer() {
+        let r = registry(10, 4, ClientLimitPolicy::Reject, 1000);
+        let mut rx = r.events().subscribe();
+        drop(r.reserve("a", Transport::Ws, None).unwrap().commit(spec()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let g = r.reserve("a", Transport::Ws, None).unwrap().commit(spec());
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert_eq!(
+            drain_kinds(&mut rx),
+            [
+                "client.online",
+                "connection.opened",
+                "connection.closed",
+                "connection.opened"
+            ]
+        );
+        drop(g);
+        tokio::time::sleep(Duration::from_millis(1001)).await;
+        assert_eq!(
+            drain_kinds(&mut rx),
+            ["connection.closed", "client.offline"]
+        );
+        assert_eq!(r.entries(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flush_fires_pending_offlines_at_shutdown() {
+        let r = registry(10, 4, ClientLimitPolicy::Reject, 60_000);
+        let mut rx = r.events().subscribe();
+        drop(r.reserve("a", Transport::Ws, None).unwrap().commit(spec()));
+        r.flush_lingering();
+        assert_eq!(drain_kinds(&mut rx).last(), Some(&"client.offline"));
+        assert_eq!(r.entries(), 0);
+    }
+
+    #[test]
+    fn uncommitted_reservation_leaves_nothing_and_fires_nothing() {
+        let r = registry(1, 1, ClientLimitPolicy::Reject, 0);
+        let mut rx = r.events().subscribe();
+        let res = r.reserve("a", Transport::Ws, None).unwrap();
+        assert_eq!(
+            r.reserve("b", Transport::Ws, None).err(),
+            Some(Refusal::ServerFull)
+        );
+        assert_eq!(
+            r.reserve("a", Transport::Ws, None).err(),
+            Some(Refusal::ClientLimit)
+        );
+        drop(res);
+        assert_eq!((r.entries(), r.admitted()), (0, 0));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn proxy_counts_two_sockets() {
+        let r = registry(3, 4, ClientLimitPolicy::Reject, 0);
+        let a = r.reserve("a", Transport::Proxy, None).unwrap();
+        assert_eq!(
+            r.reserve("b", Transport::Proxy, None).err(),
+            Some(Refusal::ServerFull)
+        );
+        let b = r.reserve("b", Transport::Ws, None).unwrap();
+        drop((a, b));
+        assert_eq!(r.admitted(), 0);
+    }
+
+    #[test]
+    fn concurrent_reservations_never_over_admit() {
+        let r = registry(1000, 3, ClientLimitPolicy::Reject, 0);
+        let admitted = std::sync::atomic::AtomicUsize::new(0);
+        let held = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        if let Ok(res) = r.reserve("same", Transport::Ws, None) {
+                            admitted.fetch_add(1, Ordering::SeqCst);
+                            held.lock().push(res);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::SeqCst), 3);
+        held.lock().clear();
+        assert_eq!((r.entries(), r.admitted()), (0, 0));
     }
 }

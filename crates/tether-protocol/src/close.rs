@@ -108,7 +108,12 @@ pub struct Closing {
 impl Closing {
     /// A closing announcement whose `reconnect` follows the code's rule.
     pub fn new(code: CloseCode, reason: impl Into<String>) -> Self {
-        Self { code, reason: reason.into(), reconnect: code.reconnect(), retry_ms: None }
+        Self {
+            code,
+            reason: reason.into(),
+            reconnect: code.reconnect(),
+            retry_ms: None,
+        }
     }
 
     /// The reason trimmed to what fits a close frame (123 bytes, on a char boundary).

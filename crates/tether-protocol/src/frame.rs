@@ -80,7 +80,10 @@ impl ClientFrame {
                 message: "a frame must be a JSON object with a string \"type\"".into(),
             });
         };
- if !matches!(kind.as_str(), "connect" | "subscribe" | "unsubscribe" | "ping" | "refresh") {
+        if !matches!(
+            kind.as_str(),
+            "connect" | "subscribe" | "unsubscribe" | "ping" | "refresh"
+        ) {
             return Err(FrameError {
                 reference,
                 code: "unknown_type",
@@ -172,7 +175,10 @@ mod tests {
         assert_eq!(e.as_ref().map(|e| e.code), Some("unknown_type"));
         assert_eq!(e.and_then(|e| e.reference), Some(9));
         let e = ClientFrame::decode(r#"{"type":"subscribe","ref":2}"#).err();
-        assert_eq!(e.map(|e| (e.code, e.reference)), Some(("bad_frame", Some(2))));
+        assert_eq!(
+            e.map(|e| (e.code, e.reference)),
+            Some(("bad_frame", Some(2)))
+        );
         assert!(ClientFrame::decode("[1,2]").is_err());
         assert!(ClientFrame::decode("").is_err());
     }
@@ -180,11 +186,19 @@ mod tests {
     #[test]
     fn golden_server_frames() {
         assert_eq!(
-            ServerFrame::Welcome { conn_id: "n1-a-1", client_id: "c", node_id: "n1", heartbeat_ms: 25000 }
-                .encode(),
+            ServerFrame::Welcome {
+                conn_id: "n1-a-1",
+                client_id: "c",
+                node_id: "n1",
+                heartbeat_ms: 25000
+            }
+            .encode(),
             r#"{"type":"welcome","conn_id":"n1-a-1","client_id":"c","node_id":"n1","heartbeat_ms":25000}"#
         );
-        assert_eq!(ServerFrame::Pong { reference: None }.encode(), r#"{"type":"pong","ref":null}"#);
+        assert_eq!(
+            ServerFrame::Pong { reference: None }.encode(),
+            r#"{"type":"pong","ref":null}"#
+        );
         let closing = Closing::new(CloseCode::REPLACED, "replaced by a newer connection");
         assert_eq!(
             ServerFrame::Closing(&closing).encode(),

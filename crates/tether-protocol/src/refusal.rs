@@ -106,6 +106,9 @@ impl Refusal {
 
     /// Whether the HTTP answer carries `Retry-After`.
     pub fn has_retry_after(self) -> bool {
-        matches!(self, Refusal::Draining | Refusal::RateLimited | Refusal::ServerFull)
+        matches!(
+            self,
+            Refusal::Draining | Refusal::RateLimited | Refusal::ServerFull
+        )
     }
 }

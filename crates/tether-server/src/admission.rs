@@ -71,7 +71,9 @@ pub fn retry_ms(refusal: Refusal) -> u64 {
     match refusal {
         Refusal::RateLimited => 1000,
         Refusal::IpLimit => 5000,
-        Refusal::Draining | Refusal::ServerFull | Refusal::UpstreamUnavailable => 1000 + fastrand::u64(..4000),
+        Refusal::Draining | Refusal::ServerFull | Refusal::UpstreamUnavailable => {
+            1000 + fastrand::u64(..4000)
+        }
         _ => 0,
     }
 }
@@ -92,7 +94,8 @@ pub fn closing_json(refusal: Refusal, retry: u64) -> serde_json::Value {
 
 /// The HTTP form: status, JSON body, `Retry-After` where it applies.
 pub fn http_refusal(refusal: Refusal) -> Response {
-    let status = StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let status =
+        StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut resp = crate::net::error_response(status, refusal.error(), refusal.message());
     if refusal.has_retry_after() {
         let secs = retry_ms(refusal).div_ceil(1000).max(1);

@@ -39,7 +39,10 @@ struct ApiState {
 }
 
 pub(crate) fn router(app: Arc<App>, stop: CancellationToken) -> Router {
-    let state = ApiState { app: app.clone(), stop };
+    let state = ApiState {
+        app: app.clone(),
+        stop,
+    };
     Router::new()
         .route("/api/stats", get(stats))
         .route("/api/clients/{id}", get(client))
@@ -66,11 +69,19 @@ async fn doors(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !bool::from(given.as_bytes().ct_eq(key)) {
-            return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong API key");
+            return error_response(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong API key",
+            );
         }
         return next.run(req).await;
     }
-    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !local_host(host) {
         return error_response(
             StatusCode::FORBIDDEN,
@@ -129,7 +140,11 @@ async fn stats(State(s): State<ApiState>) -> Response {
 async fn client(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     match s.app.registry.client(&id) {
         Some(c) => json_response(StatusCode::OK, json!(c)),
-        None => error_response(StatusCode::NOT_FOUND, "not_found", "no such client on this node"),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such client on this node",
+        ),
     }
 }
 
@@ -144,23 +159,47 @@ struct ConnectionsQuery {
     page: Option<String>,
 }
 
-async fn connections(State(s): State<ApiState>, query: Result<Query<ConnectionsQuery>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn connections(
+    State(s): State<ApiState>,
+    query: Result<Query<ConnectionsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let q = match query {
         Ok(Query(q)) => q,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()),
     };
     let limit = q.limit.unwrap_or(PAGE_DEFAULT);
     if limit == 0 || limit > PAGE_MAX {
-        return error_response(StatusCode::BAD_REQUEST, "bad_request", &format!("limit must be 1 to {PAGE_MAX}"));
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("limit must be 1 to {PAGE_MAX}"),
+        );
     }
     let after = match q.page.as_deref().map(str::parse::<u64>) {
         None => 0,
         Some(Ok(n)) => n,
-        Some(Err(_)) => return error_response(StatusCode::BAD_REQUEST, "bad_request", "page is not a page token from next_page"),
+        Some(Err(_)) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "page is not a page token from next_page",
+            )
+        }
     };
-    let filter = Filter { idle_ms_gt: q.idle_ms_gt, channel: q.channel, transport: q.transport, meta: None };
-    let (conns, next) = s.app.registry.list(q.client_id.as_deref(), &filter, after, limit);
-    json_response(StatusCode::OK, json!({"connections": conns, "next_page": next.map(|n| n.to_string())}))
+    let filter = Filter {
+        idle_ms_gt: q.idle_ms_gt,
+        channel: q.channel,
+        transport: q.transport,
+        meta: None,
+    };
+    let (conns, next) = s
+        .app
+        .registry
+        .list(q.client_id.as_deref(), &filter, after, limit);
+    json_response(
+        StatusCode::OK,
+        json!({"connections": conns, "next_page": next.map(|n| n.to_string())}),
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,11 +220,21 @@ struct DisconnectBody {
 async fn disconnect(State(s): State<ApiState>, body: Bytes) -> Response {
     let b: DisconnectBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_request", &format!("bad body: {e}")),
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("bad body: {e}"),
+            )
+        }
     };
     let code = b.code.unwrap_or(CloseCode::KICKED.0);
     if !(code == 1000 || code == 1001 || (3000..=4999).contains(&code)) {
-        return error_response(StatusCode::BAD_REQUEST, "bad_request", "code must be 1000, 1001 or 3000 to 4999");
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "code must be 1000, 1001 or 3000 to 4999",
+        );
     }
     let selector = Selector {
         client_id: b.client_id,
@@ -212,7 +261,10 @@ async fn disconnect(State(s): State<ApiState>, body: Bytes) -> Response {
 
 async fn metrics(State(s): State<ApiState>) -> Response {
     Response::builder()
-        .header(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .header(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
         .body(Body::from(s.app.metrics.render()))
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
@@ -223,22 +275,28 @@ async fn events(State(s): State<ApiState>) -> Response {
     let rx = s.app.registry.events().subscribe();
     let stop = s.stop.clone();
     let hard = s.app.drain.hard_stop().clone();
-    let stream = futures_util::stream::unfold((rx, stop, hard, true), |(mut rx, stop, hard, first)| async move {
-        if first {
-            return Some((Ok::<_, Infallible>(Frame::data(Bytes::from_static(b": events\n\n"))), (rx, stop, hard, false)));
-        }
-        let item = tokio::select! {
-            _ = stop.cancelled() => return None,
-            _ = hard.cancelled() => return None,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => Bytes::from_static(b": hb\n\n"),
-            r = rx.recv() => match r {
-                Ok(ev) => Bytes::from(format!("id: {}\nevent: {}\ndata: {}\n\n", ev.id, ev.kind.as_str(), ev.to_json())),
-                Err(RecvError::Lagged(n)) => Bytes::from(format!(": lagged {n}\n\n")),
-                Err(RecvError::Closed) => return None,
-            },
-        };
-        Some((Ok(Frame::data(item)), (rx, stop, hard, false)))
-    });
+    let stream = futures_util::stream::unfold(
+        (rx, stop, hard, true),
+        |(mut rx, stop, hard, first)| async move {
+            if first {
+                return Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b": events\n\n"))),
+                    (rx, stop, hard, false),
+                ));
+            }
+            let item = tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = hard.cancelled() => return None,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => Bytes::from_static(b": hb\n\n"),
+                r = rx.recv() => match r {
+                    Ok(ev) => Bytes::from(format!("id: {}\nevent: {}\ndata: {}\n\n", ev.id, ev.kind.as_str(), ev.to_json())),
+                    Err(RecvError::Lagged(n)) => Bytes::from(format!(": lagged {n}\n\n")),
+                    Err(RecvError::Closed) => return None,
+                },
+            };
+            Some((Ok(Frame::data(item)), (rx, stop, hard, false)))
+        },
+    );
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -253,10 +311,26 @@ mod tests {
 
     #[test]
     fn only_loopback_hosts_pass() {
-        for ok in ["localhost", "localhost:7701", "127.0.0.1", "127.0.0.1:1", "[::1]", "[::1]:7701", "LOCALHOST"] {
+        for ok in [
+            "localhost",
+            "localhost:7701",
+            "127.0.0.1",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:7701",
+            "LOCALHOST",
+        ] {
             assert!(local_host(ok), "{ok}");
         }
-        for bad in ["", "evil.com", "127.0.0.1.evil.com", "localhost.evil", "[::2]", "[::1]x", "10.0.0.1"] {
+        for bad in [
+            "",
+            "evil.com",
+            "127.0.0.1.evil.com",
+            "localhost.evil",
+            "[::2]",
+            "[::1]x",
+            "10.0.0.1",
+        ] {
             assert!(!local_host(bad), "{bad}");
         }
     }

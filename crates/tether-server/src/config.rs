@@ -206,7 +206,10 @@ impl Default for Config {
 }
 impl Default for ApiSection {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 7701)), key: String::new() }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            key: String::new(),
+        }
     }
 }
 impl Default for ClientsSection {
@@ -234,7 +237,10 @@ impl Default for LimitsSection {
 }
 impl Default for HeartbeatSection {
     fn default() -> Self {
-        Self { interval_ms: nz(25_000), timeout_ms: nz(10_000) }
+        Self {
+            interval_ms: nz(25_000),
+            timeout_ms: nz(10_000),
+        }
     }
 }
 impl Default for SseSection {
@@ -244,12 +250,18 @@ impl Default for SseSection {
 }
 impl Default for ShutdownSection {
     fn default() -> Self {
-        Self { pre_drain_ms: 5000, drain_window_ms: 10_000, timeout_ms: nz(25_000) }
+        Self {
+            pre_drain_ms: 5000,
+            drain_window_ms: 10_000,
+            timeout_ms: nz(25_000),
+        }
     }
 }
 impl Default for LogSection {
     fn default() -> Self {
-        Self { level: "info".into() }
+        Self {
+            level: "info".into(),
+        }
     }
 }
 
@@ -306,8 +318,10 @@ pub struct LoadReport {
 impl Config {
     /// Parses a file's text; errors name the line and the key.
     pub fn from_toml(path: &str, text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| ConfigError::File { path: path.into(), message: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::File {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -315,7 +329,10 @@ impl Config {
     /// Reads and parses a file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: name.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: name.clone(),
+            source,
+        })?;
         Self::from_toml(&name, &text)
     }
 
@@ -330,30 +347,50 @@ impl Config {
             Some(p) => Self::from_file(p)?,
             None => Config::default(),
         };
-        let defaults = toml::Table::try_from(Config::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        let mut table = toml::Table::try_from(&base).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let defaults = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut table =
+            toml::Table::try_from(&base).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let mut overrides: Vec<Override> = Vec::new();
         let mut env: Vec<(String, String)> = env.into_iter().collect();
         env.sort();
         for (name, value) in env {
-            let Some(rest) = name.strip_prefix("TETHER_") else { continue };
-            let path: Vec<String> = rest.to_ascii_lowercase().split("__").map(str::to_owned).collect();
+            let Some(rest) = name.strip_prefix("TETHER_") else {
+                continue;
+            };
+            let path: Vec<String> = rest
+                .to_ascii_lowercase()
+                .split("__")
+                .map(str::to_owned)
+                .collect();
             if lookup(&defaults, &path).is_none() {
-                report.warnings.push(format!("ignoring unknown environment variable {name}"));
+                report
+                    .warnings
+                    .push(format!("ignoring unknown environment variable {name}"));
                 continue;
             }
-            overrides.push(Override { source_name: name, path, value });
+            overrides.push(Override {
+                source_name: name,
+                path,
+                value,
+            });
         }
         overrides.extend(flags);
         for o in overrides {
             let Some(default_value) = lookup(&defaults, &o.path) else {
-                return Err(ConfigError::Override { source_name: o.source_name, message: "no such key".into() });
+                return Err(ConfigError::Override {
+                    source_name: o.source_name,
+                    message: "no such key".into(),
+                });
             };
             let value = coerce(&o.value, default_value);
             set(&mut table, &o.path, value);
             let check: Result<Config, _> = toml::Value::Table(table.clone()).try_into();
             if let Err(e) = check {
-                return Err(ConfigError::Override { source_name: o.source_name, message: e.message().to_owned() });
+                return Err(ConfigError::Override {
+                    source_name: o.source_name,
+                    message: e.message().to_owned(),
+                });
             }
         }
         let cfg: Config = toml::Value::Table(table)
@@ -366,7 +403,10 @@ impl Config {
     /// Checks what single values cannot: relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id.is_empty()
-            || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            || !self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
         {
             return Err(ConfigError::Invalid(format!(
                 "node_id {:?} must be non-empty and made of letters, digits, '_' and '.'",
@@ -380,7 +420,10 @@ impl Config {
                 )));
             }
             if !(1000..=4999).contains(&s.code) {
-                return Err(ConfigError::Invalid(format!("sweeps[{i}].code {} is not a close code", s.code)));
+                return Err(ConfigError::Invalid(format!(
+                    "sweeps[{i}].code {} is not a close code",
+                    s.code
+                )));
             }
         }
         Ok(())
@@ -406,12 +449,16 @@ fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value
 }
 
 fn set(table: &mut toml::Table, path: &[String], value: toml::Value) {
-    let Some((first, rest)) = path.split_first() else { return };
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
     if rest.is_empty() {
         table.insert(first.clone(), value);
         return;
     }
-    let sub = table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let sub = table
+        .entry(first.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     if let toml::Value::Table(t) = sub {
         set(t, rest, value);
     }
@@ -444,7 +491,11 @@ fn coerce(raw: &str, like: &toml::Value) -> toml::Value {
 pub fn key_paths(table: &toml::Table) -> BTreeMap<String, ()> {
     fn walk(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, ()>) {
         for (k, v) in t {
-            let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let p = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             match v {
                 toml::Value::Table(sub) => walk(&p, sub, out),
                 _ => {
@@ -475,7 +526,10 @@ mod tests {
 
     #[test]
     fn unknown_file_key_names_line_and_key() {
-        let err = Config::from_toml("t.toml", "listen = \"127.0.0.1:1\"\n[heartbeat]\nintervall_ms = 5\n");
+        let err = Config::from_toml(
+            "t.toml",
+            "listen = \"127.0.0.1:1\"\n[heartbeat]\nintervall_ms = 5\n",
+        );
         let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("line 3"), "{msg}");
         assert!(msg.contains("intervall_ms"), "{msg}");
@@ -496,16 +550,31 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tether-cfg-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let file = dir.join("c.toml");
-        let _ = std::fs::write(&file, "node_id = \"file\"\n[heartbeat]\ninterval_ms = 1111\ntimeout_ms = 2222\n");
+        let _ = std::fs::write(
+            &file,
+            "node_id = \"file\"\n[heartbeat]\ninterval_ms = 1111\ntimeout_ms = 2222\n",
+        );
         let env = vec![
-            ("TETHER_HEARTBEAT__INTERVAL_MS".to_owned(), "3333".to_owned()),
+            (
+                "TETHER_HEARTBEAT__INTERVAL_MS".to_owned(),
+                "3333".to_owned(),
+            ),
             ("TETHER_NODE_ID".to_owned(), "env".to_owned()),
             ("TETHER_PORT".to_owned(), "80".to_owned()),
-            ("TETHER_SERVER__TRUSTED_PROXIES".to_owned(), "10.0.0.0/8, 192.168.0.0/16".to_owned()),
+            (
+                "TETHER_SERVER__TRUSTED_PROXIES".to_owned(),
+                "10.0.0.0/8, 192.168.0.0/16".to_owned(),
+            ),
             ("PATH".to_owned(), "/bin".to_owned()),
         ];
-        let flags = vec![Override { source_name: "--node-id".into(), path: vec!["node_id".into()], value: "flag".into() }];
-        let (cfg, report) = Config::load(Some(&file), env, flags).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        let flags = vec![Override {
+            source_name: "--node-id".into(),
+            path: vec!["node_id".into()],
+            value: "flag".into(),
+        }];
+        let (cfg, report) = Config::load(Some(&file), env, flags)
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.node_id, "flag");
         assert_eq!(cfg.heartbeat.interval_ms.get(), 3333);
         assert_eq!(cfg.heartbeat.timeout_ms.get(), 2222);
@@ -517,16 +586,29 @@ mod tests {
 
     #[test]
     fn bad_env_value_names_the_variable() {
-        let env = vec![("TETHER_HEARTBEAT__INTERVAL_MS".to_owned(), "soon".to_owned())];
-        let err = Config::load(None, env, vec![]).err().map(|e| e.to_string()).unwrap_or_default();
+        let env = vec![(
+            "TETHER_HEARTBEAT__INTERVAL_MS".to_owned(),
+            "soon".to_owned(),
+        )];
+        let err = Config::load(None, env, vec![])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("TETHER_HEARTBEAT__INTERVAL_MS"), "{err}");
     }
 
     #[test]
     fn sweeps_need_a_selector() {
         let err = Config::from_toml("t.toml", "[[sweeps]]\nevery_ms = 10\nwhere = {}\n");
-        assert!(err.err().map(|e| e.to_string()).unwrap_or_default().contains("sweeps[0].where"));
-        let ok = Config::from_toml("t.toml", "[[sweeps]]\nevery_ms = 10\nwhere = { idle_ms_gt = 5, transport = \"sse\" }\n");
+        assert!(err
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("sweeps[0].where"));
+        let ok = Config::from_toml(
+            "t.toml",
+            "[[sweeps]]\nevery_ms = 10\nwhere = { idle_ms_gt = 5, transport = \"sse\" }\n",
+        );
         assert!(ok.is_ok(), "{ok:?}");
     }
 }

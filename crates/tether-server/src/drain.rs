@@ -21,7 +21,10 @@ pub(crate) async fn run(app: &Arc<App>) {
     let start = Instant::now();
     let deadline = start + Duration::from_millis(cfg.timeout_ms.get());
     app.drain.advance(Phase::PreDrain);
-    tracing::info!(pre_drain_ms = cfg.pre_drain_ms, "shutdown: not ready; still admitting during pre-drain");
+    tracing::info!(
+        pre_drain_ms = cfg.pre_drain_ms,
+        "shutdown: not ready; still admitting during pre-drain"
+    );
     tokio::select! {
         _ = tokio::time::sleep(Duration::from_millis(cfg.pre_drain_ms)) => {}
         _ = app.drain.hard_stop().cancelled() => {}
@@ -30,7 +33,11 @@ pub(crate) async fn run(app: &Arc<App>) {
     let conns = app.registry.connections();
     let n = conns.len() as u64;
     let window = Duration::from_millis(cfg.drain_window_ms);
-    tracing::info!(connections = n, drain_window_ms = cfg.drain_window_ms, "shutdown: draining");
+    tracing::info!(
+        connections = n,
+        drain_window_ms = cfg.drain_window_ms,
+        "shutdown: draining"
+    );
     let spread_start = Instant::now();
     for (i, conn) in conns.iter().enumerate() {
         let at = spread_start + window.mul_f64(i as f64 / n.max(1) as f64);

@@ -68,7 +68,10 @@ impl App {
             metrics.clone(),
         );
         Arc::new(App {
-            ip_limits: IpLimits::new(cfg.limits.max_connections_per_ip, cfg.limits.handshakes_per_ip_per_sec),
+            ip_limits: IpLimits::new(
+                cfg.limits.max_connections_per_ip,
+                cfg.limits.handshakes_per_ip_per_sec,
+            ),
             registry,
             drain: Drain::new(),
             pending: net::PendingCounter::new(metrics.clone()),
@@ -125,16 +128,28 @@ impl Server {
         // Port 0 means "any free port": two such listeners are two ports, not one.
         let same = cfg.listen == cfg.api.listen && cfg.listen.port() != 0;
         let app = App::new(cfg, nofile);
-        let client = net::bind(app.cfg.listen).map_err(|source| StartError::Bind { addr: app.cfg.listen, source })?;
-        let client_addr = client.local_addr().map_err(|source| StartError::Bind { addr: app.cfg.listen, source })?;
+        let client = net::bind(app.cfg.listen).map_err(|source| StartError::Bind {
+            addr: app.cfg.listen,
+            source,
+        })?;
+        let client_addr = client.local_addr().map_err(|source| StartError::Bind {
+            addr: app.cfg.listen,
+            source,
+        })?;
         let api_listener = if same {
             None
         } else {
-            let l = net::bind(app.cfg.api.listen).map_err(|source| StartError::Bind { addr: app.cfg.api.listen, source })?;
+            let l = net::bind(app.cfg.api.listen).map_err(|source| StartError::Bind {
+                addr: app.cfg.api.listen,
+                source,
+            })?;
             Some(l)
         };
         let api_addr = match &api_listener {
-            Some(l) => l.local_addr().map_err(|source| StartError::Bind { addr: app.cfg.api.listen, source })?,
+            Some(l) => l.local_addr().map_err(|source| StartError::Bind {
+                addr: app.cfg.api.listen,
+                source,
+            })?,
             None => client_addr,
         };
         tracing::info!(
@@ -143,7 +158,13 @@ impl Server {
         );
         let begin = CancellationToken::new();
         let done = tokio::spawn(run(app.clone(), client, api_listener, begin.clone()));
-        Ok(Running { app, client_addr, api_addr, begin, done })
+        Ok(Running {
+            app,
+            client_addr,
+            api_addr,
+            begin,
+            done,
+        })
     }
 }
 
@@ -151,7 +172,12 @@ impl Server {
 #[derive(Debug)]
 pub struct Server;
 
-async fn run(app: Arc<App>, client: TcpListener, api: Option<TcpListener>, begin: CancellationToken) {
+async fn run(
+    app: Arc<App>,
+    client: TcpListener,
+    api: Option<TcpListener>,
+    begin: CancellationToken,
+) {
     let stop_accepting = CancellationToken::new();
     let api_stop = CancellationToken::new();
     let client_router = match api {
@@ -159,9 +185,15 @@ async fn run(app: Arc<App>, client: TcpListener, api: Option<TcpListener>, begin
         None => net::client_router(app.clone()).merge(api::router(app.clone(), api_stop.clone())),
     };
     let mut background = tokio::task::JoinSet::new();
-    background.spawn(net::accept_loop(app.clone(), client, client_router, stop_accepting.clone()));
+    background.spawn(net::accept_loop(
+        app.clone(),
+        client,
+        client_router,
+        stop_accepting.clone(),
+    ));
     if let Some(api) = api {
-        let router = api::router(app.clone(), api_stop.clone()).merge(net::health_router(app.clone()));
+        let router =
+            api::router(app.clone(), api_stop.clone()).merge(net::health_router(app.clone()));
         let stop = api_stop.clone();
         background.spawn(async move {
             let serve = axum::serve(api, router).with_graceful_shutdown(stop.cancelled_owned());

@@ -35,7 +35,11 @@ const BACKLOG: u32 = 4096;
 
 /// Binds a listener with a deep backlog and `SO_REUSEADDR`.
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
@@ -50,7 +54,10 @@ pub struct PendingCounter {
 
 impl PendingCounter {
     pub(crate) fn new(metrics: Metrics) -> Self {
-        Self { n: Arc::new(AtomicUsize::new(0)), metrics }
+        Self {
+            n: Arc::new(AtomicUsize::new(0)),
+            metrics,
+        }
     }
     /// Sockets pending now.
     pub fn get(&self) -> usize {
@@ -58,10 +65,15 @@ impl PendingCounter {
     }
     fn try_take(&self, max: usize) -> Option<PendingSlot> {
         self.n
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()?;
         self.metrics.pending_delta(1);
-        Some(PendingSlot { n: self.n.clone(), metrics: self.metrics.clone() })
+        Some(PendingSlot {
+            n: self.n.clone(),
+            metrics: self.metrics.clone(),
+        })
     }
 }
 
@@ -99,9 +111,16 @@ impl SocketInfo {
 }
 
 /// Accepts until `stop`; never spins on errors (EMFILE and the like back off).
-pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, router: Router, stop: CancellationToken) {
+pub(crate) async fn accept_loop(
+    app: Arc<App>,
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) {
     let max_pending = app.cfg.limits.max_pending_handshakes.get() as usize;
-    let user_timeout = Duration::from_millis(app.cfg.heartbeat.interval_ms.get() + app.cfg.heartbeat.timeout_ms.get());
+    let user_timeout = Duration::from_millis(
+        app.cfg.heartbeat.interval_ms.get() + app.cfg.heartbeat.timeout_ms.get(),
+    );
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -124,8 +143,12 @@ pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, router: Ro
         };
         let _ = socket.set_nodelay(true);
         let _ = socket2::SockRef::from(&socket).set_tcp_user_timeout(Some(user_timeout));
-        let info = SocketInfo { peer, pending: Arc::new(Mutex::new(Some(slot))) };
-        app.tasks.spawn(serve_socket(app.clone(), socket, info, router.clone()));
+        let info = SocketInfo {
+            peer,
+            pending: Arc::new(Mutex::new(Some(slot))),
+        };
+        app.tasks
+            .spawn(serve_socket(app.clone(), socket, info, router.clone()));
     }
 }
 
@@ -141,14 +164,21 @@ async fn serve_socket(app: Arc<App>, socket: TcpStream, info: SocketInfo, router
             // One request per socket: every answer but an upgrade closes it. (hyper's
             // own keep-alive switch would also rewrite the 101's `Connection: upgrade`.)
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
             }
             Ok::<_, Infallible>(resp)
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(deadline);
-    let conn = builder.serve_connection(TokioIo::new(socket), service).with_upgrades();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(deadline);
+    let conn = builder
+        .serve_connection(TokioIo::new(socket), service)
+        .with_upgrades();
     tokio::pin!(conn);
     let timer = tokio::time::sleep(deadline);
     tokio::pin!(timer);
@@ -196,7 +226,10 @@ pub(crate) fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) ->
             hops.extend(s.split(',').filter_map(|h| h.trim().parse::<IpAddr>().ok()));
         }
     }
-    hops.into_iter().rev().find(|ip| !is_trusted(ip)).unwrap_or(peer)
+    hops.into_iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .unwrap_or(peer)
 }
 
 fn parse_forwarded_node(raw: &str) -> Option<IpAddr> {
@@ -219,7 +252,10 @@ pub(crate) fn client_router(app: Arc<App>) -> Router {
 
 /// `/healthz` and `/readyz`, on both listeners.
 pub(crate) fn health_router(app: Arc<App>) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(app)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(app)
 }
 
 async fn healthz() -> Response {
@@ -230,8 +266,15 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     if app.ready() {
         json_response(StatusCode::OK, serde_json::json!({"status": "ready"}))
     } else {
-        let why = if app.drain.phase() != tether_core::Phase::Running { "draining" } else { "server_full" };
-        json_response(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "unavailable", "reason": why}))
+        let why = if app.drain.phase() != tether_core::Phase::Running {
+            "draining"
+        } else {
+            "server_full"
+        };
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "unavailable", "reason": why}),
+        )
     }
 }
 
@@ -241,12 +284,20 @@ async fn not_found() -> Response {
 
 /// A JSON answer.
 pub(crate) fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
-    (status, [(http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// `{"error","message"}` with a status.
 pub(crate) fn error_response(status: StatusCode, error: &str, message: &str) -> Response {
-    json_response(status, serde_json::json!({"error": error, "message": message}))
+    json_response(
+        status,
+        serde_json::json!({"error": error, "message": message}),
+    )
 }
 
 #[cfg(test)]
@@ -273,9 +324,18 @@ mod tests {
         let peer: IpAddr = "10.0.0.2".parse().unwrap();
         let trusted = ["10.0.0.0/8".parse().unwrap()];
         let h = headers(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.7")]);
-        assert_eq!(client_ip(peer, &h, &trusted), "1.2.3.4".parse::<IpAddr>().unwrap());
-        let h = headers(&[("forwarded", "for=6.6.6.6, for=\"[2001:db8::1]:443\";proto=https")]);
-        assert_eq!(client_ip(peer, &h, &trusted), "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        let h = headers(&[(
+            "forwarded",
+            "for=6.6.6.6, for=\"[2001:db8::1]:443\";proto=https",
+        )]);
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
         let h = headers(&[("x-forwarded-for", "10.1.1.1")]);
         assert_eq!(client_ip(peer, &h, &trusted), peer);
     }

@@ -47,13 +47,21 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
         Err(e) => return with_cors(admission::bad_request(&e.body_text()), headers),
     };
     let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
-    let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let (reservation, _client_id) = match admission::admit(&app, query.client.as_deref(), ip, Transport::Sse) {
-        Ok(r) => r,
-        Err(AdmitError::BadRequest(m)) => return with_cors(admission::bad_request(&m), headers),
-        Err(AdmitError::Refused(r)) if r.is_transient() => return with_cors(transient_refusal(r), headers),
-        Err(AdmitError::Refused(r)) => return with_cors(admission::http_refusal(r), headers),
-    };
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (reservation, _client_id) =
+        match admission::admit(&app, query.client.as_deref(), ip, Transport::Sse) {
+            Ok(r) => r,
+            Err(AdmitError::BadRequest(m)) => {
+                return with_cors(admission::bad_request(&m), headers)
+            }
+            Err(AdmitError::Refused(r)) if r.is_transient() => {
+                return with_cors(transient_refusal(r), headers)
+            }
+            Err(AdmitError::Refused(r)) => return with_cors(admission::http_refusal(r), headers),
+        };
     let guard = reservation.commit(ConnSpec {
         transport: Transport::Sse,
         remote_addr: ip,
@@ -70,7 +78,10 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
         "node_id": app.registry.node_id(),
         "recovered": {},
     });
-    let first = format!("retry: {}\n\nevent: welcome\ndata: {welcome}\n\n", app.cfg.sse.retry_ms);
+    let first = format!(
+        "retry: {}\n\nevent: welcome\ndata: {welcome}\n\n",
+        app.cfg.sse.retry_ms
+    );
     conn.add_bytes_out(first.len());
     // The channel is new and empty: this cannot be full.
     let _ = tx.try_send(Bytes::from(first));
@@ -80,7 +91,9 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
 
 fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -106,8 +119,10 @@ fn transient_refusal(refusal: Refusal) -> Response {
 
 /// CORS for `/sse`: with no `limits.allowed_origins`, `*` and no credentials.
 pub(crate) fn with_cors(mut resp: Response, _req_headers: &HeaderMap) -> Response {
-    resp.headers_mut()
-        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, http::HeaderValue::from_static("*"));
+    resp.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        http::HeaderValue::from_static("*"),
+    );
     resp
 }
 
@@ -130,7 +145,9 @@ async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>)
     let timer = tokio::time::sleep_until(next_beat);
     tokio::pin!(timer);
     let end = loop {
-        timer.as_mut().reset(lifetime_at.map_or(next_beat, |l| l.min(next_beat)));
+        timer
+            .as_mut()
+            .reset(lifetime_at.map_or(next_beat, |l| l.min(next_beat)));
         tokio::select! {
             biased;
             _ = app.drain.hard_stop().cancelled() => break End::Hard,
@@ -154,8 +171,14 @@ async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>)
     match end {
         End::Announce(closing) => {
             guard.set_close(closing.code.0, closing.reason.clone());
-            let retry = closing.retry_ms.map(|r| format!("retry: {r}\n")).unwrap_or_default();
-            let text = format!("{retry}event: closing\ndata: {}\n\n", ServerFrame::Closing(&closing).encode());
+            let retry = closing
+                .retry_ms
+                .map(|r| format!("retry: {r}\n"))
+                .unwrap_or_default();
+            let text = format!(
+                "{retry}event: closing\ndata: {}\n\n",
+                ServerFrame::Closing(&closing).encode()
+            );
             conn.add_bytes_out(text.len());
             tokio::select! {
                 _ = timeout(Duration::from_secs(2), tx.send(Bytes::from(text))) => {}

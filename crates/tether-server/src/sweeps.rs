@@ -12,8 +12,16 @@ use crate::config::Sweep;
 use crate::App;
 
 pub(crate) async fn run(app: Arc<App>, rule: Sweep, stop: CancellationToken) {
-    let selector = Selector { filter: rule.filter.clone(), ..Default::default() };
-    let closing = Closing { code: CloseCode(rule.code), reason: rule.reason.clone(), reconnect: rule.reconnect, retry_ms: None };
+    let selector = Selector {
+        filter: rule.filter.clone(),
+        ..Default::default()
+    };
+    let closing = Closing {
+        code: CloseCode(rule.code),
+        reason: rule.reason.clone(),
+        reconnect: rule.reconnect,
+        retry_ms: None,
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(rule.every_ms.get()));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

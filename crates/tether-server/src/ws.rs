@@ -58,7 +58,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     let headers = req.headers();
     let key = match check_upgrade(headers) {
         Ok(k) => k,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let query = match Query::<WsQuery>::try_from_uri(req.uri()) {
         Ok(Query(q)) => q,
@@ -67,11 +67,16 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     let refusal_close = match query.refusal.as_deref() {
         None => false,
         Some("close") => true,
-        Some(other) => return admission::bad_request(&format!("refusal must be \"close\", not {other:?}")),
+        Some(other) => {
+            return admission::bad_request(&format!("refusal must be \"close\", not {other:?}"))
+        }
     };
     let protocol = offered_protocol(headers);
     let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
-    let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
     match admission::admit(&app, query.client.as_deref(), ip, Transport::Ws) {
@@ -83,7 +88,9 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
             app.tasks.spawn(async move {
                 let _pending = pending;
                 if let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await {
-                    let ws = WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+                    let ws =
+                        WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg))
+                            .await;
                     refuse_after_upgrade(ws, refusal).await;
                 }
             });
@@ -97,7 +104,12 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
                     Ok(Ok(up)) => up,
                     _ => return, // the reservation drops here: slot released, no event
                 };
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config(&task_app))).await;
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config(&task_app)),
+                )
+                .await;
                 let guard = reservation.commit(ConnSpec {
                     transport: Transport::Ws,
                     remote_addr: ip,
@@ -115,10 +127,11 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
 }
 
 /// Validates an upgrade request; returns the `Sec-WebSocket-Key`.
-fn check_upgrade(headers: &HeaderMap) -> Result<String, Response> {
+fn check_upgrade(headers: &HeaderMap) -> Result<String, Box<Response>> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
-            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
@@ -127,22 +140,35 @@ fn check_upgrade(headers: &HeaderMap) -> Result<String, Response> {
             "upgrade_required",
             "this endpoint speaks WebSocket: send Upgrade: websocket",
         );
-        r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        return Err(r);
+        r.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        return Err(Box::new(r));
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
-        return Err(admission::bad_request("Sec-WebSocket-Version must be 13"));
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        return Err(Box::new(admission::bad_request(
+            "Sec-WebSocket-Version must be 13",
+        )));
     }
     match headers.get(header::SEC_WEBSOCKET_KEY) {
         Some(k) if !k.as_bytes().is_empty() => Ok(derive_accept_key(k.as_bytes())),
-        _ => Err(admission::bad_request("Sec-WebSocket-Key is missing")),
+        _ => Err(Box::new(admission::bad_request(
+            "Sec-WebSocket-Key is missing",
+        ))),
     }
 }
 
 fn offered_protocol(headers: &HeaderMap) -> bool {
-    headers.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().any(|v| {
-        v.to_str().is_ok_and(|s| s.split(',').any(|p| p.trim() == SUBPROTOCOL))
-    })
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|p| p.trim() == SUBPROTOCOL))
+        })
 }
 
 fn switching(accept: &str, protocol: bool) -> Response {
@@ -154,7 +180,9 @@ fn switching(accept: &str, protocol: bool) -> Response {
     if protocol {
         builder = builder.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
     }
-    builder.body(Body::empty()).unwrap_or_else(|_| Response::new(Body::empty()))
+    builder
+        .body(Body::empty())
+        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 fn ws_config(app: &App) -> WebSocketConfig {
@@ -171,7 +199,12 @@ async fn refuse_after_upgrade(mut ws: Ws, refusal: Refusal) {
     let retry = admission::retry_ms(refusal);
     let body = admission::closing_json(refusal, retry).to_string();
     let code = refusal.close_code();
-    let closing = Closing { code, reason: refusal.error().into(), reconnect: code.reconnect(), retry_ms: Some(retry) };
+    let closing = Closing {
+        code,
+        reason: refusal.error().into(),
+        reconnect: code.reconnect(),
+        retry_ms: Some(retry),
+    };
     let _ = timeout(CLOSE_WAIT, ws.send(Message::text(body))).await;
     close_handshake(&mut ws, &closing, CLOSE_WAIT).await;
 }
@@ -212,10 +245,9 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
         heartbeat_ms: interval.as_millis() as u64,
     }
     .encode();
-    let mut end = match send(&mut ws, Message::text(welcome), hb_timeout, &guard).await {
-        Ok(()) => None,
-        Err(e) => Some(e),
-    };
+    let mut end = send(&mut ws, Message::text(welcome), hb_timeout, &guard)
+        .await
+        .err();
     let timer = tokio::time::sleep_until(next_ping);
     tokio::pin!(timer);
 
@@ -223,7 +255,11 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
         if let Some(e) = end.take() {
             break e;
         }
-        let wake = [Some(next_ping), pong_due, lifetime_at].into_iter().flatten().min().unwrap_or(next_ping);
+        let wake = [Some(next_ping), pong_due, lifetime_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_ping);
         timer.as_mut().reset(wake);
         tokio::select! {
             biased;
@@ -275,7 +311,11 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
             let text = ServerFrame::Closing(&closing).encode();
             // A peer closed for not answering or not reading gets a best-effort
             // announcement: nobody waits long on it.
-            let wait = if closing.code.drops_queue() { DEAD_PEER_WAIT } else { CLOSE_WAIT };
+            let wait = if closing.code.drops_queue() {
+                DEAD_PEER_WAIT
+            } else {
+                CLOSE_WAIT
+            };
             let announce = async {
                 let _ = timeout(wait, ws.send(Message::text(text))).await;
                 close_handshake(&mut ws, &closing, wait).await;
@@ -287,7 +327,10 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
         }
         End::PeerClosed(code, reason) => {
             guard.set_close(code, reason);
-            let _ = timeout(CLOSE_WAIT, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+            let _ = timeout(CLOSE_WAIT, async {
+                while let Some(Ok(_)) = ws.next().await {}
+            })
+            .await;
         }
         End::Lost(why) => guard.set_close(CloseCode::ABNORMAL.0, why),
         End::Stalled => guard.set_close(CloseCode::SLOW_CONSUMER.0, "peer stopped reading"),
@@ -298,7 +341,12 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
 }
 
 /// Handles one inbound message; returns how the loop ends, if it does.
-async fn handle(ws: &mut Ws, msg: Message, hb_timeout: Duration, guard: &ConnectionGuard) -> Option<End> {
+async fn handle(
+    ws: &mut Ws,
+    msg: Message,
+    hb_timeout: Duration,
+    guard: &ConnectionGuard,
+) -> Option<End> {
     let conn = guard.conn();
     match msg {
         Message::Text(text) => {
@@ -315,14 +363,26 @@ async fn handle(ws: &mut Ws, msg: Message, hb_timeout: Duration, guard: &Connect
                         ClientFrame::Ping { reference } => (*reference, "ping"),
                     };
                     let message = format!("{what} is not available on this node");
-                    ServerFrame::Error { reference, code: "unsupported", message: &message }.encode()
+                    ServerFrame::Error {
+                        reference,
+                        code: "unsupported",
+                        message: &message,
+                    }
+                    .encode()
                 }
                 Err(e) => {
                     conn.touch();
-                    ServerFrame::Error { reference: e.reference, code: e.code, message: &e.message }.encode()
+                    ServerFrame::Error {
+                        reference: e.reference,
+                        code: e.code,
+                        message: &e.message,
+                    }
+                    .encode()
                 }
             };
-            send(ws, Message::text(reply), hb_timeout, guard).await.err()
+            send(ws, Message::text(reply), hb_timeout, guard)
+                .await
+                .err()
         }
         Message::Binary(b) => {
             conn.add_bytes_in(b.len());
@@ -333,7 +393,9 @@ async fn handle(ws: &mut Ws, msg: Message, hb_timeout: Duration, guard: &Connect
                 message: "the tether protocol uses JSON text frames",
             }
             .encode();
-            send(ws, Message::text(reply), hb_timeout, guard).await.err()
+            send(ws, Message::text(reply), hb_timeout, guard)
+                .await
+                .err()
         }
         Message::Close(frame) => {
             let (code, reason) = frame
@@ -353,7 +415,12 @@ async fn handle(ws: &mut Ws, msg: Message, hb_timeout: Duration, guard: &Connect
     }
 }
 
-async fn send(ws: &mut Ws, msg: Message, hb_timeout: Duration, guard: &ConnectionGuard) -> Result<(), End> {
+async fn send(
+    ws: &mut Ws,
+    msg: Message,
+    hb_timeout: Duration,
+    guard: &ConnectionGuard,
+) -> Result<(), End> {
     let n = msg.len();
     match timeout(hb_timeout, ws.send(msg)).await {
         Err(_) => Err(End::Stalled),
@@ -370,20 +437,32 @@ fn read_error(e: WsError) -> End {
         WsError::Capacity(CapacityError::MessageTooLong { .. }) | WsError::Capacity(_) => {
             End::Announce(Closing::new(CloseCode::MESSAGE_TOO_BIG, "message too big"))
         }
-        WsError::Utf8(_) => End::Announce(Closing::new(CloseCode::INVALID_PAYLOAD, "text frame is not valid UTF-8")),
+        WsError::Utf8(_) => End::Announce(Closing::new(
+            CloseCode::INVALID_PAYLOAD,
+            "text frame is not valid UTF-8",
+        )),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
             End::Lost("connection reset without a closing handshake".into())
         }
-        WsError::Protocol(p) => End::Announce(Closing::new(CloseCode::PROTOCOL_ERROR, format!("protocol error: {p}"))),
+        WsError::Protocol(p) => End::Announce(Closing::new(
+            CloseCode::PROTOCOL_ERROR,
+            format!("protocol error: {p}"),
+        )),
         WsError::ConnectionClosed | WsError::AlreadyClosed => End::Lost("connection closed".into()),
         WsError::Io(e) => End::Lost(format!("socket error: {e}")),
-        other => End::Announce(Closing::new(CloseCode::INTERNAL_ERROR, format!("internal error: {other}"))),
+        other => End::Announce(Closing::new(
+            CloseCode::INTERNAL_ERROR,
+            format!("internal error: {other}"),
+        )),
     }
 }
 
 /// Sends the close frame and waits (bounded) for the peer's close.
 async fn close_handshake(ws: &mut Ws, closing: &Closing, wait: Duration) {
-    let frame = CloseFrame { code: WireCode::from(closing.code.0), reason: closing.frame_reason().to_owned().into() };
+    let frame = CloseFrame {
+        code: WireCode::from(closing.code.0),
+        reason: closing.frame_reason().to_owned().into(),
+    };
     let _ = timeout(wait, ws.close(Some(frame))).await;
     let _ = timeout(wait, async { while let Some(Ok(_)) = ws.next().await {} }).await;
 }

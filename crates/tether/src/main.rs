@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use tether_server::config::{Config, Override, DEFAULT_TOML};
 
 #[derive(Parser, Debug)]
-#[command(name = "tether", version, about = "Tether: a real-time connection gateway")]
+#[command(
+    name = "tether",
+    version,
+    about = "Tether: a real-time connection gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -55,11 +59,15 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Config { command: ConfigCommand::Default } => {
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => {
             print!("{DEFAULT_TOML}");
             ExitCode::SUCCESS
         }
-        Command::Config { command: ConfigCommand::Check { file } } => match Config::from_file(&file) {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::from_file(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
@@ -69,14 +77,21 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Bench(args) => runtime().and_then(|rt| rt.block_on(tether_bench::run(args))).map_or_else(
-            |e| {
-                eprintln!("tether bench: {e}");
-                ExitCode::FAILURE
-            },
-            |()| ExitCode::SUCCESS,
-        ),
-        Command::Serve { config, listen, api_listen, node_id } => {
+        Command::Bench(args) => runtime()
+            .and_then(|rt| rt.block_on(tether_bench::run(args)))
+            .map_or_else(
+                |e| {
+                    eprintln!("tether bench: {e}");
+                    ExitCode::FAILURE
+                },
+                |()| ExitCode::SUCCESS,
+            ),
+        Command::Serve {
+            config,
+            listen,
+            api_listen,
+            node_id,
+        } => {
             let mut flags = Vec::new();
             let mut flag = |name: &str, path: &[&str], value: Option<String>| {
                 if let Some(value) = value {
@@ -114,7 +129,10 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
 fn init_logging(level: &str) {
@@ -122,7 +140,11 @@ fn init_logging(level: &str) {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Raises the soft open-file limit to the hard one; returns the resulting limit.
@@ -131,15 +153,23 @@ fn raise_nofile() -> u64 {
         Ok(n) => n,
         Err(e) => {
             tracing::warn!(error = %e, "could not raise the open-file limit");
-            rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024)
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .map(|(soft, _)| soft)
+                .unwrap_or(1024)
         }
     }
 }
 
 async fn serve(cfg: Config) -> Result<(), String> {
     let nofile = raise_nofile();
-    tracing::info!(open_file_limit = nofile, ceiling = cfg.max_connections(nofile), "connection ceiling");
-    let running = tether_server::Server::start(cfg, nofile).await.map_err(|e| e.to_string())?;
+    tracing::info!(
+        open_file_limit = nofile,
+        ceiling = cfg.max_connections(nofile),
+        "connection ceiling"
+    );
+    let running = tether_server::Server::start(cfg, nofile)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot listen for SIGTERM: {e}"))?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())

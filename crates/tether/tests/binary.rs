@@ -13,7 +13,11 @@ use tokio_tungstenite::tungstenite::Message;
 const BIN: &str = env!("CARGO_BIN_EXE_tether");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Child(std::process::Child);
@@ -57,7 +61,13 @@ async fn watch(url: String) -> (Instant, Value, u16) {
                     closing = (Instant::now(), v);
                 }
             }
-            Message::Close(f) => return (closing.0, closing.1, f.map(|f| u16::from(f.code)).unwrap_or(1005)),
+            Message::Close(f) => {
+                return (
+                    closing.0,
+                    closing.1,
+                    f.map(|f| u16::from(f.code)).unwrap_or(1005),
+                )
+            }
             _ => {}
         }
     }
@@ -84,15 +94,35 @@ async fn sigterm_drains_spread_over_the_window_and_exits_zero() {
     for i in 0..10 {
         watchers.push(tokio::spawn(watch(format!("ws://{listen}/ws?client=d{i}"))));
     }
-    while http.get(format!("{api}/api/stats")).send().await.unwrap().json::<Value>().await.unwrap()["connections"]["ws"] != 10 {
+    while http
+        .get(format!("{api}/api/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["connections"]["ws"]
+        != 10
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
     let signalled = Instant::now();
     // Not ready at once ...
     let mut not_ready = false;
     for _ in 0..20 {
-        if http.get(format!("{api}/readyz")).send().await.unwrap().status() == 503 {
+        if http
+            .get(format!("{api}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 503
+        {
             not_ready = true;
             break;
         }
@@ -102,7 +132,14 @@ async fn sigterm_drains_spread_over_the_window_and_exits_zero() {
     // ... but still admitting during pre-drain.
     watchers.push(tokio::spawn(watch(format!("ws://{listen}/ws?client=late"))));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let stats: Value = http.get(format!("{api}/api/stats")).send().await.unwrap().json().await.unwrap();
+    let stats: Value = http
+        .get(format!("{api}/api/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(stats["connections"]["ws"], 11);
     assert_eq!(stats["draining"], true);
     // After pre-drain, refused.
@@ -122,8 +159,14 @@ async fn sigterm_drains_spread_over_the_window_and_exits_zero() {
     }
     times.sort();
     let spread = *times.last().unwrap() - times[0];
-    assert!(spread >= Duration::from_millis(900), "closes spread over the 1.5 s window, got {spread:?}");
-    let status = tokio::task::spawn_blocking(move || child.0.wait()).await.unwrap().unwrap();
+    assert!(
+        spread >= Duration::from_millis(900),
+        "closes spread over the 1.5 s window, got {spread:?}"
+    );
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(signalled.elapsed() < Duration::from_secs(8));
 }
@@ -145,19 +188,37 @@ async fn shutdown_deadline_closes_the_rest_hard() {
     wait_ready(&http, &format!("http://{api_listen}")).await;
     let mut conns = Vec::new();
     for i in 0..5 {
-        conns.push(tokio_tungstenite::connect_async(format!("ws://{listen}/ws?client=h{i}")).await.unwrap().0);
+        conns.push(
+            tokio_tungstenite::connect_async(format!("ws://{listen}/ws?client=h{i}"))
+                .await
+                .unwrap()
+                .0,
+        );
     }
     let started = Instant::now();
-    assert!(Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap().success());
-    let status = tokio::task::spawn_blocking(move || child.0.wait()).await.unwrap().unwrap();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
 }
 
 #[test]
 fn config_default_prints_a_valid_commented_config() {
-    let out = Command::new(BIN).args(["config", "default"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "default"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.lines().filter(|l| l.starts_with('#')).count() > 20);
@@ -170,17 +231,33 @@ fn config_check_names_the_line_and_key() {
     let dir = std::env::temp_dir().join(format!("tether-bin-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "listen = \"127.0.0.1:7700\"\n\n[limits]\nmax_conections = 5\n").unwrap();
-    let out = Command::new(BIN).args(["config", "check", bad.to_str().unwrap()]).output().unwrap();
+    std::fs::write(
+        &bad,
+        "listen = \"127.0.0.1:7700\"\n\n[limits]\nmax_conections = 5\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 4") && err.contains("max_conections"), "{err}");
+    assert!(
+        err.contains("line 4") && err.contains("max_conections"),
+        "{err}"
+    );
     let good = dir.join("good.toml");
     std::fs::write(&good, "[heartbeat]\ninterval_ms = 1000\n").unwrap();
-    let out = Command::new(BIN).args(["config", "check", good.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", good.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     // serve refuses the bad file the same way, before binding.
-    let out = Command::new(BIN).args(["serve", "--config", bad.to_str().unwrap()]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_conections"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -189,7 +266,13 @@ fn config_check_names_the_line_and_key() {
 #[test]
 fn auth_none_refuses_a_public_listener_unless_allowed() {
     let out = Command::new(BIN)
-        .args(["serve", "--listen", "0.0.0.0:0", "--api-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -200,10 +283,26 @@ fn auth_none_refuses_a_public_listener_unless_allowed() {
 async fn unknown_tether_variable_is_a_warning_not_an_error() {
     let (p, q) = (free_port(), free_port());
     let api = format!("127.0.0.1:{q}");
-    let mut child = spawn(&["serve", "--listen", &format!("127.0.0.1:{p}"), "--api-listen", &api], &[("TETHER_PORT", "80"), ("TETHER_SHUTDOWN__PRE_DRAIN_MS", "0")]);
+    let mut child = spawn(
+        &[
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--api-listen",
+            &api,
+        ],
+        &[
+            ("TETHER_PORT", "80"),
+            ("TETHER_SHUTDOWN__PRE_DRAIN_MS", "0"),
+        ],
+    );
     let http = reqwest::Client::new();
     wait_ready(&http, &format!("http://{api}")).await;
-    assert!(Command::new("kill").args(["-INT", &child.0.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
     let out = tokio::task::spawn_blocking(move || {
         let mut err = String::new();
         use std::io::Read;
@@ -213,5 +312,9 @@ async fn unknown_tether_variable_is_a_warning_not_an_error() {
     .await
     .unwrap();
     assert_eq!(out.0.code(), Some(0));
-    assert!(out.1.contains("TETHER_PORT") && out.1.contains("WARN"), "{}", out.1);
+    assert!(
+        out.1.contains("TETHER_PORT") && out.1.contains("WARN"),
+        "{}",
+        out.1
+    );
 }

@@ -26,7 +26,11 @@ async fn three_tabs_then_exactly_one_offline_after_the_last_close() {
     client_close(a).await;
     client_close(b).await;
     let ev = collect_events(&mut rx, Duration::from_millis(300)).await;
-    assert!(!kinds(&ev).contains(&"client.offline".to_string()), "{:?}", kinds(&ev));
+    assert!(
+        !kinds(&ev).contains(&"client.offline".to_string()),
+        "{:?}",
+        kinds(&ev)
+    );
     client_close(c).await;
     let ev2 = collect_events(&mut rx, Duration::from_millis(300)).await;
     let all: Vec<_> = ev.into_iter().chain(ev2).collect();
@@ -43,7 +47,10 @@ async fn three_tabs_then_exactly_one_offline_after_the_last_close() {
             "client.offline"
         ]
     );
-    assert!(all.iter().filter(|e| e.kind == EventType::ConnectionClosed).all(|e| e.code == Some(1000) || e.code == Some(1005)));
+    assert!(all
+        .iter()
+        .filter(|e| e.kind == EventType::ConnectionClosed)
+        .all(|e| e.code == Some(1000) || e.code == Some(1005)));
     assert_eq!(s.get("/api/clients/alice").await.0, 404);
     s.assert_clean().await;
     s.stop().await;
@@ -57,13 +64,17 @@ async fn reject_policy_refuses_over_the_limit_in_both_forms() {
     match s.ws_with("?client=bob", &[]).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             assert_eq!(resp.status().as_u16(), 409);
-            let body: serde_json::Value = serde_json::from_slice(resp.body().as_deref().unwrap()).unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(resp.body().as_deref().unwrap()).unwrap();
             assert_eq!(body["error"], "client_limit");
             assert!(body["message"].as_str().unwrap().len() > 5);
         }
         other => panic!("expected 409, got {:?}", other.map(|_| ())),
     }
-    let mut refused = s.ws_with("?client=bob&refusal=close", &[]).await.expect("upgraded");
+    let mut refused = s
+        .ws_with("?client=bob&refusal=close", &[])
+        .await
+        .expect("upgraded");
     let (closing, code) = expect_close(&mut refused).await;
     assert_eq!(code, 4409);
     let closing = closing.expect("closing frame");
@@ -73,8 +84,19 @@ async fn reject_policy_refuses_over_the_limit_in_both_forms() {
     client_close(a).await;
     client_close(b).await;
     s.assert_clean().await;
-    let metrics = s.http.get(s.api_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("tether_admission_refused_total{reason=\"client_limit\"} 2"), "{metrics}");
+    let metrics = s
+        .http
+        .get(s.api_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tether_admission_refused_total{reason=\"client_limit\"} 2"),
+        "{metrics}"
+    );
     s.stop().await;
 }
 
@@ -95,11 +117,28 @@ async fn replace_oldest_closes_the_old_one_with_4001_after_commit() {
     assert_eq!(closing["reconnect"], false);
     assert_alive(&mut new).await;
     let ev = collect_events(&mut rx, Duration::from_millis(300)).await;
-    let opened_new = ev.iter().position(|e| e.kind == EventType::ConnectionOpened && e.conn_id.as_deref() == w_new["conn_id"].as_str());
-    let closed_old = ev.iter().position(|e| e.kind == EventType::ConnectionClosed && e.conn_id.as_deref() == w_old["conn_id"].as_str());
-    assert!(opened_new.unwrap() < closed_old.unwrap(), "the new one is committed before the old one closes");
-    assert_eq!(ev.iter().filter(|e| e.kind == EventType::ClientOnline).count(), 1);
-    assert_eq!(ev.iter().filter(|e| e.kind == EventType::ClientOffline).count(), 0);
+    let opened_new = ev.iter().position(|e| {
+        e.kind == EventType::ConnectionOpened && e.conn_id.as_deref() == w_new["conn_id"].as_str()
+    });
+    let closed_old = ev.iter().position(|e| {
+        e.kind == EventType::ConnectionClosed && e.conn_id.as_deref() == w_old["conn_id"].as_str()
+    });
+    assert!(
+        opened_new.unwrap() < closed_old.unwrap(),
+        "the new one is committed before the old one closes"
+    );
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == EventType::ClientOnline)
+            .count(),
+        1
+    );
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == EventType::ClientOffline)
+            .count(),
+        0
+    );
     client_close(new).await;
     s.assert_clean().await;
     s.stop().await;
@@ -111,14 +150,20 @@ async fn fifty_concurrent_handshakes_never_over_admit() {
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let url = s.ws_url("?client=dave");
-        tasks.push(tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.map(|(ws, _)| ws) }));
+        tasks.push(tokio::spawn(async move {
+            tokio_tungstenite::connect_async(url)
+                .await
+                .map(|(ws, _)| ws)
+        }));
     }
     let mut ok = Vec::new();
     let mut refused = 0;
     for t in tasks {
         match t.await.unwrap() {
             Ok(ws) => ok.push(ws),
-            Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status().as_u16() == 409 => refused += 1,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status().as_u16() == 409 => {
+                refused += 1
+            }
             Err(e) => panic!("unexpected: {e}"),
         }
     }
@@ -186,15 +231,29 @@ async fn raw_peer_that_never_answers_pings_is_closed_with_4000() {
     let got = raw_read_until(&mut raw, b"\"code\":4000", Duration::from_secs(5)).await;
     let waited = started.elapsed();
     let text = String::from_utf8_lossy(&got);
-    assert!(text.contains("\"type\":\"closing\",\"code\":4000"), "{text}");
+    assert!(
+        text.contains("\"type\":\"closing\",\"code\":4000"),
+        "{text}"
+    );
     // interval + timeout = 500 ms; allow scheduling slack, far below a second interval.
-    assert!(waited >= Duration::from_millis(450) && waited < Duration::from_millis(1500), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_millis(1500),
+        "{waited:?}"
+    );
     // Then the close frame with 4000 (0x0fa0) follows.
     let rest = raw_read_until(&mut raw, &[0x0f, 0xa0], Duration::from_secs(5)).await;
-    assert!(got.windows(2).chain(rest.windows(2)).any(|w| w == [0x0f, 0xa0]), "close frame with 4000");
+    assert!(
+        got.windows(2)
+            .chain(rest.windows(2))
+            .any(|w| w == [0x0f, 0xa0]),
+        "close frame with 4000"
+    );
     drop(raw);
     let ev = collect_events(&mut rx, Duration::from_millis(500)).await;
-    let closed = ev.iter().find(|e| e.kind == EventType::ConnectionClosed).expect("closed");
+    let closed = ev
+        .iter()
+        .find(|e| e.kind == EventType::ConnectionClosed)
+        .expect("closed");
     assert_eq!(closed.code, Some(4000));
     s.assert_clean().await;
     s.stop().await;
@@ -234,7 +293,14 @@ async fn offline_grace_hides_a_quick_reconnect() {
     let ev = collect_events(&mut rx, Duration::from_millis(100)).await;
     assert_eq!(
         kinds(&ev),
-        ["client.online", "connection.opened", "connection.closed", "connection.opened", "connection.closed", "client.offline"]
+        [
+            "client.online",
+            "connection.opened",
+            "connection.closed",
+            "connection.opened",
+            "connection.closed",
+            "client.offline"
+        ]
     );
     s.assert_clean().await;
     s.stop().await;
@@ -246,27 +312,54 @@ async fn kick_by_client_conn_and_where() {
     let (mut a, _) = s.ws("?client=ivy").await;
     let (mut b, wb) = s.ws("?client=jon").await;
     let (mut c, _) = s.ws("?client=kim").await;
-    let (st, body) = s.post("/api/disconnect", json!({"client_id": "ivy", "reconnect": true, "reason": "bye"})).await;
+    let (st, body) = s
+        .post(
+            "/api/disconnect",
+            json!({"client_id": "ivy", "reconnect": true, "reason": "bye"}),
+        )
+        .await;
     assert_eq!((st, body), (200, json!({"closed": 1})));
     let (closing, code) = expect_close(&mut a).await;
     assert_eq!(code, 4002);
     let closing = closing.unwrap();
     assert_eq!(closing["reconnect"], true);
     assert_eq!(closing["reason"], "bye");
-    let (st, body) = s.post("/api/disconnect", json!({"conn_id": wb["conn_id"]})).await;
+    let (st, body) = s
+        .post("/api/disconnect", json!({"conn_id": wb["conn_id"]}))
+        .await;
     assert_eq!((st, body), (200, json!({"closed": 1})));
     let (closing, code) = expect_close(&mut b).await;
-    assert_eq!((code, closing.unwrap()["reconnect"].clone()), (4002, json!(false)));
-    let (st, body) = s.post("/api/disconnect", json!({"where": {"transport": "ws"}, "code": 4005})).await;
+    assert_eq!(
+        (code, closing.unwrap()["reconnect"].clone()),
+        (4002, json!(false))
+    );
+    let (st, body) = s
+        .post(
+            "/api/disconnect",
+            json!({"where": {"transport": "ws"}, "code": 4005}),
+        )
+        .await;
     assert_eq!((st, body), (200, json!({"closed": 1})));
     assert_eq!(expect_close(&mut c).await.1, 4005);
     // No selector, an empty where, a bad field, bad JSON: 400 naming the problem.
-    for bad in [json!({}), json!({"where": {}}), json!({"client": "x"}), json!({"all": true, "code": 99})] {
+    for bad in [
+        json!({}),
+        json!({"where": {}}),
+        json!({"client": "x"}),
+        json!({"all": true, "code": 99}),
+    ] {
         let (st, body) = s.post("/api/disconnect", bad.clone()).await;
         assert_eq!(st, 400, "{bad}");
         assert_eq!(body["error"], "bad_request");
     }
-    let r = s.http.post(s.api_url("/api/disconnect")).header("content-type", "application/json").body("{nope").send().await.unwrap();
+    let r = s
+        .http
+        .post(s.api_url("/api/disconnect"))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     s.assert_clean().await;
     s.stop().await;
@@ -277,7 +370,11 @@ async fn sweeps_close_matching_connections_only() {
     let s = start(|c| {
         c.sweeps = vec![tether_server::config::Sweep {
             every_ms: 100.try_into().unwrap(),
-            filter: tether_core::Filter { idle_ms_gt: Some(300), transport: Some(tether_core::Transport::Ws), ..Default::default() },
+            filter: tether_core::Filter {
+                idle_ms_gt: Some(300),
+                transport: Some(tether_core::Transport::Ws),
+                ..Default::default()
+            },
             code: 4002,
             reason: "idle".into(),
             reconnect: true,
@@ -285,14 +382,26 @@ async fn sweeps_close_matching_connections_only() {
     })
     .await;
     let (mut idle, _) = s.ws("?client=lee").await;
-    let sse = s.http.get(format!("http://{}/sse?client=mia", s.client)).send().await.unwrap();
+    let sse = s
+        .http
+        .get(format!("http://{}/sse?client=mia", s.client))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(sse.status().as_u16(), 200);
     let (closing, code) = expect_close(&mut idle).await;
     assert_eq!(code, 4002);
     let closing = closing.unwrap();
-    assert_eq!((closing["reason"].as_str(), closing["reconnect"].as_bool()), (Some("idle"), Some(true)));
+    assert_eq!(
+        (closing["reason"].as_str(), closing["reconnect"].as_bool()),
+        (Some("idle"), Some(true))
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.stats().await["connections"]["sse"], 1, "the SSE stream is not swept");
+    assert_eq!(
+        s.stats().await["connections"]["sse"],
+        1,
+        "the SSE stream is not swept"
+    );
     drop(sse);
     s.assert_clean().await;
     s.stop().await;
@@ -303,7 +412,9 @@ async fn active_connection_is_not_idle() {
     let s = start(|_| {}).await;
     let (mut ws, _) = s.ws("?client=ned").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    ws.send(Message::text(r#"{"type":"subscribe","channel":"x"}"#)).await.unwrap();
+    ws.send(Message::text(r#"{"type":"subscribe","channel":"x"}"#))
+        .await
+        .unwrap();
     let _ = next_json(&mut ws).await;
     let (_, page) = s.get("/api/connections?idle_ms_gt=250").await;
     assert_eq!(page["connections"].as_array().unwrap().len(), 0, "{page}");

@@ -33,10 +33,18 @@ async fn welcome_ping_and_errors_keep_the_connection_open() {
     assert!(welcome["conn_id"].as_str().unwrap().starts_with("n1-"));
     ws.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
     assert_eq!(next_json(&mut ws).await, json!({"type":"pong","ref":null}));
-    for (frame, code) in [("{oops", "bad_frame"), (r#"{"type":"dance","ref":5}"#, "unknown_type"), ("[]", "bad_frame")] {
+    for (frame, code) in [
+        ("{oops", "bad_frame"),
+        (r#"{"type":"dance","ref":5}"#, "unknown_type"),
+        ("[]", "bad_frame"),
+    ] {
         ws.send(Message::text(frame)).await.unwrap();
         let e = next_json(&mut ws).await;
-        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some(code)), "{frame}");
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{frame}"
+        );
     }
     ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
     assert_eq!(next_json(&mut ws).await["code"], "binary_not_supported");
@@ -64,7 +72,11 @@ async fn huge_declared_length_closes_with_1009_without_allocating() {
     f.extend_from_slice(&[1, 2, 3, 4]);
     raw.write_all(&f).await.unwrap();
     let got = raw_read_until(&mut raw, &[0x03, 0xf1], Duration::from_secs(5)).await;
-    assert!(got.windows(2).any(|w| w == [0x03, 0xf1]), "close 1009: {:?}", String::from_utf8_lossy(&got));
+    assert!(
+        got.windows(2).any(|w| w == [0x03, 0xf1]),
+        "close 1009: {:?}",
+        String::from_utf8_lossy(&got)
+    );
     drop(raw);
     s.assert_clean().await;
 }
@@ -88,9 +100,15 @@ async fn inbound_flood_closes_with_4029() {
 async fn invalid_utf8_closes_with_1007() {
     let s = start(|_| {}).await;
     let mut raw = raw_ws(s.client, "/ws?client=utf").await;
-    raw.write_all(&masked_frame(0x1, &[0xff, 0xfe, 0x41])).await.unwrap();
+    raw.write_all(&masked_frame(0x1, &[0xff, 0xfe, 0x41]))
+        .await
+        .unwrap();
     let got = raw_read_until(&mut raw, &[0x03, 0xef], Duration::from_secs(5)).await;
-    assert!(got.windows(2).any(|w| w == [0x03, 0xef]), "close 1007: {:?}", String::from_utf8_lossy(&got));
+    assert!(
+        got.windows(2).any(|w| w == [0x03, 0xef]),
+        "close 1007: {:?}",
+        String::from_utf8_lossy(&got)
+    );
     drop(raw);
     s.assert_clean().await;
 }
@@ -107,7 +125,11 @@ async fn protocol_violations_close_with_1002() {
         let mut raw = raw_ws(s.client, "/ws?client=proto").await;
         raw.write_all(&bad).await.unwrap();
         let got = raw_read_until(&mut raw, &[0x03, 0xea], Duration::from_secs(5)).await;
-        assert!(got.windows(2).any(|w| w == [0x03, 0xea]), "close 1002 for {bad:?}: {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            got.windows(2).any(|w| w == [0x03, 0xea]),
+            "close 1002 for {bad:?}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
     }
     s.assert_clean().await;
 }
@@ -115,7 +137,11 @@ async fn protocol_violations_close_with_1002() {
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_and_truncated_input_leave_the_server_healthy() {
     let s = start(|c| c.limits.handshake_timeout_ms = 500.try_into().unwrap()).await;
-    for junk in [&b"\x00\x01\x02garbage\r\n\r\n"[..], b"GET /ws HTTP/1.1\r\nHost", b"\x16\x03\x01\x00\xa5\x01"] {
+    for junk in [
+        &b"\x00\x01\x02garbage\r\n\r\n"[..],
+        b"GET /ws HTTP/1.1\r\nHost",
+        b"\x16\x03\x01\x00\xa5\x01",
+    ] {
         let mut t = tokio::net::TcpStream::connect(s.client).await.unwrap();
         let _ = t.write_all(junk).await;
         drop(t);
@@ -125,7 +151,9 @@ async fn garbage_and_truncated_input_leave_the_server_healthy() {
     drop(raw);
     for i in 0..200u32 {
         let mut t = tokio::net::TcpStream::connect(s.client).await.unwrap();
-        let blob: Vec<u8> = (0..(i % 97 + 1)).map(|j| (i.wrapping_mul(31).wrapping_add(j * 7)) as u8).collect();
+        let blob: Vec<u8> = (0..(i % 97 + 1))
+            .map(|j| (i.wrapping_mul(31).wrapping_add(j * 7)) as u8)
+            .collect();
         let _ = t.write_all(&blob).await;
     }
     let (mut ws, _) = s.ws("?client=after").await;
@@ -143,7 +171,10 @@ async fn max_lifetime_closes_with_4005_jittered() {
     assert_eq!(code, 4005);
     assert_eq!(closing.unwrap()["reconnect"], true);
     let ev = collect_events(&mut rx, Duration::from_millis(300)).await;
-    let closed = ev.iter().find(|e| e.kind == EventType::ConnectionClosed).unwrap();
+    let closed = ev
+        .iter()
+        .find(|e| e.kind == EventType::ConnectionClosed)
+        .unwrap();
     let d = closed.duration_ms.unwrap();
     assert!((355..1000).contains(&d), "lived {d} ms, lifetime 400 ± 10%");
     s.assert_clean().await;
@@ -154,9 +185,13 @@ async fn subprotocol_is_echoed_when_offered() {
     let s = start(|_| {}).await;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = s.ws_url("?client=sp").into_client_request().unwrap();
-    req.headers_mut().insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
     let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "tether.v1");
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "tether.v1"
+    );
     client_close(ws).await;
     s.assert_clean().await;
 }
@@ -164,7 +199,12 @@ async fn subprotocol_is_echoed_when_offered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_stream_welcome_heartbeat_and_kick() {
     let s = start(|c| c.heartbeat.interval_ms = 100.try_into().unwrap()).await;
-    let mut resp = s.http.get(format!("http://{}/sse?client=ess", s.client)).send().await.unwrap();
+    let mut resp = s
+        .http
+        .get(format!("http://{}/sse?client=ess", s.client))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let h = resp.headers();
     assert_eq!(h["content-type"], "text/event-stream");
@@ -172,18 +212,35 @@ async fn sse_stream_welcome_heartbeat_and_kick() {
     assert_eq!(h["x-accel-buffering"], "no");
     assert_eq!(h["access-control-allow-origin"], "*");
     let text = read_sse_until(&mut resp, |t| t.contains(": hb")).await;
-    assert!(text.starts_with("retry: 2000\n\nevent: welcome\ndata: "), "{text}");
-    let welcome: Value = serde_json::from_str(text.split("data: ").nth(1).unwrap().lines().next().unwrap()).unwrap();
+    assert!(
+        text.starts_with("retry: 2000\n\nevent: welcome\ndata: "),
+        "{text}"
+    );
+    let welcome: Value =
+        serde_json::from_str(text.split("data: ").nth(1).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(welcome["client_id"], "ess");
     assert_eq!(welcome["recovered"], json!({}));
     assert!(text.contains(": hb\n\n"));
     let (_, body) = s.post("/api/disconnect", json!({"client_id": "ess"})).await;
     assert_eq!(body["closed"], 1);
     let text = read_sse_until(&mut resp, |t| t.contains("event: closing")).await;
-    let data: Value = serde_json::from_str(text.split("event: closing\ndata: ").nth(1).unwrap().lines().next().unwrap()).unwrap();
-    assert_eq!((data["code"].as_u64(), data["reconnect"].as_bool()), (Some(4002), Some(false)));
+    let data: Value = serde_json::from_str(
+        text.split("event: closing\ndata: ")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (data["code"].as_u64(), data["reconnect"].as_bool()),
+        (Some(4002), Some(false))
+    );
     // The stream ends.
-    let end = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
+        .await
+        .unwrap();
     assert!(matches!(end, Ok(None)), "{end:?}");
     s.assert_clean().await;
 }
@@ -192,20 +249,45 @@ async fn sse_stream_welcome_heartbeat_and_kick() {
 async fn sse_peer_that_goes_away_is_released() {
     let s = start(|_| {}).await;
     let mut rx = s.app.registry.events().subscribe();
-    let resp = s.http.get(format!("http://{}/sse?client=gone", s.client)).send().await.unwrap();
+    let resp = s
+        .http
+        .get(format!("http://{}/sse?client=gone", s.client))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(s.stats().await["connections"]["sse"], 1);
     drop(resp);
     s.assert_clean().await;
     let ev = collect_events(&mut rx, Duration::from_millis(100)).await;
-    assert_eq!(kinds(&ev), ["client.online", "connection.opened", "connection.closed", "client.offline"]);
+    assert_eq!(
+        kinds(&ev),
+        [
+            "client.online",
+            "connection.opened",
+            "connection.closed",
+            "client.offline"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_doors_without_a_key() {
     let s = start(|_| {}).await;
-    let r = s.http.get(s.api_url("/api/stats")).header("host", "evil.example").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.api_url("/api/stats"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
-    let r = s.http.get(s.api_url("/api/stats")).header("host", "localhost:1234").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.api_url("/api/stats"))
+        .header("host", "localhost:1234")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let r = s
         .http
@@ -224,9 +306,22 @@ async fn api_key_is_required_when_set() {
     let s = start(|c| c.api.key = "s3cret".into()).await;
     let r = s.http.get(s.api_url("/api/stats")).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let r = s.http.get(s.api_url("/api/stats")).bearer_auth("s3cre").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.api_url("/api/stats"))
+        .bearer_auth("s3cre")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = s.http.get(s.api_url("/api/stats")).bearer_auth("s3cret").header("host", "gw.example").send().await.unwrap();
+    let r = s
+        .http
+        .get(s.api_url("/api/stats"))
+        .bearer_auth("s3cret")
+        .header("host", "gw.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["tasks"], 0);
@@ -239,24 +334,57 @@ async fn connections_listing_filters_and_pages() {
     for i in 0..5 {
         all.push(s.ws(&format!("?client=c{}", i % 2)).await.0);
     }
-    let sse = s.http.get(format!("http://{}/sse?client=c0", s.client)).send().await.unwrap();
+    let sse = s
+        .http
+        .get(format!("http://{}/sse?client=c0", s.client))
+        .send()
+        .await
+        .unwrap();
     let (_, p1) = s.get("/api/connections?limit=2&transport=ws").await;
     assert_eq!(p1["connections"].as_array().unwrap().len(), 2);
     let next = p1["next_page"].as_str().unwrap().to_owned();
-    let (_, p2) = s.get(&format!("/api/connections?limit=2&transport=ws&page={next}")).await;
+    let (_, p2) = s
+        .get(&format!(
+            "/api/connections?limit=2&transport=ws&page={next}"
+        ))
+        .await;
     let next = p2["next_page"].as_str().unwrap().to_owned();
-    let (_, p3) = s.get(&format!("/api/connections?limit=2&transport=ws&page={next}")).await;
+    let (_, p3) = s
+        .get(&format!(
+            "/api/connections?limit=2&transport=ws&page={next}"
+        ))
+        .await;
     assert_eq!(p3["connections"].as_array().unwrap().len(), 1);
     assert!(p3["next_page"].is_null());
     let ids: std::collections::HashSet<_> = [&p1, &p2, &p3]
         .iter()
-        .flat_map(|p| p["connections"].as_array().unwrap().iter().map(|c| c["conn_id"].as_str().unwrap().to_owned()))
+        .flat_map(|p| {
+            p["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["conn_id"].as_str().unwrap().to_owned())
+        })
         .collect();
     assert_eq!(ids.len(), 5);
     let conn = &p1["connections"][0];
     for f in [
-        "conn_id", "client_id", "node_id", "transport", "state", "remote_addr", "user_agent", "opened_at", "last_seen_at",
-        "idle_ms", "channels", "bytes_in", "bytes_out", "queued_bytes", "meta", "upstream",
+        "conn_id",
+        "client_id",
+        "node_id",
+        "transport",
+        "state",
+        "remote_addr",
+        "user_agent",
+        "opened_at",
+        "last_seen_at",
+        "idle_ms",
+        "channels",
+        "bytes_in",
+        "bytes_out",
+        "queued_bytes",
+        "meta",
+        "upstream",
     ] {
         assert!(conn.as_object().unwrap().contains_key(f), "{f}");
     }
@@ -264,7 +392,12 @@ async fn connections_listing_filters_and_pages() {
     assert_eq!(c0["connections"].as_array().unwrap().len(), 4);
     let (_, sse_only) = s.get("/api/connections?transport=sse").await;
     assert_eq!(sse_only["connections"].as_array().unwrap().len(), 1);
-    for bad in ["/api/connections?limit=0", "/api/connections?page=zz", "/api/connections?transport=tcp", "/api/connections?colour=red"] {
+    for bad in [
+        "/api/connections?limit=0",
+        "/api/connections?page=zz",
+        "/api/connections?transport=tcp",
+        "/api/connections?colour=red",
+    ] {
         assert_eq!(s.get(bad).await.0, 400, "{bad}");
     }
     assert_eq!(s.get("/api/clients/nobody").await.0, 404);
@@ -284,10 +417,33 @@ async fn api_events_stream_lifecycle_events() {
     let (ws, _) = s.ws("?client=watched").await;
     client_close(ws).await;
     let text = read_sse_until(&mut events, |t| t.contains("event: client.offline")).await;
-    let types: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
-    assert_eq!(types, ["client.online", "connection.opened", "connection.closed", "client.offline"]);
-    let first: Value = serde_json::from_str(text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
-    for f in ["id", "type", "at", "node_id", "client_id", "conn_id", "channel", "code", "reason", "duration_ms"] {
+    let types: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "client.online",
+            "connection.opened",
+            "connection.closed",
+            "client.offline"
+        ]
+    );
+    let first: Value =
+        serde_json::from_str(text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+    for f in [
+        "id",
+        "type",
+        "at",
+        "node_id",
+        "client_id",
+        "conn_id",
+        "channel",
+        "code",
+        "reason",
+        "duration_ms",
+    ] {
         assert!(first.as_object().unwrap().contains_key(f), "{f}");
     }
     assert!(first["at"].as_str().unwrap().ends_with('Z'));
@@ -299,17 +455,50 @@ async fn api_events_stream_lifecycle_events() {
 async fn metrics_count_opens_closes_and_clients() {
     let s = start(|_| {}).await;
     let (ws, _) = s.ws("?client=m").await;
-    let text = s.http.get(s.api_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("tether_connections{transport=\"ws\"} 1"), "{text}");
+    let text = s
+        .http
+        .get(s.api_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("tether_connections{transport=\"ws\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("tether_clients_online 1"), "{text}");
     let mut ws = ws;
     use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
-    ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "done".into() })).await.unwrap();
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
     client_close(ws).await;
     s.assert_clean().await;
-    let text = s.http.get(s.api_url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("tether_connections{transport=\"ws\"} 0"), "{text}");
-    assert!(text.contains("tether_connections_opened_total{transport=\"ws\"} 1"), "{text}");
-    assert!(text.contains("tether_connections_closed_total{code=\"1000\"} 1"), "{text}");
+    let text = s
+        .http
+        .get(s.api_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("tether_connections{transport=\"ws\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tether_connections_opened_total{transport=\"ws\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tether_connections_closed_total{code=\"1000\"} 1"),
+        "{text}"
+    );
     assert!(!text.contains("client=\"m\""));
 }

@@ -26,8 +26,10 @@ pub struct TestServer {
 
 /// A config on ephemeral loopback ports with short shutdown phases.
 pub fn base_config() -> Config {
-    let mut cfg = Config::default();
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let mut cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
     cfg.api.listen = "127.0.0.1:0".parse().unwrap();
     cfg.shutdown.pre_drain_ms = 0;
     cfg.shutdown.drain_window_ms = 0;
@@ -42,7 +44,9 @@ pub async fn start(f: impl FnOnce(&mut Config)) -> TestServer {
         .try_init();
     let mut cfg = base_config();
     f(&mut cfg);
-    let running = tether_server::Server::start(cfg, 20_000).await.expect("server starts");
+    let running = tether_server::Server::start(cfg, 20_000)
+        .await
+        .expect("server starts");
     TestServer {
         client: running.client_addr(),
         api: running.api_addr(),
@@ -59,7 +63,9 @@ impl TestServer {
 
     /// Opens a WebSocket and reads its welcome.
     pub async fn ws(&self, query: &str) -> (Ws, Value) {
-        let (mut ws, _) = tokio_tungstenite::connect_async(self.ws_url(query)).await.expect("ws connects");
+        let (mut ws, _) = tokio_tungstenite::connect_async(self.ws_url(query))
+            .await
+            .expect("ws connects");
         let welcome = next_json(&mut ws).await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
         (ws, welcome)
@@ -75,7 +81,9 @@ impl TestServer {
         for (k, v) in headers {
             req.headers_mut().insert(*k, v.parse().unwrap());
         }
-        tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
+        tokio_tungstenite::connect_async(req)
+            .await
+            .map(|(ws, _)| ws)
     }
 
     pub fn api_url(&self, path: &str) -> String {
@@ -89,7 +97,13 @@ impl TestServer {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.http.post(self.api_url(path)).json(&body).send().await.unwrap();
+        let r = self
+            .http
+            .post(self.api_url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -130,7 +144,9 @@ impl TestServer {
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.begin_drain();
-            tokio::time::timeout(Duration::from_secs(10), r.wait()).await.expect("server stops");
+            tokio::time::timeout(Duration::from_secs(10), r.wait())
+                .await
+                .expect("server stops");
         }
     }
 }
@@ -156,7 +172,9 @@ pub async fn next_json(ws: &mut Ws) -> Value {
 pub async fn expect_close(ws: &mut Ws) -> (Option<Value>, u16) {
     let mut closing = None;
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("closed within 10 s");
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("closed within 10 s");
         match msg {
             Some(Ok(Message::Text(t))) => {
                 let v: Value = serde_json::from_str(t.as_str()).unwrap();
@@ -179,7 +197,9 @@ pub async fn expect_close(ws: &mut Ws) -> (Option<Value>, u16) {
 
 /// Sends a ping frame and expects its pong: the connection is alive.
 pub async fn assert_alive(ws: &mut Ws) {
-    ws.send(Message::text(r#"{"type":"ping","ref":99}"#)).await.unwrap();
+    ws.send(Message::text(r#"{"type":"ping","ref":99}"#))
+        .await
+        .unwrap();
     let v = next_json(ws).await;
     assert_eq!(v, serde_json::json!({"type":"pong","ref":99}));
 }
@@ -187,7 +207,10 @@ pub async fn assert_alive(ws: &mut Ws) {
 /// Closes from the client side and waits for the server's reply.
 pub async fn client_close(mut ws: Ws) {
     let _ = ws.close(None).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
 }
 
 /// Events collected from the bus until `quiet` passes with none.
@@ -235,10 +258,19 @@ pub async fn raw_ws(addr: SocketAddr, path_and_query: &str) -> TcpStream {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "headers: {}", String::from_utf8_lossy(&head));
+        assert_eq!(
+            s.read(&mut byte).await.unwrap(),
+            1,
+            "headers: {}",
+            String::from_utf8_lossy(&head)
+        );
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
