@@ -10,14 +10,18 @@
 
 pub mod drain;
 pub mod events;
+pub mod hub;
 pub mod ids;
 pub mod ip_limits;
 pub mod metrics;
+pub mod outbox;
 pub mod registry;
 pub mod select;
 
 pub use drain::{Drain, Phase};
 pub use events::EventBus;
+pub use hub::{CatchUp, Hub, HubError, HubSettings, PublishResult, Published, Subscribed};
+pub use outbox::{Outbox, Outgoing};
 pub use ids::ConnIdGen;
 pub use ip_limits::{IpLimits, IpSlot};
 pub use metrics::Metrics;

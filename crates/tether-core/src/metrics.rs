@@ -47,6 +47,9 @@ struct Inner {
     closed: Family<CodeLabel, Counter>,
     refused: Family<ReasonLabel, Counter>,
     pending_handshakes: Gauge,
+    published: Counter,
+    delivered: Counter,
+    queue_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -65,6 +68,12 @@ impl Metrics {
         let closed = Family::<CodeLabel, Counter>::default();
         let refused = Family::<ReasonLabel, Counter>::default();
         let pending_handshakes = Gauge::default();
+        let published = Counter::default();
+        let delivered = Counter::default();
+        let queue_bytes = Gauge::default();
+        registry.register("messages_published", "Messages published on this node", published.clone());
+        registry.register("messages_delivered", "Messages queued to connections", delivered.clone());
+        registry.register("queue_bytes", "Bytes waiting in outbound queues", queue_bytes.clone());
         registry.register("connections", "Open connections", connections.clone());
         registry.register(
             "clients_online",
@@ -104,6 +113,9 @@ impl Metrics {
                 closed,
                 refused,
                 pending_handshakes,
+                published,
+                delivered,
+                queue_bytes,
             }),
         }
     }
@@ -148,6 +160,21 @@ impl Metrics {
             .refused
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// A message was published.
+    pub fn published(&self) {
+        self.inner.published.inc();
+    }
+
+    /// `n` messages were queued to connections.
+    pub fn delivered(&self, n: u64) {
+        self.inner.delivered.inc_by(n);
+    }
+
+    /// Sets the bytes waiting in every outbound queue (computed at scrape time).
+    pub fn set_queue_bytes(&self, n: u64) {
+        self.inner.queue_bytes.set(n as i64);
     }
 
     /// The number of pending handshakes changed by `delta`.

@@ -37,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{EventBus, EventFields};
+use crate::hub::Hub;
+use crate::outbox::Outbox;
 use crate::ids::ConnIdGen;
 use crate::ip_limits::IpSlot;
 use crate::metrics::Metrics;
@@ -104,6 +106,10 @@ pub struct RegistrySettings {
     pub on_client_limit: ClientLimitPolicy,
     /// `clients.offline_grace_ms`.
     pub offline_grace: Duration,
+    /// `delivery.max_queue_messages`.
+    pub max_queue_messages: usize,
+    /// `delivery.max_queue_bytes`.
+    pub max_queue_bytes: usize,
 }
 
 /// What the transport knows about a connection at commit time.
@@ -142,16 +148,18 @@ pub struct Connection {
     bytes_in: AtomicU64,
     /// Bytes sent to the peer.
     bytes_out: AtomicU64,
-    /// Bytes waiting in the outbound queue.
-    queued_bytes: AtomicU64,
     /// Set once a close was asked for (replace, kick, drain, ...).
     closing: AtomicBool,
     /// The first close asked for; the connection task announces it.
     close: Mutex<Option<Closing>>,
     /// Wakes the connection task when `close` is set.
     notify: Notify,
-    /// Channels the connection is subscribed to.
-    channels: Mutex<Vec<Arc<str>>>,
+    /// Channels the connection is subscribed to (kept by the hub).
+    pub(crate) channels: Mutex<Vec<Arc<str>>>,
+    /// Channels whose subscription is still replaying history (kept by the hub).
+    pub(crate) catching: Mutex<Vec<Arc<str>>>,
+    /// The outbound queue.
+    outbox: Outbox,
 }
 
 impl Connection {
@@ -162,6 +170,27 @@ impl Connection {
     /// The client id.
     pub fn client_id(&self) -> &str {
         &self.client_id
+    }
+    pub(crate) fn client_id_arc(&self) -> &Arc<str> {
+        &self.client_id
+    }
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+    /// The outbound queue.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+    pub(crate) fn outbox_capacity(&self) -> usize {
+        self.outbox.capacity()
+    }
+    /// Whether some subscription is still replaying history.
+    pub fn is_catching_up(&self) -> bool {
+        !self.catching.lock().is_empty()
+    }
+    /// Subscribed channels.
+    pub fn channels(&self) -> Vec<Arc<str>> {
+        self.channels.lock().clone()
     }
     /// The transport.
     pub fn transport(&self) -> Transport {
@@ -249,7 +278,7 @@ impl Connection {
             channels: self.channels.lock().iter().map(|c| c.to_string()).collect(),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
-            queued_bytes: self.queued_bytes.load(Ordering::Relaxed),
+            queued_bytes: self.outbox.queued_bytes() as u64,
             meta: self.spec.meta.clone(),
             upstream: self.spec.upstream.clone(),
         }
@@ -335,6 +364,8 @@ pub struct Registry {
 #[derive(Debug)]
 struct Inner {
     settings: RegistrySettings,
+    /// Channels; a released connection's subscriptions end there.
+    hub: Hub,
     ids: ConnIdGen,
     events: EventBus,
     metrics: Metrics,
@@ -407,11 +438,13 @@ impl Registry {
         ids: ConnIdGen,
         events: EventBus,
         metrics: Metrics,
+        hub: Hub,
     ) -> Self {
         let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
         Self {
             inner: Arc::new(Inner {
                 settings,
+                hub,
                 ids,
                 events,
                 metrics,
@@ -437,6 +470,10 @@ impl Registry {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+    /// The hub.
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
     }
     /// The settings.
     pub fn settings(&self) -> &RegistrySettings {
@@ -562,6 +599,7 @@ impl Registry {
 
     fn release(&self, conn: &Arc<Connection>, code: u16, reason: &str) {
         let transport = conn.spec.transport;
+        self.inner.hub.remove_connection(conn);
         {
             let mut map = self.shard(&conn.client_id).lock();
             if let Some(entry) = map.get_mut(&*conn.client_id) {
@@ -759,11 +797,12 @@ impl Reservation {
             last_seen_ms: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            queued_bytes: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             close: Mutex::new(None),
             notify: Notify::new(),
             channels: Mutex::new(Vec::new()),
+            catching: Mutex::new(Vec::new()),
+            outbox: Outbox::new(inner.settings.max_queue_messages, inner.settings.max_queue_bytes),
         });
         let victim = {
             let mut map = reg.shard(&self.client_id).lock();
@@ -877,10 +916,22 @@ mod tests {
                 max_connections_per_client: per_client,
                 on_client_limit: policy,
                 offline_grace: Duration::from_millis(grace_ms),
+                max_queue_messages: 10,
+                max_queue_bytes: 1 << 20,
             },
             ids.clone(),
             EventBus::new(ids.node_id().clone()),
             Metrics::new(),
+            Hub::new(
+                crate::hub::HubSettings {
+                    history_size: 100,
+                    history_ttl: Duration::from_secs(60),
+                    max_channels: 100,
+                    max_channels_per_connection: 10,
+                },
+                EventBus::new(ids.node_id().clone()),
+                Metrics::new(),
+            ),
         )
     }
 

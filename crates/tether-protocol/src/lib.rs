@@ -9,9 +9,11 @@
 pub mod close;
 pub mod event;
 pub mod frame;
+pub mod position;
 pub mod refusal;
 
 pub use close::{CloseCode, Closing};
 pub use event::{EventType, LifecycleEvent};
 pub use frame::{ClientFrame, FrameError, ServerFrame};
+pub use position::{valid_channel, Cursor, Position};
 pub use refusal::Refusal;

@@ -30,6 +30,7 @@ pub fn admit(
     client: Option<&str>,
     ip: IpAddr,
     transport: Transport,
+    origin_ok: bool,
 ) -> Result<(Reservation, String), AdmitError> {
     let client_id = match client {
         Some(c) => {
@@ -44,6 +45,9 @@ pub fn admit(
         }
         app.ip_limits.check_rate(ip)?;
         let slot = app.ip_limits.acquire(ip)?;
+        if !origin_ok {
+            return Err(Refusal::OriginNotAllowed);
+        }
         app.registry.reserve(&client_id, transport, Some(slot))
     })();
     match checked {

@@ -18,10 +18,11 @@ use axum::Router;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
-use tether_core::{Filter, Phase, Selector, Transport};
-use tether_protocol::{CloseCode, Closing};
+use tether_core::{Filter, Outgoing, Phase, Selector, Transport};
+use tether_protocol::{valid_channel, CloseCode, Closing, Position};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,11 @@ pub(crate) fn router(app: Arc<App>, stop: CancellationToken) -> Router {
         .route("/api/clients/{id}", get(client))
         .route("/api/connections", get(connections))
         .route("/api/disconnect", post(disconnect))
+        .route("/api/publish", post(publish))
+        .route("/api/send", post(send))
+        .route("/api/channels", get(channels))
+        .route("/api/channels/{name}/presence", get(presence))
+        .route("/api/channels/{name}/history", get(history))
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -128,7 +134,7 @@ async fn stats(State(s): State<ApiState>) -> Response {
             "node_id": app.registry.node_id(),
             "connections": {"ws": ws, "sse": sse, "proxy": proxy},
             "clients": app.registry.clients(),
-            "channels": 0,
+            "channels": app.registry.hub().channel_count(),
             "draining": app.drain.phase() != Phase::Running,
             "max_connections": app.max_connections,
             "pending_handshakes": app.pending.get(),
@@ -260,6 +266,8 @@ async fn disconnect(State(s): State<ApiState>, body: Bytes) -> Response {
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
+    let queued: usize = s.app.registry.connections().iter().map(|c| c.outbox().queued_bytes()).sum();
+    s.app.metrics.set_queue_bytes(queued as u64);
     Response::builder()
         .header(
             header::CONTENT_TYPE,
@@ -267,6 +275,144 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         )
         .body(Body::from(s.app.metrics.render()))
         .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+fn bad(message: impl AsRef<str>) -> Response {
+    error_response(StatusCode::BAD_REQUEST, "bad_request", message.as_ref())
+}
+
+fn check_channel(name: &str) -> Result<(), Response> {
+    if valid_channel(name) {
+        Ok(())
+    } else {
+        Err(bad("channel: names are 1-200 of A-Z a-z 0-9 _ . : / -"))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+    idempotency_key: Option<String>,
+}
+
+async fn publish(State(s): State<ApiState>, body: Bytes) -> Response {
+    let b: PublishBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad(format!("bad body: {e}")),
+    };
+    if let Err(r) = check_channel(&b.channel) {
+        return r;
+    }
+    if b.data.get().len() as u64 > s.app.cfg.limits.max_publish_bytes.get() {
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("data is over limits.max_publish_bytes ({})", s.app.cfg.limits.max_publish_bytes),
+        );
+    }
+    if b.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
+        return bad("idempotency_key must be 1 to 200 bytes");
+    }
+    match s.app.registry.hub().publish(&b.channel, b.data.get(), b.idempotency_key.as_deref()) {
+        Ok(r) => json_response(StatusCode::OK, json!(r)),
+        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.message()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    client_id: String,
+    data: Box<RawValue>,
+}
+
+async fn send(State(s): State<ApiState>, body: Bytes) -> Response {
+    let b: SendBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad(format!("bad body: {e}")),
+    };
+    if b.data.get().len() as u64 > s.app.cfg.limits.max_publish_bytes.get() {
+        return error_response(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "data is over limits.max_publish_bytes");
+    }
+    let selector = Selector { client_id: Some(b.client_id), ..Default::default() };
+    let direct = Arc::new(tether_core::hub::encode_direct(b.data.get()));
+    let n = s
+        .app
+        .registry
+        .select(&selector)
+        .iter()
+        .filter(|c| c.outbox().push(Outgoing::Direct(direct.clone())))
+        .count();
+    json_response(StatusCode::OK, json!({"connections": n}))
+}
+
+async fn channels(State(s): State<ApiState>) -> Response {
+    let list: Vec<_> = s
+        .app
+        .registry
+        .hub()
+        .channels()
+        .into_iter()
+        .map(|(name, subscribers, clients)| json!({"name": name, "subscribers": subscribers, "clients": clients}))
+        .collect();
+    json_response(StatusCode::OK, json!({"channels": list}))
+}
+
+async fn presence(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
+    if let Err(r) = check_channel(&name) {
+        return r;
+    }
+    let clients: Vec<_> = s
+        .app
+        .registry
+        .hub()
+        .presence(&name)
+        .into_iter()
+        .map(|(client_id, connections)| json!({"client_id": client_id, "connections": connections}))
+        .collect();
+    json_response(StatusCode::OK, json!({"clients": clients}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn history(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = check_channel(&name) {
+        return r;
+    }
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return bad(e.body_text()),
+    };
+    let limit = q.limit.unwrap_or(PAGE_DEFAULT);
+    if limit == 0 || limit > PAGE_MAX {
+        return bad(format!("limit must be 1 to {PAGE_MAX}"));
+    }
+    let since = match q.since.as_deref().map(Position::parse) {
+        None => None,
+        Some(Some(p)) => Some(p),
+        Some(None) => return bad("since must be a position \"<epoch>:<offset>\""),
+    };
+    let (epoch, messages) = s.app.registry.hub().history(&name, since.as_ref(), limit).unwrap_or_default();
+    let messages: Vec<Value> = messages
+        .iter()
+        .map(|p| {
+            let data: Value = serde_json::from_str(&p.data).unwrap_or(Value::Null);
+            json!({"channel": &*p.channel, "id": p.id, "position": p.position, "data": data})
+        })
+        .collect();
+    let epoch = if epoch.is_empty() { Value::Null } else { Value::String(epoch) };
+    json_response(StatusCode::OK, json!({"epoch": epoch, "messages": messages}))
 }
 
 /// `GET /api/events`: lifecycle events as SSE, `event: <type>`, `id: <event id>`.

@@ -36,6 +36,10 @@ pub struct Config {
     pub limits: LimitsSection,
     /// `[heartbeat]`.
     pub heartbeat: HeartbeatSection,
+    /// `[history]`.
+    pub history: HistorySection,
+    /// `[delivery]`.
+    pub delivery: DeliverySection,
     /// `[sse]`.
     pub sse: SseSection,
     /// `[shutdown]`.
@@ -93,6 +97,8 @@ pub struct ClientsSection {
     pub on_client_limit: ClientLimitPolicy,
     /// Offline grace.
     pub offline_grace_ms: u64,
+    /// SSE tombstone lifetime.
+    pub tombstone_ms: u64,
 }
 
 /// `[limits]`.
@@ -115,6 +121,46 @@ pub struct LimitsSection {
     pub max_message_bytes: NonZeroU64,
     /// Inbound frame rate bound.
     pub max_inbound_per_sec: NonZeroU64,
+    /// Subscriptions per connection.
+    pub max_channels_per_connection: NonZeroU64,
+    /// Channels per node.
+    pub max_channels: NonZeroU64,
+    /// Publish `data` bound.
+    pub max_publish_bytes: NonZeroU64,
+    /// Allowed `Origin`s; empty = any.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[history]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistorySection {
+    /// Messages per channel.
+    pub size: NonZeroU64,
+    /// Message lifetime in history.
+    pub ttl_ms: NonZeroU64,
+}
+
+impl Default for HistorySection {
+    fn default() -> Self {
+        Self { size: nz(1000), ttl_ms: nz(300_000) }
+    }
+}
+
+/// `[delivery]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySection {
+    /// Outbound bytes per connection.
+    pub max_queue_bytes: NonZeroU64,
+    /// Outbound messages per connection.
+    pub max_queue_messages: NonZeroU64,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        Self { max_queue_bytes: nz(1 << 20), max_queue_messages: nz(500) }
+    }
 }
 
 /// `[heartbeat]`.
@@ -197,6 +243,8 @@ impl Default for Config {
             clients: ClientsSection::default(),
             limits: LimitsSection::default(),
             heartbeat: HeartbeatSection::default(),
+            history: HistorySection::default(),
+            delivery: DeliverySection::default(),
             sse: SseSection::default(),
             shutdown: ShutdownSection::default(),
             log: LogSection::default(),
@@ -218,6 +266,7 @@ impl Default for ClientsSection {
             max_connections_per_client: nz(16),
             on_client_limit: ClientLimitPolicy::Reject,
             offline_grace_ms: 0,
+            tombstone_ms: 60_000,
         }
     }
 }
@@ -232,6 +281,10 @@ impl Default for LimitsSection {
             max_connection_lifetime_ms: 0,
             max_message_bytes: nz(65_536),
             max_inbound_per_sec: nz(50),
+            max_channels_per_connection: nz(128),
+            max_channels: nz(100_000),
+            max_publish_bytes: nz(65_536),
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -411,6 +464,13 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "node_id {:?} must be non-empty and made of letters, digits, '_' and '.'",
                 self.node_id
+            )));
+        }
+        if self.delivery.max_queue_messages >= self.history.size {
+            return Err(ConfigError::Invalid(format!(
+                "delivery.max_queue_messages ({}) must be below history.size ({}) so a client closed \
+                 for being slow can always resume",
+                self.delivery.max_queue_messages, self.history.size
             )));
         }
         for (i, s) in self.sweeps.iter().enumerate() {

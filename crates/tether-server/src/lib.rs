@@ -14,7 +14,7 @@ mod api;
 pub mod config;
 mod drain;
 mod net;
-mod sse;
+pub mod sse;
 mod sweeps;
 mod ws;
 
@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_core::{ConnIdGen, Drain, EventBus, IpLimits, Metrics, Registry, RegistrySettings};
+use tether_core::{ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, Metrics, Registry, RegistrySettings};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,6 +48,8 @@ pub struct App {
     pub pending: net::PendingCounter,
     /// The effective connection ceiling.
     pub max_connections: usize,
+    /// SSE connections closed for good, by conn id.
+    pub tombstones: sse::Tombstones,
 }
 
 impl App {
@@ -56,16 +58,29 @@ impl App {
         let ids = ConnIdGen::new(&cfg.node_id);
         let metrics = Metrics::new();
         let events = EventBus::new(ids.node_id().clone());
+        let hub = Hub::new(
+            HubSettings {
+                history_size: cfg.history.size.get() as usize,
+                history_ttl: Duration::from_millis(cfg.history.ttl_ms.get()),
+                max_channels: cfg.limits.max_channels.get() as usize,
+                max_channels_per_connection: cfg.limits.max_channels_per_connection.get() as usize,
+            },
+            events.clone(),
+            metrics.clone(),
+        );
         let registry = Registry::new(
             RegistrySettings {
                 max_connections,
                 max_connections_per_client: cfg.clients.max_connections_per_client.get() as usize,
                 on_client_limit: cfg.clients.on_client_limit,
                 offline_grace: Duration::from_millis(cfg.clients.offline_grace_ms),
+                max_queue_messages: cfg.delivery.max_queue_messages.get() as usize,
+                max_queue_bytes: cfg.delivery.max_queue_bytes.get() as usize,
             },
             ids,
             events,
             metrics.clone(),
+            hub,
         );
         Arc::new(App {
             ip_limits: IpLimits::new(
@@ -78,6 +93,7 @@ impl App {
             metrics,
             tasks: TaskTracker::new(),
             max_connections,
+            tombstones: sse::Tombstones::new(Duration::from_millis(cfg.clients.tombstone_ms)),
             cfg,
         })
     }
@@ -203,6 +219,7 @@ async fn run(
         });
     }
     let sweeps_stop = CancellationToken::new();
+    background.spawn(hub_cleanup(app.clone(), sweeps_stop.clone()));
     for rule in app.cfg.sweeps.clone() {
         background.spawn(sweeps::run(app.clone(), rule, sweeps_stop.clone()));
     }
@@ -212,6 +229,20 @@ async fn run(
     stop_accepting.cancel();
     api_stop.cancel();
     while background.join_next().await.is_some() {}
+}
+
+/// Removes channels with neither subscribers nor history, once a second.
+async fn hub_cleanup(app: Arc<App>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                app.registry.hub().sweep();
+                app.tombstones.prune();
+            }
+        }
+    }
 }
 
 impl Running {

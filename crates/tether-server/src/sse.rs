@@ -1,26 +1,30 @@
-//! The SSE transport (`GET /sse`).
+//! The SSE transport (`GET /sse?channel=a&channel=b[&since=<cursor>]`).
 //!
-//! The handler runs admission and commits at once (there is no upgrade), then
-//! answers `200 text/event-stream` with a body fed by a small bounded channel. One
-//! tracked task owns the [`ConnectionGuard`] and the channel's sender and runs the
-//! connection's `select!`: close requests, heartbeat comments, lifetime, the
-//! receiver going away (hyper drops the body when the peer disconnects) and the
-//! hard stop. A full channel means the peer stopped reading: 4008.
+//! The handler runs admission and commits at once (there is no upgrade), subscribes
+//! the stream's channels (resuming from `Last-Event-ID`, else `since`), then answers
+//! `200 text/event-stream` with a body fed by a small bounded channel. One tracked
+//! task owns the [`ConnectionGuard`] and the channel's sender and runs the
+//! connection's `select!`: the outbox, close requests, heartbeat comments, lifetime,
+//! the receiver going away (hyper drops the body when the peer disconnects) and the
+//! hard stop. Every event carries the stream's cursor as its `id`; a stream closed
+//! with `reconnect: false` leaves a tombstone so its `EventSource` stops for good.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::Response;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use serde::Deserialize;
-use tether_core::{ConnSpec, ConnectionGuard, Transport};
-use tether_protocol::{CloseCode, Closing, Refusal, ServerFrame};
+use parking_lot::Mutex;
+use tether_core::{CatchUp, ConnSpec, Connection, ConnectionGuard, Outgoing, Transport};
+use tether_protocol::position::MAX_STREAM_CHANNELS;
+use tether_protocol::{valid_channel, CloseCode, Closing, Cursor, Position, Refusal, ServerFrame};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
@@ -28,40 +32,163 @@ use crate::admission::{self, AdmitError};
 use crate::net::SocketInfo;
 use crate::App;
 
-/// Events waiting between the connection task and hyper's writer.
+/// Body chunks waiting between the connection task and hyper's writer.
 const BODY_QUEUE: usize = 16;
 
-#[derive(Debug, Default, Deserialize)]
+/// Most tombstones kept; the oldest go first beyond it.
+const MAX_TOMBSTONES: usize = 100_000;
+
+/// Conn ids of SSE streams closed with `reconnect: false`, each until its expiry.
+#[derive(Debug)]
+pub struct Tombstones {
+    ttl: Duration,
+    map: Mutex<HashMap<String, Instant>>,
+}
+
+impl Tombstones {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Self { ttl, map: Mutex::new(HashMap::new()) }
+    }
+    fn add(&self, conn_id: &str) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut map = self.map.lock();
+        if map.len() >= MAX_TOMBSTONES {
+            let now = Instant::now();
+            map.retain(|_, exp| *exp > now);
+            if map.len() >= MAX_TOMBSTONES {
+                if let Some(k) = map.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone()) {
+                    map.remove(&k);
+                }
+            }
+        }
+        map.insert(conn_id.to_owned(), Instant::now() + self.ttl);
+    }
+    fn contains(&self, conn_id: &str) -> bool {
+        self.map.lock().get(conn_id).is_some_and(|exp| *exp > Instant::now())
+    }
+    /// Drops expired tombstones.
+    pub(crate) fn prune(&self) {
+        let now = Instant::now();
+        self.map.lock().retain(|_, exp| *exp > now);
+    }
+    /// Tombstones held.
+    pub fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 struct SseQuery {
     client: Option<String>,
+    channels: Vec<String>,
+    since: Option<String>,
+}
+
+fn parse_query(q: Option<&str>) -> Result<SseQuery, String> {
+    let mut out = SseQuery { client: None, channels: Vec::new(), since: None };
+    for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
+        match &*k {
+            "client" => out.client = Some(v.into_owned()),
+            "since" => out.since = Some(v.into_owned()),
+            "channel" => {
+                if !valid_channel(&v) {
+                    return Err(format!("bad channel {v:?}: names are 1-200 of A-Z a-z 0-9 _ . : / -"));
+                }
+                out.channels.push(v.into_owned());
+            }
+            _ => {}
+        }
+    }
+    out.channels.sort();
+    out.channels.dedup();
+    if out.channels.len() > MAX_STREAM_CHANNELS {
+        return Err(format!("at most {MAX_STREAM_CHANNELS} channels per stream"));
+    }
+    Ok(out)
+}
+
+/// `OPTIONS /sse`: the CORS preflight of fetch-based clients.
+pub(crate) async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if origin_refused(&app, &headers) {
+        return admission::http_refusal(Refusal::OriginNotAllowed);
+    }
+    let mut r = Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .header(header::ACCESS_CONTROL_ALLOW_METHODS, "GET, OPTIONS")
+        .header(header::ACCESS_CONTROL_ALLOW_HEADERS, "Authorization, Last-Event-ID, Cache-Control")
+        .header(header::ACCESS_CONTROL_MAX_AGE, "600")
+        .body(Body::empty())
+        .unwrap_or_else(|_| Response::new(Body::empty()));
+    cors(&app, &headers, &mut r);
+    r
+}
+
+/// Whether an `Origin` is present and not in `limits.allowed_origins` (when set).
+pub(crate) fn origin_refused(app: &App, headers: &HeaderMap) -> bool {
+    let allowed = &app.cfg.limits.allowed_origins;
+    match headers.get(header::ORIGIN) {
+        None => false,
+        Some(_) if allowed.is_empty() => false,
+        Some(o) => !o.to_str().is_ok_and(|o| allowed.iter().any(|a| a == o)),
+    }
+}
+
+/// CORS for `/sse`: with `limits.allowed_origins` set, an allowed `Origin` is echoed
+/// with credentials; with none set, `*` and no credentials.
+fn cors(app: &App, req: &HeaderMap, resp: &mut Response) {
+    let h = resp.headers_mut();
+    if app.cfg.limits.allowed_origins.is_empty() {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+        return;
+    }
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    if let Some(o) = req.get(header::ORIGIN) {
+        if !origin_refused(app, req) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
+            h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+        }
+    }
 }
 
 /// `GET /sse`.
 pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
+    let headers = req.headers().clone();
+    let mut resp = answer(&app, req).await;
+    cors(&app, &headers, &mut resp);
+    resp
+}
+
+async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
     let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
         return admission::bad_request("SSE is served on the client listener");
     };
     let headers = req.headers();
-    let query = match Query::<SseQuery>::try_from_uri(req.uri()) {
-        Ok(Query(q)) => q,
-        Err(e) => return with_cors(admission::bad_request(&e.body_text()), headers),
+    let query = match parse_query(req.uri().query()) {
+        Ok(q) => q,
+        Err(m) => return admission::bad_request(&m),
     };
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let cursor = last_event_id.or(query.since.clone()).as_deref().and_then(Cursor::parse);
+    if cursor.as_ref().is_some_and(|c| app.tombstones.contains(&c.conn_id)) {
+        return Response::builder()
+            .status(StatusCode::NO_CONTENT)
+            .body(Body::empty())
+            .unwrap_or_else(|_| Response::new(Body::empty()));
+    }
     let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let (reservation, _client_id) =
-        match admission::admit(&app, query.client.as_deref(), ip, Transport::Sse) {
-            Ok(r) => r,
-            Err(AdmitError::BadRequest(m)) => {
-                return with_cors(admission::bad_request(&m), headers)
-            }
-            Err(AdmitError::Refused(r)) if r.is_transient() => {
-                return with_cors(transient_refusal(r), headers)
-            }
-            Err(AdmitError::Refused(r)) => return with_cors(admission::http_refusal(r), headers),
-        };
+    let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let origin_ok = !origin_refused(app, headers);
+    let (reservation, _client_id) = match admission::admit(app, query.client.as_deref(), ip, Transport::Sse, origin_ok) {
+        Ok(r) => r,
+        Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
+        Err(AdmitError::Refused(r)) if r.is_transient() => return transient_refusal(r),
+        Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
+    };
     let guard = reservation.commit(ConnSpec {
         transport: Transport::Sse,
         remote_addr: ip,
@@ -70,30 +197,87 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
         upstream: None,
     });
     drop(info.take_pending());
-    let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
-    let conn = guard.conn();
+    let conn = guard.conn().clone();
+    // A cursor resumes only the stream it was made for: one position per channel.
+    let since: Vec<Option<Position>> = match cursor {
+        Some(c) if c.positions.len() == query.channels.len() => c.positions.into_iter().map(Some).collect(),
+        _ => vec![None; query.channels.len()],
+    };
+    let mut positions = Vec::with_capacity(query.channels.len());
+    let mut recovered = serde_json::Map::new();
+    let mut errors = String::new();
+    for (ch, since) in query.channels.iter().zip(since) {
+        match app.registry.hub().subscribe(&conn, ch, since.as_ref(), None) {
+            Ok(s) => {
+                recovered.insert(ch.clone(), s.recovered.into());
+                let start = if s.recovered { since } else { Position::parse(&s.position) };
+                positions.push(start.unwrap_or(Position { epoch: "0".into(), offset: 0 }));
+            }
+            Err(e) => {
+                recovered.insert(ch.clone(), false.into());
+                positions.push(Position { epoch: "0".into(), offset: 0 });
+                let data = serde_json::json!({"code": e.code(), "message": e.message(), "channel": ch});
+                errors.push_str(&format!("event: error\ndata: {data}\n\n"));
+            }
+        }
+    }
+    let stream = Stream { channels: query.channels, positions, conn_id: conn.id().to_owned() };
     let welcome = serde_json::json!({
         "conn_id": conn.id(),
         "client_id": conn.client_id(),
         "node_id": app.registry.node_id(),
-        "recovered": {},
+        "recovered": recovered,
     });
     let first = format!(
-        "retry: {}\n\nevent: welcome\ndata: {welcome}\n\n",
-        app.cfg.sse.retry_ms
+        "retry: {}\n\nid: {}\nevent: welcome\ndata: {welcome}\n\n{errors}",
+        app.cfg.sse.retry_ms,
+        stream.cursor()
     );
     conn.add_bytes_out(first.len());
+    let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
     // The channel is new and empty: this cannot be full.
     let _ = tx.try_send(Bytes::from(first));
-    app.tasks.spawn(run(app.clone(), guard, tx));
-    with_cors(stream_response(rx), headers)
+    app.tasks.spawn(run(app.clone(), guard, tx, stream));
+    stream_response(rx)
+}
+
+/// The stream's channels and the position it delivered last on each: its cursor.
+struct Stream {
+    channels: Vec<String>,
+    positions: Vec<Position>,
+    conn_id: String,
+}
+
+impl Stream {
+    fn cursor(&self) -> String {
+        Cursor::encode(&self.conn_id, &self.positions)
+    }
+    /// Appends one event for `item` to `buf`, with the cursor as its `id`.
+    fn render(&mut self, item: &Outgoing, buf: &mut BytesMut) {
+        let body = match item {
+            Outgoing::Message(p) => {
+                if let Ok(i) = self.channels.binary_search_by(|c| (**c).cmp(&*p.channel)) {
+                    self.positions[i].offset = p.offset;
+                    if let Some(pos) = Position::parse(&p.position) {
+                        self.positions[i].epoch = pos.epoch;
+                    }
+                }
+                &p.sse
+            }
+            Outgoing::Direct(d) => &d.1,
+            // WebSocket-only replies.
+            Outgoing::Text(_) => return,
+        };
+        buf.extend_from_slice(b"id: ");
+        buf.extend_from_slice(self.cursor().as_bytes());
+        buf.extend_from_slice(b"\n");
+        buf.extend_from_slice(body);
+    }
 }
 
 fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -117,15 +301,6 @@ fn transient_refusal(refusal: Refusal) -> Response {
     stream_response(rx)
 }
 
-/// CORS for `/sse`: with no `limits.allowed_origins`, `*` and no credentials.
-pub(crate) fn with_cors(mut resp: Response, _req_headers: &HeaderMap) -> Response {
-    resp.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        http::HeaderValue::from_static("*"),
-    );
-    resp
-}
-
 enum End {
     Announce(Closing),
     Lost,
@@ -133,9 +308,45 @@ enum End {
     Hard,
 }
 
-async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>) {
+/// Moves what the outbox holds into the body, topping up catching-up subscriptions.
+async fn flush(
+    app: &App,
+    conn: &Arc<Connection>,
+    tx: &mpsc::Sender<Bytes>,
+    stream: &mut Stream,
+    batch: &mut Vec<Outgoing>,
+    wait: Duration,
+) -> Option<End> {
+    loop {
+        batch.clear();
+        if conn.outbox().take(batch) {
+            return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "outbound queue full")));
+        }
+        if batch.is_empty() {
+            return None;
+        }
+        let mut buf = BytesMut::new();
+        for item in batch.drain(..) {
+            stream.render(&item, &mut buf);
+        }
+        if !buf.is_empty() {
+            conn.add_bytes_out(buf.len());
+            match timeout(wait, tx.send(buf.freeze())).await {
+                Err(_) => return Some(End::Stalled),
+                Ok(Err(_)) => return Some(End::Lost),
+                Ok(Ok(())) => {}
+            }
+        }
+        if conn.is_catching_up() && app.registry.hub().catch_up(conn) == CatchUp::Lost {
+            return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "fell behind the channel history")));
+        }
+    }
+}
+
+async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>, mut stream: Stream) {
     let conn = guard.conn().clone();
     let interval = Duration::from_millis(app.cfg.heartbeat.interval_ms.get());
+    let wait = Duration::from_millis(app.cfg.heartbeat.timeout_ms.get());
     let start = Instant::now();
     let lifetime_at = match app.cfg.limits.max_connection_lifetime_ms {
         0 => None,
@@ -144,15 +355,24 @@ async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>)
     let mut next_beat = start + interval;
     let timer = tokio::time::sleep_until(next_beat);
     tokio::pin!(timer);
+    let mut batch = Vec::new();
+    // Replay what a resumed subscription missed.
+    let mut end = if conn.is_catching_up() && app.registry.hub().catch_up(&conn) == CatchUp::Lost {
+        Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "fell behind the channel history")))
+    } else {
+        None
+    };
     let end = loop {
-        timer
-            .as_mut()
-            .reset(lifetime_at.map_or(next_beat, |l| l.min(next_beat)));
+        if let Some(e) = end.take() {
+            break e;
+        }
+        timer.as_mut().reset(lifetime_at.map_or(next_beat, |l| l.min(next_beat)));
         tokio::select! {
             biased;
             _ = app.drain.hard_stop().cancelled() => break End::Hard,
             closing = conn.close_requested() => break End::Announce(closing),
             _ = tx.closed() => break End::Lost,
+            _ = conn.outbox().ready() => end = flush(&app, &conn, &tx, &mut stream, &mut batch, wait).await,
             _ = &mut timer => {
                 let now = Instant::now();
                 if lifetime_at.is_some_and(|l| now >= l) {
@@ -171,17 +391,24 @@ async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>)
     match end {
         End::Announce(closing) => {
             guard.set_close(closing.code.0, closing.reason.clone());
-            let retry = closing
-                .retry_ms
-                .map(|r| format!("retry: {r}\n"))
-                .unwrap_or_default();
-            let text = format!(
-                "{retry}event: closing\ndata: {}\n\n",
-                ServerFrame::Closing(&closing).encode()
-            );
-            conn.add_bytes_out(text.len());
+            if !closing.reconnect {
+                app.tombstones.add(conn.id());
+            }
+            let announce = async {
+                if !closing.code.drops_queue() {
+                    let _ = flush(&app, &conn, &tx, &mut stream, &mut batch, wait).await;
+                }
+                let retry = closing.retry_ms.map(|r| format!("retry: {r}\n")).unwrap_or_default();
+                let text = format!(
+                    "{retry}id: {}\nevent: closing\ndata: {}\n\n",
+                    stream.cursor(),
+                    ServerFrame::Closing(&closing).encode()
+                );
+                conn.add_bytes_out(text.len());
+                let _ = timeout(Duration::from_secs(2), tx.send(Bytes::from(text))).await;
+            };
             tokio::select! {
-                _ = timeout(Duration::from_secs(2), tx.send(Bytes::from(text))) => {}
+                _ = announce => {}
                 _ = app.drain.hard_stop().cancelled() => {}
             }
         }
@@ -191,4 +418,19 @@ async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>)
     }
     drop(tx);
     drop(guard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_sorts_dedups_and_bounds_channels() {
+        let q = parse_query(Some("channel=b&channel=a&channel=b&client=x&since=v1.c")).unwrap();
+        assert_eq!(q.channels, ["a", "b"]);
+        assert_eq!(q.client.as_deref(), Some("x"));
+        assert!(parse_query(Some("channel=a%20b")).is_err());
+        let many: Vec<String> = (0..17).map(|i| format!("channel=c{i}")).collect();
+        assert!(parse_query(Some(&many.join("&"))).is_err());
+    }
 }

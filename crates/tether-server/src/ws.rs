@@ -19,14 +19,15 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tether_core::{ConnSpec, ConnectionGuard, Transport};
-use tether_protocol::{ClientFrame, CloseCode, Closing, Refusal, ServerFrame};
+use bytes::Bytes;
+use tether_core::{CatchUp, ConnSpec, ConnectionGuard, Outgoing, Transport};
+use tether_protocol::{valid_channel, ClientFrame, CloseCode, Closing, Position, Refusal, ServerFrame};
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::admission::{self, AdmitError};
@@ -37,6 +38,13 @@ type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
 /// The subprotocol Tether speaks when asked.
 const SUBPROTOCOL: &str = "tether.v1";
+
+/// Bytes tungstenite reserves up front for reading. Client frames are small in this
+/// protocol (larger ones grow the buffer as needed), and idle memory matters.
+const READ_BUFFER: usize = 512;
+
+/// Bytes fed before tungstenite writes: queued frames are coalesced into few writes.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 /// How long a closing handshake may take once announced.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -77,9 +85,10 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let origin_ok = !crate::sse::origin_refused(&app, headers);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
-    match admission::admit(&app, query.client.as_deref(), ip, Transport::Ws) {
+    match admission::admit(&app, query.client.as_deref(), ip, Transport::Ws, origin_ok) {
         Err(AdmitError::BadRequest(m)) => admission::bad_request(&m),
         Err(AdmitError::Refused(refusal)) if !refusal_close => admission::http_refusal(refusal),
         Err(AdmitError::Refused(refusal)) => {
@@ -188,8 +197,8 @@ fn switching(accept: &str, protocol: bool) -> Response {
 fn ws_config(app: &App) -> WebSocketConfig {
     let max = app.cfg.limits.max_message_bytes.get() as usize;
     WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
 }
@@ -250,6 +259,7 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
         .err();
     let timer = tokio::time::sleep_until(next_ping);
     tokio::pin!(timer);
+    let mut batch = Vec::new();
 
     let end = loop {
         if let Some(e) = end.take() {
@@ -265,6 +275,11 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
             biased;
             _ = app.drain.hard_stop().cancelled() => break End::Hard,
             closing = conn.close_requested() => break End::Announce(closing),
+            _ = conn.outbox().ready() => {
+                if let Some(e) = flush_outbox(&app, &mut ws, &guard, hb_timeout, &mut batch).await {
+                    break e;
+                }
+            }
             _ = &mut timer => {
                 let now = Instant::now();
                 if pong_due.is_some_and(|d| now >= d) {
@@ -298,7 +313,7 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
                 if window.1 > max_rate {
                     break End::Announce(Closing::new(CloseCode::RATE_LIMITED, "too many frames per second"));
                 }
-                if let Some(e) = handle(&mut ws, msg, hb_timeout, &guard).await {
+                if let Some(e) = handle(&app, &mut ws, msg, hb_timeout, &guard).await {
                     break e;
                 }
             }
@@ -317,6 +332,13 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
                 CLOSE_WAIT
             };
             let announce = async {
+                // `closing` follows what is already queued, except for the codes
+                // that exist because the queue cannot be delivered.
+                if !closing.code.drops_queue() {
+                    batch.clear();
+                    conn.outbox().take(&mut batch);
+                    let _ = timeout(wait, write_batch(&mut ws, &guard, &mut batch)).await;
+                }
                 let _ = timeout(wait, ws.send(Message::text(text))).await;
                 close_handshake(&mut ws, &closing, wait).await;
             };
@@ -341,48 +363,53 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
 }
 
 /// Handles one inbound message; returns how the loop ends, if it does.
-async fn handle(
-    ws: &mut Ws,
-    msg: Message,
-    hb_timeout: Duration,
-    guard: &ConnectionGuard,
-) -> Option<End> {
+async fn handle(app: &App, ws: &mut Ws, msg: Message, hb_timeout: Duration, guard: &ConnectionGuard) -> Option<End> {
     let conn = guard.conn();
     match msg {
         Message::Text(text) => {
             conn.add_bytes_in(text.len());
-            let reply = match ClientFrame::decode(text.as_str()) {
-                Ok(ClientFrame::Ping { reference }) => ServerFrame::Pong { reference }.encode(),
-                Ok(frame) => {
-                    conn.touch();
-                    let (reference, what) = match &frame {
-                        ClientFrame::Subscribe { reference, .. } => (*reference, "subscribe"),
-                        ClientFrame::Unsubscribe { reference, .. } => (*reference, "unsubscribe"),
-                        ClientFrame::Refresh { reference, .. } => (*reference, "refresh"),
-                        ClientFrame::Connect { .. } => (None, "connect"),
-                        ClientFrame::Ping { reference } => (*reference, "ping"),
-                    };
-                    let message = format!("{what} is not available on this node");
-                    ServerFrame::Error {
-                        reference,
-                        code: "unsupported",
-                        message: &message,
-                    }
-                    .encode()
-                }
-                Err(e) => {
-                    conn.touch();
-                    ServerFrame::Error {
-                        reference: e.reference,
-                        code: e.code,
-                        message: &e.message,
-                    }
-                    .encode()
-                }
+            let frame = ClientFrame::decode(text.as_str());
+            if !matches!(frame, Ok(ClientFrame::Ping { .. })) {
+                conn.touch();
+            }
+            let error = |reference: Option<u64>, code: &str, message: &str| {
+                ServerFrame::Error { reference, code, message }.encode()
             };
-            send(ws, Message::text(reply), hb_timeout, guard)
-                .await
-                .err()
+            let reply = match frame {
+                Ok(ClientFrame::Ping { reference }) => Some(ServerFrame::Pong { reference }.encode()),
+                Ok(ClientFrame::Subscribe { reference, channel, since }) => {
+                    if !valid_channel(&channel) {
+                        Some(error(reference, "bad_channel", "channel names are 1-200 of A-Z a-z 0-9 _ . : / -"))
+                    } else {
+                        let since = since.as_deref().and_then(Position::parse);
+                        match app.registry.hub().subscribe(conn, &channel, since.as_ref(), Some(reference)) {
+                            // The `subscribed` frame went through the outbox, ahead of
+                            // the channel's messages.
+                            Ok(_) => None,
+                            Err(e) => Some(error(reference, e.code(), e.message())),
+                        }
+                    }
+                }
+                Ok(ClientFrame::Unsubscribe { reference, channel }) => match app.registry.hub().unsubscribe(conn, &channel) {
+                    Ok(()) => {
+                        let frame = serde_json::json!({"type": "unsubscribed", "ref": reference, "channel": channel});
+                        conn.outbox().push(Outgoing::Text(Bytes::from(frame.to_string())));
+                        None
+                    }
+                    Err(e) => Some(error(reference, e.code(), e.message())),
+                },
+                Ok(ClientFrame::Refresh { reference, .. }) => {
+                    Some(error(reference, "unsupported", "refresh needs [auth] mode = \"jwt\""))
+                }
+                Ok(ClientFrame::Connect { .. }) => {
+                    Some(error(None, "unsupported", "connect frames need [auth] mode = \"jwt\""))
+                }
+                Err(e) => Some(error(e.reference, e.code, &e.message)),
+            };
+            match reply {
+                Some(r) => send(ws, Message::text(r), hb_timeout, guard).await.err(),
+                None => None,
+            }
         }
         Message::Binary(b) => {
             conn.add_bytes_in(b.len());
@@ -413,6 +440,53 @@ async fn handle(
             }
         }
     }
+}
+
+/// Writes everything queued, then tops the queue up from history for any
+/// subscription still catching up.
+async fn flush_outbox(
+    app: &App,
+    ws: &mut Ws,
+    guard: &ConnectionGuard,
+    hb_timeout: Duration,
+    batch: &mut Vec<Outgoing>,
+) -> Option<End> {
+    let conn = guard.conn();
+    loop {
+        batch.clear();
+        if conn.outbox().take(batch) {
+            return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "outbound queue full")));
+        }
+        if batch.is_empty() {
+            return None;
+        }
+        match timeout(hb_timeout, write_batch(ws, guard, batch)).await {
+            Err(_) => return Some(End::Stalled),
+            Ok(Err(e)) => return Some(End::Lost(format!("write failed: {e}"))),
+            Ok(Ok(())) => {}
+        }
+        if conn.is_catching_up() && app.registry.hub().catch_up(conn) == CatchUp::Lost {
+            return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "fell behind the channel history")));
+        }
+    }
+}
+
+/// Feeds every item, then flushes once: queued frames go out together.
+async fn write_batch(ws: &mut Ws, guard: &ConnectionGuard, batch: &mut Vec<Outgoing>) -> Result<(), WsError> {
+    let mut n = 0;
+    for item in batch.drain(..) {
+        let bytes = match item {
+            Outgoing::Message(p) => p.json.clone(),
+            Outgoing::Direct(d) => d.0.clone(),
+            Outgoing::Text(b) => b,
+        };
+        n += bytes.len();
+        let text = Utf8Bytes::try_from(bytes).map_err(|_| WsError::Utf8("server frame".into()))?;
+        ws.feed(Message::Text(text)).await?;
+    }
+    ws.flush().await?;
+    guard.conn().add_bytes_out(n);
+    Ok(())
 }
 
 async fn send(

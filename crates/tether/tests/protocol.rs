@@ -212,10 +212,8 @@ async fn sse_stream_welcome_heartbeat_and_kick() {
     assert_eq!(h["x-accel-buffering"], "no");
     assert_eq!(h["access-control-allow-origin"], "*");
     let text = read_sse_until(&mut resp, |t| t.contains(": hb")).await;
-    assert!(
-        text.starts_with("retry: 2000\n\nevent: welcome\ndata: "),
-        "{text}"
-    );
+    assert!(text.starts_with("retry: 2000\n\nid: v1."), "{text}");
+    assert!(text.contains("\nevent: welcome\ndata: "), "{text}");
     let welcome: Value =
         serde_json::from_str(text.split("data: ").nth(1).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(welcome["client_id"], "ess");

@@ -1,0 +1,566 @@
+//! Channels on this node: subscriptions, history, encode-once fan-out, recovery.
+//!
+//! Ownership: the hub's table owns each [`Channel`]; a channel's state (history,
+//! positions, subscribers, idempotency keys) lives under that channel's own mutex,
+//! so one busy channel never stalls another. A channel lives while it has
+//! subscribers or unexpired history; the cleanup pass (see [`Hub::sweep`]) removes
+//! the rest, and a channel created again starts a new epoch (its history was lost).
+//!
+//! The recovery seam: publish appends to history, assigns the offset and pushes to
+//! every *live* subscriber in one critical section; subscribe takes the same section
+//! to read the position and register the subscriber. A subscriber that resumes
+//! behind the head is registered *catching up*: live publishes skip it, and its
+//! connection task pulls history pages ([`Hub::catch_up`]) as its outbox drains; the
+//! page that reaches the head flips it live inside the same critical section. So
+//! replay + live has no gap and no duplicate by construction, and a long replay
+//! never fills the outbox (no 4008 for resuming).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tether_protocol::{EventType, Position};
+use tokio::time::Instant;
+
+use crate::events::{EventBus, EventFields};
+use crate::metrics::Metrics;
+use crate::outbox::Outgoing;
+use crate::registry::Connection;
+
+/// The hub's settings.
+#[derive(Clone, Debug)]
+pub struct HubSettings {
+    /// `history.size`: messages kept per channel.
+    pub history_size: usize,
+    /// `history.ttl_ms`.
+    pub history_ttl: Duration,
+    /// `limits.max_channels`: channels per node.
+    pub max_channels: usize,
+    /// `limits.max_channels_per_connection`.
+    pub max_channels_per_connection: usize,
+}
+
+/// One published message, encoded once and shared by every recipient and history.
+#[derive(Debug)]
+pub struct Published {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// Message id.
+    pub id: String,
+    /// Offset in the channel's epoch.
+    pub offset: u64,
+    /// `"<epoch>:<offset>"`.
+    pub position: String,
+    /// The raw JSON `data`.
+    pub data: Box<str>,
+    /// The WebSocket `message` frame text.
+    pub json: Bytes,
+    /// The SSE event body after the per-connection `id:` line.
+    pub sse: Bytes,
+    /// When it was published (for `history.ttl_ms`).
+    pub at: Instant,
+}
+
+/// What `publish` answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PublishResult {
+    /// Message id.
+    pub id: String,
+    /// Its position.
+    pub position: String,
+    /// Subscribers on this node when it was published.
+    pub subscribers: usize,
+    /// Whether the idempotency key had been seen (nothing was delivered).
+    pub duplicate: bool,
+}
+
+/// What `subscribe` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscribed {
+    /// The channel's latest position when subscribing.
+    pub position: String,
+    /// Whether `since` was inside the history.
+    pub recovered: bool,
+    /// Messages that will be replayed.
+    pub missed: u64,
+}
+
+/// Why a subscribe or publish was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HubError {
+    /// `limits.max_channels` reached (`channel_limit`).
+    ChannelLimit,
+    /// `limits.max_channels_per_connection` reached (`too_many_channels`).
+    TooManyChannels,
+    /// The connection is already subscribed (`already_subscribed`).
+    AlreadySubscribed,
+    /// The connection is not subscribed (`not_subscribed`).
+    NotSubscribed,
+}
+
+impl HubError {
+    /// The `error` frame's code.
+    pub fn code(self) -> &'static str {
+        match self {
+            HubError::ChannelLimit => "channel_limit",
+            HubError::TooManyChannels => "too_many_channels",
+            HubError::AlreadySubscribed => "already_subscribed",
+            HubError::NotSubscribed => "not_subscribed",
+        }
+    }
+    /// A human sentence.
+    pub fn message(self) -> &'static str {
+        match self {
+            HubError::ChannelLimit => "this node holds its maximum number of channels",
+            HubError::TooManyChannels => "this connection holds its maximum number of subscriptions",
+            HubError::AlreadySubscribed => "already subscribed to this channel",
+            HubError::NotSubscribed => "not subscribed to this channel",
+        }
+    }
+}
+
+/// How a catch-up step went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Every catching-up subscription of the connection is live now.
+    Live,
+    /// More history remains; call again when the outbox has room.
+    More,
+    /// The history moved past what the connection still needed.
+    Lost,
+}
+
+struct Sub {
+    conn: Arc<Connection>,
+    /// The next offset this connection must receive on this channel.
+    next: u64,
+    /// Whether publishes push to it directly (false while catching up).
+    live: bool,
+}
+
+struct ChannelState {
+    epoch: String,
+    last: u64,
+    history: VecDeque<Arc<Published>>,
+    subs: HashMap<u64, Sub>,
+    /// Connections per client, for presence.
+    clients: HashMap<Arc<str>, u32>,
+    idem: HashMap<String, (PublishResult, Instant)>,
+    idem_order: VecDeque<String>,
+    /// Set when the cleanup removed the channel from the table.
+    removed: bool,
+}
+
+struct Channel {
+    name: Arc<str>,
+    state: Mutex<ChannelState>,
+}
+
+/// The hub: a cheap clone handle.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("channels", &self.channel_count()).finish()
+    }
+}
+
+struct Inner {
+    settings: HubSettings,
+    events: EventBus,
+    metrics: Metrics,
+    channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
+    published: AtomicU64,
+}
+
+enum Step {
+    Done,
+    More,
+    Lost,
+}
+
+/// Per-page size of a catch-up step.
+const PAGE: usize = 64;
+
+impl Hub {
+    /// An empty hub.
+    pub fn new(settings: HubSettings, events: EventBus, metrics: Metrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                events,
+                metrics,
+                channels: Mutex::new(HashMap::new()),
+                published: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Channels in the table (with subscribers or retained history).
+    pub fn channel_count(&self) -> usize {
+        self.inner.channels.lock().len()
+    }
+
+    fn channel(&self, name: &str, create: bool) -> Result<Option<Arc<Channel>>, HubError> {
+        let mut map = self.inner.channels.lock();
+        if let Some(c) = map.get(name) {
+            return Ok(Some(c.clone()));
+        }
+        if !create {
+            return Ok(None);
+        }
+        if map.len() >= self.inner.settings.max_channels {
+            return Err(HubError::ChannelLimit);
+        }
+        let name: Arc<str> = name.into();
+        let ch = Arc::new(Channel {
+            name: name.clone(),
+            state: Mutex::new(ChannelState {
+                epoch: new_epoch(),
+                last: 0,
+                history: VecDeque::new(),
+                subs: HashMap::new(),
+                clients: HashMap::new(),
+                idem: HashMap::new(),
+                idem_order: VecDeque::new(),
+                removed: false,
+            }),
+        });
+        map.insert(name, ch.clone());
+        Ok(Some(ch))
+    }
+
+    /// Runs `f` on the channel's locked state, retrying if the cleanup removed the
+    /// channel between the lookup and the lock.
+    fn with_channel<R>(
+        &self,
+        name: &str,
+        create: bool,
+        mut f: impl FnMut(&Channel, &mut ChannelState) -> R,
+    ) -> Result<Option<R>, HubError> {
+        loop {
+            let Some(ch) = self.channel(name, create)? else { return Ok(None) };
+            let mut st = ch.state.lock();
+            if st.removed {
+                continue;
+            }
+            return Ok(Some(f(&ch, &mut st)));
+        }
+    }
+
+    /// Publishes `data` (raw JSON text) to `channel`: appends it to history and
+    /// pushes it to every live subscriber, without awaiting.
+    pub fn publish(&self, channel: &str, data: &str, idempotency_key: Option<&str>) -> Result<PublishResult, HubError> {
+        let settings = &self.inner.settings;
+        let r = self.with_channel(channel, true, |ch, st| {
+            let now = Instant::now();
+            expire(st, settings, now);
+            if let Some(key) = idempotency_key {
+                if let Some((res, _)) = st.idem.get(key) {
+                    return PublishResult { duplicate: true, ..res.clone() };
+                }
+            }
+            st.last += 1;
+            let offset = st.last;
+            let position = format!("{}:{}", st.epoch, offset);
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let p = Arc::new(encode(ch.name.clone(), id, offset, position, data, now));
+            st.history.push_back(p.clone());
+            while st.history.len() > settings.history_size {
+                st.history.pop_front();
+            }
+            let mut delivered = 0u64;
+            for sub in st.subs.values_mut() {
+                if sub.live && sub.next == offset {
+                    sub.next += 1;
+                    if sub.conn.outbox().push(Outgoing::Message(p.clone())) {
+                        delivered += 1;
+                    } else {
+                        // Overflowed: its task closes it with 4008; stop feeding it.
+                        sub.live = false;
+                    }
+                }
+            }
+            self.inner.metrics.delivered(delivered);
+            let res = PublishResult {
+                id: p.id.clone(),
+                position: p.position.clone(),
+                subscribers: st.subs.len(),
+                duplicate: false,
+            };
+            if let Some(key) = idempotency_key {
+                st.idem.insert(key.to_owned(), (res.clone(), now));
+                st.idem_order.push_back(key.to_owned());
+                while st.idem_order.len() > settings.history_size {
+                    if let Some(old) = st.idem_order.pop_front() {
+                        st.idem.remove(&old);
+                    }
+                }
+            }
+            res
+        })?;
+        let res = r.ok_or(HubError::ChannelLimit)?;
+        if !res.duplicate {
+            self.inner.published.fetch_add(1, Ordering::Relaxed);
+            self.inner.metrics.published();
+        }
+        Ok(res)
+    }
+
+    /// Subscribes `conn` to `channel`, resuming after `since` when it is inside the
+    /// history. With `announce`, the `subscribed` frame (with `reference`) is queued
+    /// first, inside the critical section, so it precedes every message of the channel.
+    pub fn subscribe(
+        &self,
+        conn: &Arc<Connection>,
+        channel: &str,
+        since: Option<&Position>,
+        announce: Option<Option<u64>>,
+    ) -> Result<Subscribed, HubError> {
+        {
+            let chans = conn.channels.lock();
+            if chans.iter().any(|c| &**c == channel) {
+                return Err(HubError::AlreadySubscribed);
+            }
+            if chans.len() >= self.inner.settings.max_channels_per_connection {
+                return Err(HubError::TooManyChannels);
+            }
+        }
+        let settings = &self.inner.settings;
+        let events = &self.inner.events;
+        let r = self.with_channel(channel, true, |ch, st| {
+            expire(st, settings, Instant::now());
+            let latest = st.last;
+            let oldest = st.history.front().map_or(latest + 1, |p| p.offset);
+            let (recovered, next) = match since {
+                Some(p) if p.epoch == st.epoch && p.offset <= latest && p.offset + 1 >= oldest => (true, p.offset + 1),
+                _ => (false, latest + 1),
+            };
+            let out = Subscribed {
+                position: format!("{}:{}", st.epoch, latest),
+                recovered,
+                missed: latest + 1 - next,
+            };
+            if let Some(reference) = announce {
+                let frame = serde_json::json!({
+                    "type": "subscribed", "ref": reference, "channel": &*ch.name,
+                    "position": out.position, "recovered": out.recovered, "missed": out.missed,
+                });
+                conn.outbox().push(Outgoing::Text(Bytes::from(frame.to_string())));
+            }
+            let live = next > latest;
+            st.subs.insert(conn.seq(), Sub { conn: conn.clone(), next, live });
+            *st.clients.entry(conn.client_id_arc().clone()).or_insert(0) += 1;
+            conn.channels.lock().push(ch.name.clone());
+            if !live {
+                conn.catching.lock().push(ch.name.clone());
+            }
+            let f = EventFields { client_id: Some(conn.client_id()), conn_id: Some(conn.id()), channel: Some(&ch.name), ..Default::default() };
+            if st.subs.len() == 1 {
+                events.emit(EventType::ChannelOccupied, EventFields { client_id: None, conn_id: None, ..f.clone() });
+            }
+            events.emit(EventType::SubscriptionAdded, f);
+            out
+        })?;
+        r.ok_or(HubError::ChannelLimit)
+    }
+
+    /// Ends `conn`'s subscription to `channel`.
+    pub fn unsubscribe(&self, conn: &Arc<Connection>, channel: &str) -> Result<(), HubError> {
+        let removed = self.with_channel(channel, false, |ch, st| self.remove_sub(conn, ch, st)).ok().flatten();
+        if removed != Some(true) {
+            return Err(HubError::NotSubscribed);
+        }
+        conn.channels.lock().retain(|c| &**c != channel);
+        conn.catching.lock().retain(|c| &**c != channel);
+        Ok(())
+    }
+
+    fn remove_sub(&self, conn: &Connection, ch: &Channel, st: &mut ChannelState) -> bool {
+        if st.subs.remove(&conn.seq()).is_none() {
+            return false;
+        }
+        if let Some(n) = st.clients.get_mut(conn.client_id()) {
+            *n -= 1;
+            if *n == 0 {
+                st.clients.remove(conn.client_id());
+            }
+        }
+        let f = EventFields { client_id: Some(conn.client_id()), conn_id: Some(conn.id()), channel: Some(&ch.name), ..Default::default() };
+        self.inner.events.emit(EventType::SubscriptionRemoved, f.clone());
+        if st.subs.is_empty() {
+            self.inner.events.emit(EventType::ChannelVacated, EventFields { client_id: None, conn_id: None, ..f });
+        }
+        true
+    }
+
+    /// Ends every subscription of `conn` (it is being released).
+    pub fn remove_connection(&self, conn: &Connection) {
+        let chans: Vec<Arc<str>> = std::mem::take(&mut *conn.channels.lock());
+        conn.catching.lock().clear();
+        for c in chans {
+            let _ = self.with_channel(&c, false, |ch, st| self.remove_sub(conn, ch, st));
+        }
+    }
+
+    /// Pushes the next history pages of `conn`'s catching-up subscriptions while its
+    /// outbox has room; flips each to live once it reaches the head.
+    pub fn catch_up(&self, conn: &Arc<Connection>) -> CatchUp {
+        let catching: Vec<Arc<str>> = conn.catching.lock().clone();
+        let mut result = CatchUp::Live;
+        for name in catching {
+            let room = conn.outbox().room();
+            if room < PAGE.min(conn.outbox_capacity() / 2).max(1) {
+                return CatchUp::More;
+            }
+            let step = self
+                .with_channel(&name, false, |_, st| {
+                    let last = st.last;
+                    let oldest = st.history.front().map_or(last + 1, |p| p.offset);
+                    let Some(sub) = st.subs.get(&conn.seq()) else { return Step::Done };
+                    let next = sub.next;
+                    if next < oldest {
+                        return Step::Lost;
+                    }
+                    let skip = (next - oldest) as usize;
+                    let page: Vec<Arc<Published>> = st.history.iter().skip(skip).take(room.min(PAGE)).cloned().collect();
+                    let sent = page.len() as u64;
+                    if !page.into_iter().all(|p| conn.outbox().push(Outgoing::Message(p))) {
+                        return Step::Lost;
+                    }
+                    self.inner.metrics.delivered(sent);
+                    let Some(sub) = st.subs.get_mut(&conn.seq()) else { return Step::Done };
+                    sub.next += sent;
+                    sub.live = sub.next > last;
+                    if sub.live {
+                        Step::Done
+                    } else {
+                        Step::More
+                    }
+                })
+                .ok()
+                .flatten()
+                .unwrap_or(Step::Done);
+            match step {
+                Step::Lost => return CatchUp::Lost,
+                Step::Done => conn.catching.lock().retain(|c| *c != name),
+                Step::More => result = CatchUp::More,
+            }
+        }
+        result
+    }
+
+    /// History of `channel` after `since` (exclusive), at most `limit`: the epoch and
+    /// the messages. `None` when the channel has no state on this node.
+    pub fn history(&self, channel: &str, since: Option<&Position>, limit: usize) -> Option<(String, Vec<Arc<Published>>)> {
+        let settings = &self.inner.settings;
+        self.with_channel(channel, false, |_, st| {
+            expire(st, settings, Instant::now());
+            let after = match since {
+                Some(p) if p.epoch == st.epoch => p.offset,
+                _ => 0,
+            };
+            let msgs = st.history.iter().filter(|p| p.offset > after).take(limit).cloned().collect();
+            (st.epoch.clone(), msgs)
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Occupied channels: `(name, subscribers, clients)`.
+    pub fn channels(&self) -> Vec<(String, usize, usize)> {
+        let all: Vec<Arc<Channel>> = self.inner.channels.lock().values().cloned().collect();
+        let mut out: Vec<(String, usize, usize)> = all
+            .iter()
+            .filter_map(|c| {
+                let st = c.state.lock();
+                (!st.subs.is_empty()).then(|| (c.name.to_string(), st.subs.len(), st.clients.len()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Presence: clients subscribed to `channel` with their connection counts.
+    pub fn presence(&self, channel: &str) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self
+            .with_channel(channel, false, |_, st| st.clients.iter().map(|(k, n)| (k.to_string(), *n)).collect())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Removes channels with no subscriber and no unexpired history. Run
+    /// periodically; returns how many were removed.
+    pub fn sweep(&self) -> usize {
+        let settings = &self.inner.settings;
+        let now = Instant::now();
+        let mut map = self.inner.channels.lock();
+        let before = map.len();
+        map.retain(|_, ch| {
+            let Some(mut st) = ch.state.try_lock() else { return true };
+            expire(&mut st, settings, now);
+            if st.subs.is_empty() && st.history.is_empty() {
+                st.removed = true;
+                false
+            } else {
+                true
+            }
+        });
+        before - map.len()
+    }
+
+    /// Messages published on this node.
+    pub fn published(&self) -> u64 {
+        self.inner.published.load(Ordering::Relaxed)
+    }
+}
+
+fn expire(st: &mut ChannelState, settings: &HubSettings, now: Instant) {
+    while st.history.front().is_some_and(|p| now.duration_since(p.at) > settings.history_ttl) {
+        st.history.pop_front();
+    }
+    while st.idem_order.front().is_some_and(|k| st.idem.get(k).is_none_or(|(_, at)| now.duration_since(*at) > settings.history_ttl)) {
+        if let Some(k) = st.idem_order.pop_front() {
+            st.idem.remove(&k);
+        }
+    }
+}
+
+fn new_epoch() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..8).map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char).collect()
+}
+
+fn encode(channel: Arc<str>, id: String, offset: u64, position: String, data: &str, at: Instant) -> Published {
+    let ch = serde_json::to_string(&*channel).unwrap_or_default();
+    let body = format!(r#""channel":{ch},"id":"{id}","position":"{position}","data":{data}}}"#);
+    let json = format!(r#"{{"type":"message",{body}"#);
+    let sse = format!("event: message\ndata: {{{body}\n\n");
+    Published {
+        channel,
+        id,
+        offset,
+        position,
+        data: data.into(),
+        json: Bytes::from(json),
+        sse: Bytes::from(sse),
+        at,
+    }
+}
+
+/// A direct message encoded once: WebSocket JSON and the SSE event body.
+pub fn encode_direct(data: &str) -> (Bytes, Bytes) {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let body = format!(r#""id":"{id}","data":{data}}}"#);
+    (Bytes::from(format!(r#"{{"type":"direct",{body}"#)), Bytes::from(format!("event: direct\ndata: {{{body}\n\n")))
+}

@@ -1,0 +1,142 @@
+//! A connection's outbound queue: bounded by messages and bytes
+//! (`delivery.max_queue_messages`, `delivery.max_queue_bytes`). Producers (the hub's
+//! fan-out, `/api/send`, the connection's own replies) push without awaiting; a push
+//! over either bound marks the outbox overflowed and wakes the connection task,
+//! which closes with 4008. The connection task takes everything queued at once and
+//! writes it together. An empty outbox holds no buffer.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::hub::Published;
+
+/// One item waiting to be sent.
+#[derive(Clone, Debug)]
+pub enum Outgoing {
+    /// A channel message, shared by every recipient.
+    Message(Arc<Published>),
+    /// A direct message (`/api/send`): WebSocket JSON and SSE event, encoded once.
+    Direct(Arc<(Bytes, Bytes)>),
+    /// A WebSocket text frame for this connection only (`subscribed`, replies).
+    Text(Bytes),
+}
+
+impl Outgoing {
+    fn size(&self) -> usize {
+        match self {
+            Outgoing::Message(p) => p.json.len(),
+            Outgoing::Direct(d) => d.0.len(),
+            Outgoing::Text(b) => b.len(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    items: VecDeque<Outgoing>,
+    bytes: usize,
+    overflowed: bool,
+}
+
+/// The queue; shared by the registry entry (for producers) and the connection task.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    /// An empty outbox with these bounds.
+    pub fn new(max_messages: usize, max_bytes: usize) -> Self {
+        Self { state: Mutex::new(State::default()), notify: Notify::new(), max_messages, max_bytes }
+    }
+
+    /// Queues `item`; returns `false` (and marks the outbox overflowed) when a bound
+    /// would be exceeded. Never blocks beyond a short lock.
+    pub fn push(&self, item: Outgoing) -> bool {
+        let size = item.size();
+        let ok = {
+            let mut s = self.state.lock();
+            if s.overflowed {
+                false
+            } else if s.items.len() >= self.max_messages || s.bytes + size > self.max_bytes {
+                s.overflowed = true;
+                s.items = VecDeque::new();
+                s.bytes = 0;
+                false
+            } else {
+                s.bytes += size;
+                s.items.push_back(item);
+                true
+            }
+        };
+        self.notify.notify_one();
+        ok
+    }
+
+    /// Moves everything queued into `out`; returns whether the outbox overflowed.
+    pub fn take(&self, out: &mut Vec<Outgoing>) -> bool {
+        let mut s = self.state.lock();
+        out.extend(s.items.drain(..));
+        s.bytes = 0;
+        if s.items.capacity() > 64 {
+            s.items = VecDeque::new();
+        }
+        s.overflowed
+    }
+
+    /// Resolves when something was pushed since the last wait.
+    pub async fn ready(&self) {
+        self.notify.notified().await
+    }
+
+    /// Free message slots.
+    pub fn room(&self) -> usize {
+        let s = self.state.lock();
+        if s.overflowed {
+            0
+        } else {
+            self.max_messages.saturating_sub(s.items.len())
+        }
+    }
+
+    /// The bound on messages.
+    pub fn capacity(&self) -> usize {
+        self.max_messages
+    }
+
+    /// Bytes waiting.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    /// Whether a push overflowed it.
+    pub fn overflowed(&self) -> bool {
+        self.state.lock().overflowed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_by_count_and_bytes() {
+        let o = Outbox::new(2, 10);
+        assert!(o.push(Outgoing::Text(Bytes::from_static(b"1234"))));
+        assert!(o.push(Outgoing::Text(Bytes::from_static(b"1234"))));
+        assert!(!o.push(Outgoing::Text(Bytes::from_static(b"1"))));
+        assert!(o.overflowed());
+        let o = Outbox::new(10, 10);
+        assert!(o.push(Outgoing::Text(Bytes::from_static(b"123456"))));
+        assert!(!o.push(Outgoing::Text(Bytes::from_static(b"123456"))));
+        let mut v = Vec::new();
+        assert!(o.take(&mut v));
+    }
+}
