@@ -331,10 +331,19 @@ async fn flush(
         }
         if !buf.is_empty() {
             conn.add_bytes_out(buf.len());
-            match timeout(wait, tx.send(buf.freeze())).await {
-                Err(_) => return Some(End::Stalled),
-                Ok(Err(_)) => return Some(End::Lost),
-                Ok(Ok(())) => {}
+            let write = timeout(wait, tx.send(buf.freeze()));
+            tokio::pin!(write);
+            let written = loop {
+                tokio::select! {
+                    r = &mut write => break Some(r),
+                    _ = conn.outbox().ready() => if conn.outbox().overflowed() { break None },
+                }
+            };
+            match written {
+                None => return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "outbound queue full"))),
+                Some(Err(_)) => return Some(End::Stalled),
+                Some(Ok(Err(_))) => return Some(End::Lost),
+                Some(Ok(Ok(()))) => {}
             }
         }
         if conn.is_catching_up() && app.registry.hub().catch_up(conn) == CatchUp::Lost {

@@ -460,10 +460,21 @@ async fn flush_outbox(
         if batch.is_empty() {
             return None;
         }
-        match timeout(hb_timeout, write_batch(ws, guard, batch)).await {
-            Err(_) => return Some(End::Stalled),
-            Ok(Err(e)) => return Some(End::Lost(format!("write failed: {e}"))),
-            Ok(Ok(())) => {}
+        // A peer that does not read blocks this write; the queue overflowing
+        // meanwhile ends the connection at once rather than at the write timeout.
+        let write = timeout(hb_timeout, write_batch(ws, guard, batch));
+        tokio::pin!(write);
+        let written = loop {
+            tokio::select! {
+                r = &mut write => break Some(r),
+                _ = conn.outbox().ready() => if conn.outbox().overflowed() { break None },
+            }
+        };
+        match written {
+            None => return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "outbound queue full"))),
+            Some(Err(_)) => return Some(End::Stalled),
+            Some(Ok(Err(e))) => return Some(End::Lost(format!("write failed: {e}"))),
+            Some(Ok(Ok(()))) => {}
         }
         if conn.is_catching_up() && app.registry.hub().catch_up(conn) == CatchUp::Lost {
             return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "fell behind the channel history")));
