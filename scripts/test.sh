@@ -37,7 +37,9 @@ apt_install() {
     local missing=()
     local pkg
     for pkg in "$@"; do
-        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        local status
+        status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
+        if [ "$status" != "install ok installed" ]; then
             missing+=("$pkg")
         fi
     done
@@ -56,13 +58,15 @@ apt_install() {
 
 setup_python() {
     section "setup: python venv ($VENV)"
-    # Debian's python3 needs python3-venv for `-m venv`; pyenv builds have it.
-    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
-        apt_install python3-venv
-    fi
-    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
         rm -rf "$VENV"
-        python3 -m venv "$VENV"
+        # Debian's own python3 needs python3-venv for `-m venv` (pyenv builds have
+        # it): install it only when creating the venv fails without it.
+        if ! python3 -m venv "$VENV"; then
+            rm -rf "$VENV"
+            apt_install python3-venv
+            python3 -m venv "$VENV"
+        fi
     fi
     # Reinstall only when requirements.txt changed since the last install.
     local stamp="$VENV/.tether-requirements.sha256"

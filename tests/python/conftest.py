@@ -81,7 +81,10 @@ class Server:
         return self.http.post(self.api_base + path, json=body, timeout=5)
 
     def stats(self) -> dict:
-        r = self.api_get("/api/stats")
+        try:
+            r = self.api_get("/api/stats")
+        except requests.RequestException as e:
+            raise AssertionError(f"GET /api/stats failed ({e}); {self.status()}") from None
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -92,9 +95,16 @@ class Server:
             return "<no log>"
         return "\n".join(text.splitlines()[-lines:])
 
-    def assert_alive(self) -> None:
+    def status(self) -> str:
+        """Whether the process still runs, and how it ended if not."""
         code = self.proc.poll()
-        assert code is None, f"tether exited with {code}; log tail:\n{self.log_tail()}"
+        if code is None:
+            return f"tether (pid {self.proc.pid}) is running"
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        return f"tether (pid {self.proc.pid}) {how}; log tail:\n{self.log_tail()}"
+
+    def assert_alive(self) -> None:
+        assert self.proc.poll() is None, self.status()
 
 
 def idle_stats_problem(stats: dict) -> str | None:

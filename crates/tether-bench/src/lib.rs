@@ -25,6 +25,42 @@ pub struct BenchArgs {
 enum Scenario {
     /// N idle WebSocket connections; server memory per connection.
     Idle(IdleArgs),
+    /// N subscribers on one channel, M publishes of B bytes; deliveries/s and latency.
+    Fanout(FanoutArgs),
+}
+
+#[derive(Args, Debug)]
+struct FanoutArgs {
+    /// WebSocket URL of the server.
+    #[arg(long, default_value = "ws://127.0.0.1:7700/ws")]
+    url: String,
+    /// Server API base URL (publishes go to `{api}/api/publish`).
+    #[arg(long, default_value = "http://127.0.0.1:7701")]
+    api: String,
+    /// Subscribers.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 200)]
+    messages: usize,
+    /// Payload bytes per message (padding included).
+    #[arg(long, default_value_t = 100)]
+    bytes: usize,
+    /// Publishes per second; 0 = back-to-back.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Channel name.
+    #[arg(long, default_value = "bench")]
+    channel: String,
+    /// The server's PID, for its CPU time and memory.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Source addresses (comma-separated, loopback only).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    sources: Vec<IpAddr>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +92,7 @@ struct IdleArgs {
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     match args.scenario {
         Scenario::Idle(a) => idle(a).await,
+        Scenario::Fanout(a) => fanout(a).await,
     }
 }
 
@@ -165,5 +202,208 @@ async fn idle(a: IdleArgs) -> Result<(), String> {
     });
     println!("{out}");
     drop(held);
+    Ok(())
+}
+
+/// Server CPU time (user + system) in seconds, from `/proc/PID/stat`.
+pub fn process_cpu_secs(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("pid {pid}: {e}"))?;
+    let after = stat.rsplit_once(')').ok_or("bad stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .ok_or("no utime")?
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .ok_or("no stime")?;
+    Ok(ticks / 100.0)
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The publish timestamp a receiver finds in a message (`"t":<micros>`).
+fn stamp(text: &str) -> Option<u64> {
+    let i = text.find("\"t\":")? + 4;
+    let digits: String = text[i..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    Some(sorted[i.min(sorted.len() - 1)] as f64 / 1000.0)
+}
+
+async fn check_loopback(url: &str, scheme: &str) -> Result<SocketAddr, String> {
+    let rest = url
+        .strip_prefix(scheme)
+        .ok_or(format!("only {scheme} URLs"))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let addr = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or("no address")?;
+    if !addr.ip().is_loopback() {
+        return Err("the target must be on loopback".into());
+    }
+    Ok(addr)
+}
+
+async fn fanout(a: FanoutArgs) -> Result<(), String> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    if a.sources.iter().any(|s| !s.is_loopback()) || a.sources.is_empty() {
+        return Err("sources must be loopback addresses".into());
+    }
+    let target = check_loopback(&a.url, "ws://").await?;
+    check_loopback(&a.api, "http://").await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
+    let (done_tx, mut done_rx) =
+        tokio::sync::mpsc::channel::<(usize, Vec<u64>)>(a.subscribers.max(1));
+    let ready = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let url = a.url.clone();
+    let sources = a.sources.clone();
+    let channel = a.channel.clone();
+    let messages = a.messages;
+    let connects: Vec<Result<(), String>> = futures_util::stream::iter(0..a.subscribers)
+        .map(|i| {
+            let url = format!(
+                "{url}{}client=fan-{i}",
+                if url.contains('?') { '&' } else { '?' }
+            );
+            let src = sources[i % sources.len()];
+            let (done_tx, ready, channel) = (done_tx.clone(), ready.clone(), channel.clone());
+            async move {
+                let socket = if src.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .map_err(|e| e.to_string())?;
+                socket
+                    .bind(SocketAddr::new(src, 0))
+                    .map_err(|e| e.to_string())?;
+                let stream = socket.connect(target).await.map_err(|e| e.to_string())?;
+                let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let sub = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
+                ws.send(Message::text(sub))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(async move {
+                    let mut lat = Vec::with_capacity(messages);
+                    let mut got = 0;
+                    let until = tokio::time::sleep_until(deadline);
+                    tokio::pin!(until);
+                    while got < messages {
+                        let msg = tokio::select! {
+                            _ = &mut until => break,
+                            m = ws.next() => m,
+                        };
+                        let Some(Ok(Message::Text(t))) = msg else {
+                            if matches!(msg, Some(Ok(_))) {
+                                continue;
+                            } else {
+                                break;
+                            }
+                        };
+                        if t.as_str().starts_with(r#"{"type":"subscribed""#) {
+                            ready.add_permits(1);
+                        } else if t.as_str().starts_with(r#"{"type":"message""#) {
+                            got += 1;
+                            if let Some(s) = stamp(t.as_str()) {
+                                lat.push(now_micros().saturating_sub(s));
+                            }
+                        }
+                    }
+                    let _ = done_tx.send((got, lat)).await;
+                    drop(ws);
+                });
+                Ok(())
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    drop(done_tx);
+    let opened = connects.iter().filter(|r| r.is_ok()).count();
+    let mut errors = std::collections::BTreeMap::<String, usize>::new();
+    for e in connects.into_iter().filter_map(Result::err) {
+        *errors.entry(e).or_default() += 1;
+    }
+    let _all_ready = tokio::time::timeout_at(deadline, ready.acquire_many(opened as u32)).await;
+    let http = reqwest::Client::new();
+    let pad = "x".repeat(a.bytes.saturating_sub(40));
+    let cpu_before = a.pid.map(process_cpu_secs).transpose()?;
+    let started = Instant::now();
+    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
+    let mut publish_errors = 0usize;
+    for i in 0..a.messages {
+        if let Some(iv) = interval {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(
+                started + iv.mul_f64(i as f64),
+            ))
+            .await;
+        }
+        let body = serde_json::json!({"channel": a.channel, "data": {"t": now_micros(), "p": pad}});
+        match http
+            .post(format!("{}/api/publish", a.api))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {}
+            _ => publish_errors += 1,
+        }
+    }
+    let published_secs = started.elapsed().as_secs_f64();
+    let mut delivered = 0usize;
+    let mut lat = Vec::new();
+    while let Some((got, l)) = done_rx.recv().await {
+        delivered += got;
+        lat.extend(l);
+    }
+    let total_secs = started.elapsed().as_secs_f64();
+    let cpu_after = a.pid.map(process_cpu_secs).transpose()?;
+    let mem = a.pid.map(process_memory).transpose()?;
+    lat.sort_unstable();
+    let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
+    let out = json!({
+        "scenario": "fanout",
+        "mode": if interval.is_some() { "paced" } else { "back_to_back" },
+        "rate": a.rate,
+        "subscribers": a.subscribers,
+        "opened": opened,
+        "errors": errors,
+        "messages": a.messages,
+        "bytes": a.bytes,
+        "publish_errors": publish_errors,
+        "expected_deliveries": opened * a.messages,
+        "deliveries": delivered,
+        "publish_secs": published_secs,
+        "total_secs": total_secs,
+        "deliveries_per_sec": delivered as f64 / total_secs,
+        "latency_ms_p50": percentile(&lat, 0.50),
+        "latency_ms_p99": percentile(&lat, 0.99),
+        "latency_ms_p999": percentile(&lat, 0.999),
+        "latency_ms_max": lat.last().map(|m| *m as f64 / 1000.0),
+        "server_cpu_secs": cpu,
+        "server_cpu_us_per_delivery": cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
+        "server_rss_kib": mem.map(|m| m.0),
+        "server_pss_kib": mem.map(|m| m.1),
+    });
+    println!("{out}");
     Ok(())
 }

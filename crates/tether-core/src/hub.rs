@@ -116,7 +116,9 @@ impl HubError {
     pub fn message(self) -> &'static str {
         match self {
             HubError::ChannelLimit => "this node holds its maximum number of channels",
-            HubError::TooManyChannels => "this connection holds its maximum number of subscriptions",
+            HubError::TooManyChannels => {
+                "this connection holds its maximum number of subscriptions"
+            }
             HubError::AlreadySubscribed => "already subscribed to this channel",
             HubError::NotSubscribed => "not subscribed to this channel",
         }
@@ -168,7 +170,9 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").field("channels", &self.channel_count()).finish()
+        f.debug_struct("Hub")
+            .field("channels", &self.channel_count())
+            .finish()
     }
 }
 
@@ -246,7 +250,9 @@ impl Hub {
         mut f: impl FnMut(&Channel, &mut ChannelState) -> R,
     ) -> Result<Option<R>, HubError> {
         loop {
-            let Some(ch) = self.channel(name, create)? else { return Ok(None) };
+            let Some(ch) = self.channel(name, create)? else {
+                return Ok(None);
+            };
             let mut st = ch.state.lock();
             if st.removed {
                 continue;
@@ -257,14 +263,22 @@ impl Hub {
 
     /// Publishes `data` (raw JSON text) to `channel`: appends it to history and
     /// pushes it to every live subscriber, without awaiting.
-    pub fn publish(&self, channel: &str, data: &str, idempotency_key: Option<&str>) -> Result<PublishResult, HubError> {
+    pub fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<PublishResult, HubError> {
         let settings = &self.inner.settings;
         let r = self.with_channel(channel, true, |ch, st| {
             let now = Instant::now();
             expire(st, settings, now);
             if let Some(key) = idempotency_key {
                 if let Some((res, _)) = st.idem.get(key) {
-                    return PublishResult { duplicate: true, ..res.clone() };
+                    return PublishResult {
+                        duplicate: true,
+                        ..res.clone()
+                    };
                 }
             }
             st.last += 1;
@@ -340,7 +354,9 @@ impl Hub {
             let latest = st.last;
             let oldest = st.history.front().map_or(latest + 1, |p| p.offset);
             let (recovered, next) = match since {
-                Some(p) if p.epoch == st.epoch && p.offset <= latest && p.offset + 1 >= oldest => (true, p.offset + 1),
+                Some(p) if p.epoch == st.epoch && p.offset <= latest && p.offset + 1 >= oldest => {
+                    (true, p.offset + 1)
+                }
                 _ => (false, latest + 1),
             };
             let out = Subscribed {
@@ -353,18 +369,38 @@ impl Hub {
                     "type": "subscribed", "ref": reference, "channel": &*ch.name,
                     "position": out.position, "recovered": out.recovered, "missed": out.missed,
                 });
-                conn.outbox().push(Outgoing::Text(Bytes::from(frame.to_string())));
+                conn.outbox()
+                    .push(Outgoing::Text(Bytes::from(frame.to_string())));
             }
             let live = next > latest;
-            st.subs.insert(conn.seq(), Sub { conn: conn.clone(), next, live });
+            st.subs.insert(
+                conn.seq(),
+                Sub {
+                    conn: conn.clone(),
+                    next,
+                    live,
+                },
+            );
             *st.clients.entry(conn.client_id_arc().clone()).or_insert(0) += 1;
             conn.channels.lock().push(ch.name.clone());
             if !live {
                 conn.catching.lock().push(ch.name.clone());
             }
-            let f = EventFields { client_id: Some(conn.client_id()), conn_id: Some(conn.id()), channel: Some(&ch.name), ..Default::default() };
+            let f = EventFields {
+                client_id: Some(conn.client_id()),
+                conn_id: Some(conn.id()),
+                channel: Some(&ch.name),
+                ..Default::default()
+            };
             if st.subs.len() == 1 {
-                events.emit(EventType::ChannelOccupied, EventFields { client_id: None, conn_id: None, ..f.clone() });
+                events.emit(
+                    EventType::ChannelOccupied,
+                    EventFields {
+                        client_id: None,
+                        conn_id: None,
+                        ..f.clone()
+                    },
+                );
             }
             events.emit(EventType::SubscriptionAdded, f);
             out
@@ -374,7 +410,10 @@ impl Hub {
 
     /// Ends `conn`'s subscription to `channel`.
     pub fn unsubscribe(&self, conn: &Arc<Connection>, channel: &str) -> Result<(), HubError> {
-        let removed = self.with_channel(channel, false, |ch, st| self.remove_sub(conn, ch, st)).ok().flatten();
+        let removed = self
+            .with_channel(channel, false, |ch, st| self.remove_sub(conn, ch, st))
+            .ok()
+            .flatten();
         if removed != Some(true) {
             return Err(HubError::NotSubscribed);
         }
@@ -393,10 +432,24 @@ impl Hub {
                 st.clients.remove(conn.client_id());
             }
         }
-        let f = EventFields { client_id: Some(conn.client_id()), conn_id: Some(conn.id()), channel: Some(&ch.name), ..Default::default() };
-        self.inner.events.emit(EventType::SubscriptionRemoved, f.clone());
+        let f = EventFields {
+            client_id: Some(conn.client_id()),
+            conn_id: Some(conn.id()),
+            channel: Some(&ch.name),
+            ..Default::default()
+        };
+        self.inner
+            .events
+            .emit(EventType::SubscriptionRemoved, f.clone());
         if st.subs.is_empty() {
-            self.inner.events.emit(EventType::ChannelVacated, EventFields { client_id: None, conn_id: None, ..f });
+            self.inner.events.emit(
+                EventType::ChannelVacated,
+                EventFields {
+                    client_id: None,
+                    conn_id: None,
+                    ..f
+                },
+            );
         }
         true
     }
@@ -424,19 +477,32 @@ impl Hub {
                 .with_channel(&name, false, |_, st| {
                     let last = st.last;
                     let oldest = st.history.front().map_or(last + 1, |p| p.offset);
-                    let Some(sub) = st.subs.get(&conn.seq()) else { return Step::Done };
+                    let Some(sub) = st.subs.get(&conn.seq()) else {
+                        return Step::Done;
+                    };
                     let next = sub.next;
                     if next < oldest {
                         return Step::Lost;
                     }
                     let skip = (next - oldest) as usize;
-                    let page: Vec<Arc<Published>> = st.history.iter().skip(skip).take(room.min(PAGE)).cloned().collect();
+                    let page: Vec<Arc<Published>> = st
+                        .history
+                        .iter()
+                        .skip(skip)
+                        .take(room.min(PAGE))
+                        .cloned()
+                        .collect();
                     let sent = page.len() as u64;
-                    if !page.into_iter().all(|p| conn.outbox().push(Outgoing::Message(p))) {
+                    if !page
+                        .into_iter()
+                        .all(|p| conn.outbox().push(Outgoing::Message(p)))
+                    {
                         return Step::Lost;
                     }
                     self.inner.metrics.delivered(sent);
-                    let Some(sub) = st.subs.get_mut(&conn.seq()) else { return Step::Done };
+                    let Some(sub) = st.subs.get_mut(&conn.seq()) else {
+                        return Step::Done;
+                    };
                     sub.next += sent;
                     sub.live = sub.next > last;
                     if sub.live {
@@ -459,7 +525,12 @@ impl Hub {
 
     /// History of `channel` after `since` (exclusive), at most `limit`: the epoch and
     /// the messages. `None` when the channel has no state on this node.
-    pub fn history(&self, channel: &str, since: Option<&Position>, limit: usize) -> Option<(String, Vec<Arc<Published>>)> {
+    pub fn history(
+        &self,
+        channel: &str,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> Option<(String, Vec<Arc<Published>>)> {
         let settings = &self.inner.settings;
         self.with_channel(channel, false, |_, st| {
             expire(st, settings, Instant::now());
@@ -467,7 +538,13 @@ impl Hub {
                 Some(p) if p.epoch == st.epoch => p.offset,
                 _ => 0,
             };
-            let msgs = st.history.iter().filter(|p| p.offset > after).take(limit).cloned().collect();
+            let msgs = st
+                .history
+                .iter()
+                .filter(|p| p.offset > after)
+                .take(limit)
+                .cloned()
+                .collect();
             (st.epoch.clone(), msgs)
         })
         .ok()
@@ -491,7 +568,12 @@ impl Hub {
     /// Presence: clients subscribed to `channel` with their connection counts.
     pub fn presence(&self, channel: &str) -> Vec<(String, u32)> {
         let mut v: Vec<(String, u32)> = self
-            .with_channel(channel, false, |_, st| st.clients.iter().map(|(k, n)| (k.to_string(), *n)).collect())
+            .with_channel(channel, false, |_, st| {
+                st.clients
+                    .iter()
+                    .map(|(k, n)| (k.to_string(), *n))
+                    .collect()
+            })
             .ok()
             .flatten()
             .unwrap_or_default();
@@ -507,7 +589,9 @@ impl Hub {
         let mut map = self.inner.channels.lock();
         let before = map.len();
         map.retain(|_, ch| {
-            let Some(mut st) = ch.state.try_lock() else { return true };
+            let Some(mut st) = ch.state.try_lock() else {
+                return true;
+            };
             expire(&mut st, settings, now);
             if st.subs.is_empty() && st.history.is_empty() {
                 st.removed = true;
@@ -526,10 +610,18 @@ impl Hub {
 }
 
 fn expire(st: &mut ChannelState, settings: &HubSettings, now: Instant) {
-    while st.history.front().is_some_and(|p| now.duration_since(p.at) > settings.history_ttl) {
+    while st
+        .history
+        .front()
+        .is_some_and(|p| now.duration_since(p.at) > settings.history_ttl)
+    {
         st.history.pop_front();
     }
-    while st.idem_order.front().is_some_and(|k| st.idem.get(k).is_none_or(|(_, at)| now.duration_since(*at) > settings.history_ttl)) {
+    while st.idem_order.front().is_some_and(|k| {
+        st.idem
+            .get(k)
+            .is_none_or(|(_, at)| now.duration_since(*at) > settings.history_ttl)
+    }) {
         if let Some(k) = st.idem_order.pop_front() {
             st.idem.remove(&k);
         }
@@ -538,10 +630,19 @@ fn expire(st: &mut ChannelState, settings: &HubSettings, now: Instant) {
 
 fn new_epoch() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..8).map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char).collect()
+    (0..8)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
 }
 
-fn encode(channel: Arc<str>, id: String, offset: u64, position: String, data: &str, at: Instant) -> Published {
+fn encode(
+    channel: Arc<str>,
+    id: String,
+    offset: u64,
+    position: String,
+    data: &str,
+    at: Instant,
+) -> Published {
     let ch = serde_json::to_string(&*channel).unwrap_or_default();
     let body = format!(r#""channel":{ch},"id":"{id}","position":"{position}","data":{data}}}"#);
     let json = format!(r#"{{"type":"message",{body}"#);
@@ -562,5 +663,8 @@ fn encode(channel: Arc<str>, id: String, offset: u64, position: String, data: &s
 pub fn encode_direct(data: &str) -> (Bytes, Bytes) {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let body = format!(r#""id":"{id}","data":{data}}}"#);
-    (Bytes::from(format!(r#"{{"type":"direct",{body}"#)), Bytes::from(format!("event: direct\ndata: {{{body}\n\n")))
+    (
+        Bytes::from(format!(r#"{{"type":"direct",{body}"#)),
+        Bytes::from(format!("event: direct\ndata: {{{body}\n\n")),
+    )
 }

@@ -21,10 +21,10 @@ pub mod select;
 pub use drain::{Drain, Phase};
 pub use events::EventBus;
 pub use hub::{CatchUp, Hub, HubError, HubSettings, PublishResult, Published, Subscribed};
-pub use outbox::{Outbox, Outgoing};
 pub use ids::ConnIdGen;
 pub use ip_limits::{IpLimits, IpSlot};
 pub use metrics::Metrics;
+pub use outbox::{Outbox, Outgoing};
 pub use registry::{
     ClientLimitPolicy, ClientSnapshot, ConnSnapshot, ConnSpec, Connection, ConnectionGuard,
     Registry, RegistrySettings, Reservation, Transport,

@@ -71,9 +71,21 @@ impl Metrics {
         let published = Counter::default();
         let delivered = Counter::default();
         let queue_bytes = Gauge::default();
-        registry.register("messages_published", "Messages published on this node", published.clone());
-        registry.register("messages_delivered", "Messages queued to connections", delivered.clone());
-        registry.register("queue_bytes", "Bytes waiting in outbound queues", queue_bytes.clone());
+        registry.register(
+            "messages_published",
+            "Messages published on this node",
+            published.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "Messages queued to connections",
+            delivered.clone(),
+        );
+        registry.register(
+            "queue_bytes",
+            "Bytes waiting in outbound queues",
+            queue_bytes.clone(),
+        );
         registry.register("connections", "Open connections", connections.clone());
         registry.register(
             "clients_online",

@@ -54,7 +54,12 @@ pub struct Outbox {
 impl Outbox {
     /// An empty outbox with these bounds.
     pub fn new(max_messages: usize, max_bytes: usize) -> Self {
-        Self { state: Mutex::new(State::default()), notify: Notify::new(), max_messages, max_bytes }
+        Self {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            max_messages,
+            max_bytes,
+        }
     }
 
     /// Queues `item`; returns `false` (and marks the outbox overflowed) when a bound

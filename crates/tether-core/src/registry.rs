@@ -38,10 +38,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::events::{EventBus, EventFields};
 use crate::hub::Hub;
-use crate::outbox::Outbox;
 use crate::ids::ConnIdGen;
 use crate::ip_limits::IpSlot;
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::select::{Filter, Selector};
 
 const SHARDS: usize = 64;
@@ -802,7 +802,10 @@ impl Reservation {
             notify: Notify::new(),
             channels: Mutex::new(Vec::new()),
             catching: Mutex::new(Vec::new()),
-            outbox: Outbox::new(inner.settings.max_queue_messages, inner.settings.max_queue_bytes),
+            outbox: Outbox::new(
+                inner.settings.max_queue_messages,
+                inner.settings.max_queue_bytes,
+            ),
         });
         let victim = {
             let mut map = reg.shard(&self.client_id).lock();

@@ -25,13 +25,17 @@ impl Position {
     /// Parses `"<epoch>:<offset>"`; `None` for anything else.
     pub fn parse(s: &str) -> Option<Position> {
         let (epoch, offset) = s.rsplit_once(':')?;
-        if epoch.is_empty() || epoch.len() > 32 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        if epoch.is_empty() || epoch.len() > 32 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
             return None;
         }
         if offset.is_empty() || offset.len() > 20 || !offset.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        Some(Position { epoch: epoch.to_owned(), offset: offset.parse().ok()? })
+        Some(Position {
+            epoch: epoch.to_owned(),
+            offset: offset.parse().ok()?,
+        })
     }
 }
 
@@ -45,7 +49,9 @@ impl fmt::Display for Position {
 pub fn valid_channel(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 200
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'/' | b'-'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'/' | b'-'))
 }
 
 /// A parsed SSE cursor.
@@ -80,7 +86,11 @@ impl Cursor {
         }
         let mut parts = s.strip_prefix("v1.")?.split('.');
         let conn_id = parts.next()?;
-        if conn_id.is_empty() || !conn_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if conn_id.is_empty()
+            || !conn_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return None;
         }
         let positions: Option<Vec<Position>> = parts.map(Position::parse).collect();
@@ -88,7 +98,10 @@ impl Cursor {
         if positions.len() > MAX_STREAM_CHANNELS {
             return None;
         }
-        Some(Cursor { conn_id: conn_id.to_owned(), positions })
+        Some(Cursor {
+            conn_id: conn_id.to_owned(),
+            positions,
+        })
     }
 }
 
@@ -101,16 +114,40 @@ mod tests {
         let p = Position::parse("ab12:42").unwrap();
         assert_eq!((p.epoch.as_str(), p.offset), ("ab12", 42));
         assert_eq!(p.to_string(), "ab12:42");
-        for bad in ["", ":1", "ab:", "ab:-1", "a b:1", "ab:1x", "ab:99999999999999999999999", "ab"] {
+        for bad in [
+            "",
+            ":1",
+            "ab:",
+            "ab:-1",
+            "a b:1",
+            "ab:1x",
+            "ab:99999999999999999999999",
+            "ab",
+        ] {
             assert!(Position::parse(bad).is_none(), "{bad}");
         }
     }
 
     #[test]
     fn cursor_round_trips_and_bounds_hold() {
-        let ps = vec![Position { epoch: "e1".into(), offset: 3 }, Position { epoch: "e2".into(), offset: 0 }];
+        let ps = vec![
+            Position {
+                epoch: "e1".into(),
+                offset: 3,
+            },
+            Position {
+                epoch: "e2".into(),
+                offset: 0,
+            },
+        ];
         let c = Cursor::encode("n1-ab-7", &ps);
-        assert_eq!(Cursor::parse(&c), Some(Cursor { conn_id: "n1-ab-7".into(), positions: ps }));
+        assert_eq!(
+            Cursor::parse(&c),
+            Some(Cursor {
+                conn_id: "n1-ab-7".into(),
+                positions: ps
+            })
+        );
         assert!(Cursor::parse("garbage").is_none());
         assert!(Cursor::parse("v1.").is_none());
         assert!(Cursor::parse("v1.n1.e:x").is_none());

@@ -266,7 +266,13 @@ async fn disconnect(State(s): State<ApiState>, body: Bytes) -> Response {
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
-    let queued: usize = s.app.registry.connections().iter().map(|c| c.outbox().queued_bytes()).sum();
+    let queued: usize = s
+        .app
+        .registry
+        .connections()
+        .iter()
+        .map(|c| c.outbox().queued_bytes())
+        .sum();
     s.app.metrics.set_queue_bytes(queued as u64);
     Response::builder()
         .header(
@@ -309,13 +315,24 @@ async fn publish(State(s): State<ApiState>, body: Bytes) -> Response {
         return error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            &format!("data is over limits.max_publish_bytes ({})", s.app.cfg.limits.max_publish_bytes),
+            &format!(
+                "data is over limits.max_publish_bytes ({})",
+                s.app.cfg.limits.max_publish_bytes
+            ),
         );
     }
-    if b.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 200) {
+    if b.idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > 200)
+    {
         return bad("idempotency_key must be 1 to 200 bytes");
     }
-    match s.app.registry.hub().publish(&b.channel, b.data.get(), b.idempotency_key.as_deref()) {
+    match s
+        .app
+        .registry
+        .hub()
+        .publish(&b.channel, b.data.get(), b.idempotency_key.as_deref())
+    {
         Ok(r) => json_response(StatusCode::OK, json!(r)),
         Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.message()),
     }
@@ -334,9 +351,16 @@ async fn send(State(s): State<ApiState>, body: Bytes) -> Response {
         Err(e) => return bad(format!("bad body: {e}")),
     };
     if b.data.get().len() as u64 > s.app.cfg.limits.max_publish_bytes.get() {
-        return error_response(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "data is over limits.max_publish_bytes");
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "data is over limits.max_publish_bytes",
+        );
     }
-    let selector = Selector { client_id: Some(b.client_id), ..Default::default() };
+    let selector = Selector {
+        client_id: Some(b.client_id),
+        ..Default::default()
+    };
     let direct = Arc::new(tether_core::hub::encode_direct(b.data.get()));
     let n = s
         .app
@@ -403,7 +427,12 @@ async fn history(
         Some(Some(p)) => Some(p),
         Some(None) => return bad("since must be a position \"<epoch>:<offset>\""),
     };
-    let (epoch, messages) = s.app.registry.hub().history(&name, since.as_ref(), limit).unwrap_or_default();
+    let (epoch, messages) = s
+        .app
+        .registry
+        .hub()
+        .history(&name, since.as_ref(), limit)
+        .unwrap_or_default();
     let messages: Vec<Value> = messages
         .iter()
         .map(|p| {
@@ -411,8 +440,15 @@ async fn history(
             json!({"channel": &*p.channel, "id": p.id, "position": p.position, "data": data})
         })
         .collect();
-    let epoch = if epoch.is_empty() { Value::Null } else { Value::String(epoch) };
-    json_response(StatusCode::OK, json!({"epoch": epoch, "messages": messages}))
+    let epoch = if epoch.is_empty() {
+        Value::Null
+    } else {
+        Value::String(epoch)
+    };
+    json_response(
+        StatusCode::OK,
+        json!({"epoch": epoch, "messages": messages}),
+    )
 }
 
 /// `GET /api/events`: lifecycle events as SSE, `event: <type>`, `id: <event id>`.

@@ -143,7 +143,10 @@ pub struct HistorySection {
 
 impl Default for HistorySection {
     fn default() -> Self {
-        Self { size: nz(1000), ttl_ms: nz(300_000) }
+        Self {
+            size: nz(1000),
+            ttl_ms: nz(300_000),
+        }
     }
 }
 
@@ -159,7 +162,10 @@ pub struct DeliverySection {
 
 impl Default for DeliverySection {
     fn default() -> Self {
-        Self { max_queue_bytes: nz(1 << 20), max_queue_messages: nz(500) }
+        Self {
+            max_queue_bytes: nz(1 << 20),
+            max_queue_messages: nz(500),
+        }
     }
 }
 

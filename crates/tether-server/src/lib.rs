@@ -22,7 +22,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_core::{ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, Metrics, Registry, RegistrySettings};
+use tether_core::{
+    ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, Metrics, Registry, RegistrySettings,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -244,7 +244,10 @@ fn parse_forwarded_node(raw: &str) -> Option<IpAddr> {
 pub(crate) fn client_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/ws", get(crate::ws::handler))
-        .route("/sse", get(crate::sse::handler).options(crate::sse::preflight))
+        .route(
+            "/sse",
+            get(crate::sse::handler).options(crate::sse::preflight),
+        )
         .with_state(app.clone())
         .merge(health_router(app))
         .fallback(not_found)

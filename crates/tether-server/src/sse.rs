@@ -47,7 +47,10 @@ pub struct Tombstones {
 
 impl Tombstones {
     pub(crate) fn new(ttl: Duration) -> Self {
-        Self { ttl, map: Mutex::new(HashMap::new()) }
+        Self {
+            ttl,
+            map: Mutex::new(HashMap::new()),
+        }
     }
     fn add(&self, conn_id: &str) {
         if self.ttl.is_zero() {
@@ -66,7 +69,10 @@ impl Tombstones {
         map.insert(conn_id.to_owned(), Instant::now() + self.ttl);
     }
     fn contains(&self, conn_id: &str) -> bool {
-        self.map.lock().get(conn_id).is_some_and(|exp| *exp > Instant::now())
+        self.map
+            .lock()
+            .get(conn_id)
+            .is_some_and(|exp| *exp > Instant::now())
     }
     /// Drops expired tombstones.
     pub(crate) fn prune(&self) {
@@ -90,14 +96,20 @@ struct SseQuery {
 }
 
 fn parse_query(q: Option<&str>) -> Result<SseQuery, String> {
-    let mut out = SseQuery { client: None, channels: Vec::new(), since: None };
+    let mut out = SseQuery {
+        client: None,
+        channels: Vec::new(),
+        since: None,
+    };
     for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
         match &*k {
             "client" => out.client = Some(v.into_owned()),
             "since" => out.since = Some(v.into_owned()),
             "channel" => {
                 if !valid_channel(&v) {
-                    return Err(format!("bad channel {v:?}: names are 1-200 of A-Z a-z 0-9 _ . : / -"));
+                    return Err(format!(
+                        "bad channel {v:?}: names are 1-200 of A-Z a-z 0-9 _ . : / -"
+                    ));
                 }
                 out.channels.push(v.into_owned());
             }
@@ -120,7 +132,10 @@ pub(crate) async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -
     let mut r = Response::builder()
         .status(StatusCode::NO_CONTENT)
         .header(header::ACCESS_CONTROL_ALLOW_METHODS, "GET, OPTIONS")
-        .header(header::ACCESS_CONTROL_ALLOW_HEADERS, "Authorization, Last-Event-ID, Cache-Control")
+        .header(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            "Authorization, Last-Event-ID, Cache-Control",
+        )
         .header(header::ACCESS_CONTROL_MAX_AGE, "600")
         .body(Body::empty())
         .unwrap_or_else(|_| Response::new(Body::empty()));
@@ -143,14 +158,20 @@ pub(crate) fn origin_refused(app: &App, headers: &HeaderMap) -> bool {
 fn cors(app: &App, req: &HeaderMap, resp: &mut Response) {
     let h = resp.headers_mut();
     if app.cfg.limits.allowed_origins.is_empty() {
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
         return;
     }
     h.insert(header::VARY, HeaderValue::from_static("Origin"));
     if let Some(o) = req.get(header::ORIGIN) {
         if !origin_refused(app, req) {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
-            h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
         }
     }
 }
@@ -172,23 +193,36 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
         Ok(q) => q,
         Err(m) => return admission::bad_request(&m),
     };
-    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let cursor = last_event_id.or(query.since.clone()).as_deref().and_then(Cursor::parse);
-    if cursor.as_ref().is_some_and(|c| app.tombstones.contains(&c.conn_id)) {
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let cursor = last_event_id
+        .or(query.since.clone())
+        .as_deref()
+        .and_then(Cursor::parse);
+    if cursor
+        .as_ref()
+        .is_some_and(|c| app.tombstones.contains(&c.conn_id))
+    {
         return Response::builder()
             .status(StatusCode::NO_CONTENT)
             .body(Body::empty())
             .unwrap_or_else(|_| Response::new(Body::empty()));
     }
     let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
-    let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let origin_ok = !origin_refused(app, headers);
-    let (reservation, _client_id) = match admission::admit(app, query.client.as_deref(), ip, Transport::Sse, origin_ok) {
-        Ok(r) => r,
-        Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
-        Err(AdmitError::Refused(r)) if r.is_transient() => return transient_refusal(r),
-        Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
-    };
+    let (reservation, _client_id) =
+        match admission::admit(app, query.client.as_deref(), ip, Transport::Sse, origin_ok) {
+            Ok(r) => r,
+            Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
+            Err(AdmitError::Refused(r)) if r.is_transient() => return transient_refusal(r),
+            Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
+        };
     let guard = reservation.commit(ConnSpec {
         transport: Transport::Sse,
         remote_addr: ip,
@@ -200,28 +234,49 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
     let conn = guard.conn().clone();
     // A cursor resumes only the stream it was made for: one position per channel.
     let since: Vec<Option<Position>> = match cursor {
-        Some(c) if c.positions.len() == query.channels.len() => c.positions.into_iter().map(Some).collect(),
+        Some(c) if c.positions.len() == query.channels.len() => {
+            c.positions.into_iter().map(Some).collect()
+        }
         _ => vec![None; query.channels.len()],
     };
     let mut positions = Vec::with_capacity(query.channels.len());
     let mut recovered = serde_json::Map::new();
     let mut errors = String::new();
     for (ch, since) in query.channels.iter().zip(since) {
-        match app.registry.hub().subscribe(&conn, ch, since.as_ref(), None) {
+        match app
+            .registry
+            .hub()
+            .subscribe(&conn, ch, since.as_ref(), None)
+        {
             Ok(s) => {
                 recovered.insert(ch.clone(), s.recovered.into());
-                let start = if s.recovered { since } else { Position::parse(&s.position) };
-                positions.push(start.unwrap_or(Position { epoch: "0".into(), offset: 0 }));
+                let start = if s.recovered {
+                    since
+                } else {
+                    Position::parse(&s.position)
+                };
+                positions.push(start.unwrap_or(Position {
+                    epoch: "0".into(),
+                    offset: 0,
+                }));
             }
             Err(e) => {
                 recovered.insert(ch.clone(), false.into());
-                positions.push(Position { epoch: "0".into(), offset: 0 });
-                let data = serde_json::json!({"code": e.code(), "message": e.message(), "channel": ch});
+                positions.push(Position {
+                    epoch: "0".into(),
+                    offset: 0,
+                });
+                let data =
+                    serde_json::json!({"code": e.code(), "message": e.message(), "channel": ch});
                 errors.push_str(&format!("event: error\ndata: {data}\n\n"));
             }
         }
     }
-    let stream = Stream { channels: query.channels, positions, conn_id: conn.id().to_owned() };
+    let stream = Stream {
+        channels: query.channels,
+        positions,
+        conn_id: conn.id().to_owned(),
+    };
     let welcome = serde_json::json!({
         "conn_id": conn.id(),
         "client_id": conn.client_id(),
@@ -277,7 +332,9 @@ impl Stream {
 
 fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     Response::builder()
         .status(StatusCode::OK)
@@ -320,7 +377,10 @@ async fn flush(
     loop {
         batch.clear();
         if conn.outbox().take(batch) {
-            return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "outbound queue full")));
+            return Some(End::Announce(Closing::new(
+                CloseCode::SLOW_CONSUMER,
+                "outbound queue full",
+            )));
         }
         if batch.is_empty() {
             return None;
@@ -340,19 +400,32 @@ async fn flush(
                 }
             };
             match written {
-                None => return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "outbound queue full"))),
+                None => {
+                    return Some(End::Announce(Closing::new(
+                        CloseCode::SLOW_CONSUMER,
+                        "outbound queue full",
+                    )))
+                }
                 Some(Err(_)) => return Some(End::Stalled),
                 Some(Ok(Err(_))) => return Some(End::Lost),
                 Some(Ok(Ok(()))) => {}
             }
         }
         if conn.is_catching_up() && app.registry.hub().catch_up(conn) == CatchUp::Lost {
-            return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "fell behind the channel history")));
+            return Some(End::Announce(Closing::new(
+                CloseCode::SLOW_CONSUMER,
+                "fell behind the channel history",
+            )));
         }
     }
 }
 
-async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>, mut stream: Stream) {
+async fn run(
+    app: Arc<App>,
+    mut guard: ConnectionGuard,
+    tx: mpsc::Sender<Bytes>,
+    mut stream: Stream,
+) {
     let conn = guard.conn().clone();
     let interval = Duration::from_millis(app.cfg.heartbeat.interval_ms.get());
     let wait = Duration::from_millis(app.cfg.heartbeat.timeout_ms.get());
@@ -367,7 +440,10 @@ async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>,
     let mut batch = Vec::new();
     // Replay what a resumed subscription missed.
     let mut end = if conn.is_catching_up() && app.registry.hub().catch_up(&conn) == CatchUp::Lost {
-        Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "fell behind the channel history")))
+        Some(End::Announce(Closing::new(
+            CloseCode::SLOW_CONSUMER,
+            "fell behind the channel history",
+        )))
     } else {
         None
     };
@@ -375,7 +451,9 @@ async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>,
         if let Some(e) = end.take() {
             break e;
         }
-        timer.as_mut().reset(lifetime_at.map_or(next_beat, |l| l.min(next_beat)));
+        timer
+            .as_mut()
+            .reset(lifetime_at.map_or(next_beat, |l| l.min(next_beat)));
         tokio::select! {
             biased;
             _ = app.drain.hard_stop().cancelled() => break End::Hard,
@@ -407,7 +485,10 @@ async fn run(app: Arc<App>, mut guard: ConnectionGuard, tx: mpsc::Sender<Bytes>,
                 if !closing.code.drops_queue() {
                     let _ = flush(&app, &conn, &tx, &mut stream, &mut batch, wait).await;
                 }
-                let retry = closing.retry_ms.map(|r| format!("retry: {r}\n")).unwrap_or_default();
+                let retry = closing
+                    .retry_ms
+                    .map(|r| format!("retry: {r}\n"))
+                    .unwrap_or_default();
                 let text = format!(
                     "{retry}id: {}\nevent: closing\ndata: {}\n\n",
                     stream.cursor(),

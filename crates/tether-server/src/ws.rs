@@ -15,13 +15,15 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::Response;
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use bytes::Bytes;
 use tether_core::{CatchUp, ConnSpec, ConnectionGuard, Outgoing, Transport};
-use tether_protocol::{valid_channel, ClientFrame, CloseCode, Closing, Position, Refusal, ServerFrame};
+use tether_protocol::{
+    valid_channel, ClientFrame, CloseCode, Closing, Position, Refusal, ServerFrame,
+};
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -363,7 +365,13 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
 }
 
 /// Handles one inbound message; returns how the loop ends, if it does.
-async fn handle(app: &App, ws: &mut Ws, msg: Message, hb_timeout: Duration, guard: &ConnectionGuard) -> Option<End> {
+async fn handle(
+    app: &App,
+    ws: &mut Ws,
+    msg: Message,
+    hb_timeout: Duration,
+    guard: &ConnectionGuard,
+) -> Option<End> {
     let conn = guard.conn();
     match msg {
         Message::Text(text) => {
@@ -373,16 +381,36 @@ async fn handle(app: &App, ws: &mut Ws, msg: Message, hb_timeout: Duration, guar
                 conn.touch();
             }
             let error = |reference: Option<u64>, code: &str, message: &str| {
-                ServerFrame::Error { reference, code, message }.encode()
+                ServerFrame::Error {
+                    reference,
+                    code,
+                    message,
+                }
+                .encode()
             };
             let reply = match frame {
-                Ok(ClientFrame::Ping { reference }) => Some(ServerFrame::Pong { reference }.encode()),
-                Ok(ClientFrame::Subscribe { reference, channel, since }) => {
+                Ok(ClientFrame::Ping { reference }) => {
+                    Some(ServerFrame::Pong { reference }.encode())
+                }
+                Ok(ClientFrame::Subscribe {
+                    reference,
+                    channel,
+                    since,
+                }) => {
                     if !valid_channel(&channel) {
-                        Some(error(reference, "bad_channel", "channel names are 1-200 of A-Z a-z 0-9 _ . : / -"))
+                        Some(error(
+                            reference,
+                            "bad_channel",
+                            "channel names are 1-200 of A-Z a-z 0-9 _ . : / -",
+                        ))
                     } else {
                         let since = since.as_deref().and_then(Position::parse);
-                        match app.registry.hub().subscribe(conn, &channel, since.as_ref(), Some(reference)) {
+                        match app.registry.hub().subscribe(
+                            conn,
+                            &channel,
+                            since.as_ref(),
+                            Some(reference),
+                        ) {
                             // The `subscribed` frame went through the outbox, ahead of
                             // the channel's messages.
                             Ok(_) => None,
@@ -390,20 +418,27 @@ async fn handle(app: &App, ws: &mut Ws, msg: Message, hb_timeout: Duration, guar
                         }
                     }
                 }
-                Ok(ClientFrame::Unsubscribe { reference, channel }) => match app.registry.hub().unsubscribe(conn, &channel) {
-                    Ok(()) => {
-                        let frame = serde_json::json!({"type": "unsubscribed", "ref": reference, "channel": channel});
-                        conn.outbox().push(Outgoing::Text(Bytes::from(frame.to_string())));
-                        None
+                Ok(ClientFrame::Unsubscribe { reference, channel }) => {
+                    match app.registry.hub().unsubscribe(conn, &channel) {
+                        Ok(()) => {
+                            let frame = serde_json::json!({"type": "unsubscribed", "ref": reference, "channel": channel});
+                            conn.outbox()
+                                .push(Outgoing::Text(Bytes::from(frame.to_string())));
+                            None
+                        }
+                        Err(e) => Some(error(reference, e.code(), e.message())),
                     }
-                    Err(e) => Some(error(reference, e.code(), e.message())),
-                },
-                Ok(ClientFrame::Refresh { reference, .. }) => {
-                    Some(error(reference, "unsupported", "refresh needs [auth] mode = \"jwt\""))
                 }
-                Ok(ClientFrame::Connect { .. }) => {
-                    Some(error(None, "unsupported", "connect frames need [auth] mode = \"jwt\""))
-                }
+                Ok(ClientFrame::Refresh { reference, .. }) => Some(error(
+                    reference,
+                    "unsupported",
+                    "refresh needs [auth] mode = \"jwt\"",
+                )),
+                Ok(ClientFrame::Connect { .. }) => Some(error(
+                    None,
+                    "unsupported",
+                    "connect frames need [auth] mode = \"jwt\"",
+                )),
                 Err(e) => Some(error(e.reference, e.code, &e.message)),
             };
             match reply {
@@ -455,7 +490,10 @@ async fn flush_outbox(
     loop {
         batch.clear();
         if conn.outbox().take(batch) {
-            return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "outbound queue full")));
+            return Some(End::Announce(Closing::new(
+                CloseCode::SLOW_CONSUMER,
+                "outbound queue full",
+            )));
         }
         if batch.is_empty() {
             return None;
@@ -471,19 +509,31 @@ async fn flush_outbox(
             }
         };
         match written {
-            None => return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "outbound queue full"))),
+            None => {
+                return Some(End::Announce(Closing::new(
+                    CloseCode::SLOW_CONSUMER,
+                    "outbound queue full",
+                )))
+            }
             Some(Err(_)) => return Some(End::Stalled),
             Some(Ok(Err(e))) => return Some(End::Lost(format!("write failed: {e}"))),
             Some(Ok(Ok(()))) => {}
         }
         if conn.is_catching_up() && app.registry.hub().catch_up(conn) == CatchUp::Lost {
-            return Some(End::Announce(Closing::new(CloseCode::SLOW_CONSUMER, "fell behind the channel history")));
+            return Some(End::Announce(Closing::new(
+                CloseCode::SLOW_CONSUMER,
+                "fell behind the channel history",
+            )));
         }
     }
 }
 
 /// Feeds every item, then flushes once: queued frames go out together.
-async fn write_batch(ws: &mut Ws, guard: &ConnectionGuard, batch: &mut Vec<Outgoing>) -> Result<(), WsError> {
+async fn write_batch(
+    ws: &mut Ws,
+    guard: &ConnectionGuard,
+    batch: &mut Vec<Outgoing>,
+) -> Result<(), WsError> {
     let mut n = 0;
     for item in batch.drain(..) {
         let bytes = match item {

@@ -19,13 +19,22 @@ async fn subscribe(ws: &mut Ws, channel: &str, since: Option<&str>) -> Value {
 }
 
 async fn publish(s: &TestServer, channel: &str, data: Value) -> Value {
-    let (st, body) = s.post("/api/publish", json!({"channel": channel, "data": data})).await;
+    let (st, body) = s
+        .post("/api/publish", json!({"channel": channel, "data": data}))
+        .await;
     assert_eq!(st, 200, "{body}");
     body
 }
 
 fn offset(position: &Value) -> u64 {
-    position.as_str().unwrap().rsplit_once(':').unwrap().1.parse().unwrap()
+    position
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -35,19 +44,35 @@ async fn subscribe_publish_receive() {
     let (mut ws, _) = s.ws("?client=sub").await;
     let sub = subscribe(&mut ws, "news", None).await;
     assert_eq!(sub["type"], "subscribed");
-    assert_eq!((sub["ref"].as_u64(), sub["channel"].as_str()), (Some(1), Some("news")));
+    assert_eq!(
+        (sub["ref"].as_u64(), sub["channel"].as_str()),
+        (Some(1), Some("news"))
+    );
     assert!(sub["position"].as_str().unwrap().ends_with(":0"));
-    assert_eq!((sub["recovered"].as_bool(), sub["missed"].as_u64()), (Some(false), Some(0)));
+    assert_eq!(
+        (sub["recovered"].as_bool(), sub["missed"].as_u64()),
+        (Some(false), Some(0))
+    );
     let r = publish(&s, "news", json!({"headline": "hi"})).await;
-    assert_eq!((r["subscribers"].as_u64(), r["duplicate"].as_bool()), (Some(1), Some(false)));
+    assert_eq!(
+        (r["subscribers"].as_u64(), r["duplicate"].as_bool()),
+        (Some(1), Some(false))
+    );
     let m = next_json(&mut ws).await;
     assert_eq!(
         m,
         json!({"type": "message", "channel": "news", "id": r["id"], "position": r["position"], "data": {"headline": "hi"}})
     );
     assert_eq!(offset(&m["position"]), 1);
-    ws.send(Message::text(r#"{"type":"unsubscribe","ref":2,"channel":"news"}"#)).await.unwrap();
-    assert_eq!(next_json(&mut ws).await, json!({"type": "unsubscribed", "ref": 2, "channel": "news"}));
+    ws.send(Message::text(
+        r#"{"type":"unsubscribe","ref":2,"channel":"news"}"#,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "unsubscribed", "ref": 2, "channel": "news"})
+    );
     publish(&s, "news", json!(2)).await;
     assert_alive(&mut ws).await; // no message arrived before the pong
     client_close(ws).await;
@@ -58,7 +83,14 @@ async fn subscribe_publish_receive() {
     assert!(pos("channel.occupied") < pos("subscription.added"));
     assert!(pos("subscription.removed") < pos("channel.vacated"));
     assert!(pos("channel.vacated") < pos("connection.closed"));
-    assert_eq!(ev.iter().find(|e| e.kind == EventType::SubscriptionAdded).unwrap().channel.as_deref(), Some("news"));
+    assert_eq!(
+        ev.iter()
+            .find(|e| e.kind == EventType::SubscriptionAdded)
+            .unwrap()
+            .channel
+            .as_deref(),
+        Some("news")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -70,18 +102,36 @@ async fn subscribe_errors_keep_the_connection_open() {
     .await;
     let (mut ws, _) = s.ws("?client=e").await;
     let err = |v: Value| v["code"].as_str().unwrap().to_owned();
-    assert_eq!(err(subscribe(&mut ws, "bad name", None).await), "bad_channel");
+    assert_eq!(
+        err(subscribe(&mut ws, "bad name", None).await),
+        "bad_channel"
+    );
     assert_eq!(subscribe(&mut ws, "a", None).await["type"], "subscribed");
-    assert_eq!(err(subscribe(&mut ws, "a", None).await), "already_subscribed");
+    assert_eq!(
+        err(subscribe(&mut ws, "a", None).await),
+        "already_subscribed"
+    );
     assert_eq!(subscribe(&mut ws, "b", None).await["type"], "subscribed");
-    assert_eq!(err(subscribe(&mut ws, "c", None).await), "too_many_channels");
-    ws.send(Message::text(r#"{"type":"unsubscribe","ref":5,"channel":"zzz"}"#)).await.unwrap();
+    assert_eq!(
+        err(subscribe(&mut ws, "c", None).await),
+        "too_many_channels"
+    );
+    ws.send(Message::text(
+        r#"{"type":"unsubscribe","ref":5,"channel":"zzz"}"#,
+    ))
+    .await
+    .unwrap();
     let e = next_json(&mut ws).await;
-    assert_eq!((e["code"].as_str(), e["ref"].as_u64()), (Some("not_subscribed"), Some(5)));
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_u64()),
+        (Some("not_subscribed"), Some(5))
+    );
     let (mut other, _) = s.ws("?client=f").await;
     assert_eq!(subscribe(&mut other, "c", None).await["type"], "subscribed");
     assert_eq!(err(subscribe(&mut other, "d", None).await), "channel_limit");
-    let (st, body) = s.post("/api/publish", json!({"channel": "d", "data": 1})).await;
+    let (st, body) = s
+        .post("/api/publish", json!({"channel": "d", "data": 1}))
+        .await;
     assert_eq!((st, body["error"].as_str()), (503, Some("channel_limit")));
     assert_alive(&mut ws).await;
     client_close(ws).await;
@@ -100,29 +150,53 @@ async fn resume_inside_and_outside_the_history_window() {
     for i in 1..=8 {
         last = publish(&s, "h", json!(i)).await;
     }
-    let epoch = last["position"].as_str().unwrap().rsplit_once(':').unwrap().0.to_owned();
+    let epoch = last["position"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_owned();
     // Inside: after 5 → 6, 7, 8 in order, then live.
     let (mut ws, _) = s.ws("?client=r").await;
     let sub = subscribe(&mut ws, "h", Some(&format!("{epoch}:5"))).await;
-    assert_eq!((sub["recovered"].as_bool(), sub["missed"].as_u64()), (Some(true), Some(3)));
+    assert_eq!(
+        (sub["recovered"].as_bool(), sub["missed"].as_u64()),
+        (Some(true), Some(3))
+    );
     assert_eq!(sub["position"], format!("{epoch}:8"));
     for want in 6..=8 {
         let m = next_json(&mut ws).await;
-        assert_eq!((offset(&m["position"]), m["data"].as_u64()), (want, Some(want)));
+        assert_eq!(
+            (offset(&m["position"]), m["data"].as_u64()),
+            (want, Some(want))
+        );
     }
     publish(&s, "h", json!(9)).await;
     assert_eq!(next_json(&mut ws).await["data"], 9);
     // Outside: offset 2 is gone (history keeps 5); a foreign epoch; junk.
-    for since in [format!("{epoch}:2"), "zzzz:5".to_owned(), "junk".to_owned(), format!("{epoch}:99")] {
+    for since in [
+        format!("{epoch}:2"),
+        "zzzz:5".to_owned(),
+        "junk".to_owned(),
+        format!("{epoch}:99"),
+    ] {
         let (mut ws2, _) = s.ws("?client=r2").await;
         let sub = subscribe(&mut ws2, "h", Some(&since)).await;
-        assert_eq!((sub["recovered"].as_bool(), sub["missed"].as_u64()), (Some(false), Some(0)), "{since}");
+        assert_eq!(
+            (sub["recovered"].as_bool(), sub["missed"].as_u64()),
+            (Some(false), Some(0)),
+            "{since}"
+        );
         client_close(ws2).await;
     }
     // Exactly at the head: recovered, nothing missed.
     let (mut ws3, _) = s.ws("?client=r3").await;
     let sub = subscribe(&mut ws3, "h", Some(&format!("{epoch}:9"))).await;
-    assert_eq!((sub["recovered"].as_bool(), sub["missed"].as_u64()), (Some(true), Some(0)));
+    assert_eq!(
+        (sub["recovered"].as_bool(), sub["missed"].as_u64()),
+        (Some(true), Some(0))
+    );
     client_close(ws3).await;
     client_close(ws).await;
     s.assert_clean().await;
@@ -132,13 +206,26 @@ async fn resume_inside_and_outside_the_history_window() {
 async fn resuming_900_behind_gets_all_without_4008() {
     let s = start(|_| {}).await;
     let first = publish(&s, "big", json!(1)).await;
-    let epoch = first["position"].as_str().unwrap().rsplit_once(':').unwrap().0.to_owned();
+    let epoch = first["position"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_owned();
     for i in 2..=900 {
-        s.app.registry.hub().publish("big", &i.to_string(), None).unwrap();
+        s.app
+            .registry
+            .hub()
+            .publish("big", &i.to_string(), None)
+            .unwrap();
     }
     let (mut ws, _) = s.ws("?client=late").await;
     let sub = subscribe(&mut ws, "big", Some(&format!("{epoch}:0"))).await;
-    assert_eq!((sub["recovered"].as_bool(), sub["missed"].as_u64()), (Some(true), Some(900)));
+    assert_eq!(
+        (sub["recovered"].as_bool(), sub["missed"].as_u64()),
+        (Some(true), Some(900))
+    );
     for want in 1..=900u64 {
         let m = next_json(&mut ws).await;
         assert_eq!(offset(&m["position"]), want);
@@ -154,7 +241,13 @@ async fn every_offset_exactly_once_across_abrupt_drops_and_resumes() {
     const CLIENTS: u64 = 5;
     let s = start(|_| {}).await;
     let head = publish(&s, "live", json!("setup")).await;
-    let epoch = head["position"].as_str().unwrap().rsplit_once(':').unwrap().0.to_owned();
+    let epoch = head["position"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_owned();
     let url = s.ws_url("");
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
@@ -164,7 +257,9 @@ async fn every_offset_exactly_once_across_abrupt_drops_and_resumes() {
             let mut got: Vec<u64> = Vec::new();
             let mut last = 1u64; // the setup message is not counted
             while last < TOTAL + 1 {
-                let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}?client=x{c}")).await.unwrap();
+                let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}?client=x{c}"))
+                    .await
+                    .unwrap();
                 let _welcome = next_json(&mut ws).await;
                 let sub = subscribe(&mut ws, "live", Some(&format!("{epoch}:{last}"))).await;
                 assert_eq!(sub["recovered"], true, "{sub}");
@@ -185,7 +280,11 @@ async fn every_offset_exactly_once_across_abrupt_drops_and_resumes() {
         }));
     }
     for i in 0..TOTAL {
-        s.app.registry.hub().publish("live", &i.to_string(), None).unwrap();
+        s.app
+            .registry
+            .hub()
+            .publish("live", &i.to_string(), None)
+            .unwrap();
         if i % 20 == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -207,7 +306,10 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
     .await;
     let mut rx = s.app.registry.events().subscribe();
     let (mut fast, _) = s.ws("?client=fast").await;
-    assert_eq!(subscribe(&mut fast, "firehose", None).await["type"], "subscribed");
+    assert_eq!(
+        subscribe(&mut fast, "firehose", None).await["type"],
+        "subscribed"
+    );
     let mut slow = raw_ws(s.client, "/ws?client=slow").await;
     let sub = br#"{"type":"subscribe","channel":"firehose"}"#;
     let mask = [7u8, 7, 7, 7];
@@ -232,14 +334,24 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
         fast
     });
     for i in 0..N {
-        s.app.registry.hub().publish("firehose", &payload, None).unwrap();
+        s.app
+            .registry
+            .hub()
+            .publish("firehose", &payload, None)
+            .unwrap();
         if i % 40 == 0 {
             tokio::time::sleep(Duration::from_millis(4)).await;
         }
     }
-    let fast = tokio::time::timeout(Duration::from_secs(30), reader).await.unwrap().unwrap();
+    let fast = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .unwrap()
+        .unwrap();
     let ev = collect_events(&mut rx, Duration::from_millis(300)).await;
-    let closed: Vec<_> = ev.iter().filter(|e| e.kind == EventType::ConnectionClosed).collect();
+    let closed: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == EventType::ConnectionClosed)
+        .collect();
     assert_eq!(closed.len(), 1, "only the slow one closed");
     assert_eq!(closed[0].client_id.as_deref(), Some("slow"));
     assert_eq!(closed[0].code, Some(4008));
@@ -256,7 +368,10 @@ async fn idempotent_publish_delivers_once() {
     let body = json!({"channel": "idem", "data": "once", "idempotency_key": "k1"});
     let (_, a) = s.post("/api/publish", body.clone()).await;
     let (_, b) = s.post("/api/publish", body).await;
-    assert_eq!((a["duplicate"].as_bool(), b["duplicate"].as_bool()), (Some(false), Some(true)));
+    assert_eq!(
+        (a["duplicate"].as_bool(), b["duplicate"].as_bool()),
+        (Some(false), Some(true))
+    );
     assert_eq!((&a["id"], &a["position"]), (&b["id"], &b["position"]));
     assert_eq!(next_json(&mut ws).await["data"], "once");
     assert_alive(&mut ws).await;
@@ -274,17 +389,36 @@ async fn channels_presence_and_history_api() {
         subscribe(ws, "room", None).await;
     }
     let (_, ch) = s.get("/api/channels").await;
-    assert_eq!(ch, json!({"channels": [{"name": "room", "subscribers": 3, "clients": 2}]}));
+    assert_eq!(
+        ch,
+        json!({"channels": [{"name": "room", "subscribers": 3, "clients": 2}]})
+    );
     let (_, p) = s.get("/api/channels/room/presence").await;
-    assert_eq!(p, json!({"clients": [{"client_id": "a", "connections": 2}, {"client_id": "b", "connections": 1}]}));
+    assert_eq!(
+        p,
+        json!({"clients": [{"client_id": "a", "connections": 2}, {"client_id": "b", "connections": 1}]})
+    );
     let mut positions = Vec::new();
     for i in 0..5 {
-        positions.push(publish(&s, "room", json!({"n": i})).await["position"].as_str().unwrap().to_owned());
+        positions.push(
+            publish(&s, "room", json!({"n": i})).await["position"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
-    let (_, h) = s.get(&format!("/api/channels/room/history?since={}&limit=2", positions[1])).await;
+    let (_, h) = s
+        .get(&format!(
+            "/api/channels/room/history?since={}&limit=2",
+            positions[1]
+        ))
+        .await;
     let msgs = h["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 2);
-    assert_eq!((msgs[0]["position"].as_str(), &msgs[0]["data"]), (Some(positions[2].as_str()), &json!({"n": 2})));
+    assert_eq!(
+        (msgs[0]["position"].as_str(), &msgs[0]["data"]),
+        (Some(positions[2].as_str()), &json!({"n": 2}))
+    );
     assert_eq!(h["epoch"].as_str(), positions[0].split(':').next());
     let (_, none) = s.get("/api/channels/empty/history").await;
     assert_eq!(none, json!({"epoch": null, "messages": []}));
@@ -300,11 +434,25 @@ async fn channels_presence_and_history_api() {
 #[tokio::test(flavor = "multi_thread")]
 async fn publish_and_send_validate_their_input() {
     let s = start(|c| c.limits.max_publish_bytes = 100.try_into().unwrap()).await;
-    let (st, b) = s.post("/api/publish", json!({"channel": "c", "data": "x".repeat(200)})).await;
+    let (st, b) = s
+        .post(
+            "/api/publish",
+            json!({"channel": "c", "data": "x".repeat(200)}),
+        )
+        .await;
     assert_eq!((st, b["error"].as_str()), (413, Some("payload_too_large")));
-    for bad in [json!({"channel": "c"}), json!({"channel": "bad name", "data": 1}), json!({"data": 1}), json!({"channel": "c", "data": 1, "x": 2})] {
+    for bad in [
+        json!({"channel": "c"}),
+        json!({"channel": "bad name", "data": 1}),
+        json!({"data": 1}),
+        json!({"channel": "c", "data": 1, "x": 2}),
+    ] {
         let (st, b) = s.post("/api/publish", bad.clone()).await;
-        assert_eq!((st, b["error"].as_str()), (400, Some("bad_request")), "{bad}");
+        assert_eq!(
+            (st, b["error"].as_str()),
+            (400, Some("bad_request")),
+            "{bad}"
+        );
     }
     let (st, _) = s.post("/api/send", json!({"client_id": "nobody"})).await;
     assert_eq!(st, 400);
@@ -316,17 +464,32 @@ async fn direct_send_reaches_every_connection_of_the_client() {
     let s = start(|_| {}).await;
     let (mut a, _) = s.ws("?client=d").await;
     let (mut b, _) = s.ws("?client=d").await;
-    let mut sse = s.http.get(format!("http://{}/sse?client=d", s.client)).send().await.unwrap();
-    let (st, r) = s.post("/api/send", json!({"client_id": "d", "data": {"hello": 1}})).await;
+    let mut sse = s
+        .http
+        .get(format!("http://{}/sse?client=d", s.client))
+        .send()
+        .await
+        .unwrap();
+    let (st, r) = s
+        .post("/api/send", json!({"client_id": "d", "data": {"hello": 1}}))
+        .await;
     assert_eq!((st, r), (200, json!({"connections": 3})));
     for ws in [&mut a, &mut b] {
         let m = next_json(ws).await;
-        assert_eq!((m["type"].as_str(), &m["data"]), (Some("direct"), &json!({"hello": 1})));
+        assert_eq!(
+            (m["type"].as_str(), &m["data"]),
+            (Some("direct"), &json!({"hello": 1}))
+        );
         assert!(m["id"].as_str().is_some());
     }
     let text = read_sse_until(&mut sse, |t| t.contains("event: direct")).await;
     assert!(text.contains("event: direct\ndata: {\"id\":"), "{text}");
-    assert_eq!(s.post("/api/send", json!({"client_id": "nobody", "data": 1})).await.1, json!({"connections": 0}));
+    assert_eq!(
+        s.post("/api/send", json!({"client_id": "nobody", "data": 1}))
+            .await
+            .1,
+        json!({"connections": 0})
+    );
     drop(sse);
     client_close(a).await;
     client_close(b).await;
@@ -364,27 +527,44 @@ async fn sse_resumes_every_channel_from_last_event_id_and_tombstones_stop_it() {
     let text = read_sse_until(&mut r1, |t| t.matches("event: message").count() == 2).await;
     let evs = sse_events(&text);
     assert_eq!(evs[0].1, "welcome");
-    assert!(evs.iter().all(|e| e.0.is_some()), "every event carries an id");
+    assert!(
+        evs.iter().all(|e| e.0.is_some()),
+        "every event carries an id"
+    );
     let last_id = evs.last().unwrap().0.clone().unwrap();
     // Kicked with reconnect: the browser would come back with Last-Event-ID.
-    s.post("/api/disconnect", json!({"client_id": "s", "reconnect": true})).await;
+    s.post(
+        "/api/disconnect",
+        json!({"client_id": "s", "reconnect": true}),
+    )
+    .await;
     let text = read_sse_until(&mut r1, |t| t.contains("event: closing")).await;
     assert!(text.contains("\"code\":4002"));
     drop(r1);
     publish(&s, "a", json!("a2")).await;
     publish(&s, "b", json!("b2")).await;
     publish(&s, "a", json!("a3")).await;
-    let mut r2 = s.http.get(&url).header("last-event-id", &last_id).send().await.unwrap();
+    let mut r2 = s
+        .http
+        .get(&url)
+        .header("last-event-id", &last_id)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r2.status(), 200);
     let text = read_sse_until(&mut r2, |t| t.matches("event: message").count() == 3).await;
     let evs = sse_events(&text);
     let welcome: Value = serde_json::from_str(&evs[0].2).unwrap();
     assert_eq!(welcome["recovered"], json!({"a": true, "b": true}));
-    let data: Vec<String> = evs.iter().filter(|e| e.1 == "message").map(|e| {
-        let v: Value = serde_json::from_str(&e.2).unwrap();
-        assert!(v.get("type").is_none());
-        v["data"].as_str().unwrap().to_owned()
-    }).collect();
+    let data: Vec<String> = evs
+        .iter()
+        .filter(|e| e.1 == "message")
+        .map(|e| {
+            let v: Value = serde_json::from_str(&e.2).unwrap();
+            assert!(v.get("type").is_none());
+            v["data"].as_str().unwrap().to_owned()
+        })
+        .collect();
     let mut sorted = data.clone();
     sorted.sort();
     assert_eq!(sorted, ["a2", "a3", "b2"]);
@@ -394,13 +574,28 @@ async fn sse_resumes_every_channel_from_last_event_id_and_tombstones_stop_it() {
     s.post("/api/disconnect", json!({"client_id": "s"})).await;
     let _ = read_sse_until(&mut r2, |t| t.contains("event: closing")).await;
     drop(r2);
-    let r3 = s.http.get(&url).header("last-event-id", &last_id).send().await.unwrap();
+    let r3 = s
+        .http
+        .get(&url)
+        .header("last-event-id", &last_id)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r3.status(), 204);
     assert_eq!(r3.headers()["access-control-allow-origin"], "*");
     // An unparsable cursor counts as absent.
-    let mut r4 = s.http.get(&url).header("last-event-id", "v1.garbage.x").send().await.unwrap();
+    let mut r4 = s
+        .http
+        .get(&url)
+        .header("last-event-id", "v1.garbage.x")
+        .send()
+        .await
+        .unwrap();
     let text = read_sse_until(&mut r4, |t| t.contains("event: welcome")).await;
-    assert!(text.contains("\"recovered\":{\"a\":false,\"b\":false}"), "{text}");
+    assert!(
+        text.contains("\"recovered\":{\"a\":false,\"b\":false}"),
+        "{text}"
+    );
     drop(r4);
     s.assert_clean().await;
 }
@@ -409,19 +604,43 @@ async fn sse_resumes_every_channel_from_last_event_id_and_tombstones_stop_it() {
 async fn sse_cors_and_preflight_with_allowed_origins() {
     let s = start(|c| c.limits.allowed_origins = vec!["https://app.example".into()]).await;
     let url = format!("http://{}/sse?client=o", s.client);
-    let r = s.http.get(&url).header("origin", "https://app.example").send().await.unwrap();
+    let r = s
+        .http
+        .get(&url)
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["access-control-allow-origin"], "https://app.example");
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
     assert_eq!(r.headers()["access-control-allow-credentials"], "true");
     assert_eq!(r.headers()["vary"], "Origin");
     drop(r);
-    let r = s.http.get(&url).header("origin", "https://evil.example").send().await.unwrap();
+    let r = s
+        .http
+        .get(&url)
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "origin_not_allowed");
-    let r = s.http.request(reqwest::Method::OPTIONS, &url).header("origin", "https://app.example").send().await.unwrap();
+    let r = s
+        .http
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
-    let allow = r.headers()["access-control-allow-headers"].to_str().unwrap().to_ascii_lowercase();
+    let allow = r.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
     assert!(allow.contains("authorization") && allow.contains("last-event-id"));
     // No Origin: not checked.
     let r = s.http.get(&url).send().await.unwrap();
@@ -436,7 +655,11 @@ async fn closing_follows_queued_messages() {
     let (mut ws, _) = s.ws("?client=q").await;
     subscribe(&mut ws, "q", None).await;
     for i in 0..50 {
-        s.app.registry.hub().publish("q", &i.to_string(), None).unwrap();
+        s.app
+            .registry
+            .hub()
+            .publish("q", &i.to_string(), None)
+            .unwrap();
     }
     s.post("/api/disconnect", json!({"client_id": "q"})).await;
     let mut seen = 0;
