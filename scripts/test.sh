@@ -80,10 +80,18 @@ setup_python() {
     "$VENV/bin/python" -c 'import pytest, websockets, requests; print("pytest", pytest.__version__, "| websockets", websockets.__version__, "| requests", requests.__version__)'
 }
 
-# >>> EXTENSION POINT: more setup steps go here (Redis server for cluster tests,
-# >>> Debian's chromium + chromium-driver for browser tests, `npm ci` for front-end
-# >>> tests). Write each as a setup_* function using apt_install, and add it to
-# >>> SETUP_FOR below next to the steps that need it.
+setup_browser() {
+    section "setup: chromium + playwright-core (tests/browser)"
+    apt_install chromium
+    command -v node >/dev/null 2>&1 || apt_install nodejs npm
+    # playwright-core drives Debian's chromium; it never downloads a browser.
+    (cd "$ROOT/tests/browser" && npm ci --no-audit --no-fund --loglevel=error)
+    chromium --version
+}
+
+# >>> EXTENSION POINT: more setup steps go here (Redis server for cluster tests).
+# >>> Write each as a setup_* function using apt_install, and add it to SETUP_FOR
+# >>> below next to the steps that need it.
 
 # ---------------------------------------------------------------------------
 # Check steps.
@@ -121,15 +129,21 @@ step_py() {
     TETHER_BIN="$ROOT/target/debug/tether" "$VENV/bin/python" -m pytest -q tests/python
 }
 
-# >>> EXTENSION POINT: more check steps go here (cluster tests against Redis,
-# >>> browser tests in headless Chromium, npm tests). Add each to STEPS, and its
-# >>> setup to SETUP_FOR.
+step_browser() {
+    section "browser tests: headless chromium, native EventSource (tests/browser)"
+    cargo build --quiet
+    (cd "$ROOT/tests/browser" && TETHER_BIN="$ROOT/target/debug/tether" node --test)
+}
 
-STEPS=(fmt clippy build rust py)
+# >>> EXTENSION POINT: more check steps go here (cluster tests against Redis).
+# >>> Add each to STEPS, and its setup to SETUP_FOR.
+
+STEPS=(fmt clippy build rust py browser)
 
 # The setup functions each step needs (space-separated).
 declare -A SETUP_FOR=(
     [py]="setup_python"
+    [browser]="setup_browser"
 )
 
 main() {
