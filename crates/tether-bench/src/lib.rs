@@ -319,7 +319,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
                                 break;
                             }
                         };
-                        if t.as_str().starts_with(r#"{"type":"subscribed""#) {
+                        if t.as_str().contains(r#""type":"subscribed""#) {
                             ready.add_permits(1);
                         } else if t.as_str().starts_with(r#"{"type":"message""#) {
                             got += 1;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tether_protocol::{EventType, Position};
+use tether_protocol::{EventType, Position, ServerFrame};
 use tokio::time::Instant;
 
 use crate::events::{EventBus, EventFields};
@@ -365,12 +365,15 @@ impl Hub {
                 missed: latest + 1 - next,
             };
             if let Some(reference) = announce {
-                let frame = serde_json::json!({
-                    "type": "subscribed", "ref": reference, "channel": &*ch.name,
-                    "position": out.position, "recovered": out.recovered, "missed": out.missed,
-                });
-                conn.outbox()
-                    .push(Outgoing::Text(Bytes::from(frame.to_string())));
+                let frame = ServerFrame::Subscribed {
+                    reference,
+                    channel: &ch.name,
+                    position: &out.position,
+                    recovered: out.recovered,
+                    missed: out.missed,
+                }
+                .encode();
+                conn.outbox().push(Outgoing::Text(Bytes::from(frame)));
             }
             let live = next > latest;
             st.subs.insert(

@@ -113,6 +113,28 @@ pub enum ServerFrame<'a> {
         /// The heartbeat interval.
         heartbeat_ms: u64,
     },
+    /// Reply to `subscribe`.
+    Subscribed {
+        /// The client's `ref`.
+        #[serde(rename = "ref")]
+        reference: Option<u64>,
+        /// The channel.
+        channel: &'a str,
+        /// The channel's latest position when subscribing.
+        position: &'a str,
+        /// Whether `since` was inside the history.
+        recovered: bool,
+        /// How many messages will be replayed.
+        missed: u64,
+    },
+    /// Reply to `unsubscribe`.
+    Unsubscribed {
+        /// The client's `ref`.
+        #[serde(rename = "ref")]
+        reference: Option<u64>,
+        /// The channel.
+        channel: &'a str,
+    },
     /// Reply to a client `ping`.
     Pong {
         /// The client's `ref`.

@@ -421,9 +421,12 @@ async fn handle(
                 Ok(ClientFrame::Unsubscribe { reference, channel }) => {
                     match app.registry.hub().unsubscribe(conn, &channel) {
                         Ok(()) => {
-                            let frame = serde_json::json!({"type": "unsubscribed", "ref": reference, "channel": channel});
-                            conn.outbox()
-                                .push(Outgoing::Text(Bytes::from(frame.to_string())));
+                            let frame = ServerFrame::Unsubscribed {
+                                reference,
+                                channel: &channel,
+                            }
+                            .encode();
+                            conn.outbox().push(Outgoing::Text(Bytes::from(frame)));
                             None
                         }
                         Err(e) => Some(error(reference, e.code(), e.message())),

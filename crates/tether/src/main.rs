@@ -41,6 +41,23 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Publish one message through the server API.
+    Publish {
+        /// The API base URL.
+        #[arg(long, default_value = "http://127.0.0.1:7701")]
+        api: String,
+        /// The channel.
+        #[arg(long)]
+        channel: String,
+        /// The API key, if the server has one.
+        #[arg(long)]
+        key: Option<String>,
+        /// Idempotency key (a repeat within the history TTL delivers nothing).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// The data: JSON, or any other text (sent as a JSON string).
+        data: String,
+    },
     /// The load generator.
     Bench(tether_bench::BenchArgs),
 }
@@ -77,6 +94,23 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Publish {
+            api,
+            channel,
+            key,
+            idempotency_key,
+            data,
+        } => {
+            match runtime()
+                .and_then(|rt| rt.block_on(publish(api, channel, key, idempotency_key, data)))
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tether publish: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Bench(args) => runtime()
             .and_then(|rt| rt.block_on(tether_bench::run(args)))
             .map_or_else(
@@ -194,5 +228,34 @@ async fn serve(cfg: Config) -> Result<(), String> {
         _ = second => {}
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+async fn publish(
+    api: String,
+    channel: String,
+    key: Option<String>,
+    idempotency_key: Option<String>,
+    data: String,
+) -> Result<(), String> {
+    let data: serde_json::Value =
+        serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data));
+    let mut body = serde_json::json!({"channel": channel, "data": data});
+    if let Some(k) = idempotency_key {
+        body["idempotency_key"] = k.into();
+    }
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/api/publish", api.trim_end_matches('/')))
+        .json(&body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.map_err(|e| format!("{api}: {e}"))?;
+    let status = resp.status();
+    let text = resp.text().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("{status}: {text}"));
+    }
+    println!("{text}");
     Ok(())
 }
