@@ -115,6 +115,38 @@ pub fn process_memory(pid: u32) -> Result<(u64, u64), String> {
     Ok((rss, pss))
 }
 
+type ClientWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens connection `i` from source address `src` to `target` as client `{prefix}-{i}`.
+async fn connect_ws(
+    url: &str,
+    prefix: &str,
+    i: usize,
+    src: IpAddr,
+    target: SocketAddr,
+) -> Result<ClientWs, String> {
+    let url = format!(
+        "{url}{}client={prefix}-{i}",
+        if url.contains('?') { '&' } else { '?' }
+    );
+    let socket = if src.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| e.to_string())?;
+    socket
+        .bind(SocketAddr::new(src, 0))
+        .map_err(|e| e.to_string())?;
+    let stream = socket.connect(target).await.map_err(|e| e.to_string())?;
+    let (ws, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
+
 async fn idle(a: IdleArgs) -> Result<(), String> {
     if a.sources.iter().any(|s| !s.is_loopback()) {
         return Err("sources must be loopback addresses".into());
@@ -139,25 +171,9 @@ async fn idle(a: IdleArgs) -> Result<(), String> {
     let sources = a.sources.clone();
     let results: Vec<Result<_, String>> = futures_util::stream::iter(0..a.connections)
         .map(|i| {
-            let url = format!(
-                "{url}{}client=bench-{i}",
-                if url.contains('?') { '&' } else { '?' }
-            );
-            let src = sources[i % sources.len()];
+            let (url, src) = (url.clone(), sources[i % sources.len()]);
             async move {
-                let socket = if src.is_ipv4() {
-                    TcpSocket::new_v4()
-                } else {
-                    TcpSocket::new_v6()
-                }
-                .map_err(|e| e.to_string())?;
-                socket
-                    .bind(SocketAddr::new(src, 0))
-                    .map_err(|e| e.to_string())?;
-                let stream = socket.connect(target).await.map_err(|e| e.to_string())?;
-                let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut ws = connect_ws(&url, "bench", i, src, target).await?;
                 // The welcome frame proves admission.
                 match ws.next().await {
                     Some(Ok(_)) => Ok(ws),
@@ -278,26 +294,10 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     let messages = a.messages;
     let connects: Vec<Result<(), String>> = futures_util::stream::iter(0..a.subscribers)
         .map(|i| {
-            let url = format!(
-                "{url}{}client=fan-{i}",
-                if url.contains('?') { '&' } else { '?' }
-            );
-            let src = sources[i % sources.len()];
+            let (url, src) = (url.clone(), sources[i % sources.len()]);
             let (done_tx, ready, channel) = (done_tx.clone(), ready.clone(), channel.clone());
             async move {
-                let socket = if src.is_ipv4() {
-                    TcpSocket::new_v4()
-                } else {
-                    TcpSocket::new_v6()
-                }
-                .map_err(|e| e.to_string())?;
-                socket
-                    .bind(SocketAddr::new(src, 0))
-                    .map_err(|e| e.to_string())?;
-                let stream = socket.connect(target).await.map_err(|e| e.to_string())?;
-                let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut ws = connect_ws(&url, "fan", i, src, target).await?;
                 let sub = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
                 ws.send(Message::text(sub))
                     .await

@@ -101,6 +101,20 @@ impl Outbox {
         self.notify.notified().await
     }
 
+    /// Runs `write` (a write of what was taken from this outbox) unless the outbox
+    /// overflows meanwhile: a peer that does not read blocks the write, and the
+    /// overflow must end the connection at once, not at the write's timeout.
+    /// `None` means it overflowed.
+    pub async fn unless_overflowed<F: std::future::Future>(&self, write: F) -> Option<F::Output> {
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                r = &mut write => return Some(r),
+                _ = self.ready() => if self.overflowed() { return None },
+            }
+        }
+    }
+
     /// Free message slots.
     pub fn room(&self) -> usize {
         let s = self.state.lock();

@@ -287,12 +287,9 @@ fn bad(message: impl AsRef<str>) -> Response {
     error_response(StatusCode::BAD_REQUEST, "bad_request", message.as_ref())
 }
 
-fn check_channel(name: &str) -> Result<(), Response> {
-    if valid_channel(name) {
-        Ok(())
-    } else {
-        Err(bad("channel: names are 1-200 of A-Z a-z 0-9 _ . : / -"))
-    }
+/// A 400 naming the channel rule, or `None` for a valid name.
+fn bad_channel(name: &str) -> Option<Response> {
+    (!valid_channel(name)).then(|| bad("channel: names are 1-200 of A-Z a-z 0-9 _ . : / -"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -308,7 +305,7 @@ async fn publish(State(s): State<ApiState>, body: Bytes) -> Response {
         Ok(b) => b,
         Err(e) => return bad(format!("bad body: {e}")),
     };
-    if let Err(r) = check_channel(&b.channel) {
+    if let Some(r) = bad_channel(&b.channel) {
         return r;
     }
     if b.data.get().len() as u64 > s.app.cfg.limits.max_publish_bytes.get() {
@@ -385,7 +382,7 @@ async fn channels(State(s): State<ApiState>) -> Response {
 }
 
 async fn presence(State(s): State<ApiState>, Path(name): Path<String>) -> Response {
-    if let Err(r) = check_channel(&name) {
+    if let Some(r) = bad_channel(&name) {
         return r;
     }
     let clients: Vec<_> = s
@@ -411,7 +408,7 @@ async fn history(
     Path(name): Path<String>,
     query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Err(r) = check_channel(&name) {
+    if let Some(r) = bad_channel(&name) {
         return r;
     }
     let q = match query {

@@ -391,14 +391,10 @@ async fn flush(
         }
         if !buf.is_empty() {
             conn.add_bytes_out(buf.len());
-            let write = timeout(wait, tx.send(buf.freeze()));
-            tokio::pin!(write);
-            let written = loop {
-                tokio::select! {
-                    r = &mut write => break Some(r),
-                    _ = conn.outbox().ready() => if conn.outbox().overflowed() { break None },
-                }
-            };
+            let written = conn
+                .outbox()
+                .unless_overflowed(timeout(wait, tx.send(buf.freeze())))
+                .await;
             match written {
                 None => {
                     return Some(End::Announce(Closing::new(

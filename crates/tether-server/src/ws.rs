@@ -501,16 +501,10 @@ async fn flush_outbox(
         if batch.is_empty() {
             return None;
         }
-        // A peer that does not read blocks this write; the queue overflowing
-        // meanwhile ends the connection at once rather than at the write timeout.
-        let write = timeout(hb_timeout, write_batch(ws, guard, batch));
-        tokio::pin!(write);
-        let written = loop {
-            tokio::select! {
-                r = &mut write => break Some(r),
-                _ = conn.outbox().ready() => if conn.outbox().overflowed() { break None },
-            }
-        };
+        let written = conn
+            .outbox()
+            .unless_overflowed(timeout(hb_timeout, write_batch(ws, guard, batch)))
+            .await;
         match written {
             None => {
                 return Some(End::Announce(Closing::new(
