@@ -8,6 +8,7 @@
 //! these handles.
 #![warn(missing_docs)]
 
+pub mod broker;
 pub mod drain;
 pub mod events;
 pub mod hub;
@@ -18,6 +19,7 @@ pub mod outbox;
 pub mod registry;
 pub mod select;
 
+pub use broker::{Broker, BrokerError, MemoryBroker};
 pub use drain::{Drain, Phase};
 pub use events::EventBus;
 pub use hub::{CatchUp, Hub, HubError, HubSettings, PublishResult, Published, Subscribed};

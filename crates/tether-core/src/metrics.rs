@@ -50,6 +50,7 @@ struct Inner {
     published: Counter,
     delivered: Counter,
     queue_bytes: Gauge,
+    broker_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -71,6 +72,12 @@ impl Metrics {
         let published = Counter::default();
         let delivered = Counter::default();
         let queue_bytes = Gauge::default();
+        let broker_up = Gauge::default();
+        registry.register(
+            "broker_up",
+            "1 while the broker is reachable",
+            broker_up.clone(),
+        );
         registry.register(
             "messages_published",
             "Messages published on this node",
@@ -128,6 +135,7 @@ impl Metrics {
                 published,
                 delivered,
                 queue_bytes,
+                broker_up,
             }),
         }
     }
@@ -187,6 +195,11 @@ impl Metrics {
     /// Sets the bytes waiting in every outbound queue (computed at scrape time).
     pub fn set_queue_bytes(&self, n: u64) {
         self.inner.queue_bytes.set(n as i64);
+    }
+
+    /// Records whether the broker is reachable.
+    pub fn set_broker_up(&self, up: bool) {
+        self.inner.broker_up.set(i64::from(up));
     }
 
     /// The number of pending handshakes changed by `delta`.

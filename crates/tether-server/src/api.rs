@@ -274,6 +274,7 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         .map(|c| c.outbox().queued_bytes())
         .sum();
     s.app.metrics.set_queue_bytes(queued as u64);
+    s.app.metrics.set_broker_up(s.app.broker.is_up());
     Response::builder()
         .header(
             header::CONTENT_TYPE,
@@ -326,9 +327,9 @@ async fn publish(State(s): State<ApiState>, body: Bytes) -> Response {
     }
     match s
         .app
-        .registry
-        .hub()
+        .broker
         .publish(&b.channel, b.data.get(), b.idempotency_key.as_deref())
+        .await
     {
         Ok(r) => json_response(StatusCode::OK, json!(r)),
         Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.message()),
@@ -424,12 +425,10 @@ async fn history(
         Some(Some(p)) => Some(p),
         Some(None) => return bad("since must be a position \"<epoch>:<offset>\""),
     };
-    let (epoch, messages) = s
-        .app
-        .registry
-        .hub()
-        .history(&name, since.as_ref(), limit)
-        .unwrap_or_default();
+    let (epoch, messages) = match s.app.broker.history(&name, since.as_ref(), limit).await {
+        Ok(page) => page.unwrap_or_default(),
+        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.message()),
+    };
     let messages: Vec<Value> = messages
         .iter()
         .map(|p| {

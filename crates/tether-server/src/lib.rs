@@ -23,7 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_core::{
-    ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, Metrics, Registry, RegistrySettings,
+    Broker, ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, MemoryBroker, Metrics,
+    Registry, RegistrySettings,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +39,8 @@ pub struct App {
     pub cfg: Config,
     /// Clients and connections.
     pub registry: Registry,
+    /// Where publishes get their position and history lives.
+    pub broker: Arc<dyn Broker>,
     /// Per-address limits.
     pub ip_limits: IpLimits,
     /// Shutdown state.
@@ -82,9 +85,10 @@ impl App {
             ids,
             events,
             metrics.clone(),
-            hub,
+            hub.clone(),
         );
         Arc::new(App {
+            broker: Arc::new(MemoryBroker::new(hub)),
             ip_limits: IpLimits::new(
                 cfg.limits.max_connections_per_ip,
                 cfg.limits.handshakes_per_ip_per_sec,
@@ -102,7 +106,9 @@ impl App {
 
     /// Whether a handshake would be admitted now (`/readyz`).
     pub fn ready(&self) -> bool {
-        self.drain.phase() == tether_core::Phase::Running && !self.registry.is_full()
+        self.drain.phase() == tether_core::Phase::Running
+            && !self.registry.is_full()
+            && self.broker.is_up()
     }
 }
 

@@ -499,4 +499,6 @@ async fn metrics_count_opens_closes_and_clients() {
         "{text}"
     );
     assert!(!text.contains("client=\"m\""));
+    assert!(text.contains("tether_broker_up 1"), "{text}");
+    assert!(text.contains("tether_queue_bytes 0"), "{text}");
 }
