@@ -1,7 +1,7 @@
-//! The broker: where publishes get their id and position, where history lives, and
-//! how a node learns of messages published anywhere. A narrow trait: publish,
-//! history, liveness, plus two optional hooks cluster mode needs (a node starts or
-//! stops caring about a channel).
+//! The broker: where publishes get their id and position and where history lives.
+//! A narrow trait: publish, history, liveness. Cluster mode will add how a node
+//! starts and stops receiving a channel (driven by the hub's `channel.occupied` /
+//! `channel.vacated` transitions); the in-memory broker needs neither.
 //!
 //! The node-local [`Hub`] stays the delivery seam for every broker: whatever assigns
 //! positions, messages reach this node's connections through the hub's per-channel
@@ -72,12 +72,6 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     fn is_up(&self) -> bool {
         true
     }
-
-    /// This node got its first local subscriber of `channel`.
-    fn node_subscribe(&self, _channel: &str) {}
-
-    /// This node lost its last local subscriber of `channel`.
-    fn node_unsubscribe(&self, _channel: &str) {}
 }
 
 /// The in-memory broker: one node, history in the node's hub.
