@@ -7,9 +7,10 @@ use std::net::IpAddr;
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
-use tether_core::{Phase, Reservation, Transport};
+use tether_core::{IpSlot, Phase, Reservation, Transport};
 use tether_protocol::{CloseCode, Refusal};
 
+use crate::auth::Identity;
 use crate::App;
 
 /// Longest client id accepted from `?client=`.
@@ -24,40 +25,115 @@ pub enum AdmitError {
     BadRequest(String),
 }
 
-/// Runs the admission checks for a client at `ip` and reserves its slot.
+/// Who the client says it is.
+#[derive(Clone, Copy, Debug)]
+pub enum Credentials<'a> {
+    /// `auth.mode = "none"`: `?client=ID`, or a generated id.
+    Client(Option<&'a str>),
+    /// `auth.mode = "jwt"`: the token, if one came with the request.
+    Token(Option<&'a str>),
+}
+
+/// An admitted handshake: its reservation and identity.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The reserved slot; commit it once the transport is up.
+    pub reservation: Reservation,
+    /// The client id.
+    pub client_id: String,
+    /// The token's identity (jwt mode).
+    pub identity: Option<Identity>,
+}
+
+/// Counts and logs a refusal.
+pub fn refused(app: &App, refusal: Refusal, ip: IpAddr) -> AdmitError {
+    app.metrics.refused(refusal.error());
+    tracing::debug!(%ip, reason = refusal.error(), "handshake refused");
+    AdmitError::Refused(refusal)
+}
+
+/// The node and address checks, in order: draining, handshake rate, connections per
+/// address, `Origin`. Returns the address slot the connection will hold.
+pub fn precheck(app: &App, ip: IpAddr, origin_ok: bool) -> Result<IpSlot, Refusal> {
+    if app.drain.phase() >= Phase::Draining {
+        return Err(Refusal::Draining);
+    }
+    app.ip_limits.check_rate(ip)?;
+    let slot = app.ip_limits.acquire(ip)?;
+    if !origin_ok {
+        return Err(Refusal::OriginNotAllowed);
+    }
+    Ok(slot)
+}
+
+/// The client id (and token identity) from the credentials.
+pub fn identify(
+    app: &App,
+    creds: Credentials<'_>,
+) -> Result<(String, Option<Identity>), AdmitError> {
+    match creds {
+        Credentials::Client(Some(c)) => {
+            validate_client_id(c).map_err(AdmitError::BadRequest)?;
+            Ok((c.to_owned(), None))
+        }
+        Credentials::Client(None) => Ok((format!("anon-{:016x}", fastrand::u64(..)), None)),
+        Credentials::Token(None) => Err(AdmitError::Refused(Refusal::Unauthorized)),
+        Credentials::Token(Some(t)) => match app.auth.verify(t) {
+            Ok(id) => Ok((id.client_id.clone(), Some(id))),
+            Err(e) => {
+                tracing::debug!(error = %e, "token refused");
+                Err(AdmitError::Refused(Refusal::Unauthorized))
+            }
+        },
+    }
+}
+
+/// Runs every admission check in SPEC section 2's order and reserves the slot.
+/// `channels` are the SSE stream's channels, checked against the token.
 pub fn admit(
     app: &App,
-    client: Option<&str>,
+    creds: Credentials<'_>,
     ip: IpAddr,
     transport: Transport,
     origin_ok: bool,
-) -> Result<(Reservation, String), AdmitError> {
-    let client_id = match client {
-        Some(c) => {
-            validate_client_id(c).map_err(AdmitError::BadRequest)?;
-            c.to_owned()
-        }
-        None => format!("anon-{:016x}", fastrand::u64(..)),
+    channels: &[String],
+) -> Result<Admitted, AdmitError> {
+    if let Credentials::Client(Some(c)) = creds {
+        validate_client_id(c).map_err(AdmitError::BadRequest)?;
+    }
+    let slot = precheck(app, ip, origin_ok).map_err(|r| refused(app, r, ip))?;
+    let (client_id, identity) = match identify(app, creds) {
+        Ok(v) => v,
+        Err(AdmitError::Refused(r)) => return Err(refused(app, r, ip)),
+        Err(e) => return Err(e),
     };
-    let checked = (|| {
-        if app.drain.phase() >= Phase::Draining {
-            return Err(Refusal::Draining);
-        }
-        app.ip_limits.check_rate(ip)?;
-        let slot = app.ip_limits.acquire(ip)?;
-        if !origin_ok {
-            return Err(Refusal::OriginNotAllowed);
-        }
-        app.registry.reserve(&client_id, transport, Some(slot))
-    })();
-    match checked {
-        Ok(r) => Ok((r, client_id)),
-        Err(refusal) => {
-            app.metrics.refused(refusal.error());
-            tracing::debug!(client_id, %ip, reason = refusal.error(), "handshake refused");
-            Err(AdmitError::Refused(refusal))
+    if let Some(id) = &identity {
+        if channels.iter().any(|c| !id.may_subscribe(c)) {
+            return Err(refused(app, Refusal::ForbiddenChannel, ip));
         }
     }
+    let reservation = app
+        .registry
+        .reserve(&client_id, transport, Some(slot))
+        .map_err(|r| refused(app, r, ip))?;
+    Ok(Admitted {
+        reservation,
+        client_id,
+        identity,
+    })
+}
+
+/// The token a request carries: `Authorization: Bearer`, else `?token=`.
+pub fn request_token<'a>(
+    headers: &'a http::HeaderMap,
+    query_token: Option<&'a str>,
+) -> Option<&'a str> {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .or(query_token)
 }
 
 /// Client ids: 1–200 bytes of printable ASCII without spaces.

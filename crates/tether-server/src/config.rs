@@ -75,16 +75,45 @@ pub enum AuthMode {
     /// `?client=ID`.
     #[default]
     None,
+    /// A JWT per connection.
+    Jwt,
 }
 
 /// `[auth]`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSection {
     /// The mode.
     pub mode: AuthMode,
     /// Allow `none` on a non-loopback listener.
     pub allow_insecure: bool,
+    /// HS256 secret (at least 32 bytes).
+    pub hs256_secret: String,
+    /// RS256 public key, PEM.
+    pub rs256_public_key_file: String,
+    /// JWKS file: keys by `kid`.
+    pub jwks_file: String,
+    /// Required `aud`, when set.
+    pub audience: String,
+    /// Required `iss`, when set.
+    pub issuer: String,
+    /// Clock leeway for `exp`.
+    pub leeway_ms: u64,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            allow_insecure: false,
+            hs256_secret: String::new(),
+            rs256_public_key_file: String::new(),
+            jwks_file: String::new(),
+            audience: String::new(),
+            issuer: String::new(),
+            leeway_ms: 5000,
+        }
+    }
 }
 
 /// `[clients]`.

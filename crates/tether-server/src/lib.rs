@@ -11,6 +11,7 @@
 
 pub mod admission;
 mod api;
+pub mod auth;
 pub mod config;
 mod drain;
 mod net;
@@ -55,10 +56,12 @@ pub struct App {
     pub max_connections: usize,
     /// SSE connections closed for good, by conn id.
     pub tombstones: sse::Tombstones,
+    /// Token verification.
+    pub auth: auth::Auth,
 }
 
 impl App {
-    fn new(cfg: Config, nofile: u64) -> Arc<App> {
+    fn new(cfg: Config, nofile: u64, auth: auth::Auth) -> Arc<App> {
         let max_connections = cfg.max_connections(nofile);
         let ids = ConnIdGen::new(&cfg.node_id);
         let metrics = Metrics::new();
@@ -99,6 +102,7 @@ impl App {
             metrics,
             tasks: TaskTracker::new(),
             max_connections,
+            auth,
             tombstones: sse::Tombstones::new(Duration::from_millis(cfg.clients.tombstone_ms)),
             cfg,
         })
@@ -142,7 +146,8 @@ impl Server {
     /// Validates what needs the environment, binds both listeners and spawns
     /// everything. `nofile` is the open-file limit the ceiling derives from.
     pub async fn start(cfg: Config, nofile: u64) -> Result<Running, StartError> {
-        if !cfg.auth.allow_insecure && !cfg.listen.ip().is_loopback() {
+        let auth = auth::Auth::from_config(&cfg.auth).map_err(StartError::Refused)?;
+        if !auth.is_jwt() && !cfg.auth.allow_insecure && !cfg.listen.ip().is_loopback() {
             return Err(StartError::Refused(format!(
                 "auth mode \"none\" lets anyone pick any client id; refusing to listen on non-loopback {} \
                  (set [auth] allow_insecure = true to accept that)",
@@ -151,7 +156,7 @@ impl Server {
         }
         // Port 0 means "any free port": two such listeners are two ports, not one.
         let same = cfg.listen == cfg.api.listen && cfg.listen.port() != 0;
-        let app = App::new(cfg, nofile);
+        let app = App::new(cfg, nofile, auth);
         let client = net::bind(app.cfg.listen).map_err(|source| StartError::Bind {
             addr: app.cfg.listen,
             source,

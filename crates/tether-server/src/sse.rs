@@ -28,7 +28,7 @@ use tether_protocol::{valid_channel, CloseCode, Closing, Cursor, Position, Refus
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
-use crate::admission::{self, AdmitError};
+use crate::admission::{self, AdmitError, Credentials};
 use crate::net::SocketInfo;
 use crate::App;
 
@@ -91,6 +91,7 @@ impl Tombstones {
 
 struct SseQuery {
     client: Option<String>,
+    token: Option<String>,
     channels: Vec<String>,
     since: Option<String>,
 }
@@ -98,12 +99,14 @@ struct SseQuery {
 fn parse_query(q: Option<&str>) -> Result<SseQuery, String> {
     let mut out = SseQuery {
         client: None,
+        token: None,
         channels: Vec::new(),
         since: None,
     };
     for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
         match &*k {
             "client" => out.client = Some(v.into_owned()),
+            "token" => out.token = Some(v.into_owned()),
             "since" => out.since = Some(v.into_owned()),
             "channel" => {
                 if !valid_channel(&v) {
@@ -216,18 +219,27 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let origin_ok = !origin_refused(app, headers);
-    let (reservation, _client_id) =
-        match admission::admit(app, query.client.as_deref(), ip, Transport::Sse, origin_ok) {
-            Ok(r) => r,
+    let creds = if app.auth.is_jwt() {
+        Credentials::Token(admission::request_token(headers, query.token.as_deref()))
+    } else {
+        Credentials::Client(query.client.as_deref())
+    };
+    let admitted =
+        match admission::admit(app, creds, ip, Transport::Sse, origin_ok, &query.channels) {
+            Ok(a) => a,
             Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
             Err(AdmitError::Refused(r)) if r.is_transient() => return transient_refusal(r),
             Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
         };
-    let guard = reservation.commit(ConnSpec {
+    let expires_at = admitted.identity.as_ref().map(|id| app.auth.expires_at(id));
+    let guard = admitted.reservation.commit(ConnSpec {
         transport: Transport::Sse,
         remote_addr: ip,
         user_agent,
-        meta: serde_json::Value::Null,
+        meta: admitted
+            .identity
+            .map(|id| id.meta)
+            .unwrap_or(serde_json::Value::Null),
         upstream: None,
     });
     drop(info.take_pending());
@@ -292,7 +304,8 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
     // The channel is new and empty: this cannot be full.
     let _ = tx.try_send(Bytes::from(first));
-    app.tasks.spawn(run(app.clone(), guard, tx, stream));
+    app.tasks
+        .spawn(run(app.clone(), guard, tx, stream, expires_at));
     stream_response(rx)
 }
 
@@ -421,6 +434,7 @@ async fn run(
     mut guard: ConnectionGuard,
     tx: mpsc::Sender<Bytes>,
     mut stream: Stream,
+    expires_at: Option<Instant>,
 ) {
     let conn = guard.conn().clone();
     let interval = Duration::from_millis(app.cfg.heartbeat.interval_ms.get());
@@ -447,9 +461,12 @@ async fn run(
         if let Some(e) = end.take() {
             break e;
         }
-        timer
-            .as_mut()
-            .reset(lifetime_at.map_or(next_beat, |l| l.min(next_beat)));
+        let wake = [Some(next_beat), lifetime_at, expires_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_beat);
+        timer.as_mut().reset(wake);
         tokio::select! {
             biased;
             _ = app.drain.hard_stop().cancelled() => break End::Hard,
@@ -458,6 +475,9 @@ async fn run(
             _ = conn.outbox().ready() => end = flush(&app, &conn, &tx, &mut stream, &mut batch, wait).await,
             _ = &mut timer => {
                 let now = Instant::now();
+                if expires_at.is_some_and(|e| now >= e) {
+                    break End::Announce(Closing::new(CloseCode::TOKEN_EXPIRED, "token expired"));
+                }
                 if lifetime_at.is_some_and(|l| now >= l) {
                     break End::Announce(Closing::new(CloseCode::MAX_LIFETIME, "maximum connection lifetime reached"));
                 }

@@ -32,7 +32,8 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::admission::{self, AdmitError};
+use crate::admission::{self, AdmitError, Credentials};
+use crate::auth::Identity;
 use crate::net::SocketInfo;
 use crate::App;
 
@@ -57,6 +58,7 @@ const DEAD_PEER_WAIT: Duration = Duration::from_millis(250);
 #[derive(Debug, Default, Deserialize)]
 struct WsQuery {
     client: Option<String>,
+    token: Option<String>,
     refusal: Option<String>,
 }
 
@@ -88,27 +90,105 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let origin_ok = !crate::sse::origin_refused(&app, headers);
+    let token = admission::request_token(headers, query.token.as_deref()).map(str::to_owned);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
-    match admission::admit(&app, query.client.as_deref(), ip, Transport::Ws, origin_ok) {
-        Err(AdmitError::BadRequest(m)) => admission::bad_request(&m),
-        Err(AdmitError::Refused(refusal)) if !refusal_close => admission::http_refusal(refusal),
-        Err(AdmitError::Refused(refusal)) => {
-            let pending = info.take_pending();
-            let cfg = ws_config(&app);
-            app.tasks.spawn(async move {
-                let _pending = pending;
-                if let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await {
-                    let ws =
-                        WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg))
-                            .await;
-                    refuse_after_upgrade(ws, refusal).await;
+    let pending = info.take_pending();
+    let spec = move |meta| ConnSpec {
+        transport: Transport::Ws,
+        remote_addr: ip,
+        user_agent,
+        meta,
+        upstream: None,
+    };
+
+    // jwt mode without a token in the request: the token comes as the first frame,
+    // so admission finishes after the upgrade and refusals become close codes.
+    if app.auth.is_jwt() && token.is_none() {
+        let slot = match admission::precheck(&app, ip, origin_ok) {
+            Ok(slot) => slot,
+            Err(r) => {
+                let e = admission::refused(&app, r, ip);
+                drop(pending);
+                return refusal_response(
+                    &app,
+                    e,
+                    refusal_close,
+                    on_upgrade,
+                    hs_timeout,
+                    &key,
+                    protocol,
+                );
+            }
+        };
+        let task_app = app.clone();
+        app.tasks.spawn(async move {
+            let _pending = pending;
+            let deadline = Instant::now() + hs_timeout;
+            let Ok(Ok(up)) = tokio::time::timeout_at(deadline, on_upgrade).await else {
+                return;
+            };
+            let mut ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(up),
+                Role::Server,
+                Some(ws_config(&task_app)),
+            )
+            .await;
+            let first = tokio::time::timeout_at(deadline, first_token(&mut ws))
+                .await
+                .ok()
+                .flatten();
+            let admitted = admission::identify(&task_app, Credentials::Token(first.as_deref()))
+                .and_then(|(client_id, id)| {
+                    match task_app
+                        .registry
+                        .reserve(&client_id, Transport::Ws, Some(slot))
+                    {
+                        Ok(r) => Ok((r, id)),
+                        Err(r) => Err(AdmitError::Refused(r)),
+                    }
+                });
+            match admitted {
+                Ok((reservation, identity)) => {
+                    let meta = identity
+                        .as_ref()
+                        .map(|i| i.meta.clone())
+                        .unwrap_or_default();
+                    let guard = reservation.commit(spec(meta));
+                    drop(_pending);
+                    run(task_app, ws, guard, identity).await;
                 }
-            });
-            switching(&key, protocol)
+                Err(AdmitError::Refused(r)) => {
+                    task_app.metrics.refused(r.error());
+                    refuse_after_upgrade(ws, r).await;
+                }
+                Err(AdmitError::BadRequest(_)) => {
+                    refuse_after_upgrade(ws, Refusal::Unauthorized).await
+                }
+            }
+        });
+        return switching(&key, protocol);
+    }
+
+    let creds = if app.auth.is_jwt() {
+        Credentials::Token(token.as_deref())
+    } else {
+        Credentials::Client(query.client.as_deref())
+    };
+    match admission::admit(&app, creds, ip, Transport::Ws, origin_ok, &[]) {
+        Err(e) => {
+            drop(pending);
+            refusal_response(
+                &app,
+                e,
+                refusal_close,
+                on_upgrade,
+                hs_timeout,
+                &key,
+                protocol,
+            )
         }
-        Ok((reservation, client_id)) => {
-            let pending = info.take_pending();
+        Ok(admitted) => {
             let task_app = app.clone();
             app.tasks.spawn(async move {
                 let upgraded = match timeout(hs_timeout, on_upgrade).await {
@@ -121,18 +201,64 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
                     Some(ws_config(&task_app)),
                 )
                 .await;
-                let guard = reservation.commit(ConnSpec {
-                    transport: Transport::Ws,
-                    remote_addr: ip,
-                    user_agent,
-                    meta: serde_json::Value::Null,
-                    upstream: None,
-                });
+                let meta = admitted
+                    .identity
+                    .as_ref()
+                    .map(|i| i.meta.clone())
+                    .unwrap_or_default();
+                let guard = admitted.reservation.commit(spec(meta));
                 drop(pending);
-                tracing::debug!(client_id, conn_id = guard.conn().id(), "websocket admitted");
-                run(task_app, ws, guard).await;
+                tracing::debug!(
+                    client_id = admitted.client_id,
+                    conn_id = guard.conn().id(),
+                    "websocket admitted"
+                );
+                run(task_app, ws, guard, admitted.identity).await;
             });
             switching(&key, protocol)
+        }
+    }
+}
+
+/// A refused handshake: the HTTP form, or with `?refusal=close` an upgrade that
+/// announces the refusal and closes with its code.
+fn refusal_response(
+    app: &Arc<App>,
+    e: AdmitError,
+    refusal_close: bool,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    hs_timeout: Duration,
+    key: &str,
+    protocol: bool,
+) -> Response {
+    let refusal = match e {
+        AdmitError::BadRequest(m) => return admission::bad_request(&m),
+        AdmitError::Refused(r) if !refusal_close => return admission::http_refusal(r),
+        AdmitError::Refused(r) => r,
+    };
+    let cfg = ws_config(app);
+    app.tasks.spawn(async move {
+        if let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await {
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+            refuse_after_upgrade(ws, refusal).await;
+        }
+    });
+    switching(key, protocol)
+}
+
+/// Reads the first frame, which must be `{"type":"connect","token":"…"}`.
+async fn first_token(ws: &mut Ws) -> Option<String> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(t)) => {
+                return match ClientFrame::decode(t.as_str()) {
+                    Ok(ClientFrame::Connect { token }) => Some(token),
+                    _ => None,
+                }
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            _ => return None,
         }
     }
 }
@@ -234,8 +360,19 @@ enum End {
     Hard,
 }
 
-async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
+/// What the connection knows about its token (jwt mode).
+struct Session {
+    identity: Option<Identity>,
+    /// When the token (plus leeway) runs out: 4003 unless refreshed.
+    expires_at: Option<Instant>,
+}
+
+async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard, identity: Option<Identity>) {
     let conn = guard.conn().clone();
+    let mut session = Session {
+        expires_at: identity.as_ref().map(|i| app.auth.expires_at(i)),
+        identity,
+    };
     let cfg = &app.cfg;
     let interval = Duration::from_millis(cfg.heartbeat.interval_ms.get());
     let hb_timeout = Duration::from_millis(cfg.heartbeat.timeout_ms.get());
@@ -267,7 +404,7 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
         if let Some(e) = end.take() {
             break e;
         }
-        let wake = [Some(next_ping), pong_due, lifetime_at]
+        let wake = [Some(next_ping), pong_due, lifetime_at, session.expires_at]
             .into_iter()
             .flatten()
             .min()
@@ -289,6 +426,9 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
                 }
                 if lifetime_at.is_some_and(|d| now >= d) {
                     break End::Announce(Closing::new(CloseCode::MAX_LIFETIME, "maximum connection lifetime reached"));
+                }
+                if session.expires_at.is_some_and(|d| now >= d) {
+                    break End::Announce(Closing::new(CloseCode::TOKEN_EXPIRED, "token expired"));
                 }
                 if now >= next_ping {
                     next_ping = now + interval;
@@ -315,7 +455,7 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard) {
                 if window.1 > max_rate {
                     break End::Announce(Closing::new(CloseCode::RATE_LIMITED, "too many frames per second"));
                 }
-                if let Some(e) = handle(&app, &mut ws, msg, hb_timeout, &guard).await {
+                if let Some(e) = handle(&app, &mut ws, msg, hb_timeout, &guard, &mut session).await {
                     break e;
                 }
             }
@@ -371,6 +511,7 @@ async fn handle(
     msg: Message,
     hb_timeout: Duration,
     guard: &ConnectionGuard,
+    session: &mut Session,
 ) -> Option<End> {
     let conn = guard.conn();
     match msg {
@@ -403,6 +544,16 @@ async fn handle(
                             "bad_channel",
                             "channel names are 1-200 of A-Z a-z 0-9 _ . : / -",
                         ))
+                    } else if session
+                        .identity
+                        .as_ref()
+                        .is_some_and(|id| !id.may_subscribe(&channel))
+                    {
+                        Some(error(
+                            reference,
+                            "forbidden_channel",
+                            "the token does not permit this channel",
+                        ))
                     } else {
                         let since = since.as_deref().and_then(Position::parse);
                         match app.registry.hub().subscribe(
@@ -432,15 +583,36 @@ async fn handle(
                         Err(e) => Some(error(reference, e.code(), e.message())),
                     }
                 }
-                Ok(ClientFrame::Refresh { reference, .. }) => Some(error(
-                    reference,
-                    "unsupported",
-                    "refresh needs [auth] mode = \"jwt\"",
-                )),
+                Ok(ClientFrame::Refresh { reference, token }) => {
+                    if !app.auth.is_jwt() {
+                        Some(error(
+                            reference,
+                            "unsupported",
+                            "refresh needs [auth] mode = \"jwt\"",
+                        ))
+                    } else {
+                        match app.auth.verify(&token) {
+                            Ok(id) if id.client_id != conn.client_id() => {
+                                return Some(End::Announce(Closing::new(
+                                    CloseCode::SESSION_ERROR,
+                                    "refresh token is for another subject",
+                                )));
+                            }
+                            Ok(id) => {
+                                session.expires_at = Some(app.auth.expires_at(&id));
+                                session.identity = Some(id);
+                                None
+                            }
+                            Err(_) => {
+                                Some(error(reference, "unauthorized", "invalid or expired token"))
+                            }
+                        }
+                    }
+                }
                 Ok(ClientFrame::Connect { .. }) => Some(error(
                     None,
-                    "unsupported",
-                    "connect frames need [auth] mode = \"jwt\"",
+                    "unexpected_connect",
+                    "connect is only valid as the first frame",
                 )),
                 Err(e) => Some(error(e.reference, e.code, &e.message)),
             };

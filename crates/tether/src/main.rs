@@ -58,6 +58,21 @@ enum Command {
         /// The data: JSON, or any other text (sent as a JSON string).
         data: String,
     },
+    /// Mint an HS256 client token for development; prints the token alone.
+    Token {
+        /// The HS256 secret (the server's auth.hs256_secret).
+        #[arg(long)]
+        secret: String,
+        /// The client id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Channel patterns the token grants, comma-separated (`*` within a segment, `**` across).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Lifetime, e.g. 30s, 15m, 1h, 2d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
     /// The load generator.
     Bench(tether_bench::BenchArgs),
 }
@@ -108,6 +123,25 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("tether publish: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Token {
+            secret,
+            sub,
+            channels,
+            ttl,
+        } => {
+            let minted = parse_ttl(&ttl)
+                .and_then(|secs| tether_server::auth::mint_hs256(&secret, &sub, &channels, secs));
+            match minted {
+                Ok(t) => {
+                    println!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tether token: {e}");
+                    ExitCode::from(2)
                 }
             }
         }
@@ -258,4 +292,23 @@ async fn publish(
     }
     println!("{text}");
     Ok(())
+}
+
+/// `30s`, `15m`, `1h`, `2d` (or plain seconds) as seconds.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("--ttl {s:?}: expected a number and s, m, h or d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("--ttl {s:?}: unit must be s, m, h or d")),
+    };
+    match n.checked_mul(mult) {
+        Some(v) if v > 0 => Ok(v),
+        _ => Err(format!("--ttl {s:?} is out of range")),
+    }
 }

@@ -1,0 +1,382 @@
+//! Client authentication (`[auth]`): `none` (`?client=ID`) or `jwt` (HS256, RS256, or
+//! keys by `kid` from a JWKS file), and the channel patterns a token grants.
+//!
+//! Keys are loaded once at startup ([`Auth::from_config`]); a bad key file is a
+//! startup error. Every token's `alg` must be the algorithm of the key that checks it
+//! (no `none`, no HS/RS confusion); `exp` and `sub` are required.
+
+use std::collections::HashMap;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{AuthMode, AuthSection};
+
+/// What a valid token says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Identity {
+    /// `sub`.
+    pub client_id: String,
+    /// `exp`, seconds since the epoch.
+    pub exp: u64,
+    /// Channel patterns (`channels`); none = no channel.
+    pub channels: Vec<String>,
+    /// `meta`, kept on the connection.
+    pub meta: Value,
+}
+
+impl Identity {
+    /// Whether the token grants `channel`.
+    pub fn may_subscribe(&self, channel: &str) -> bool {
+        self.channels.iter().any(|p| channel_matches(p, channel))
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(default)]
+    meta: Value,
+}
+
+/// The verifier built from `[auth]`.
+pub enum Auth {
+    /// `mode = "none"`.
+    None,
+    /// `mode = "jwt"`.
+    Jwt(Box<JwtAuth>),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("Auth::None"),
+            Auth::Jwt(_) => f.write_str("Auth::Jwt"),
+        }
+    }
+}
+
+/// Keys and checks for `mode = "jwt"`.
+pub struct JwtAuth {
+    /// The single key (HS256 secret or RS256 public key), if configured.
+    key: Option<(DecodingKey, Algorithm)>,
+    /// Keys by `kid` from the JWKS file.
+    by_kid: HashMap<String, (DecodingKey, Algorithm)>,
+    audience: Option<String>,
+    issuer: Option<String>,
+    leeway_secs: u64,
+}
+
+/// Why a token was refused (logged at debug; the client sees `unauthorized`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenError(String);
+
+impl Auth {
+    /// Builds the verifier, reading key files.
+    pub fn from_config(cfg: &AuthSection) -> Result<Auth, String> {
+        match cfg.mode {
+            AuthMode::None => Ok(Auth::None),
+            AuthMode::Jwt => {
+                let mut key = None;
+                let mut count = 0;
+                if !cfg.hs256_secret.is_empty() {
+                    if cfg.hs256_secret.len() < 32 {
+                        return Err("auth.hs256_secret must be at least 32 bytes".into());
+                    }
+                    key = Some((
+                        DecodingKey::from_secret(cfg.hs256_secret.as_bytes()),
+                        Algorithm::HS256,
+                    ));
+                    count += 1;
+                }
+                if !cfg.rs256_public_key_file.is_empty() {
+                    let pem = std::fs::read(&cfg.rs256_public_key_file).map_err(|e| {
+                        format!(
+                            "auth.rs256_public_key_file {}: {e}",
+                            cfg.rs256_public_key_file
+                        )
+                    })?;
+                    let k = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+                        format!(
+                            "auth.rs256_public_key_file {}: {e}",
+                            cfg.rs256_public_key_file
+                        )
+                    })?;
+                    key = Some((k, Algorithm::RS256));
+                    count += 1;
+                }
+                let mut by_kid = HashMap::new();
+                if !cfg.jwks_file.is_empty() {
+                    let text = std::fs::read_to_string(&cfg.jwks_file)
+                        .map_err(|e| format!("auth.jwks_file {}: {e}", cfg.jwks_file))?;
+                    let set: JwkSet = serde_json::from_str(&text)
+                        .map_err(|e| format!("auth.jwks_file {}: {e}", cfg.jwks_file))?;
+                    for jwk in &set.keys {
+                        let Some(kid) = jwk.common.key_id.clone() else {
+                            return Err(format!(
+                                "auth.jwks_file {}: every key needs a kid",
+                                cfg.jwks_file
+                            ));
+                        };
+                        let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
+                            (AlgorithmParameters::RSA(_), _) => Algorithm::RS256,
+                            (AlgorithmParameters::OctetKey(_), _) => Algorithm::HS256,
+                            (AlgorithmParameters::EllipticCurve(_), _) => Algorithm::ES256,
+                            _ => {
+                                return Err(format!(
+                                    "auth.jwks_file: key {kid} has an unsupported type"
+                                ))
+                            }
+                        };
+                        let k = DecodingKey::from_jwk(jwk)
+                            .map_err(|e| format!("auth.jwks_file: key {kid}: {e}"))?;
+                        by_kid.insert(kid, (k, alg));
+                    }
+                    count += 1;
+                }
+                if count == 0 {
+                    return Err("auth.mode = \"jwt\" needs hs256_secret, rs256_public_key_file or jwks_file".into());
+                }
+                if key.is_some() && count > 1 && by_kid.is_empty() {
+                    return Err(
+                        "set only one of auth.hs256_secret and auth.rs256_public_key_file".into(),
+                    );
+                }
+                Ok(Auth::Jwt(Box::new(JwtAuth {
+                    key,
+                    by_kid,
+                    audience: (!cfg.audience.is_empty()).then(|| cfg.audience.clone()),
+                    issuer: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
+                    leeway_secs: cfg.leeway_ms.div_ceil(1000),
+                })))
+            }
+        }
+    }
+
+    /// Whether tokens are required.
+    pub fn is_jwt(&self) -> bool {
+        matches!(self, Auth::Jwt(_))
+    }
+
+    /// Checks a token; never panics on any input.
+    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        let Auth::Jwt(j) = self else {
+            return Err(TokenError("tokens are not used with auth mode none".into()));
+        };
+        if token.len() > 16 * 1024 {
+            return Err(TokenError("token too long".into()));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| TokenError(format!("bad token: {e}")))?;
+        let (key, alg) = match &header.kid {
+            Some(kid) if !j.by_kid.is_empty() => j
+                .by_kid
+                .get(kid)
+                .ok_or_else(|| TokenError(format!("unknown kid {kid:?}")))?,
+            _ => j.key.as_ref().ok_or_else(|| {
+                TokenError("token has no kid and no single key is configured".into())
+            })?,
+        };
+        if header.alg != *alg {
+            return Err(TokenError(format!(
+                "alg {:?} does not match the key ({alg:?})",
+                header.alg
+            )));
+        }
+        let mut v = Validation::new(*alg);
+        v.leeway = j.leeway_secs;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        match &j.audience {
+            Some(a) => v.set_audience(&[a]),
+            None => v.validate_aud = false,
+        }
+        if let Some(i) = &j.issuer {
+            v.set_issuer(&[i]);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v)
+            .map_err(|e| TokenError(format!("invalid token: {e}")))?;
+        let c = data.claims;
+        crate::admission::validate_client_id(&c.sub)
+            .map_err(|e| TokenError(format!("sub: {e}")))?;
+        if !(c.meta.is_null() || c.meta.is_object()) {
+            return Err(TokenError("meta must be an object".into()));
+        }
+        Ok(Identity {
+            client_id: c.sub,
+            exp: c.exp,
+            channels: c.channels,
+            meta: c.meta,
+        })
+    }
+
+    /// When an open connection holding `id` must close (4003): `exp` plus leeway.
+    pub fn expires_at(&self, id: &Identity) -> tokio::time::Instant {
+        let now = jsonwebtoken::get_current_timestamp();
+        let left = (id.exp + self.leeway_secs()).saturating_sub(now);
+        tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+    }
+
+    /// Seconds of leeway after `exp` before an open connection is closed.
+    pub fn leeway_secs(&self) -> u64 {
+        match self {
+            Auth::Jwt(j) => j.leeway_secs,
+            Auth::None => 0,
+        }
+    }
+}
+
+/// Whether `channel` matches `pattern`: `*` matches within one `:`- or `/`-separated
+/// segment, `**` across segments, anything else literally.
+pub fn channel_matches(pattern: &str, channel: &str) -> bool {
+    fn go(p: &[u8], c: &[u8]) -> bool {
+        match p {
+            [] => c.is_empty(),
+            [b'*', b'*', rest @ ..] => (0..=c.len()).any(|i| go(rest, &c[i..])),
+            [b'*', rest @ ..] => {
+                let seg = c
+                    .iter()
+                    .position(|b| *b == b':' || *b == b'/')
+                    .unwrap_or(c.len());
+                (0..=seg).any(|i| go(rest, &c[i..]))
+            }
+            [x, rest @ ..] => c.first() == Some(x) && go(rest, &c[1..]),
+        }
+    }
+    pattern.len() <= 400 && go(pattern.as_bytes(), channel.as_bytes())
+}
+
+/// Mints an HS256 development token (`tether token`).
+pub fn mint_hs256(
+    secret: &str,
+    sub: &str,
+    channels: &[String],
+    ttl_secs: u64,
+) -> Result<String, String> {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims =
+        serde_json::json!({"sub": sub, "exp": now + ttl_secs, "iat": now, "channels": channels});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_follow_the_segment_rules() {
+        assert!(channel_matches("news", "news"));
+        assert!(!channel_matches("news", "news2"));
+        assert!(channel_matches("chat:*", "chat:room1"));
+        assert!(!channel_matches("chat:*", "chat:room1:sub"));
+        assert!(!channel_matches("chat:*", "chat/room1"));
+        assert!(channel_matches("chat:**", "chat:room1:sub"));
+        assert!(channel_matches("chat/**", "chat/a/b/c"));
+        assert!(channel_matches("user.*:inbox", "user.42:inbox"));
+        assert!(channel_matches("**", "anything/at:all"));
+        assert!(!channel_matches("*", "a:b"));
+        assert!(channel_matches("a*c", "abbbc"));
+    }
+
+    fn jwt(secret: &str) -> Auth {
+        Auth::from_config(&AuthSection {
+            mode: AuthMode::Jwt,
+            hs256_secret: secret.into(),
+            audience: "aud1".into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn sign(claims: Value, alg: Algorithm, secret: &str) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(alg),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tokens_are_checked() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let a = jwt(secret);
+        let now = jsonwebtoken::get_current_timestamp();
+        let good = sign(
+            json_claims("u1", now + 60, "aud1"),
+            Algorithm::HS256,
+            secret,
+        );
+        let id = a.verify(&good).unwrap();
+        assert_eq!(id.client_id, "u1");
+        assert!(id.may_subscribe("chat:x") && !id.may_subscribe("other"));
+        for bad in [
+            sign(
+                json_claims("u1", now - 3600, "aud1"),
+                Algorithm::HS256,
+                secret,
+            ),
+            sign(
+                json_claims("u1", now + 60, "aud2"),
+                Algorithm::HS256,
+                secret,
+            ),
+            sign(
+                json_claims("u1", now + 60, "aud1"),
+                Algorithm::HS256,
+                "another-secret-another-secret-xx",
+            ),
+            sign(
+                json_claims("u1", now + 60, "aud1"),
+                Algorithm::HS384,
+                secret,
+            ),
+            sign(
+                serde_json::json!({"exp": now + 60, "aud": "aud1"}),
+                Algorithm::HS256,
+                secret,
+            ),
+            sign(
+                serde_json::json!({"sub": "u1", "aud": "aud1"}),
+                Algorithm::HS256,
+                secret,
+            ),
+            "e30.e30.".into(),
+            "garbage".into(),
+            String::new(),
+            // alg none
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1MSIsImV4cCI6OTk5OTk5OTk5OX0.".into(),
+        ] {
+            assert!(a.verify(&bad).is_err(), "{bad}");
+        }
+    }
+
+    fn json_claims(sub: &str, exp: u64, aud: &str) -> Value {
+        serde_json::json!({"sub": sub, "exp": exp, "aud": aud, "channels": ["chat:*"]})
+    }
+
+    #[test]
+    fn short_secrets_and_missing_keys_are_startup_errors() {
+        assert!(Auth::from_config(&AuthSection {
+            mode: AuthMode::Jwt,
+            hs256_secret: "short".into(),
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Auth::from_config(&AuthSection {
+            mode: AuthMode::Jwt,
+            ..Default::default()
+        })
+        .is_err());
+    }
+}

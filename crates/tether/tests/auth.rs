@@ -1,0 +1,268 @@
+//! `[auth] mode = "jwt"` over real sockets: token sources, first-frame connect,
+//! channel permissions, expiry and refresh.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use serde_json::{json, Value};
+use support::*;
+use tether_server::config::AuthMode;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "test-secret-test-secret-test-secret";
+
+fn token(sub: &str, ttl: u64, channels: &[&str]) -> String {
+    let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+    tether_server::auth::mint_hs256(SECRET, sub, &channels, ttl).unwrap()
+}
+
+fn token_with(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn jwt_server(f: impl FnOnce(&mut tether_server::Config)) -> TestServer {
+    start(|c| {
+        c.auth.mode = AuthMode::Jwt;
+        c.auth.hs256_secret = SECRET.into();
+        c.auth.leeway_ms = 0;
+        c.limits.handshake_timeout_ms = 800.try_into().unwrap();
+        f(c);
+    })
+    .await
+}
+
+async fn subscribe(ws: &mut Ws, channel: &str) -> Value {
+    ws.send(Message::text(
+        json!({"type": "subscribe", "channel": channel}).to_string(),
+    ))
+    .await
+    .unwrap();
+    next_json(ws).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_and_query_tokens_name_the_client_and_gate_channels() {
+    let s = jwt_server(|_| {}).await;
+    let t = token("alice", 60, &["chat:*", "news"]);
+    let mut ws = s
+        .ws_with("", &[("authorization", &format!("Bearer {t}"))])
+        .await
+        .unwrap();
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["client_id"], "alice");
+    assert_eq!(subscribe(&mut ws, "chat:room1").await["type"], "subscribed");
+    assert_eq!(subscribe(&mut ws, "news").await["type"], "subscribed");
+    let e = subscribe(&mut ws, "chat:room1:deep").await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("forbidden_channel"))
+    );
+    assert_eq!(
+        subscribe(&mut ws, "admin").await["code"],
+        "forbidden_channel"
+    );
+    let (mut ws2, w2) = s.ws(&format!("?token={t}")).await;
+    assert_eq!(w2["client_id"], "alice");
+    // `?client=` means nothing in jwt mode.
+    let (mut ws3, w3) = s.ws(&format!("?token={t}&client=mallory")).await;
+    assert_eq!(w3["client_id"], "alice");
+    assert_alive(&mut ws2).await;
+    assert_alive(&mut ws3).await;
+    client_close(ws).await;
+    client_close(ws2).await;
+    client_close(ws3).await;
+    s.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_tokens_are_refused_in_each_form() {
+    let s = jwt_server(|_| {}).await;
+    let expired = token("bob", 1, &[]);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let wrong_key = {
+        let channels: Vec<String> = Vec::new();
+        tether_server::auth::mint_hs256("another-secret-another-secret-xxx", "bob", &channels, 60)
+            .unwrap()
+    };
+    for bad in [
+        expired.as_str(),
+        wrong_key.as_str(),
+        "not.a.token",
+        "e30.e30.e30",
+    ] {
+        match s
+            .ws_with("", &[("authorization", &format!("Bearer {bad}"))])
+            .await
+        {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status().as_u16(), 401, "{bad}");
+                let v: Value = serde_json::from_slice(r.body().as_deref().unwrap()).unwrap();
+                assert_eq!(v["error"], "unauthorized");
+            }
+            other => panic!("expected 401, got {:?}", other.map(|_| ())),
+        }
+        let mut ws = s
+            .ws_with(&format!("?token={bad}&refusal=close"), &[])
+            .await
+            .unwrap();
+        let (closing, code) = expect_close(&mut ws).await;
+        assert_eq!(
+            (code, closing.unwrap()["error"].as_str()),
+            (4401, Some("unauthorized"))
+        );
+    }
+    let r = s
+        .http
+        .get(format!("http://{}/sse?channel=x", s.client))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    s.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_frame_connect_admits_after_the_upgrade() {
+    let s = jwt_server(|_| {}).await;
+    let mut rx = s.app.registry.events().subscribe();
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.ws_url(""))
+        .await
+        .unwrap();
+    // Upgraded but not admitted: nothing is registered yet.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.stats().await["connections"]["ws"], 0);
+    let t = token("carol", 60, &["**"]);
+    ws.send(Message::text(
+        json!({"type": "connect", "token": t}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(
+        (welcome["type"].as_str(), welcome["client_id"].as_str()),
+        (Some("welcome"), Some("carol"))
+    );
+    assert_eq!(
+        subscribe(&mut ws, "any/thing:at/all").await["type"],
+        "subscribed"
+    );
+    // A second connect frame is an error, not a re-authentication.
+    ws.send(Message::text(
+        json!({"type": "connect", "token": t}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await["code"], "unexpected_connect");
+    client_close(ws).await;
+    let ev = collect_events(&mut rx, Duration::from_millis(200)).await;
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == tether_protocol::EventType::ClientOnline)
+            .count(),
+        1
+    );
+    // A bad first frame, and silence past the handshake timeout: 4401, nothing left.
+    for first in [
+        Some(json!({"type": "connect", "token": "junk"}).to_string()),
+        Some("{}".to_owned()),
+        None,
+    ] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(s.ws_url(""))
+            .await
+            .unwrap();
+        if let Some(f) = first {
+            ws.send(Message::text(f)).await.unwrap();
+        }
+        let (closing, code) = expect_close(&mut ws).await;
+        assert_eq!(code, 4401);
+        assert_eq!(closing.unwrap()["error"], "unauthorized");
+    }
+    s.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_checks_channels_against_the_token() {
+    let s = jwt_server(|_| {}).await;
+    let t = token("dora", 60, &["feed:*"]);
+    let ok = s
+        .http
+        .get(format!("http://{}/sse?channel=feed:a&token={t}", s.client))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let r = s
+        .http
+        .get(format!(
+            "http://{}/sse?channel=feed:a&channel=secret",
+            s.client
+        ))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "forbidden_channel");
+    drop(ok);
+    s.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expiry_closes_with_4003_unless_refreshed() {
+    let s = jwt_server(|_| {}).await;
+    let t = token("erin", 2, &[]);
+    let (mut ws, _) = s.ws(&format!("?token={t}")).await;
+    let (closing, code) = expect_close(&mut ws).await;
+    assert_eq!(code, 4003);
+    assert_eq!(closing.unwrap()["reconnect"], true);
+
+    let (mut ws, _) = s.ws(&format!("?token={}", token("erin", 2, &[]))).await;
+    ws.send(Message::text(
+        json!({"type": "refresh", "ref": 1, "token": token("erin", 60, &[])}).to_string(),
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_alive(&mut ws).await;
+    // A refresh for someone else ends the session.
+    ws.send(Message::text(
+        json!({"type": "refresh", "token": token("mallory", 60, &[])}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(expect_close(&mut ws).await.1, 4004);
+    s.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_meta_is_kept_on_the_connection_and_the_token_is_not_shown() {
+    let s = jwt_server(|_| {}).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let t = token_with(json!({"sub": "fred", "exp": exp, "meta": {"plan": "pro"}}));
+    let (ws, _) = s.ws(&format!("?token={t}")).await;
+    let (_, c) = s.get("/api/clients/fred").await;
+    assert_eq!(c["connections"][0]["meta"], json!({"plan": "pro"}));
+    assert!(!c.to_string().contains(&t));
+    let (_, body) = s
+        .post(
+            "/api/disconnect",
+            json!({"where": {"meta": {"plan": "pro"}}}),
+        )
+        .await;
+    assert_eq!(body["closed"], 1);
+    drop(ws);
+    s.assert_clean().await;
+}
