@@ -57,6 +57,11 @@ pub(crate) fn router(app: Arc<App>, stop: CancellationToken) -> Router {
         .route("/api/events", get(events))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .route("/admin", get(crate::admin::page))
+        .route(
+            "/admin/session",
+            post(crate::admin::session).with_state(app.clone()),
+        )
         .layer(middleware::from_fn_with_state(app, doors))
 }
 
@@ -68,20 +73,31 @@ async fn doors(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     }
     let key = app.cfg.api.key.as_bytes();
     if !key.is_empty() {
+        // The dashboard page and the key-for-cookie exchange check for themselves.
+        if matches!(req.uri().path(), "/admin" | "/admin/session") {
+            return next.run(req).await;
+        }
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(key)) {
-            return error_response(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong API key",
-            );
+        if bool::from(given.as_bytes().ct_eq(key)) {
+            return next.run(req).await;
         }
-        return next.run(req).await;
+        // A dashboard session: cookie-authenticated POSTs must also be JSON, so no
+        // form on another site can make one (on top of SameSite=Strict).
+        if app.admin_sessions.valid(req.headers())
+            && (req.method() != Method::POST || is_json(&req))
+        {
+            return next.run(req).await;
+        }
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong API key",
+        );
     }
     let host = req
         .headers()
@@ -95,22 +111,22 @@ async fn doors(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
             "with no [api] key the API answers only Host localhost, 127.0.0.1 or [::1]",
         );
     }
-    if req.method() == Method::POST {
-        let json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return error_response(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "POST bodies must be Content-Type: application/json",
-            );
-        }
+    if req.method() == Method::POST && !is_json(&req) {
+        return error_response(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "POST bodies must be Content-Type: application/json",
+        );
     }
     next.run(req).await
+}
+
+fn is_json(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
 fn local_host(host: &str) -> bool {

@@ -9,6 +9,7 @@
 //! every connection is closed and the listeners are gone.
 #![warn(missing_docs)]
 
+mod admin;
 pub mod admission;
 mod api;
 pub mod auth;
@@ -58,6 +59,8 @@ pub struct App {
     pub tombstones: sse::Tombstones,
     /// Token verification.
     pub auth: auth::Auth,
+    /// Dashboard sessions.
+    pub admin_sessions: admin::Sessions,
 }
 
 impl App {
@@ -103,6 +106,7 @@ impl App {
             tasks: TaskTracker::new(),
             max_connections,
             auth,
+            admin_sessions: admin::Sessions::default(),
             tombstones: sse::Tombstones::new(Duration::from_millis(cfg.clients.tombstone_ms)),
             cfg,
         })

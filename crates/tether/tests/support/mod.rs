@@ -22,6 +22,8 @@ pub struct TestServer {
     pub api: SocketAddr,
     pub app: Arc<App>,
     pub http: reqwest::Client,
+    /// `[api] key`, sent by `get`/`post` when set.
+    pub key: String,
 }
 
 /// A config on ephemeral loopback ports with short shutdown phases.
@@ -51,6 +53,7 @@ pub async fn start(f: impl FnOnce(&mut Config)) -> TestServer {
         client: running.client_addr(),
         api: running.api_addr(),
         app: running.app().clone(),
+        key: running.app().cfg.api.key.clone(),
         running: Some(running),
         http: reqwest::Client::new(),
     }
@@ -91,19 +94,21 @@ impl TestServer {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(self.api_url(path)).send().await.unwrap();
+        let mut req = self.http.get(self.api_url(path));
+        if !self.key.is_empty() {
+            req = req.bearer_auth(&self.key);
+        }
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(self.api_url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let mut req = self.http.post(self.api_url(path)).json(&body);
+        if !self.key.is_empty() {
+            req = req.bearer_auth(&self.key);
+        }
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
