@@ -14,6 +14,8 @@ pub enum Phase {
     PreDrain,
     /// Handshakes are refused (`draining`) and connections are being closed.
     Draining,
+    /// Every connection is closed; the listeners are stopping.
+    Stopped,
 }
 
 /// A cheap clone handle on the shutdown state.

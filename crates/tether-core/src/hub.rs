@@ -285,7 +285,14 @@ impl Hub {
             let offset = st.last;
             let position = format!("{}:{}", st.epoch, offset);
             let id = uuid::Uuid::new_v4().simple().to_string();
-            let p = Arc::new(encode(ch.name.clone(), id, offset, position, data, now));
+            let p = Arc::new(encode(
+                ch.name.clone(),
+                id,
+                offset,
+                position,
+                &one_line(data),
+                now,
+            ));
             st.history.push_back(p.clone());
             while st.history.len() > settings.history_size {
                 st.history.pop_front();
@@ -631,6 +638,19 @@ fn expire(st: &mut ChannelState, settings: &HubSettings, now: Instant) {
     }
 }
 
+/// JSON text on one line: an SSE `data:` line must not contain a line break, and
+/// whitespace between JSON tokens may. Valid JSON has line breaks only there, so
+/// re-serializing it compactly changes nothing else.
+fn one_line(data: &str) -> std::borrow::Cow<'_, str> {
+    if !data.contains(['\n', '\r']) {
+        return std::borrow::Cow::Borrowed(data);
+    }
+    match serde_json::from_str::<serde_json::Value>(data) {
+        Ok(v) => std::borrow::Cow::Owned(v.to_string()),
+        Err(_) => std::borrow::Cow::Owned(data.replace(['\n', '\r'], " ")),
+    }
+}
+
 fn new_epoch() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     (0..8)
@@ -664,6 +684,7 @@ fn encode(
 
 /// A direct message encoded once: WebSocket JSON and the SSE event body.
 pub fn encode_direct(data: &str) -> (Bytes, Bytes) {
+    let data = one_line(data);
     let id = uuid::Uuid::new_v4().simple().to_string();
     let body = format!(r#""id":"{id}","data":{data}}}"#);
     (

@@ -392,6 +392,10 @@ pub struct Reservation {
     registry: Registry,
     client_id: Arc<str>,
     transport: Transport,
+    /// The id the connection will have (known before commit, e.g. for proxy headers).
+    id: String,
+    /// Its sequence number.
+    seq: u64,
     ip_slot: Option<IpSlot>,
     committed: bool,
 }
@@ -532,10 +536,13 @@ impl Registry {
         }
         entry.reserved += 1;
         drop(map);
+        let (id, seq) = self.inner.ids.next();
         Ok(Reservation {
             registry: self.clone(),
             client_id: key,
             transport,
+            id,
+            seq,
             ip_slot,
             committed: false,
         })
@@ -778,6 +785,11 @@ fn expire(weak: Weak<Inner>, client_id: &Arc<str>, epoch: u64) {
 }
 
 impl Reservation {
+    /// The id the connection will have once committed.
+    pub fn conn_id(&self) -> &str {
+        &self.id
+    }
+
     /// Registers the connection: fires `client.online` (first connection) and
     /// `connection.opened`, and under `replace_oldest` closes the oldest connection
     /// with 4001 once this one is in.
@@ -785,7 +797,7 @@ impl Reservation {
         self.committed = true;
         let reg = self.registry.clone();
         let inner = &reg.inner;
-        let (id, seq) = inner.ids.next();
+        let (id, seq) = (std::mem::take(&mut self.id), self.seq);
         let transport = spec.transport;
         let conn = Arc::new(Connection {
             id,

@@ -468,19 +468,25 @@ async fn history(
 async fn events(State(s): State<ApiState>) -> Response {
     let rx = s.app.registry.events().subscribe();
     let stop = s.stop.clone();
-    let hard = s.app.drain.hard_stop().clone();
+    let drain = s.app.drain.clone();
+    // On a listener shared with clients, this stream is one of the sockets the drain
+    // waits for: it ends when the drain begins instead of holding the shutdown.
+    let end_at = if s.app.cfg.listen == s.app.cfg.api.listen {
+        Phase::Draining
+    } else {
+        Phase::Stopped
+    };
     let stream = futures_util::stream::unfold(
-        (rx, stop, hard, true),
-        |(mut rx, stop, hard, first)| async move {
+        (rx, stop, drain, true),
+        move |(mut rx, stop, drain, first)| async move {
             if first {
-                return Some((
-                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b": events\n\n"))),
-                    (rx, stop, hard, false),
-                ));
+                let hello = Frame::data(Bytes::from_static(b": events\n\n"));
+                return Some((Ok::<_, Infallible>(hello), (rx, stop, drain, false)));
             }
             let item = tokio::select! {
                 _ = stop.cancelled() => return None,
-                _ = hard.cancelled() => return None,
+                _ = drain.hard_stop().cancelled() => return None,
+                _ = drain.reached(end_at) => return None,
                 _ = tokio::time::sleep(std::time::Duration::from_secs(15)) => Bytes::from_static(b": hb\n\n"),
                 r = rx.recv() => match r {
                     Ok(ev) => Bytes::from(format!("id: {}\nevent: {}\ndata: {}\n\n", ev.id, ev.kind.as_str(), ev.to_json())),
@@ -488,7 +494,7 @@ async fn events(State(s): State<ApiState>) -> Response {
                     Err(RecvError::Closed) => return None,
                 },
             };
-            Some((Ok(Frame::data(item)), (rx, stop, hard, false)))
+            Some((Ok(Frame::data(item)), (rx, stop, drain, false)))
         },
     );
     Response::builder()

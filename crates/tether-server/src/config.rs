@@ -28,6 +28,8 @@ pub struct Config {
     pub server: ServerSection,
     /// `[api]`.
     pub api: ApiSection,
+    /// `[tls]`.
+    pub tls: TlsSection,
     /// `[auth]`.
     pub auth: AuthSection,
     /// `[clients]`.
@@ -46,8 +48,45 @@ pub struct Config {
     pub shutdown: ShutdownSection,
     /// `[log]`.
     pub log: LogSection,
+    /// `[proxy]`.
+    pub proxy: ProxySection,
     /// `[[sweeps]]`.
     pub sweeps: Vec<Sweep>,
+}
+
+/// `[proxy]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxySection {
+    /// `[[proxy.routes]]`.
+    pub routes: Vec<ProxyRoute>,
+}
+
+/// One `[[proxy.routes]]`: clients connecting to `path` are relayed to `upstream`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyRoute {
+    /// The path clients connect to.
+    pub path: String,
+    /// `ws://`/`wss://` (WebSocket route) or `http://`/`https://` (SSE route).
+    pub upstream: String,
+    /// How long connecting the upstream may take before `upstream_unavailable`.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: NonZeroU64,
+    /// SSE routes: close a stream whose upstream is silent this long (0 = off).
+    #[serde(default)]
+    pub upstream_idle_timeout_ms: u64,
+}
+
+impl ProxyRoute {
+    /// Whether this is a WebSocket route (else SSE).
+    pub fn is_ws(&self) -> bool {
+        self.upstream.starts_with("ws://") || self.upstream.starts_with("wss://")
+    }
+}
+
+fn default_connect_timeout() -> NonZeroU64 {
+    nz(3000)
 }
 
 /// `[server]`.
@@ -66,6 +105,23 @@ pub struct ApiSection {
     pub listen: SocketAddr,
     /// Bearer key; empty = none.
     pub key: String,
+}
+
+/// `[tls]`: both files set = TLS on both listeners; both empty = plain TCP.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// Certificate chain, PEM (leaf first).
+    pub cert_file: String,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+impl TlsSection {
+    /// Whether TLS is configured.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
 }
 
 /// Auth modes.
@@ -274,6 +330,7 @@ impl Default for Config {
             node_id: "n1".into(),
             server: ServerSection::default(),
             api: ApiSection::default(),
+            tls: TlsSection::default(),
             auth: AuthSection::default(),
             clients: ClientsSection::default(),
             limits: LimitsSection::default(),
@@ -283,6 +340,7 @@ impl Default for Config {
             sse: SseSection::default(),
             shutdown: ShutdownSection::default(),
             log: LogSection::default(),
+            proxy: ProxySection::default(),
             sweeps: Vec::new(),
         }
     }
@@ -508,6 +566,37 @@ impl Config {
                 self.delivery.max_queue_messages, self.history.size
             )));
         }
+        let mut paths = std::collections::HashSet::new();
+        for (i, r) in self.proxy.routes.iter().enumerate() {
+            let scheme_ok = ["ws://", "wss://", "http://", "https://"]
+                .iter()
+                .any(|p| r.upstream.starts_with(p));
+            if !scheme_ok || r.upstream.parse::<http::Uri>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "proxy.routes[{i}].upstream {:?} must be a ws://, wss://, http:// or https:// URL",
+                    r.upstream
+                )));
+            }
+            if !r.path.starts_with('/')
+                || ["/ws", "/sse", "/healthz", "/readyz"].contains(&r.path.as_str())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "proxy.routes[{i}].path {:?} must start with / and not be /ws, /sse, /healthz or /readyz",
+                    r.path
+                )));
+            }
+            if !paths.insert(r.path.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "proxy.routes[{i}].path {:?} is used twice",
+                    r.path
+                )));
+            }
+        }
+        if self.tls.cert_file.is_empty() != self.tls.key_file.is_empty() {
+            return Err(ConfigError::Invalid(
+                "tls.cert_file and tls.key_file must be set together".into(),
+            ));
+        }
         for (i, s) in self.sweeps.iter().enumerate() {
             if s.filter.is_empty() {
                 return Err(ConfigError::Invalid(format!(
@@ -530,7 +619,14 @@ impl Config {
         if self.limits.max_connections > 0 {
             return self.limits.max_connections as usize;
         }
-        nofile.saturating_sub(512).max(1) as usize
+        let sockets = nofile.saturating_sub(512).max(1);
+        // A proxied connection holds two sockets; the ceiling counts it so.
+        (if self.proxy.routes.is_empty() {
+            sockets
+        } else {
+            sockets / 2
+        })
+        .max(1) as usize
     }
 }
 
@@ -616,6 +712,7 @@ mod tests {
         let all = toml::Table::try_from(Config::default()).unwrap_or_default();
         let mut want = key_paths(&all);
         want.remove("sweeps");
+        want.remove("proxy.routes");
         assert_eq!(key_paths(&shown), want);
     }
 

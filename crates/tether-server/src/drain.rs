@@ -65,6 +65,7 @@ pub(crate) async fn run(app: &Arc<App>) {
         }
     }
     app.registry.flush_lingering();
+    app.drain.advance(Phase::Stopped);
     tracing::info!("shutdown: drained");
 }
 

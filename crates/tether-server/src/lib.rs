@@ -16,8 +16,11 @@ pub mod auth;
 pub mod config;
 mod drain;
 mod net;
+mod proxy;
+mod proxy_sse;
 pub mod sse;
 mod sweeps;
+mod tls;
 mod ws;
 
 use std::net::SocketAddr;
@@ -61,6 +64,8 @@ pub struct App {
     pub auth: auth::Auth,
     /// Dashboard sessions.
     pub admin_sessions: admin::Sessions,
+    /// HTTP client for SSE proxy upstreams.
+    pub http: reqwest::Client,
 }
 
 impl App {
@@ -107,6 +112,7 @@ impl App {
             max_connections,
             auth,
             admin_sessions: admin::Sessions::default(),
+            http: reqwest::Client::new(),
             tombstones: sse::Tombstones::new(Duration::from_millis(cfg.clients.tombstone_ms)),
             cfg,
         })
@@ -126,6 +132,7 @@ pub struct Running {
     app: Arc<App>,
     client_addr: SocketAddr,
     api_addr: SocketAddr,
+    tls: Option<Arc<tls::Tls>>,
     begin: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
@@ -158,7 +165,15 @@ impl Server {
                 cfg.listen
             )));
         }
+        let tls = tls::Tls::from_config(&cfg.tls).map_err(StartError::Refused)?;
         // Port 0 means "any free port": two such listeners are two ports, not one.
+        if cfg.api.key.is_empty() && !cfg.api.listen.ip().is_loopback() {
+            return Err(StartError::Refused(format!(
+                "the server API on non-loopback {} has no key: set [api] key (the Host rule alone does not \
+                 stop a client that connects directly)",
+                cfg.api.listen
+            )));
+        }
         let same = cfg.listen == cfg.api.listen && cfg.listen.port() != 0;
         let app = App::new(cfg, nofile, auth);
         let client = net::bind(app.cfg.listen).map_err(|source| StartError::Bind {
@@ -187,14 +202,21 @@ impl Server {
         };
         tracing::info!(
             %client_addr, %api_addr, node_id = %app.cfg.node_id, max_connections = app.max_connections,
-            "tether listening"
+            tls = tls.is_some(), "tether listening"
         );
         let begin = CancellationToken::new();
-        let done = tokio::spawn(run(app.clone(), client, api_listener, begin.clone()));
+        let done = tokio::spawn(run(
+            app.clone(),
+            client,
+            api_listener,
+            tls.clone(),
+            begin.clone(),
+        ));
         Ok(Running {
             app,
             client_addr,
             api_addr,
+            tls,
             begin,
             done,
         })
@@ -209,6 +231,7 @@ async fn run(
     app: Arc<App>,
     client: TcpListener,
     api: Option<TcpListener>,
+    tls: Option<Arc<tls::Tls>>,
     begin: CancellationToken,
 ) {
     let stop_accepting = CancellationToken::new();
@@ -222,13 +245,18 @@ async fn run(
         app.clone(),
         client,
         client_router,
+        tls.clone(),
         stop_accepting.clone(),
     ));
     if let Some(api) = api {
         let router =
             api::router(app.clone(), api_stop.clone()).merge(net::health_router(app.clone()));
         let stop = api_stop.clone();
+        let api_app = app.clone();
         background.spawn(async move {
+            if let Some(tls) = tls {
+                return tls::serve_api(api_app, api, router, tls, stop).await;
+            }
             let serve = axum::serve(api, router).with_graceful_shutdown(stop.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "API listener failed");
@@ -278,6 +306,15 @@ impl Running {
     /// Starts the shutdown (what SIGTERM does). Idempotent.
     pub fn begin_drain(&self) {
         self.begin.cancel();
+    }
+    /// Re-reads `[tls] cert_file` and `key_file` (what SIGHUP does): new handshakes
+    /// present the new certificate, open connections stay as they are. `Ok(false)`
+    /// when TLS is not configured; on an error the current certificate stays.
+    pub fn reload_tls(&self) -> Result<bool, String> {
+        match &self.tls {
+            Some(tls) => tls.reload().map(|()| true),
+            None => Ok(false),
+        }
     }
     /// Ends every remaining connection at once (a second signal).
     pub fn hard_stop(&self) {

@@ -6,7 +6,9 @@
 //! hyper's HTTP/1 connection (one request per socket: answers carry `Connection: close`) → either
 //! refused (socket closes), or admitted: the transport takes the pending slot and
 //! drops it once the connection is committed. A socket still pending at
-//! `limits.handshake_timeout_ms` is dropped (slowloris).
+//! `limits.handshake_timeout_ms` is dropped (slowloris). With `[tls]` the TLS
+//! handshake runs first, inside that deadline; a connection whose ALPN chose `h2`
+//! is served by [`crate::tls::serve_h2`] (many streams, same pending rule).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -25,6 +27,7 @@ use ipnet::IpNet;
 use parking_lot::Mutex;
 use tether_core::Metrics;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
@@ -105,7 +108,7 @@ impl SocketInfo {
     pub fn take_pending(&self) -> Option<PendingSlot> {
         self.pending.lock().take()
     }
-    fn is_pending(&self) -> bool {
+    pub(crate) fn is_pending(&self) -> bool {
         self.pending.lock().is_some()
     }
 }
@@ -115,6 +118,7 @@ pub(crate) async fn accept_loop(
     app: Arc<App>,
     listener: TcpListener,
     router: Router,
+    tls: Option<Arc<crate::tls::Tls>>,
     stop: CancellationToken,
 ) {
     let max_pending = app.cfg.limits.max_pending_handshakes.get() as usize;
@@ -147,23 +151,38 @@ pub(crate) async fn accept_loop(
             peer,
             pending: Arc::new(Mutex::new(Some(slot))),
         };
-        app.tasks
-            .spawn(serve_socket(app.clone(), socket, info, router.clone()));
+        app.tasks.spawn(serve_socket(
+            app.clone(),
+            socket,
+            info,
+            router.clone(),
+            tls.clone(),
+        ));
     }
 }
 
-async fn serve_socket(app: Arc<App>, socket: TcpStream, info: SocketInfo, router: Router) {
+async fn serve_socket(
+    app: Arc<App>,
+    socket: TcpStream,
+    info: SocketInfo,
+    router: Router,
+    tls: Option<Arc<crate::tls::Tls>>,
+) {
     let deadline = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
+    let until = tokio::time::Instant::now() + deadline;
     let svc_info = info.clone();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let mut req = req.map(Body::new);
         req.extensions_mut().insert(svc_info.clone());
+        crate::tls::authority_as_host(&mut req);
+        let http1 = req.version() < http::Version::HTTP_2;
         let mut router = router.clone();
         async move {
             let mut resp = router.call(req).await.unwrap_or_else(|e| match e {});
             // One request per socket: every answer but an upgrade closes it. (hyper's
             // own keep-alive switch would also rewrite the 101's `Connection: upgrade`.)
-            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // HTTP/2 has no `Connection`; its streams are many per socket by design.
+            if http1 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                 resp.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
@@ -172,15 +191,38 @@ async fn serve_socket(app: Arc<App>, socket: TcpStream, info: SocketInfo, router
             Ok::<_, Infallible>(resp)
         }
     });
+    let io = match tls {
+        None => Either::Left(socket),
+        Some(tls) => {
+            let handshake = tokio::select! {
+                h = tokio::time::timeout_at(until, tls.accept(socket)) => h,
+                _ = app.drain.hard_stop().cancelled() => return,
+            };
+            match handshake {
+                Ok(Ok(stream)) if crate::tls::is_h2(&stream) => {
+                    return crate::tls::serve_h2(&app, &info, stream, service, until).await;
+                }
+                Ok(Ok(stream)) => Either::Right(stream),
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %info.peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(deadline);
+        .header_read_timeout(until.saturating_duration_since(tokio::time::Instant::now()));
     let conn = builder
-        .serve_connection(TokioIo::new(socket), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
-    let timer = tokio::time::sleep(deadline);
+    let timer = tokio::time::sleep_until(until);
     tokio::pin!(timer);
     let mut timer_live = true;
     loop {
@@ -249,6 +291,7 @@ pub(crate) fn client_router(app: Arc<App>) -> Router {
             get(crate::sse::handler).options(crate::sse::preflight),
         )
         .with_state(app.clone())
+        .merge(crate::proxy::router(app.clone()))
         .merge(health_router(app))
         .fallback(not_found)
 }

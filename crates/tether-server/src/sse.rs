@@ -188,6 +188,14 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
 }
 
 async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
+    // HEAD reaches GET handlers in axum; it must not open a connection.
+    if req.method() != http::Method::GET {
+        return crate::net::error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET",
+        );
+    }
     let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
         return admission::bad_request("SSE is served on the client listener");
     };

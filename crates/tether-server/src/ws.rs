@@ -37,7 +37,7 @@ use crate::auth::Identity;
 use crate::net::SocketInfo;
 use crate::App;
 
-type Ws = WebSocketStream<TokioIo<Upgraded>>;
+pub(crate) type Ws = WebSocketStream<TokioIo<Upgraded>>;
 
 /// The subprotocol Tether speaks when asked.
 const SUBPROTOCOL: &str = "tether.v1";
@@ -64,6 +64,14 @@ struct WsQuery {
 
 /// `GET /ws`.
 pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>) -> Response {
+    // HEAD reaches GET handlers in axum; it must not open a connection.
+    if req.method() != http::Method::GET {
+        return crate::net::error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET",
+        );
+    }
     let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
         return admission::bad_request("WebSocket is served on the client listener");
     };
@@ -264,7 +272,7 @@ async fn first_token(ws: &mut Ws) -> Option<String> {
 }
 
 /// Validates an upgrade request; returns the `Sec-WebSocket-Key`.
-fn check_upgrade(headers: &HeaderMap) -> Result<String, Box<Response>> {
+pub(crate) fn check_upgrade(headers: &HeaderMap) -> Result<String, Box<Response>> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
             v.to_str()
@@ -322,7 +330,7 @@ fn switching(accept: &str, protocol: bool) -> Response {
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
-fn ws_config(app: &App) -> WebSocketConfig {
+pub(crate) fn ws_config(app: &App) -> WebSocketConfig {
     let max = app.cfg.limits.max_message_bytes.get() as usize;
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -332,7 +340,7 @@ fn ws_config(app: &App) -> WebSocketConfig {
 }
 
 /// `?refusal=close`: announce the refusal, then close with its code.
-async fn refuse_after_upgrade(mut ws: Ws, refusal: Refusal) {
+pub(crate) async fn refuse_after_upgrade(mut ws: Ws, refusal: Refusal) {
     let retry = admission::retry_ms(refusal);
     let body = admission::closing_json(refusal, retry).to_string();
     let code = refusal.close_code();

@@ -1,6 +1,7 @@
 //! The `tether` binary: parses the command line and hands off to the crates.
 //! `serve` is thin: load and validate the config, raise the open-file limit, start,
-//! wait for SIGTERM/SIGINT, drain (a second signal stops hard), exit.
+//! wait for SIGTERM/SIGINT, drain (a second signal stops hard), exit. SIGHUP reloads
+//! the TLS certificate.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -242,9 +243,24 @@ async fn serve(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot listen for SIGTERM: {e}"))?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| format!("cannot listen for SIGINT: {e}"))?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("cannot listen for SIGHUP: {e}"))?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: draining");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: draining");
+                break;
+            }
+            _ = hup.recv() => match running.reload_tls() {
+                Ok(true) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Ok(false) => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
+                Err(e) => tracing::error!("SIGHUP: TLS reload failed, keeping the current certificate: {e}"),
+            },
+        }
     }
     running.begin_drain();
     let app = running.app().clone();

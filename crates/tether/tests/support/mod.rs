@@ -90,7 +90,14 @@ impl TestServer {
     }
 
     pub fn api_url(&self, path: &str) -> String {
-        format!("http://{}{}", self.api, path)
+        // With `[tls]` the API is https: a test sets `http` to a client that trusts its
+        // certificate.
+        let scheme = if self.app.cfg.tls.enabled() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}{}", self.api, path)
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -298,4 +305,22 @@ pub async fn raw_read_until(s: &mut TcpStream, needle: &[u8], limit: Duration) -
     })
     .await;
     got
+}
+
+/// A masked client text frame written by hand (payload under 126 bytes).
+pub fn masked_text(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x5au8, 0xa5, 0x3c, 0xc3];
+    let mut f = vec![0x81u8, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Whether `bytes` hold a close frame (server → client, unmasked) with `code`.
+pub fn has_close(bytes: &[u8], code: u16) -> bool {
+    let [hi, lo] = code.to_be_bytes();
+    bytes
+        .windows(4)
+        .any(|w| w[0] == 0x88 && (w[1] & 0x7f) >= 2 && w[2] == hi && w[3] == lo)
 }
