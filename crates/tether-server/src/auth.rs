@@ -191,7 +191,15 @@ impl Auth {
         }
         let mut v = Validation::new(*alg);
         v.leeway = j.leeway_secs;
-        v.set_required_spec_claims(&["exp", "sub"]);
+        // A configured `aud`/`iss` must be present, not only right when present.
+        let mut required = vec!["exp", "sub"];
+        if j.audience.is_some() {
+            required.push("aud");
+        }
+        if j.issuer.is_some() {
+            required.push("iss");
+        }
+        v.set_required_spec_claims(&required);
         match &j.audience {
             Some(a) => v.set_audience(&[a]),
             None => v.validate_aud = false,
@@ -363,6 +371,29 @@ mod tests {
 
     fn json_claims(sub: &str, exp: u64, aud: &str) -> Value {
         serde_json::json!({"sub": sub, "exp": exp, "aud": aud, "channels": ["chat:*"]})
+    }
+
+    #[test]
+    fn issuer_is_checked_when_set() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let a = Auth::from_config(&AuthSection {
+            mode: AuthMode::Jwt,
+            hs256_secret: secret.into(),
+            issuer: "https://issuer.example".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let now = jsonwebtoken::get_current_timestamp();
+        let with = |iss: Option<&str>| {
+            let mut c = serde_json::json!({"sub": "u1", "exp": now + 60});
+            if let Some(i) = iss {
+                c["iss"] = i.into();
+            }
+            sign(c, Algorithm::HS256, secret)
+        };
+        assert!(a.verify(&with(Some("https://issuer.example"))).is_ok());
+        assert!(a.verify(&with(Some("https://evil.example"))).is_err());
+        assert!(a.verify(&with(None)).is_err());
     }
 
     #[test]

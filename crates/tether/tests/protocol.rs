@@ -149,7 +149,7 @@ async fn garbage_and_truncated_input_leave_the_server_healthy() {
     let mut raw = raw_ws(s.client, "/ws?client=trunc").await;
     raw.write_all(&[0x81, 0x85, 1, 2]).await.unwrap(); // header cut short
     drop(raw);
-    for i in 0..200u32 {
+    for i in 0..1000u32 {
         let mut t = tokio::net::TcpStream::connect(s.client).await.unwrap();
         let blob: Vec<u8> = (0..(i % 97 + 1))
             .map(|j| (i.wrapping_mul(31).wrapping_add(j * 7)) as u8)
