@@ -6,6 +6,8 @@
 //! `/proc/PID/status` (RSS) and `/proc/PID/smaps_rollup` (PSS) before and after.
 #![warn(missing_docs)]
 
+mod proxy;
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,8 @@ enum Scenario {
     Idle(IdleArgs),
     /// N subscribers on one channel, M publishes of B bytes; deliveries/s and latency.
     Fanout(FanoutArgs),
+    /// Relay throughput and linked-close latency through a proxy route.
+    Proxy(proxy::ProxyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +97,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     match args.scenario {
         Scenario::Idle(a) => idle(a).await,
         Scenario::Fanout(a) => fanout(a).await,
+        Scenario::Proxy(a) => proxy::run(a).await,
     }
 }
 
