@@ -66,7 +66,8 @@ async fn echo_upstream(listener: TcpListener, closes: CloseTimes) {
                         return;
                     }
                     m @ (Message::Text(_) | Message::Binary(_)) => {
-                        if ws.send(m).await.is_err() {
+                        let sent = ws.send(m).await;
+                        if sent.is_err() {
                             return;
                         }
                     }

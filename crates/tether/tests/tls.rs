@@ -200,6 +200,7 @@ async fn wss_and_https_sse_over_http2() {
     let r = s.http.get(s.api_url("/api/stats")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    drop(r.bytes().await);
 
     // A WebSocket request arriving on an h2 connection is not upgraded.
     let r = http
@@ -209,6 +210,7 @@ async fn wss_and_https_sse_over_http2() {
         .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 426);
+    drop(r.bytes().await);
 
     // HTTP/1.1 over TLS keeps the one-request-per-socket rule.
     let h1 = reqwest::Client::builder()
@@ -224,6 +226,7 @@ async fn wss_and_https_sse_over_http2() {
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["connection"], "close");
+    drop(r.bytes().await);
 
     drop(resp);
     drop(http);
