@@ -89,6 +89,16 @@ setup_browser() {
     chromium --version
 }
 
+setup_autobahn() {
+    section "setup: Autobahn|Testsuite py2.7 virtualenv (.venv-autobahn)"
+    # Python 2.7 from pyenv, autobahntestsuite and its pins from
+    # tests/autobahn/requirements-py27.txt; a no-op when they are already there.
+    # wsaccel and autobahn build from sdists: they need a C compiler.
+    command -v cc >/dev/null 2>&1 || apt_install gcc
+    bash "$ROOT/scripts/autobahn.sh" --setup
+    "$ROOT/.venv-autobahn/bin/wstest" --autobahnversion
+}
+
 # >>> EXTENSION POINT: more setup steps go here (Redis server for cluster tests).
 # >>> Write each as a setup_* function using apt_install, and add it to SETUP_FOR
 # >>> below next to the steps that need it.
@@ -135,15 +145,23 @@ step_browser() {
     (cd "$ROOT/tests/browser" && TETHER_BIN="$ROOT/target/debug/tether" node --test)
 }
 
+step_autobahn() {
+    section "websocket compliance: Autobahn|Testsuite fuzzingclient through a proxy route (tests/autobahn)"
+    cargo build --quiet
+    TETHER_BIN="$ROOT/target/debug/tether" ECHO_PYTHON="$VENV/bin/python" \
+        bash "$ROOT/scripts/autobahn.sh"
+}
+
 # >>> EXTENSION POINT: more check steps go here (cluster tests against Redis).
 # >>> Add each to STEPS, and its setup to SETUP_FOR.
 
-STEPS=(fmt clippy build rust py browser)
+STEPS=(fmt clippy build rust py browser autobahn)
 
 # The setup functions each step needs (space-separated).
 declare -A SETUP_FOR=(
     [py]="setup_python"
     [browser]="setup_browser"
+    [autobahn]="setup_python setup_autobahn"
 )
 
 main() {
