@@ -450,3 +450,53 @@ async fn sse_route_relays_verbatim_and_a_leaving_client_cancels_the_upstream() {
     assert_eq!(r.status(), 502);
     s.assert_clean().await;
 }
+
+/// The upstream is another `tether` process; SIGKILL it mid-connection and the
+/// client's leg ends with 1014, the registry empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_process_killed_closes_the_client_with_1014() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let api = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--api-listen",
+            &format!("127.0.0.1:{api}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let s =
+        start(|c| c.proxy.routes = vec![route("/chat", format!("ws://127.0.0.1:{port}/ws"))]).await;
+    let mut raw = raw_ws(s.client, "/chat?client=victim").await;
+    // The upstream's own welcome arrives through the relay.
+    let hello = raw_read_until(&mut raw, b"\"type\":\"welcome\"", Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&hello).contains("\"client_id\":\"victim\""));
+    assert_eq!(s.stats().await["connections"]["proxy"], 1);
+    child.kill().unwrap(); // SIGKILL
+    let _ = child.wait();
+    let got = raw_read_until(&mut raw, &[0x03, 0xf6], Duration::from_secs(5)).await;
+    assert!(has_close(&got, 1014), "client closed with 1014");
+    drop(raw);
+    s.assert_clean().await;
+}
