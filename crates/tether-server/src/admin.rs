@@ -107,7 +107,11 @@ pub(crate) async fn session(State(app): State<Arc<App>>, body: Bytes) -> Respons
     let token = app.admin_sessions.create();
     let mut r = json_response(StatusCode::OK, serde_json::json!({"session": "created"}));
     // Over TLS the cookie is also `Secure`: it never travels in clear text.
-    let secure = if app.cfg.tls.cert_file.is_empty() { "" } else { "; Secure" };
+    let secure = if app.cfg.tls.cert_file.is_empty() {
+        ""
+    } else {
+        "; Secure"
+    };
     let cookie = format!(
         "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         SESSION_TTL.as_secs()

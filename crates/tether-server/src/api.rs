@@ -55,6 +55,7 @@ pub(crate) fn router(app: Arc<App>, stop: CancellationToken) -> Router {
         .route("/api/channels/{name}/presence", get(presence))
         .route("/api/channels/{name}/history", get(history))
         .route("/api/events", get(events))
+        .route("/api/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .with_state(state)
         .route("/admin", get(crate::admin::page))
@@ -297,6 +298,14 @@ async fn metrics(State(s): State<ApiState>) -> Response {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )
         .body(Body::from(s.app.metrics.render()))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// `GET /api/openapi.json`: this API described in OpenAPI 3.
+async fn openapi() -> Response {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(include_str!("openapi.json")))
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
