@@ -99,6 +99,11 @@ setup_autobahn() {
     "$ROOT/.venv-autobahn/bin/wstest" --autobahnversion
 }
 
+setup_netns() {
+    section "setup: iproute2 + nftables (network-namespace tests, as root)"
+    apt_install iproute2 nftables
+}
+
 # >>> EXTENSION POINT: more setup steps go here (Redis server for cluster tests).
 # >>> Write each as a setup_* function using apt_install, and add it to SETUP_FOR
 # >>> below next to the steps that need it.
@@ -160,6 +165,7 @@ STEPS=(fmt clippy build rust py browser autobahn)
 # The setup functions each step needs (space-separated).
 declare -A SETUP_FOR=(
     [py]="setup_python"
+    [rust]="setup_netns"
     [browser]="setup_browser"
     [autobahn]="setup_python setup_autobahn"
 )
