@@ -63,7 +63,47 @@ pub(crate) fn router(app: Arc<App>, stop: CancellationToken) -> Router {
             "/admin/session",
             post(crate::admin::session).with_state(app.clone()),
         )
+        .fallback(not_found)
         .layer(middleware::from_fn_with_state(app, doors))
+        .layer(middleware::from_fn(json_errors))
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "not_found", "no such API call")
+}
+
+/// Every API error is `{"error","message"}` JSON, including the ones the framework
+/// produces itself (a path that is not UTF-8, a body over the size limit, an
+/// unsupported method): those arrive as plain text or empty and are rewritten here.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let code = match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "error",
+    };
+    let message = if text.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text.into_owned()
+    };
+    error_response(status, code, &message)
 }
 
 /// The API's doors (see the module docs).

@@ -314,6 +314,8 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     } else {
         let why = if app.drain.phase() != tether_core::Phase::Running {
             "draining"
+        } else if !app.broker.is_up() {
+            "broker_unavailable"
         } else {
             "server_full"
         };

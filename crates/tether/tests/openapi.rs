@@ -279,3 +279,34 @@ async fn every_documented_call_is_served() {
     client_close(ws).await;
     s.assert_clean().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn framework_errors_are_json_too() {
+    let s = support::start(|_| {}).await;
+    for (method, path, body, want) in [
+        ("GET", "/api/clients/%FF", None, 400),
+        ("GET", "/api/nope", None, 404),
+        ("DELETE", "/api/stats", None, 405),
+        (
+            "POST",
+            "/api/publish",
+            Some(vec![b'x'; 3 * 1024 * 1024]),
+            413,
+        ),
+    ] {
+        let mut req = s.http.request(method.parse().unwrap(), s.api_url(path));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), want, "{method} {path}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/json",
+            "{method} {path}"
+        );
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert!(v["error"].is_string() && v["message"].is_string(), "{v}");
+    }
+    s.assert_clean().await;
+}
