@@ -81,7 +81,7 @@ setup() {
             # one into a throwaway directory rather than into that Python.
             local boot
             boot="$(mktemp -d)"
-            "$py27" -m pip install --quiet --disable-pip-version-check --no-python-version-warning \
+            "$py27" -m pip install --quiet --disable-pip-version-check \
                 --target "$boot" "$VIRTUALENV_PIN"
             PYTHONPATH="$boot" "$py27" -m virtualenv -q "$AB_VENV"
             rm -rf "$boot"
@@ -89,7 +89,7 @@ setup() {
     fi
     log "installing $(basename "$AB_REQS") into $AB_VENV"
     "$AB_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        --no-python-version-warning -r "$AB_REQS"
+        -r "$AB_REQS"
     "$AB_VENV/bin/wstest" --autobahnversion >/dev/null
     echo "$want" >"$stamp"
 }
