@@ -33,6 +33,8 @@ pub struct EventFields<'a> {
     pub reason: Option<&'a str>,
     /// A duration.
     pub duration_ms: Option<u64>,
+    /// A proxied connection's upstream.
+    pub upstream: Option<&'a str>,
 }
 
 impl EventBus {
@@ -60,6 +62,7 @@ impl EventBus {
             code: f.code,
             reason: f.reason.map(str::to_owned),
             duration_ms: f.duration_ms,
+            upstream: f.upstream.map(str::to_owned),
         };
         tracing::info!(
             target: "tether::event",
@@ -70,6 +73,7 @@ impl EventBus {
             code = f.code,
             reason = f.reason,
             duration_ms = f.duration_ms,
+            upstream = f.upstream,
         );
         // No receiver is not an error: events are still logged.
         let _ = self.tx.send(Arc::new(event));

@@ -623,6 +623,7 @@ impl Registry {
                     code: Some(code),
                     reason: Some(reason),
                     duration_ms: Some(conn.age().as_millis() as u64),
+                    upstream: conn.spec.upstream.as_deref(),
                     ..Default::default()
                 },
             );
@@ -867,6 +868,7 @@ impl Reservation {
                 EventFields {
                     client_id: Some(&conn.client_id),
                     conn_id: Some(&conn.id),
+                    upstream: conn.spec.upstream.as_deref(),
                     ..Default::default()
                 },
             );

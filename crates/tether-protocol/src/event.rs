@@ -72,6 +72,8 @@ pub struct LifecycleEvent {
     pub reason: Option<String>,
     /// How long the connection lived (`connection.closed`).
     pub duration_ms: Option<u64>,
+    /// The upstream of a proxied connection (`connection.*`), else `null`.
+    pub upstream: Option<String>,
 }
 
 impl LifecycleEvent {

@@ -187,6 +187,7 @@ async fn wait_upstream_idle(seen: &Seen) {
 async fn relays_verbatim_with_clean_headers_and_shows_in_the_registry() {
     let (up, seen) = ws_upstream().await;
     let s = start(|c| c.proxy.routes = vec![route("/chat", format!("ws://{up}/ws?fixed=1"))]).await;
+    let mut events = s.app.registry.events().subscribe();
     let mut ws = proxied(
         &s,
         "?client=alice&token=secret&room=5",
@@ -211,6 +212,16 @@ async fn relays_verbatim_with_clean_headers_and_shows_in_the_registry() {
     );
     let (_, c) = s.get("/api/clients/alice").await;
     let conn = &c["connections"][0];
+    let opened = collect_events(&mut events, Duration::from_millis(100)).await;
+    let opened = opened
+        .iter()
+        .find(|e| e.kind == tether_protocol::EventType::ConnectionOpened)
+        .expect("opened");
+    assert_eq!(
+        opened.upstream.as_deref(),
+        Some(format!("ws://{up}/ws?fixed=1").as_str()),
+        "events name the upstream"
+    );
     assert_eq!(
         (conn["transport"].as_str(), conn["upstream"].as_str()),
         (
