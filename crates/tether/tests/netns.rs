@@ -162,8 +162,10 @@ async fn half_open_case(tag: &str, subnet: u8, verdict: &str) -> (Duration, bool
     let upstream = ns.start_upstream(subnet);
     wait_listening(&upstream).await;
     let s = start(|c| {
-        c.heartbeat.interval_ms = 300.try_into().unwrap();
-        c.heartbeat.timeout_ms = 300.try_into().unwrap();
+        // The client leg must answer its pings in time even on a loaded machine, so
+        // the timeout is generous; detection still takes seconds, not TCP minutes.
+        c.heartbeat.interval_ms = 500.try_into().unwrap();
+        c.heartbeat.timeout_ms = 1500.try_into().unwrap();
         c.proxy.routes = vec![ProxyRoute {
             path: "/chat".into(),
             upstream: format!("ws://{upstream}/ws"),
@@ -207,6 +209,9 @@ async fn half_open_case(tag: &str, subnet: u8, verdict: &str) -> (Duration, bool
         .find(|e| e.kind == tether_protocol::EventType::ConnectionClosed)
         .expect("closed");
     let ok = closed.code == Some(1014);
+    if !ok {
+        eprintln!("closed with {:?} ({:?})", closed.code, closed.reason);
+    }
     s.assert_clean().await;
     (took, ok)
 }
@@ -215,13 +220,13 @@ async fn half_open_case(tag: &str, subnet: u8, verdict: &str) -> (Duration, bool
 async fn blackholed_upstream_leg_is_found_by_heartbeat() {
     let (took, ok) = half_open_case("d", 41, "drop").await;
     assert!(ok, "client closed with 1014");
-    // interval + timeout = 600 ms; bounded well below any TCP timeout.
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    // interval + timeout = 2 s; bounded well below any TCP retransmission timeout.
+    assert!(took < Duration::from_secs(6), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reset_upstream_leg_closes_the_client() {
     let (took, ok) = half_open_case("r", 42, "reject with tcp reset").await;
     assert!(ok, "client closed with 1014");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
 }
