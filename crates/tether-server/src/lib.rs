@@ -64,8 +64,10 @@ pub struct App {
     pub auth: auth::Auth,
     /// Dashboard sessions.
     pub admin_sessions: admin::Sessions,
-    /// HTTP client for SSE proxy upstreams.
+    /// HTTP client for SSE proxy upstreams (`http://` and `https://`).
     pub http: reqwest::Client,
+    /// TLS client config for `wss://` proxy upstreams (loaded only when a route needs it).
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl App {
@@ -112,7 +114,17 @@ impl App {
             max_connections,
             auth,
             admin_sessions: admin::Sessions::default(),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .use_rustls_tls()
+                .build()
+                .unwrap_or_default(),
+            upstream_tls: cfg
+                .proxy
+                .routes
+                .iter()
+                .any(|r| r.upstream.starts_with("wss://"))
+                .then(tls::upstream_client_config)
+                .flatten(),
             tombstones: sse::Tombstones::new(Duration::from_millis(cfg.clients.tombstone_ms)),
             cfg,
         })

@@ -284,7 +284,15 @@ async fn connect_ws(
         }
     }
     let cfg = crate::ws::ws_config(app);
-    let connect = tokio_tungstenite::connect_async_with_config(request, Some(cfg), true);
+    let connector = match (url.starts_with("wss://"), &app.upstream_tls) {
+        (true, Some(tls)) => Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
+        (true, None) => {
+            return Err("no trusted root certificates to verify a wss:// upstream".into())
+        }
+        (false, _) => None,
+    };
+    let connect =
+        tokio_tungstenite::connect_async_tls_with_config(request, Some(cfg), true, connector);
     match timeout(
         Duration::from_millis(route.connect_timeout_ms.get()),
         connect,

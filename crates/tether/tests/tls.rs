@@ -443,3 +443,98 @@ async fn the_tls_handshake_counts_inside_the_handshake_deadline() {
     s.assert_clean().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Proxy routes to TLS upstreams: `wss://` and `https://`, verified against the
+/// system trust store (here `SSL_CERT_FILE`, holding the upstream's certificate); an
+/// upstream whose certificate is not trusted is `upstream_unavailable`.
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_routes_reach_wss_and_https_upstreams() {
+    let dir = temp_dir("upstream");
+    let trusted = new_cert();
+    // The proxy's HTTP client pools its idle HTTP/2 connection to the upstream; a short
+    // handshake timeout makes the upstream send GOAWAY soon, so the check below ends.
+    let upstream = start_tls(&dir, &trusted, |c| {
+        c.limits.handshake_timeout_ms = 1000.try_into().unwrap()
+    })
+    .await;
+    let other_dir = temp_dir("untrusted");
+    let untrusted = start_tls(&other_dir, &new_cert(), |_| {}).await;
+    let roots = dir.join("roots.pem");
+    std::fs::write(&roots, &trusted.cert_pem).unwrap();
+    // Read once, when the proxy starts; this test process runs no other test.
+    std::env::set_var("SSL_CERT_FILE", &roots);
+    let route = |path: &str, upstream: String| tether_server::config::ProxyRoute {
+        path: path.into(),
+        upstream,
+        connect_timeout_ms: 3000.try_into().unwrap(),
+        upstream_idle_timeout_ms: 0,
+    };
+    let proxy = start(|c| {
+        c.proxy.routes = vec![
+            route(
+                "/chat",
+                format!("wss://127.0.0.1:{}/ws", upstream.client.port()),
+            ),
+            route(
+                "/feed",
+                format!(
+                    "https://127.0.0.1:{}/sse?channel=news",
+                    upstream.client.port()
+                ),
+            ),
+            route(
+                "/bad",
+                format!("wss://127.0.0.1:{}/ws", untrusted.client.port()),
+            ),
+        ];
+    })
+    .await;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/chat?client=zed", proxy.client))
+            .await
+            .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let welcome: Value = serde_json::from_str(first.to_text().unwrap()).unwrap();
+    assert_eq!(
+        (welcome["type"].as_str(), welcome["client_id"].as_str()),
+        (Some("welcome"), Some("zed"))
+    );
+    ws.send(Message::text(r#"{"type":"ping","ref":5}"#))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(pong.to_text().unwrap()).unwrap(),
+        json!({"type":"pong","ref":5})
+    );
+    let mut sse = proxy
+        .http
+        .get(format!("http://{}/feed?client=yan", proxy.client))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    let text = read_sse_until(&mut sse, |t| t.contains("event: welcome")).await;
+    assert!(text.contains("\"client_id\":\"yan\""), "{text}");
+    match tokio_tungstenite::connect_async(format!("ws://{}/bad?client=x", proxy.client)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status().as_u16(), 502),
+        other => panic!("expected 502, got {:?}", other.map(|_| ())),
+    }
+    drop(sse);
+    let _ = ws.close(None).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    proxy.assert_clean().await;
+    upstream.assert_clean().await;
+    untrusted.assert_clean().await;
+}
