@@ -88,6 +88,20 @@ async fn ws_upstream() -> (SocketAddr, Arc<Seen>) {
                             break;
                         }
                         Some(Ok(Message::Text(t))) if t.as_str() == "reset" => break, // drop: RST (linger 0)
+                        Some(Ok(Message::Text(t))) if t.as_str() == "flood" => {
+                            // Push until the proxy stops reading (bounded: 2,000 x 64 KiB).
+                            let big = "f".repeat(60 * 1024);
+                            for _ in 0..2000 {
+                                let sent = tokio::time::timeout(
+                                    Duration::from_secs(5),
+                                    ws.send(Message::text(big.clone())),
+                                )
+                                .await;
+                                if !matches!(sent, Ok(Ok(()))) {
+                                    break;
+                                }
+                            }
+                        }
                         Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                             if ws.send(m).await.is_err() {
                                 break;
@@ -508,6 +522,97 @@ async fn upstream_process_killed_closes_the_client_with_1014() {
     let _ = child.wait();
     let got = raw_read_until(&mut raw, &[0x03, 0xf6], Duration::from_secs(5)).await;
     assert!(has_close(&got, 1014), "client closed with 1014");
+    drop(raw);
+    s.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_close_both_legs_with_1008() {
+    let (up, seen) = ws_upstream().await;
+    let s = start(|c| {
+        c.proxy.routes = vec![route("/chat", format!("ws://{up}/ws"))];
+        c.limits.max_connection_lifetime_ms = 300;
+    })
+    .await;
+    let mut ws = proxied(&s, "?client=l", &[]).await;
+    assert_eq!(close_code(&mut ws).await, Some(1008));
+    wait_upstream_idle(&seen).await;
+    assert_eq!(seen.closes.lock().unwrap().clone(), [Some(1008)]);
+    s.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_sse_upstream_is_closed_after_its_idle_timeout() {
+    let (up, open) = sse_upstream(1).await;
+    let s = start(|c| {
+        let mut r = route("/feed", format!("http://{up}/events"));
+        r.upstream_idle_timeout_ms = 300;
+        c.proxy.routes = vec![r];
+    })
+    .await;
+    let mut rx = s.app.registry.events().subscribe();
+    let mut r = s
+        .http
+        .get(format!("http://{}/feed?client=quiet", s.client))
+        .send()
+        .await
+        .unwrap();
+    let text = read_sse_until(&mut r, |t| t.contains("data: {\"n\":0}")).await;
+    assert!(text.contains("event: tick"));
+    let started = std::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = r.chunk().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the stream ended");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let ev = collect_events(&mut rx, Duration::from_millis(200)).await;
+    let closed = ev
+        .iter()
+        .find(|e| e.kind == tether_protocol::EventType::ConnectionClosed)
+        .unwrap();
+    assert_eq!(closed.code, Some(1014));
+    for _ in 0..100 {
+        if open.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(open.load(Ordering::SeqCst), 0);
+    s.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
+    use tokio::io::AsyncWriteExt;
+    let (up, seen) = ws_upstream().await;
+    let s = start(|c| {
+        c.proxy.routes = vec![route("/chat", format!("ws://{up}/ws"))];
+        c.heartbeat.timeout_ms = 400.try_into().unwrap();
+    })
+    .await;
+    let mut rx = s.app.registry.events().subscribe();
+    let mut raw = raw_ws(s.client, "/chat?client=sloth").await;
+    raw.write_all(&masked_text(b"flood")).await.unwrap();
+    // Never read: the relay's writes to this client stall past the heartbeat timeout.
+    let mut closed = None;
+    for _ in 0..100 {
+        let ev = collect_events(&mut rx, Duration::from_millis(100)).await;
+        if let Some(e) = ev
+            .iter()
+            .find(|e| e.kind == tether_protocol::EventType::ConnectionClosed)
+        {
+            closed = Some(e.code);
+            break;
+        }
+    }
+    assert_eq!(closed, Some(Some(4008)), "closed as a slow consumer");
+    wait_upstream_idle(&seen).await;
+    assert_eq!(
+        seen.closes.lock().unwrap().clone(),
+        [Some(1001)],
+        "the upstream leg is closed too"
+    );
     drop(raw);
     s.assert_clean().await;
 }
