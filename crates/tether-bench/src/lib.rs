@@ -31,6 +31,27 @@ enum Scenario {
     Fanout(FanoutArgs),
     /// Relay throughput and linked-close latency through a proxy route.
     Proxy(proxy::ProxyArgs),
+    /// Connect + subscribe + close cycles per second; then the registry must be empty.
+    Churn(ChurnArgs),
+}
+
+#[derive(Args, Debug)]
+struct ChurnArgs {
+    /// WebSocket URL of the server.
+    #[arg(long, default_value = "ws://127.0.0.1:7700/ws")]
+    url: String,
+    /// Server API base URL (to check the registry is back to zero).
+    #[arg(long, default_value = "http://127.0.0.1:7701")]
+    api: String,
+    /// Concurrent workers, each running cycles back to back.
+    #[arg(long, default_value_t = 64)]
+    workers: usize,
+    /// How long to run.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Channel each cycle subscribes to.
+    #[arg(long, default_value = "churn")]
+    channel: String,
 }
 
 #[derive(Args, Debug)]
@@ -98,6 +119,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Scenario::Idle(a) => idle(a).await,
         Scenario::Fanout(a) => fanout(a).await,
         Scenario::Proxy(a) => proxy::run(a).await,
+        Scenario::Churn(a) => churn(a).await,
     }
 }
 
@@ -411,4 +433,95 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     });
     println!("{out}");
     Ok(())
+}
+
+/// One cycle: connect, read the welcome, subscribe, read `subscribed`, close.
+async fn churn_cycle(url: &str, i: usize, channel: &str) -> Result<(), String> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}?client=churn-{i}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    ws.next()
+        .await
+        .ok_or("no welcome")?
+        .map_err(|e| e.to_string())?;
+    let sub = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
+    ws.send(Message::text(sub))
+        .await
+        .map_err(|e| e.to_string())?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.as_str().contains(r#""type":"subscribed""#) => {}
+        other => return Err(format!("no subscribed: {other:?}")),
+    }
+    ws.close(None).await.map_err(|e| e.to_string())?;
+    while let Some(Ok(_)) = ws.next().await {}
+    Ok(())
+}
+
+async fn churn(a: ChurnArgs) -> Result<(), String> {
+    check_loopback(&a.url, "ws://").await?;
+    check_loopback(&a.api, "http://").await?;
+    let until = Instant::now() + Duration::from_secs(a.secs);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..a.workers.max(1) {
+        let (url, channel) = (a.url.clone(), a.channel.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0usize, 0usize);
+            let mut i = w;
+            while Instant::now() < until {
+                match churn_cycle(&url, i, &channel).await {
+                    Ok(()) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                i += 1_000_000;
+            }
+            (ok, failed)
+        }));
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for w in workers {
+        let (o, f) = w.await.map_err(|e| e.to_string())?;
+        ok += o;
+        failed += f;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // The registry must return to zero: poll the API for up to 10 s.
+    let http = reqwest::Client::new();
+    let mut stats = serde_json::Value::Null;
+    let mut zero = false;
+    for _ in 0..100 {
+        stats = http
+            .get(format!("{}/api/stats", a.api))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        zero = stats["connections"]["ws"] == 0 && stats["clients"] == 0 && stats["tasks"] == 0;
+        if zero {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{}",
+        json!({
+            "scenario": "churn",
+            "workers": a.workers,
+            "secs": secs,
+            "cycles": ok,
+            "failed": failed,
+            "cycles_per_sec": ok as f64 / secs,
+            "registry_back_to_zero": zero,
+            "stats_after": stats,
+        })
+    );
+    if zero {
+        Ok(())
+    } else {
+        Err("the registry did not return to zero".into())
+    }
 }
