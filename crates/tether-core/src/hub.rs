@@ -16,7 +16,6 @@
 //! never fills the outbox (no 4008 for resuming).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -181,7 +180,6 @@ struct Inner {
     events: EventBus,
     metrics: Metrics,
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
-    published: AtomicU64,
 }
 
 enum Step {
@@ -202,7 +200,6 @@ impl Hub {
                 events,
                 metrics,
                 channels: Mutex::new(HashMap::new()),
-                published: AtomicU64::new(0),
             }),
         }
     }
@@ -329,7 +326,6 @@ impl Hub {
         })?;
         let res = r.ok_or(HubError::ChannelLimit)?;
         if !res.duplicate {
-            self.inner.published.fetch_add(1, Ordering::Relaxed);
             self.inner.metrics.published();
         }
         Ok(res)
@@ -611,11 +607,6 @@ impl Hub {
             }
         });
         before - map.len()
-    }
-
-    /// Messages published on this node.
-    pub fn published(&self) -> u64 {
-        self.inner.published.load(Ordering::Relaxed)
     }
 }
 

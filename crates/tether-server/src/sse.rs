@@ -79,14 +79,6 @@ impl Tombstones {
         let now = Instant::now();
         self.map.lock().retain(|_, exp| *exp > now);
     }
-    /// Tombstones held.
-    pub fn len(&self) -> usize {
-        self.map.lock().len()
-    }
-    /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 struct SseQuery {
