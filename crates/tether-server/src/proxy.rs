@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::admission::{self, AdmitError, Credentials};
+use crate::admission::{self, Credentials};
 use crate::config::ProxyRoute;
 use crate::net::SocketInfo;
 use crate::ws::Ws;
@@ -161,9 +161,20 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
             Err(r) => return *r,
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
+        let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
         let admitted = match admission::admit(&app, creds, ip, Transport::Proxy, origin_ok, &[]) {
             Ok(a) => a,
-            Err(e) => return refuse(&app, e, refusal_close, on_upgrade, &key),
+            Err(e) => {
+                return crate::ws::refusal_response(
+                    &app,
+                    e,
+                    refusal_close,
+                    on_upgrade,
+                    hs_timeout,
+                    &key,
+                    None,
+                )
+            }
         };
         // Connect the upstream before answering the client.
         let url = upstream_url(&route, query.as_deref());
@@ -183,11 +194,18 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
                 tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
                 drop(admitted);
                 let e = admission::refused(&app, Refusal::UpstreamUnavailable, ip);
-                return refuse(&app, e, refusal_close, on_upgrade, &key);
+                return crate::ws::refusal_response(
+                    &app,
+                    e,
+                    refusal_close,
+                    on_upgrade,
+                    hs_timeout,
+                    &key,
+                    None,
+                );
             }
         };
         let pending = info.take_pending();
-        let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
         let user_agent = headers
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
@@ -213,16 +231,7 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
             drop(pending);
             relay(task_app, client, upstream, guard).await;
         });
-        let mut resp = Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header(header::CONNECTION, "upgrade")
-            .header(header::UPGRADE, "websocket")
-            .header(header::SEC_WEBSOCKET_ACCEPT, key);
-        if let Some(p) = protocol {
-            resp = resp.header(header::SEC_WEBSOCKET_PROTOCOL, p);
-        }
-        resp.body(Body::empty())
-            .unwrap_or_else(|_| Response::new(Body::empty()))
+        crate::ws::switching(&key, protocol)
     } else {
         crate::proxy_sse::handle(
             app.clone(),
@@ -236,36 +245,6 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
         )
         .await
     }
-}
-
-fn refuse(
-    app: &Arc<App>,
-    e: AdmitError,
-    refusal_close: bool,
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    key: &str,
-) -> Response {
-    let refusal = match e {
-        AdmitError::BadRequest(m) => return admission::bad_request(&m),
-        AdmitError::Refused(r) if !refusal_close => return admission::http_refusal(r),
-        AdmitError::Refused(r) => r,
-    };
-    let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
-    let cfg = crate::ws::ws_config(app);
-    app.tasks.spawn(async move {
-        if let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await {
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
-            crate::ws::refuse_after_upgrade(ws, refusal).await;
-        }
-    });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, key)
-        .body(Body::empty())
-        .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
 async fn connect_ws(

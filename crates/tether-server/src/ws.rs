@@ -91,7 +91,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
             return admission::bad_request(&format!("refusal must be \"close\", not {other:?}"))
         }
     };
-    let protocol = offered_protocol(headers);
+    let protocol = offered_protocol(headers).then(|| HeaderValue::from_static(SUBPROTOCOL));
     let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
     let user_agent = headers
         .get(header::USER_AGENT)
@@ -230,14 +230,14 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
 
 /// A refused handshake: the HTTP form, or with `?refusal=close` an upgrade that
 /// announces the refusal and closes with its code.
-fn refusal_response(
+pub(crate) fn refusal_response(
     app: &Arc<App>,
     e: AdmitError,
     refusal_close: bool,
     on_upgrade: hyper::upgrade::OnUpgrade,
     hs_timeout: Duration,
     key: &str,
-    protocol: bool,
+    protocol: Option<HeaderValue>,
 ) -> Response {
     let refusal = match e {
         AdmitError::BadRequest(m) => return admission::bad_request(&m),
@@ -316,14 +316,15 @@ fn offered_protocol(headers: &HeaderMap) -> bool {
         })
 }
 
-fn switching(accept: &str, protocol: bool) -> Response {
+/// The `101` answer; `protocol` is the subprotocol chosen, if any.
+pub(crate) fn switching(accept: &str, protocol: Option<HeaderValue>) -> Response {
     let mut builder = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
         .header(header::SEC_WEBSOCKET_ACCEPT, accept);
-    if protocol {
-        builder = builder.header(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+    if let Some(p) = protocol {
+        builder = builder.header(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
     builder
         .body(Body::empty())
