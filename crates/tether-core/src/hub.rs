@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
-use tether_protocol::{EventType, Position, ServerFrame};
+use tether_protocol::{wire, EventType, Position, ServerFrame};
 use tokio::time::Instant;
 
 use crate::events::{EventBus, EventFields};
@@ -56,7 +56,10 @@ pub struct Published {
     pub position: String,
     /// The raw JSON `data`.
     pub data: Box<str>,
-    /// The WebSocket `message` frame text.
+    /// The whole WebSocket text frame (header + `json`), written as is to every
+    /// subscriber.
+    pub frame: Bytes,
+    /// The `message` frame's JSON text (a slice of `frame`, no copy).
     pub json: Bytes,
     /// The SSE event body after the per-connection `id:` line.
     pub sse: Bytes,
@@ -376,7 +379,7 @@ impl Hub {
                     missed: out.missed,
                 }
                 .encode();
-                conn.outbox().push(Outgoing::Text(Bytes::from(frame)));
+                conn.outbox().push(Outgoing::text(&frame));
             }
             let live = next > latest;
             st.subs.insert(
@@ -661,25 +664,38 @@ fn encode(
     let body = format!(r#""channel":{ch},"id":"{id}","position":"{position}","data":{data}}}"#);
     let json = format!(r#"{{"type":"message",{body}"#);
     let sse = format!("event: message\ndata: {{{body}\n\n");
+    let frame = Bytes::from(wire::text_frame(json.as_bytes()));
     Published {
         channel,
         id,
         offset,
         position,
         data: data.into(),
-        json: Bytes::from(json),
+        json: frame.slice(wire::payload_offset(&frame)..),
+        frame,
         sse: Bytes::from(sse),
         at,
     }
 }
 
-/// A direct message encoded once: WebSocket JSON and the SSE event body.
-pub fn encode_direct(data: &str) -> (Bytes, Bytes) {
+/// A direct message (`/api/send`), encoded once for every connection it goes to.
+#[derive(Debug)]
+pub struct Direct {
+    /// The whole WebSocket text frame.
+    pub frame: Bytes,
+    /// The SSE event body after the per-connection `id:` line.
+    pub sse: Bytes,
+}
+
+/// Encodes a direct message carrying the JSON `data`.
+pub fn encode_direct(data: &str) -> Direct {
     let data = one_line(data);
     let id = uuid::Uuid::new_v4().simple().to_string();
     let body = format!(r#""id":"{id}","data":{data}}}"#);
-    (
-        Bytes::from(format!(r#"{{"type":"direct",{body}"#)),
-        Bytes::from(format!("event: direct\ndata: {{{body}\n\n")),
-    )
+    Direct {
+        frame: Bytes::from(wire::text_frame(
+            format!(r#"{{"type":"direct",{body}"#).as_bytes(),
+        )),
+        sse: Bytes::from(format!("event: direct\ndata: {{{body}\n\n")),
+    }
 }

@@ -12,26 +12,39 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::hub::Published;
+use crate::hub::{Direct, Published};
 
 /// One item waiting to be sent.
 #[derive(Clone, Debug)]
 pub enum Outgoing {
     /// A channel message, shared by every recipient.
     Message(Arc<Published>),
-    /// A direct message (`/api/send`): WebSocket JSON and SSE event, encoded once.
-    Direct(Arc<(Bytes, Bytes)>),
-    /// A WebSocket text frame for this connection only (`subscribed`, replies).
+    /// A direct message (`/api/send`): WebSocket frame and SSE event, encoded once.
+    Direct(Arc<Direct>),
+    /// A whole WebSocket text frame for this connection only (`subscribed`,
+    /// replies); see [`Outgoing::text`].
     Text(Bytes),
 }
 
 impl Outgoing {
-    fn size(&self) -> usize {
+    /// A connection's own reply: `json` framed as a WebSocket text frame.
+    pub fn text(json: &str) -> Self {
+        Outgoing::Text(Bytes::from(tether_protocol::wire::text_frame(
+            json.as_bytes(),
+        )))
+    }
+
+    /// The WebSocket frame to write (header included).
+    pub fn ws_frame(&self) -> &Bytes {
         match self {
-            Outgoing::Message(p) => p.json.len(),
-            Outgoing::Direct(d) => d.0.len(),
-            Outgoing::Text(b) => b.len(),
+            Outgoing::Message(p) => &p.frame,
+            Outgoing::Direct(d) => &d.frame,
+            Outgoing::Text(b) => b,
         }
+    }
+
+    fn size(&self) -> usize {
+        self.ws_frame().len()
     }
 }
 

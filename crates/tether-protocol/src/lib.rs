@@ -11,6 +11,7 @@ pub mod event;
 pub mod frame;
 pub mod position;
 pub mod refusal;
+pub mod wire;
 
 pub use close::{CloseCode, Closing};
 pub use event::{EventType, LifecycleEvent};

@@ -202,7 +202,9 @@ async fn serve_socket(
                 Ok(Ok(stream)) if crate::tls::is_h2(&stream) => {
                     return crate::tls::serve_h2(&app, &info, stream, service, until).await;
                 }
-                Ok(Ok(stream)) => Either::Right(stream),
+                // Boxed: a TLS stream is ~1.2 KiB, and the `Either` would make every
+                // plain connection that size too (it stays behind a WebSocket upgrade).
+                Ok(Ok(stream)) => Either::Right(Box::new(stream)),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
                     return;

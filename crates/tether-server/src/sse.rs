@@ -332,7 +332,7 @@ impl Stream {
                 }
                 &p.sse
             }
-            Outgoing::Direct(d) => &d.1,
+            Outgoing::Direct(d) => &d.sse,
             // WebSocket-only replies.
             Outgoing::Text(_) => return,
         };

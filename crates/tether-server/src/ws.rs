@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, Pro
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::admission::{self, AdmitError, Credentials};
@@ -44,10 +44,14 @@ const SUBPROTOCOL: &str = "tether.v1";
 
 /// Bytes tungstenite reserves up front for reading. Client frames are small in this
 /// protocol (larger ones grow the buffer as needed), and idle memory matters.
-const READ_BUFFER: usize = 512;
+const READ_BUFFER: usize = 256;
 
-/// Bytes fed before tungstenite writes: queued frames are coalesced into few writes.
-const WRITE_BUFFER: usize = 16 * 1024;
+/// Bytes tungstenite may buffer before writing. Only control frames (pings, pongs,
+/// close) and refusals go through it; every text frame is written by [`write_frames`].
+const WRITE_BUFFER: usize = 512;
+
+/// Frames per `writev`.
+const MAX_IOV: usize = 128;
 
 /// How long a closing handshake may take once announced.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -129,50 +133,67 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
                 );
             }
         };
-        let task_app = app.clone();
+        // One boxed capture: a task's captures stay in its state for its whole life.
+        let parts = Box::new((app.clone(), pending, on_upgrade, spec));
         app.tasks.spawn(async move {
-            let _pending = pending;
-            let deadline = Instant::now() + hs_timeout;
-            let Ok(Ok(up)) = tokio::time::timeout_at(deadline, on_upgrade).await else {
-                return;
-            };
-            let mut ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(up),
-                Role::Server,
-                Some(ws_config(&task_app)),
-            )
-            .await;
-            let first = tokio::time::timeout_at(deadline, first_token(&mut ws))
-                .await
-                .ok()
-                .flatten();
-            let admitted = admission::identify(&task_app, Credentials::Token(first.as_deref()))
-                .and_then(|(client_id, id)| {
-                    match task_app
-                        .registry
-                        .reserve(&client_id, Transport::Ws, Some(slot))
-                    {
-                        Ok(r) => Ok((r, id)),
-                        Err(r) => Err(AdmitError::Refused(r)),
+            // Admission finishes in its own future, gone by the time `run` starts:
+            // only `run`'s state is kept for the connection's life.
+            let started = Box::pin(async move {
+                let (task_app, _pending, on_upgrade, spec) = *parts;
+                let deadline = Instant::now() + hs_timeout;
+                let Ok(Ok(up)) = tokio::time::timeout_at(deadline, on_upgrade).await else {
+                    return None;
+                };
+                let mut ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(up),
+                    Role::Server,
+                    Some(ws_config(&task_app)),
+                )
+                .await;
+                let first = tokio::time::timeout_at(deadline, first_token(&mut ws))
+                    .await
+                    .ok()
+                    .flatten();
+                let admitted = admission::identify(&task_app, Credentials::Token(first.as_deref()))
+                    .and_then(|(client_id, id)| {
+                        match task_app
+                            .registry
+                            .reserve(&client_id, Transport::Ws, Some(slot))
+                        {
+                            Ok(r) => Ok((r, id)),
+                            Err(r) => Err(AdmitError::Refused(r)),
+                        }
+                    });
+                match admitted {
+                    Ok((reservation, identity)) => {
+                        let meta = identity
+                            .as_ref()
+                            .map(|i| i.meta.clone())
+                            .unwrap_or_default();
+                        let guard = reservation.commit(spec(meta));
+                        drop(_pending);
+                        Some((
+                            task_app,
+                            Box::new(Start {
+                                ws,
+                                guard,
+                                identity,
+                            }),
+                        ))
                     }
-                });
-            match admitted {
-                Ok((reservation, identity)) => {
-                    let meta = identity
-                        .as_ref()
-                        .map(|i| i.meta.clone())
-                        .unwrap_or_default();
-                    let guard = reservation.commit(spec(meta));
-                    drop(_pending);
-                    run(task_app, ws, guard, identity).await;
+                    Err(AdmitError::Refused(r)) => {
+                        task_app.metrics.refused(r.error());
+                        refuse_after_upgrade(ws, r).await;
+                        None
+                    }
+                    Err(AdmitError::BadRequest(_)) => {
+                        refuse_after_upgrade(ws, Refusal::Unauthorized).await;
+                        None
+                    }
                 }
-                Err(AdmitError::Refused(r)) => {
-                    task_app.metrics.refused(r.error());
-                    refuse_after_upgrade(ws, r).await;
-                }
-                Err(AdmitError::BadRequest(_)) => {
-                    refuse_after_upgrade(ws, Refusal::Unauthorized).await
-                }
+            });
+            if let Some((task_app, start)) = started.await {
+                run(task_app, start).await;
             }
         });
         return switching(&key, protocol);
@@ -197,31 +218,46 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
             )
         }
         Ok(admitted) => {
-            let task_app = app.clone();
+            // One boxed capture: a task's captures stay in its state for its whole life.
+            let parts = Box::new((app.clone(), pending, on_upgrade, admitted, spec));
             app.tasks.spawn(async move {
-                let upgraded = match timeout(hs_timeout, on_upgrade).await {
-                    Ok(Ok(up)) => up,
-                    _ => return, // the reservation drops here: slot released, no event
-                };
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(ws_config(&task_app)),
-                )
-                .await;
-                let meta = admitted
-                    .identity
-                    .as_ref()
-                    .map(|i| i.meta.clone())
-                    .unwrap_or_default();
-                let guard = admitted.reservation.commit(spec(meta));
-                drop(pending);
-                tracing::debug!(
-                    client_id = admitted.client_id,
-                    conn_id = guard.conn().id(),
-                    "websocket admitted"
-                );
-                run(task_app, ws, guard, admitted.identity).await;
+                // As above: only `run`'s state is kept for the connection's life.
+                let started = Box::pin(async move {
+                    let (task_app, pending, on_upgrade, admitted, spec) = *parts;
+                    let upgraded = match timeout(hs_timeout, on_upgrade).await {
+                        Ok(Ok(up)) => up,
+                        _ => return None, // the reservation drops here: slot released, no event
+                    };
+                    let ws = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(ws_config(&task_app)),
+                    )
+                    .await;
+                    let admission::Admitted {
+                        reservation,
+                        client_id,
+                        identity,
+                    } = admitted;
+                    let meta = identity
+                        .as_ref()
+                        .map(|i| i.meta.clone())
+                        .unwrap_or_default();
+                    let guard = reservation.commit(spec(meta));
+                    drop(pending);
+                    tracing::debug!(client_id, conn_id = guard.conn().id(), "websocket admitted");
+                    Some((
+                        task_app,
+                        Box::new(Start {
+                            ws,
+                            guard,
+                            identity,
+                        }),
+                    ))
+                });
+                if let Some((task_app, start)) = started.await {
+                    run(task_app, start).await;
+                }
             });
             switching(&key, protocol)
         }
@@ -376,12 +412,29 @@ struct Session {
     expires_at: Option<Instant>,
 }
 
-async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard, identity: Option<Identity>) {
-    let conn = guard.conn().clone();
-    let mut session = Session {
-        expires_at: identity.as_ref().map(|i| app.auth.expires_at(i)),
-        identity,
+/// What a connection task starts with; boxed so that it is not kept twice in the
+/// task's state (once as the argument, once as the locals it moves into).
+struct Start {
+    ws: Ws,
+    guard: ConnectionGuard,
+    identity: Option<Identity>,
+}
+
+async fn run(app: Arc<App>, start: Box<Start>) {
+    // Locals that end inside a block take no room in the task's state after it.
+    let (mut ws, mut guard, mut session) = {
+        let Start {
+            ws,
+            guard,
+            identity,
+        } = *start;
+        let session = Session {
+            expires_at: identity.as_ref().map(|i| app.auth.expires_at(i)),
+            identity,
+        };
+        (ws, guard, session)
     };
+    let conn = guard.conn().clone();
     let cfg = &app.cfg;
     let interval = Duration::from_millis(cfg.heartbeat.interval_ms.get());
     let hb_timeout = Duration::from_millis(cfg.heartbeat.timeout_ms.get());
@@ -395,16 +448,24 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard, identity: Op
     let mut pong_due: Option<Instant> = None;
     let mut window = (start, 0u64);
 
-    let welcome = ServerFrame::Welcome {
-        conn_id: conn.id(),
-        client_id: conn.client_id(),
-        node_id: app.registry.node_id(),
-        heartbeat_ms: interval.as_millis() as u64,
-    }
-    .encode();
-    let mut end = send(&mut ws, Message::text(welcome), hb_timeout, &guard)
-        .await
-        .err();
+    let welcome = [Outgoing::text(
+        &ServerFrame::Welcome {
+            conn_id: conn.id(),
+            client_id: conn.client_id(),
+            node_id: app.registry.node_id(),
+            heartbeat_ms: interval.as_millis() as u64,
+        }
+        .encode(),
+    )];
+    let mut torn = None;
+    // Futures that run now and then are boxed: the task's own state, held for the
+    // connection's whole life, stays small (idle memory per connection).
+    let mut end = Box::pin(write_timed(
+        &mut ws, &guard, &welcome, hb_timeout, &mut torn,
+    ))
+    .await
+    .err();
+    drop(welcome);
     let timer = tokio::time::sleep_until(next_ping);
     tokio::pin!(timer);
     let mut batch = Vec::new();
@@ -424,7 +485,7 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard, identity: Op
             _ = app.drain.hard_stop().cancelled() => break End::Hard,
             closing = conn.close_requested() => break End::Announce(closing),
             _ = conn.outbox().ready() => {
-                if let Some(e) = flush_outbox(&app, &mut ws, &guard, hb_timeout, &mut batch).await {
+                if let Some(e) = Box::pin(flush_outbox(&app, &mut ws, &guard, hb_timeout, &mut batch, &mut torn)).await {
                     break e;
                 }
             }
@@ -444,8 +505,10 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard, identity: Op
                     if pong_due.is_none() {
                         pong_due = Some(now + hb_timeout);
                     }
-                    if let Err(e) = send(&mut ws, Message::Ping(Default::default()), hb_timeout, &guard).await {
-                        break e;
+                    match Box::pin(timeout(hb_timeout, ws.send(Message::Ping(Default::default())))).await {
+                        Err(_) => break End::Stalled,
+                        Ok(Err(e)) => break End::Lost(format!("write failed: {e}")),
+                        Ok(Ok(())) => {}
                     }
                 }
             }
@@ -464,7 +527,7 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard, identity: Op
                 if window.1 > max_rate {
                     break End::Announce(Closing::new(CloseCode::RATE_LIMITED, "too many frames per second"));
                 }
-                if let Some(e) = handle(&app, &mut ws, msg, hb_timeout, &guard, &mut session).await {
+                if let Some(e) = Box::pin(handle(&app, &mut ws, msg, hb_timeout, &guard, &mut session)).await {
                     break e;
                 }
             }
@@ -482,17 +545,24 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard, identity: Op
             } else {
                 CLOSE_WAIT
             };
-            let announce = async {
+            let announce = Box::pin(async {
                 // `closing` follows what is already queued, except for the codes
                 // that exist because the queue cannot be delivered.
+                batch.clear();
+                // A write cut off mid-frame is finished first: the stream must be
+                // back on a frame boundary before anything else is framed.
+                batch.extend(torn.take().map(Outgoing::Text));
                 if !closing.code.drops_queue() {
-                    batch.clear();
                     conn.outbox().take(&mut batch);
-                    let _ = timeout(wait, write_batch(&mut ws, &guard, &mut batch)).await;
                 }
-                let _ = timeout(wait, ws.send(Message::text(text))).await;
-                close_handshake(&mut ws, &closing, wait).await;
-            };
+                batch.push(Outgoing::text(&text));
+                if write_timed(&mut ws, &guard, &batch, wait, &mut torn)
+                    .await
+                    .is_ok()
+                {
+                    close_handshake(&mut ws, &closing, wait).await;
+                }
+            });
             tokio::select! {
                 _ = announce => {}
                 _ = app.drain.hard_stop().cancelled() => {}
@@ -500,9 +570,9 @@ async fn run(app: Arc<App>, mut ws: Ws, mut guard: ConnectionGuard, identity: Op
         }
         End::PeerClosed(code, reason) => {
             guard.set_close(code, reason);
-            let _ = timeout(CLOSE_WAIT, async {
+            let _ = Box::pin(timeout(CLOSE_WAIT, async {
                 while let Some(Ok(_)) = ws.next().await {}
-            })
+            }))
             .await;
         }
         End::Lost(why) => guard.set_close(CloseCode::ABNORMAL.0, why),
@@ -586,7 +656,7 @@ async fn handle(
                                 channel: &channel,
                             }
                             .encode();
-                            conn.outbox().push(Outgoing::Text(Bytes::from(frame)));
+                            conn.outbox().push(Outgoing::text(&frame));
                             None
                         }
                         Err(e) => Some(error(reference, e.code(), e.message())),
@@ -625,10 +695,10 @@ async fn handle(
                 )),
                 Err(e) => Some(error(e.reference, e.code, &e.message)),
             };
-            match reply {
-                Some(r) => send(ws, Message::text(r), hb_timeout, guard).await.err(),
-                None => None,
+            if let Some(r) = reply {
+                conn.outbox().push(Outgoing::text(&r));
             }
+            None
         }
         Message::Binary(b) => {
             conn.add_bytes_in(b.len());
@@ -639,9 +709,8 @@ async fn handle(
                 message: "the tether protocol uses JSON text frames",
             }
             .encode();
-            send(ws, Message::text(reply), hb_timeout, guard)
-                .await
-                .err()
+            conn.outbox().push(Outgoing::text(&reply));
+            None
         }
         Message::Close(frame) => {
             let (code, reason) = frame
@@ -669,6 +738,7 @@ async fn flush_outbox(
     guard: &ConnectionGuard,
     hb_timeout: Duration,
     batch: &mut Vec<Outgoing>,
+    torn: &mut Option<Bytes>,
 ) -> Option<End> {
     let conn = guard.conn();
     loop {
@@ -684,8 +754,12 @@ async fn flush_outbox(
         }
         let written = conn
             .outbox()
-            .unless_overflowed(timeout(hb_timeout, write_batch(ws, guard, batch)))
+            .unless_overflowed(write_timed(ws, guard, batch, hb_timeout, torn))
             .await;
+        // A burst must not leave a large batch allocated on an idle connection.
+        if batch.capacity() > MAX_IOV {
+            *batch = Vec::new();
+        }
         match written {
             None => {
                 return Some(End::Announce(Closing::new(
@@ -693,9 +767,8 @@ async fn flush_outbox(
                     "outbound queue full",
                 )))
             }
-            Some(Err(_)) => return Some(End::Stalled),
-            Some(Ok(Err(e))) => return Some(End::Lost(format!("write failed: {e}"))),
-            Some(Ok(Ok(()))) => {}
+            Some(Err(e)) => return Some(e),
+            Some(Ok(())) => {}
         }
         if conn.is_catching_up() && app.registry.hub().catch_up(conn) == CatchUp::Lost {
             return Some(End::Announce(Closing::new(
@@ -706,43 +779,72 @@ async fn flush_outbox(
     }
 }
 
-/// Feeds every item, then flushes once: queued frames go out together.
-async fn write_batch(
+/// [`write_frames`] within `wait`: a peer that does not read for that long stalled.
+async fn write_timed(
     ws: &mut Ws,
     guard: &ConnectionGuard,
-    batch: &mut Vec<Outgoing>,
-) -> Result<(), WsError> {
-    let mut n = 0;
-    for item in batch.drain(..) {
-        let bytes = match item {
-            Outgoing::Message(p) => p.json.clone(),
-            Outgoing::Direct(d) => d.0.clone(),
-            Outgoing::Text(b) => b,
-        };
-        n += bytes.len();
-        let text = Utf8Bytes::try_from(bytes).map_err(|_| WsError::Utf8("server frame".into()))?;
-        ws.feed(Message::Text(text)).await?;
-    }
-    ws.flush().await?;
-    guard.conn().add_bytes_out(n);
-    Ok(())
-}
-
-async fn send(
-    ws: &mut Ws,
-    msg: Message,
-    hb_timeout: Duration,
-    guard: &ConnectionGuard,
+    frames: &[Outgoing],
+    wait: Duration,
+    torn: &mut Option<Bytes>,
 ) -> Result<(), End> {
-    let n = msg.len();
-    match timeout(hb_timeout, ws.send(msg)).await {
+    match timeout(wait, write_frames(ws, frames, torn)).await {
         Err(_) => Err(End::Stalled),
         Ok(Err(e)) => Err(End::Lost(format!("write failed: {e}"))),
-        Ok(Ok(())) => {
+        Ok(Ok(n)) => {
             guard.conn().add_bytes_out(n);
             Ok(())
         }
     }
+}
+
+/// Writes whole text frames straight to the socket, several per `writev`: a
+/// published message's frame is the same `Bytes` for every subscriber, so nothing is
+/// copied and no write buffer is kept per connection. Whatever tungstenite holds
+/// (a pong it owes) is flushed first, so frames never interleave. While a frame is
+/// part-written, `torn` holds its unwritten rest: if this future is dropped then
+/// (timeout, overflow), that rest must go out before any other frame.
+async fn write_frames(
+    ws: &mut Ws,
+    frames: &[Outgoing],
+    torn: &mut Option<Bytes>,
+) -> std::io::Result<usize> {
+    use tokio::io::AsyncWriteExt;
+    ws.flush().await.map_err(std::io::Error::other)?;
+    let io = ws.get_mut();
+    let total = frames.iter().map(|f| f.ws_frame().len()).sum();
+    let mut slices = Vec::with_capacity(frames.len().min(MAX_IOV));
+    // The next byte to write: frame `i`, offset `off`.
+    let (mut i, mut off) = (0, 0);
+    while let Some(first) = frames.get(i) {
+        slices.clear();
+        slices.push(std::io::IoSlice::new(&first.ws_frame()[off..]));
+        slices.extend(
+            frames[i + 1..]
+                .iter()
+                .take(MAX_IOV - 1)
+                .map(|f| std::io::IoSlice::new(f.ws_frame())),
+        );
+        let mut n = io.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while let Some(f) = frames.get(i).filter(|_| n > 0) {
+            let left = f.ws_frame().len() - off;
+            if n >= left {
+                n -= left;
+                (i, off) = (i + 1, 0);
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+        *torn = frames
+            .get(i)
+            .filter(|_| off > 0)
+            .map(|f| f.ws_frame().slice(off..));
+    }
+    io.flush().await?;
+    Ok(total)
 }
 
 fn read_error(e: WsError) -> End {

@@ -360,6 +360,97 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
     s.assert_clean().await;
 }
 
+/// Splits what a server sent into frames: (opcode byte, payload) for every whole
+/// frame, and whether bytes were left over (a frame cut short at the end).
+fn server_frames(bytes: &[u8]) -> (Vec<(u8, &[u8])>, bool) {
+    let (mut at, mut out) = (0, Vec::new());
+    while at < bytes.len() {
+        let Some(&b1) = bytes.get(at + 1) else { break };
+        assert_eq!(b1 & 0x80, 0, "server frames are unmasked");
+        let (len, hdr) = match b1 & 0x7f {
+            126 if bytes.len() >= at + 4 => (
+                u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]) as usize,
+                4,
+            ),
+            127 if bytes.len() >= at + 10 => (
+                u64::from_be_bytes(bytes[at + 2..at + 10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        let Some(payload) = bytes.get(at + hdr..at + hdr + len) else {
+            break;
+        };
+        out.push((bytes[at], payload));
+        at += hdr + len;
+    }
+    (out, at < bytes.len())
+}
+
+/// Frames are written straight to the socket, many per `writev`; when the queue
+/// overflows while a write is stuck halfway through a frame, the rest of that frame
+/// goes out before `closing` and the close frame, so a peer that reads again sees a
+/// well-formed stream ending with 4008.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_cut_off_by_overflow_is_finished_before_the_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(|c| {
+        c.delivery.max_queue_messages = 8.try_into().unwrap();
+    })
+    .await;
+    let mut slow = raw_ws(s.client, "/ws?client=slow").await;
+    slow.write_all(&masked_text(br#"{"type":"subscribe","channel":"big"}"#))
+        .await
+        .unwrap();
+    while s.app.registry.hub().presence("big").is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let conn = s
+        .app
+        .registry
+        .connections()
+        .into_iter()
+        .find(|c| c.client_id() == "slow")
+        .unwrap();
+    // 30 KB frames: the socket buffers fill partway through one of them.
+    let payload = format!("\"{}\"", "y".repeat(30_000));
+    let mut published = 0;
+    while !conn.outbox().overflowed() {
+        assert!(published < 5_000, "the queue never overflowed");
+        s.app.registry.hub().publish("big", &payload, None).unwrap();
+        published += 1;
+        if published % 8 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // Read again at once, within the server's wait for a peer that stopped reading,
+    // until the server closes the socket.
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut bytes))
+        .await
+        .expect("the server closes the socket")
+        .unwrap();
+    let (frames, cut) = server_frames(&bytes);
+    assert!(!cut, "the stream ends on a frame boundary");
+    let (last, rest) = frames.split_last().unwrap();
+    assert_eq!(last.0, 0x88, "the stream ends with a close frame");
+    assert_eq!(u16::from_be_bytes([last.1[0], last.1[1]]), 4008);
+    let texts: Vec<Value> = rest
+        .iter()
+        .filter(|f| f.0 != 0x89)
+        .map(|f| {
+            assert_eq!(f.0, 0x81, "only text frames before the close");
+            serde_json::from_slice(f.1).expect("every text frame is whole JSON")
+        })
+        .collect();
+    assert_eq!(texts.last().unwrap()["type"], "closing");
+    assert_eq!(texts.last().unwrap()["code"], 4008);
+    assert!(texts.len() > 2, "messages came before the overflow");
+    drop(slow);
+    s.assert_clean().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn idempotent_publish_delivers_once() {
     let s = start(|_| {}).await;
