@@ -243,6 +243,10 @@ impl Conn {
             TcpSocket::new_v6()
         }
         .map_err(|e| e.to_string())?;
+        // Back-to-back runs leave tens of thousands of client ports in TIME_WAIT;
+        // SO_REUSEADDR lets bind(src, 0) pick them again (connect then reuses the
+        // TIME_WAIT 4-tuple, which Linux allows on loopback: tcp_tw_reuse = 2).
+        let _ = socket.set_reuseaddr(true);
         socket
             .bind(SocketAddr::new(src, 0))
             .map_err(|e| format!("bind: {e}"))?;
