@@ -227,33 +227,19 @@ pub struct Conn {
 pub type EndReason = Option<String>;
 
 impl Conn {
-    /// Connects from `src`, sends the request and reads the response head; then, for
+    /// Connects from `src` (`seq`: this connection's number among those from `src`),
+    /// sends the request and reads the response head; then, for
     /// Tether, subscribes and waits for `subscribed` (or `welcome`). Returns once the
     /// subscriber is ready.
     pub async fn open(
         ep: &Endpoint,
         client: &str,
         src: IpAddr,
+        seq: usize,
         buf_size: usize,
         want: usize,
     ) -> Result<Conn, String> {
-        let socket = if src.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(|e| e.to_string())?;
-        // Back-to-back runs leave tens of thousands of client ports in TIME_WAIT;
-        // SO_REUSEADDR lets bind(src, 0) pick them again (connect then reuses the
-        // TIME_WAIT 4-tuple, which Linux allows on loopback: tcp_tw_reuse = 2).
-        let _ = socket.set_reuseaddr(true);
-        socket
-            .bind(SocketAddr::new(src, 0))
-            .map_err(|e| format!("bind: {e}"))?;
-        let mut stream = socket
-            .connect(ep.addr)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let mut stream = connect_from(src, seq, ep.addr).await?;
         let _ = stream.set_nodelay(true);
         stream
             .write_all(ep.request(client).as_bytes())
@@ -453,6 +439,55 @@ impl Conn {
         let incomplete = self.stats.got < want;
         (self.stats, end.filter(|_| incomplete))
     }
+}
+
+/// Connects to `target` from `src`. From the target's own address the kernel picks
+/// the port at `connect` (cheap, and it reuses TIME_WAIT pairs on loopback). From any
+/// other address the port is ours to pick: `bind(src, 0)` scans the whole range on
+/// every call once tens of thousands of ports sit in TIME_WAIT after a previous run
+/// (seconds per thousand connects), so connection `seq` takes port 10000 + seq with
+/// SO_REUSEADDR (Linux reuses a TIME_WAIT 4-tuple on loopback, tcp_tw_reuse = 2) and
+/// steps to another port if that one is taken.
+async fn connect_from(src: IpAddr, seq: usize, target: SocketAddr) -> Result<TcpStream, String> {
+    let socket = || {
+        if src.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| format!("socket: {e}"))
+    };
+    if src == target.ip() {
+        return socket()?
+            .connect(target)
+            .await
+            .map_err(|e| format!("connect: {e}"));
+    }
+    const FIRST: usize = 10_000;
+    const SPAN: usize = 65_535 - FIRST;
+    let mut last = String::new();
+    for attempt in 0..16 {
+        let port = (FIRST + (seq + attempt * 7_919) % SPAN) as u16;
+        let s = socket()?;
+        let _ = s.set_reuseaddr(true);
+        if let Err(e) = s.bind(SocketAddr::new(src, port)) {
+            last = format!("bind: {e}");
+            continue;
+        }
+        match s.connect(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                ) =>
+            {
+                last = format!("connect: {e}");
+            }
+            Err(e) => return Err(format!("connect: {e}")),
+        }
+    }
+    Err(last)
 }
 
 /// A masked client frame (fixed mask key: loopback bench).

@@ -15,6 +15,7 @@
 //! (RSS) and `/proc/PID/smaps_rollup` (PSS) before and after.
 #![warn(missing_docs)]
 
+mod bare;
 mod hist;
 mod lean;
 mod procs;
@@ -75,6 +76,9 @@ enum Scenario {
     /// Connect + subscribe + close cycles per second; then (Tether) the registry must
     /// be empty.
     Churn(ChurnArgs),
+    /// A bare coalescing fan-out server with Nchan's URLs, to measure this load
+    /// generator's own ceiling (`fanout --target nchan` against it).
+    BareServer(bare::BareArgs),
 }
 
 #[derive(Args, Debug)]
@@ -210,6 +214,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Scenario::Fanout(a) => fanout(a).await,
         Scenario::Proxy(a) => proxy::run(a).await,
         Scenario::Churn(a) => churn(a).await,
+        Scenario::BareServer(a) => bare::run(a).await,
     }
 }
 
@@ -382,10 +387,14 @@ async fn open_all<T>(
         .map(|i| {
             let ep = ep.clone();
             let src = sources[i % sources.len()];
+            let seq = i / sources.len();
             let client = format!("{prefix}-{i}");
             async move {
-                match tokio::time::timeout_at(deadline, Conn::open(&ep, &client, src, buf, want))
-                    .await
+                match tokio::time::timeout_at(
+                    deadline,
+                    Conn::open(&ep, &client, src, seq, buf, want),
+                )
+                .await
                 {
                     Ok(r) => r,
                     Err(_) => Err("deadline".into()),

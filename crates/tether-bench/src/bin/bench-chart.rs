@@ -82,7 +82,10 @@ fn scenario_label(v: &serde_json::Value) -> Option<String> {
     }
     let transport = v["transport"].as_str().unwrap_or("ws").to_uppercase();
     match v["scenario"].as_str()? {
-        "idle" => Some(format!("idle {transport}")),
+        "idle" => Some(format!(
+            "idle {transport}, {}k conns",
+            v["requested"].as_u64().unwrap_or(0) as f64 / 1000.0
+        )),
         "fanout" => {
             let mode = match v["mode"].as_str() {
                 Some("paced") => format!("paced {} msg/s", v["rate"].as_f64().unwrap_or(0.0)),
