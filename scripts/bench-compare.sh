@@ -13,6 +13,7 @@
 #   SCENARIOS ["idle fanout paced sse churn"]
 #   SUBSCRIBERS [10000]    fan-out subscribers; IDLE_CONNECTIONS [=SUBSCRIBERS]
 #   MESSAGES [200]         back-to-back messages (WS and SSE); BYTES [100]
+#   PUBLISHERS [1]         back-to-back publishes in flight at once
 #   PACED_MESSAGES [20]    paced messages at RATE [2] msg/s
 #   CHURN_SECS [10] CHURN_WORKERS [64]; HOLD_SECS [3] (idle)
 #   PROCS [1]              subscriber processes per bench (needed above ~19k)
@@ -35,6 +36,7 @@ SUBSCRIBERS="${SUBSCRIBERS:-10000}"
 IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-$SUBSCRIBERS}"
 MESSAGES="${MESSAGES:-200}"
 BYTES="${BYTES:-100}"
+PUBLISHERS="${PUBLISHERS:-1}"
 PACED_MESSAGES="${PACED_MESSAGES:-20}"
 RATE="${RATE:-2}"
 CHURN_SECS="${CHURN_SECS:-10}"
@@ -256,9 +258,9 @@ bench_args() { # scenario target -> the `tether bench` arguments (PIDs as $PIDS)
     local common="--target $target --url $url --sources $SOURCES --procs $PROCS --pid \$PIDS"
     case "$scenario" in
         idle) echo "idle $common --channel idle --connections $IDLE_CONNECTIONS --hold-secs $HOLD_SECS" ;;
-        fanout) echo "fanout $common --api $api --channel bench --subscribers $SUBSCRIBERS --messages $MESSAGES --bytes $BYTES" ;;
+        fanout) echo "fanout $common --api $api --channel bench --subscribers $SUBSCRIBERS --messages $MESSAGES --bytes $BYTES --publishers $PUBLISHERS" ;;
         paced) echo "fanout $common --api $api --channel paced --subscribers $SUBSCRIBERS --messages $PACED_MESSAGES --rate $RATE --bytes $BYTES" ;;
-        sse) echo "fanout $common --api $api --transport sse --channel ssebench --subscribers $SUBSCRIBERS --messages $MESSAGES --bytes $BYTES" ;;
+        sse) echo "fanout $common --api $api --transport sse --channel ssebench --subscribers $SUBSCRIBERS --messages $MESSAGES --bytes $BYTES --publishers $PUBLISHERS" ;;
         churn)
             local c="churn --target $target --url $url --workers $CHURN_WORKERS --secs $CHURN_SECS --channel churn"
             [ "$target" = tether ] && c="$c --api $api"
@@ -350,7 +352,7 @@ write_section() {
 
 main() {
     local started=$SECONDS
-    RUN_CMD="$(for v in ROUNDS SUBSCRIBERS IDLE_CONNECTIONS MESSAGES PACED_MESSAGES RATE BYTES PROCS SOURCES; do printf '%s=%s ' "$v" "${!v}"; done)bash scripts/bench-compare.sh"
+    RUN_CMD="$(for v in ROUNDS SUBSCRIBERS IDLE_CONNECTIONS MESSAGES PACED_MESSAGES RATE BYTES PUBLISHERS PROCS SOURCES; do printf '%s=%s ' "$v" "${!v}"; done)bash scripts/bench-compare.sh"
     install_deps
     NCHAN_MODULE="$(nchan_module)"
     if [ -z "${NO_BUILD:-}" ]; then

@@ -133,6 +133,10 @@ struct FanoutArgs {
     /// Publishes per second; 0 = back-to-back.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Back-to-back: publishes in flight at once (each publisher sends its next one
+    /// when the server has answered the previous).
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
     /// Channel name.
     #[arg(long, default_value = "bench")]
     channel: String,
@@ -757,17 +761,40 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     let started = Instant::now();
     let started_us = now_micros();
     let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
+    let publishers = if interval.is_some() {
+        1
+    } else {
+        a.publishers.clamp(1, a.messages.max(1))
+    };
+    let publisher = Arc::new(publisher);
+    let pad = Arc::new(pad);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..publishers {
+        let (publisher, pad, next, messages) =
+            (publisher.clone(), pad.clone(), next.clone(), a.messages);
+        workers.push(tokio::spawn(async move {
+            let mut errors = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= messages {
+                    break errors;
+                }
+                if let Some(iv) = interval {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(
+                        started + iv.mul_f64(i as f64),
+                    ))
+                    .await;
+                }
+                if !publisher.publish(now_micros(), &pad).await {
+                    errors += 1;
+                }
+            }
+        }));
+    }
     let mut publish_errors = 0usize;
-    for i in 0..a.messages {
-        if let Some(iv) = interval {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(
-                started + iv.mul_f64(i as f64),
-            ))
-            .await;
-        }
-        if !publisher.publish(now_micros(), &pad).await {
-            publish_errors += 1;
-        }
+    for w in workers {
+        publish_errors += w.await.map_err(|e| format!("publisher: {e}"))?;
     }
     let published_secs = started.elapsed().as_secs_f64();
     let mut parts = Vec::new();
@@ -815,6 +842,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         "api": api,
         "mode": if interval.is_some() { "paced" } else { "back_to_back" },
         "rate": a.rate,
+        "publishers": publishers,
         "subscribers": a.subscribers,
         "opened": opened,
         "errors": errors,

@@ -89,7 +89,10 @@ fn scenario_label(v: &serde_json::Value) -> Option<String> {
         "fanout" => {
             let mode = match v["mode"].as_str() {
                 Some("paced") => format!("paced {} msg/s", v["rate"].as_f64().unwrap_or(0.0)),
-                _ => "back-to-back".to_owned(),
+                _ => match v["publishers"].as_u64() {
+                    Some(n) if n > 1 => format!("back-to-back, {n} publishers"),
+                    _ => "back-to-back".to_owned(),
+                },
             };
             Some(format!(
                 "{transport} {mode}, {}k subs",
