@@ -1,20 +1,41 @@
 //! The load generator behind `tether bench` (SPEC section 11). Every run is bounded
 //! in count and time and prints one JSON object of figures.
 //!
-//! `idle`: opens N WebSocket connections (spread over source addresses in
-//! 127.0.0.0/8, bounded concurrency), holds them, and reads the server's memory from
-//! `/proc/PID/status` (RSS) and `/proc/PID/smaps_rollup` (PSS) before and after.
+//! `idle` and `fanout` target Tether (`--target tether`, the default) or Nchan
+//! (`--target nchan`: subscribers at `{url}/{channel}` with `url` = `ws://HOST/sub`,
+//! publishes by `POST {api}/pub/{channel}` with the payload as the body), over
+//! WebSocket or SSE (`--transport ws|sse`). Subscribers are lean: a raw socket, a
+//! hand-written request and a frame/line parser over one reusable buffer (see `lean`),
+//! so the receivers cost little next to the server under test. `--procs N` spreads the
+//! subscribers over N child processes of this binary; `--pid` takes several PIDs
+//! (e.g. nginx's master and workers) whose CPU time and memory are summed.
+//!
+//! `idle`: opens N connections (spread over source addresses in 127.0.0.0/8, bounded
+//! concurrency), holds them, and reads the server's memory from `/proc/PID/status`
+//! (RSS) and `/proc/PID/smaps_rollup` (PSS) before and after.
 #![warn(missing_docs)]
 
+mod bare;
+mod hist;
+mod lean;
+mod procs;
 mod proxy;
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::net::TcpSocket;
+use tokio::sync::watch;
+
+use hist::{Hist, SparseHist};
+use lean::{Conn, Endpoint};
+use procs::Children;
 
 /// `tether bench …`.
 #[derive(Args, Debug)]
@@ -23,26 +44,55 @@ pub struct BenchArgs {
     scenario: Scenario,
 }
 
+/// The server under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Tether: `/ws?client=…` plus a subscribe frame, or `/sse?channel=…`;
+    /// publishes through `POST {api}/api/publish`.
+    Tether,
+    /// Nchan: subscribers at `{url}/{channel}`, publishes by `POST {api}/pub/{channel}`.
+    Nchan,
+}
+
+/// How subscribers connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// WebSocket.
+    Ws,
+    /// Server-sent events.
+    Sse,
+}
+
 #[derive(Subcommand, Debug)]
 enum Scenario {
-    /// N idle WebSocket connections; server memory per connection.
+    /// N idle connections; server memory per connection.
     Idle(IdleArgs),
     /// N subscribers on one channel, M publishes of B bytes; deliveries/s and latency.
     Fanout(FanoutArgs),
-    /// Relay throughput and linked-close latency through a proxy route.
+    /// Relay throughput and linked-close latency through a proxy route (Tether only).
     Proxy(proxy::ProxyArgs),
-    /// Connect + subscribe + close cycles per second; then the registry must be empty.
+    /// Connect + subscribe + close cycles per second; then (Tether) the registry must
+    /// be empty.
     Churn(ChurnArgs),
+    /// A bare coalescing fan-out server with Nchan's URLs, to measure this load
+    /// generator's own ceiling (`fanout --target nchan` against it).
+    BareServer(bare::BareArgs),
 }
 
 #[derive(Args, Debug)]
 struct ChurnArgs {
-    /// WebSocket URL of the server.
-    #[arg(long, default_value = "ws://127.0.0.1:7700/ws")]
-    url: String,
-    /// Server API base URL (to check the registry is back to zero).
+    /// WebSocket URL of the server [default: tether ws://127.0.0.1:7700/ws,
+    /// nchan ws://127.0.0.1:80/sub].
+    #[arg(long)]
+    url: Option<String>,
+    /// Server API base URL (Tether: to check the registry is back to zero).
     #[arg(long, default_value = "http://127.0.0.1:7701")]
     api: String,
+    /// The server under test.
+    #[arg(long, value_enum, default_value_t = Target::Tether)]
+    target: Target,
     /// Concurrent workers, each running cycles back to back.
     #[arg(long, default_value_t = 64)]
     workers: usize,
@@ -56,12 +106,21 @@ struct ChurnArgs {
 
 #[derive(Args, Debug)]
 struct FanoutArgs {
-    /// WebSocket URL of the server.
-    #[arg(long, default_value = "ws://127.0.0.1:7700/ws")]
-    url: String,
-    /// Server API base URL (publishes go to `{api}/api/publish`).
-    #[arg(long, default_value = "http://127.0.0.1:7701")]
-    api: String,
+    /// Subscriber URL [default: tether ws://127.0.0.1:7700/ws, nchan
+    /// ws://127.0.0.1:80/sub]. Tether SSE uses `/sse` on the same address (or the path
+    /// of an http:// URL); Nchan subscribers go to `{url}/{channel}`.
+    #[arg(long)]
+    url: Option<String>,
+    /// Publish base URL: Tether `{api}/api/publish` [default http://127.0.0.1:7701],
+    /// Nchan `{api}/pub/{channel}` [default: the url's address].
+    #[arg(long)]
+    api: Option<String>,
+    /// The server under test.
+    #[arg(long, value_enum, default_value_t = Target::Tether)]
+    target: Target,
+    /// Subscriber transport.
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    transport: Transport,
     /// Subscribers.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
@@ -74,35 +133,71 @@ struct FanoutArgs {
     /// Publishes per second; 0 = back-to-back.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Back-to-back: publishes in flight at once (each publisher sends its next one
+    /// when the server has answered the previous).
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
     /// Channel name.
     #[arg(long, default_value = "bench")]
     channel: String,
-    /// The server's PID, for its CPU time and memory.
-    #[arg(long)]
-    pid: Option<u32>,
+    /// The server's PIDs (comma-separated), for their summed CPU time and memory.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
     /// Source addresses (comma-separated, loopback only).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
     sources: Vec<IpAddr>,
+    /// Subscriber processes (children of this one; only this one publishes).
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// Connects in flight at once (per process).
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Pause between every subscriber being ready and the first publish.
+    #[arg(long, default_value_t = 200)]
+    settle_ms: u64,
+    /// After the last publish, stop waiting once no delivery arrived for this long.
+    #[arg(long, default_value_t = 5)]
+    drain_secs: u64,
+    /// Read buffer per subscriber, KiB.
+    #[arg(long, default_value_t = 16)]
+    buf_kib: usize,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Internal: this process is child K of `--procs`.
+    #[arg(long, hide = true)]
+    child: Option<usize>,
 }
 
 #[derive(Args, Debug)]
 struct IdleArgs {
-    /// WebSocket URL of the server (`ws://127.0.0.1:7700/ws`).
-    #[arg(long, default_value = "ws://127.0.0.1:7700/ws")]
-    url: String,
+    /// Subscriber URL [default: tether ws://127.0.0.1:7700/ws, nchan
+    /// ws://127.0.0.1:80/sub]; as for `fanout`.
+    #[arg(long)]
+    url: Option<String>,
+    /// The server under test.
+    #[arg(long, value_enum, default_value_t = Target::Tether)]
+    target: Target,
+    /// Connection transport.
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    transport: Transport,
+    /// Channel each connection subscribes to. Tether WebSocket without it: welcome
+    /// only; Nchan and SSE always subscribe [default there: idle].
+    #[arg(long)]
+    channel: Option<String>,
     /// Connections to open (one process holds at most ~19.9k sockets here).
     #[arg(long, default_value_t = 1000)]
     connections: usize,
-    /// The server's PID, to read its memory.
-    #[arg(long)]
-    pid: Option<u32>,
+    /// The server's PIDs (comma-separated), for their summed memory.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
     /// Source addresses to spread connections over (comma-separated, loopback only).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
     sources: Vec<IpAddr>,
-    /// Connects in flight at once.
+    /// Client processes (children of this one).
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// Connects in flight at once (per process).
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
     /// Seconds to hold the connections before measuring.
@@ -111,6 +206,9 @@ struct IdleArgs {
     /// Give up connecting after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Internal: this process is child K of `--procs`.
+    #[arg(long, hide = true)]
+    child: Option<usize>,
 }
 
 /// Runs a scenario and prints its JSON.
@@ -120,6 +218,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Scenario::Fanout(a) => fanout(a).await,
         Scenario::Proxy(a) => proxy::run(a).await,
         Scenario::Churn(a) => churn(a).await,
+        Scenario::BareServer(a) => bare::run(a).await,
     }
 }
 
@@ -142,110 +241,17 @@ pub fn process_memory(pid: u32) -> Result<(u64, u64), String> {
     Ok((rss, pss))
 }
 
-type ClientWs =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Opens connection `i` from source address `src` to `target` as client `{prefix}-{i}`.
-async fn connect_ws(
-    url: &str,
-    prefix: &str,
-    i: usize,
-    src: IpAddr,
-    target: SocketAddr,
-) -> Result<ClientWs, String> {
-    let url = format!(
-        "{url}{}client={prefix}-{i}",
-        if url.contains('?') { '&' } else { '?' }
-    );
-    let socket = if src.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
+/// Summed (RSS, PSS) in KiB of several processes; None without PIDs.
+pub fn processes_memory(pids: &[u32]) -> Result<Option<(u64, u64)>, String> {
+    if pids.is_empty() {
+        return Ok(None);
     }
-    .map_err(|e| e.to_string())?;
-    socket
-        .bind(SocketAddr::new(src, 0))
-        .map_err(|e| e.to_string())?;
-    let stream = socket.connect(target).await.map_err(|e| e.to_string())?;
-    let (ws, _) =
-        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    Ok(ws)
-}
-
-async fn idle(a: IdleArgs) -> Result<(), String> {
-    if a.sources.iter().any(|s| !s.is_loopback()) {
-        return Err("sources must be loopback addresses".into());
+    let mut sum = (0, 0);
+    for &p in pids {
+        let (r, s) = process_memory(p)?;
+        sum = (sum.0 + r, sum.1 + s);
     }
-    if a.connections == 0 || a.sources.is_empty() {
-        return Err("need at least one connection and one source".into());
-    }
-    let url = a.url.clone();
-    let rest = url.strip_prefix("ws://").ok_or("only ws:// URLs")?;
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let target: SocketAddr = tokio::net::lookup_host(authority)
-        .await
-        .map_err(|e| format!("{authority}: {e}"))?
-        .next()
-        .ok_or("no address")?;
-    if !target.ip().is_loopback() {
-        return Err("the target must be on loopback".into());
-    }
-    let before = a.pid.map(process_memory).transpose()?;
-    let started = Instant::now();
-    let deadline = Duration::from_secs(a.timeout_secs);
-    let sources = a.sources.clone();
-    let results: Vec<Result<_, String>> = futures_util::stream::iter(0..a.connections)
-        .map(|i| {
-            let (url, src) = (url.clone(), sources[i % sources.len()]);
-            async move {
-                let mut ws = connect_ws(&url, "bench", i, src, target).await?;
-                // The welcome frame proves admission.
-                match ws.next().await {
-                    Some(Ok(_)) => Ok(ws),
-                    other => Err(format!("no welcome: {other:?}")),
-                }
-            }
-        })
-        .buffer_unordered(a.concurrency.max(1))
-        .take_until(tokio::time::sleep(deadline))
-        .collect()
-        .await;
-    let connect_secs = started.elapsed().as_secs_f64();
-    let mut held = Vec::new();
-    let mut errors = std::collections::BTreeMap::<String, usize>::new();
-    for r in results {
-        match r {
-            Ok(ws) => held.push(ws),
-            Err(e) => *errors.entry(e).or_default() += 1,
-        }
-    }
-    tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
-    let after = a.pid.map(process_memory).transpose()?;
-    let n = held.len() as f64;
-    let per = |b: Option<(u64, u64)>, f: fn((u64, u64)) -> u64| -> Option<f64> {
-        let (b, a) = (b?, after?);
-        (n > 0.0).then(|| (f(a) as f64 - f(b) as f64) * 1024.0 / n)
-    };
-    let out = json!({
-        "scenario": "idle",
-        "url": a.url,
-        "requested": a.connections,
-        "opened": held.len(),
-        "errors": errors,
-        "connect_secs": connect_secs,
-        "server_pid": a.pid,
-        "server_rss_kib_before": before.map(|m| m.0),
-        "server_rss_kib_after": after.map(|m| m.0),
-        "server_pss_kib_before": before.map(|m| m.1),
-        "server_pss_kib_after": after.map(|m| m.1),
-        "rss_bytes_per_connection": per(before, |m| m.0),
-        "pss_bytes_per_connection": per(before, |m| m.1),
-    });
-    println!("{out}");
-    drop(held);
-    Ok(())
+    Ok(Some(sum))
 }
 
 /// Server CPU time (user + system) in seconds, from `/proc/PID/stat`.
@@ -265,26 +271,22 @@ pub fn process_cpu_secs(pid: u32) -> Result<f64, String> {
     Ok(ticks / 100.0)
 }
 
+/// Summed CPU seconds of several processes; None without PIDs.
+pub fn processes_cpu_secs(pids: &[u32]) -> Result<Option<f64>, String> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    pids.iter()
+        .map(|&p| process_cpu_secs(p))
+        .sum::<Result<f64, String>>()
+        .map(Some)
+}
+
 fn now_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
-}
-
-/// The publish timestamp a receiver finds in a message (`"t":<micros>`).
-fn stamp(text: &str) -> Option<u64> {
-    let i = text.find("\"t\":")? + 4;
-    let digits: String = text[i..].chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
-}
-
-fn percentile(sorted: &[u64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    Some(sorted[i.min(sorted.len() - 1)] as f64 / 1000.0)
 }
 
 async fn check_loopback(url: &str, scheme: &str) -> Result<SocketAddr, String> {
@@ -303,129 +305,566 @@ async fn check_loopback(url: &str, scheme: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
-async fn fanout(a: FanoutArgs) -> Result<(), String> {
-    use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
-    if a.sources.iter().any(|s| !s.is_loopback()) || a.sources.is_empty() {
+fn default_url(target: Target) -> &'static str {
+    match target {
+        Target::Tether => "ws://127.0.0.1:7700/ws",
+        Target::Nchan => "ws://127.0.0.1:80/sub",
+    }
+}
+
+/// `(scheme, authority, path)` of a plain ws:// or http:// URL.
+fn split_url(url: &str) -> Result<(&str, &str, &str), String> {
+    let (scheme, rest) = url.split_once("://").ok_or(format!("{url}: no scheme"))?;
+    if !matches!(scheme, "ws" | "http") {
+        return Err(format!("{url}: only ws:// or http:// (plain, loopback)"));
+    }
+    Ok(match rest.find('/') {
+        Some(i) => (scheme, &rest[..i], &rest[i..]),
+        None => (scheme, rest, ""),
+    })
+}
+
+/// Where and how subscribers connect.
+async fn endpoint(
+    target: Target,
+    transport: Transport,
+    url: &str,
+    channel: Option<String>,
+) -> Result<Endpoint, String> {
+    let (scheme, authority, path) = split_url(url)?;
+    let addr = tokio::net::lookup_host(authority)
+        .await
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or("no address")?;
+    if !addr.ip().is_loopback() {
+        return Err("the target must be on loopback".into());
+    }
+    let path = match (target, transport) {
+        (Target::Tether, Transport::Ws) if path.is_empty() => "/ws",
+        (Target::Tether, Transport::Sse) if scheme == "ws" || path.is_empty() => "/sse",
+        (Target::Nchan, _) if path.is_empty() || path == "/" => "/sub",
+        _ => path,
+    };
+    if let Some(c) = &channel {
+        if c.is_empty()
+            || !c
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(format!("channel {c:?}: use A-Z a-z 0-9 _ - ."));
+        }
+    }
+    Ok(Endpoint {
+        target,
+        transport,
+        addr,
+        host: authority.to_owned(),
+        path: path.to_owned(),
+        channel,
+    })
+}
+
+fn check_sources(sources: &[IpAddr]) -> Result<(), String> {
+    if sources.is_empty() || sources.iter().any(|s| !s.is_loopback()) {
         return Err("sources must be loopback addresses".into());
     }
-    let target = check_loopback(&a.url, "ws://").await?;
-    check_loopback(&a.api, "http://").await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
-    let (done_tx, mut done_rx) =
-        tokio::sync::mpsc::channel::<(usize, Vec<u64>)>(a.subscribers.max(1));
-    let ready = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-    let url = a.url.clone();
-    let sources = a.sources.clone();
-    let channel = a.channel.clone();
-    let messages = a.messages;
-    let connects: Vec<Result<(), String>> = futures_util::stream::iter(0..a.subscribers)
+    Ok(())
+}
+
+/// Opens the subscribers `indices` (client ids `{prefix}-{i}`, source address
+/// `sources[i % len]`), `concurrency` at a time, until each is ready or `deadline`;
+/// maps each opened one through `f`.
+#[allow(clippy::too_many_arguments)]
+async fn open_all<T>(
+    ep: &Arc<Endpoint>,
+    indices: Vec<usize>,
+    prefix: &str,
+    sources: &[IpAddr],
+    concurrency: usize,
+    buf: usize,
+    want: usize,
+    deadline: tokio::time::Instant,
+    f: impl Fn(Conn) -> T,
+) -> (Vec<T>, BTreeMap<String, usize>) {
+    let results: Vec<Result<Conn, String>> = futures_util::stream::iter(indices)
         .map(|i| {
-            let (url, src) = (url.clone(), sources[i % sources.len()]);
-            let (done_tx, ready, channel) = (done_tx.clone(), ready.clone(), channel.clone());
+            let ep = ep.clone();
+            let src = sources[i % sources.len()];
+            let seq = i / sources.len();
+            let client = format!("{prefix}-{i}");
             async move {
-                let mut ws = connect_ws(&url, "fan", i, src, target).await?;
-                let sub = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
-                ws.send(Message::text(sub))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    let mut lat = Vec::with_capacity(messages);
-                    let mut got = 0;
-                    let until = tokio::time::sleep_until(deadline);
-                    tokio::pin!(until);
-                    while got < messages {
-                        let msg = tokio::select! {
-                            _ = &mut until => break,
-                            m = ws.next() => m,
-                        };
-                        let Some(Ok(Message::Text(t))) = msg else {
-                            if matches!(msg, Some(Ok(_))) {
-                                continue;
-                            } else {
-                                break;
-                            }
-                        };
-                        if t.as_str().contains(r#""type":"subscribed""#) {
-                            ready.add_permits(1);
-                        } else if t.as_str().starts_with(r#"{"type":"message""#) {
-                            got += 1;
-                            if let Some(s) = stamp(t.as_str()) {
-                                lat.push(now_micros().saturating_sub(s));
-                            }
-                        }
-                    }
-                    let _ = done_tx.send((got, lat)).await;
-                    drop(ws);
-                });
-                Ok(())
+                match tokio::time::timeout_at(
+                    deadline,
+                    Conn::open(&ep, &client, src, seq, buf, want),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err("deadline".into()),
+                }
             }
         })
-        .buffer_unordered(256)
+        .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
-    drop(done_tx);
-    let opened = connects.iter().filter(|r| r.is_ok()).count();
-    let mut errors = std::collections::BTreeMap::<String, usize>::new();
-    for e in connects.into_iter().filter_map(Result::err) {
-        *errors.entry(e).or_default() += 1;
+    let mut out = Vec::new();
+    let mut errors = BTreeMap::<String, usize>::new();
+    for r in results {
+        match r {
+            Ok(c) => out.push(f(c)),
+            Err(e) => *errors.entry(e).or_default() += 1,
+        }
     }
-    let _all_ready = tokio::time::timeout_at(deadline, ready.acquire_many(opened as u32)).await;
-    let http = reqwest::Client::new();
-    let pad = "x".repeat(a.bytes.saturating_sub(40));
-    let cpu_before = a.pid.map(process_cpu_secs).transpose()?;
+    (out, errors)
+}
+
+fn merge_counts(into: &mut BTreeMap<String, usize>, from: &serde_json::Value) {
+    if let Some(m) = from.as_object() {
+        for (k, v) in m {
+            *into.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0) as usize;
+        }
+    }
+}
+
+async fn idle(a: IdleArgs) -> Result<(), String> {
+    check_sources(&a.sources)?;
+    if a.connections == 0 {
+        return Err("need at least one connection".into());
+    }
+    let url = a.url.clone().unwrap_or(default_url(a.target).into());
+    let channel = a.channel.clone().or_else(|| {
+        (a.target == Target::Nchan || a.transport == Transport::Sse).then(|| "idle".into())
+    });
+    let ep = Arc::new(endpoint(a.target, a.transport, &url, channel.clone()).await?);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
+    let procs = a.procs.max(1);
+    if let Some(k) = a.child {
+        let idx = procs::share(k, procs, a.connections);
+        let (held, errors) = open_all(
+            &ep,
+            idx,
+            "bench",
+            &a.sources,
+            a.concurrency,
+            4096,
+            0,
+            deadline,
+            |c| c,
+        )
+        .await;
+        println!("READY {}", json!({"opened": held.len(), "errors": errors}));
+        let mut orders = procs::stdin_lines();
+        while let Some(line) = orders.recv().await {
+            if line.trim() == "CLOSE" {
+                break;
+            }
+        }
+        drop(held);
+        return Ok(());
+    }
+    let before = processes_memory(&a.pid)?;
     let started = Instant::now();
-    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
-    let mut publish_errors = 0usize;
-    for i in 0..a.messages {
-        if let Some(iv) = interval {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(
-                started + iv.mul_f64(i as f64),
-            ))
-            .await;
+    let mut held = Vec::new();
+    let mut children = None;
+    let mut opened = 0;
+    let mut errors = BTreeMap::<String, usize>::new();
+    if procs > 1 {
+        let mut kids = Children::spawn(procs)?;
+        let ready = kids
+            .collect("READY", deadline + Duration::from_secs(10))
+            .await?;
+        for r in &ready {
+            opened += r["opened"].as_u64().unwrap_or(0) as usize;
+            merge_counts(&mut errors, &r["errors"]);
         }
-        let body = serde_json::json!({"channel": a.channel, "data": {"t": now_micros(), "p": pad}});
-        match http
-            .post(format!("{}/api/publish", a.api))
-            .json(&body)
-            .send()
-            .await
+        children = Some(kids);
+    } else {
+        let idx = (0..a.connections).collect();
+        let (h, e) = open_all(
+            &ep,
+            idx,
+            "bench",
+            &a.sources,
+            a.concurrency,
+            4096,
+            0,
+            deadline,
+            |c| c,
+        )
+        .await;
+        opened = h.len();
+        errors = e;
+        held = h;
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
+    let after = processes_memory(&a.pid)?;
+    let n = opened as f64;
+    let per = |b: Option<(u64, u64)>, f: fn((u64, u64)) -> u64| -> Option<f64> {
+        let (b, a) = (b?, after?);
+        (n > 0.0).then(|| (f(a) as f64 - f(b) as f64) * 1024.0 / n)
+    };
+    let out = json!({
+        "scenario": "idle",
+        "target": a.target,
+        "transport": a.transport,
+        "url": url,
+        "channel": channel,
+        "requested": a.connections,
+        "opened": opened,
+        "errors": errors,
+        "connect_secs": connect_secs,
+        "procs": procs,
+        "sources": a.sources,
+        "server_pid": a.pid.first(),
+        "server_pids": a.pid,
+        "server_rss_kib_before": before.map(|m| m.0),
+        "server_rss_kib_after": after.map(|m| m.0),
+        "server_pss_kib_before": before.map(|m| m.1),
+        "server_pss_kib_after": after.map(|m| m.1),
+        "rss_bytes_per_connection": per(before, |m| m.0),
+        "pss_bytes_per_connection": per(before, |m| m.1),
+    });
+    println!("{out}");
+    drop(held);
+    if let Some(mut kids) = children {
+        kids.tell("CLOSE");
+        kids.finish(Duration::from_secs(10)).await;
+    }
+    Ok(())
+}
+
+/// What one process's subscribers saw (a child prints it as `RESULT {…}`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Part {
+    delivered: u64,
+    hist: SparseHist,
+    /// The last delivery, µs since the epoch.
+    last_us: u64,
+    /// Receivers that did not get every message, by how they ended.
+    ends: BTreeMap<String, usize>,
+    incomplete: usize,
+}
+
+/// This process's running subscribers.
+struct Local {
+    tasks: Vec<tokio::task::JoinHandle<(lean::Stats, lean::EndReason)>>,
+    stop: watch::Sender<bool>,
+    progress: Arc<AtomicU64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn start_local(
+    ep: &Arc<Endpoint>,
+    indices: Vec<usize>,
+    sources: &[IpAddr],
+    concurrency: usize,
+    buf: usize,
+    messages: usize,
+    deadline: tokio::time::Instant,
+) -> (Local, usize, BTreeMap<String, usize>) {
+    let (stop, stop_rx) = watch::channel(false);
+    let progress = Arc::new(AtomicU64::new(0));
+    let (tasks, errors) = open_all(
+        ep,
+        indices,
+        "fan",
+        sources,
+        concurrency,
+        buf,
+        messages,
+        deadline,
+        |c| {
+            let (rx, p) = (stop_rx.clone(), progress.clone());
+            tokio::spawn(c.receive(messages, rx, p))
+        },
+    )
+    .await;
+    let opened = tasks.len();
+    (
+        Local {
+            tasks,
+            stop,
+            progress,
+        },
+        opened,
+        errors,
+    )
+}
+
+impl Local {
+    /// Waits for every receiver to finish, stopping them once no delivery arrived for
+    /// `drain` or at `deadline`.
+    async fn finish(self, drain: Duration, deadline: tokio::time::Instant) -> Part {
+        let mut last = self.progress.load(Ordering::Relaxed);
+        let mut last_change = tokio::time::Instant::now();
+        loop {
+            if self.tasks.iter().all(|t| t.is_finished()) {
+                break;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline || now.duration_since(last_change) >= drain {
+                let _ = self.stop.send(true);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let p = self.progress.load(Ordering::Relaxed);
+            if p != last {
+                last = p;
+                last_change = tokio::time::Instant::now();
+            }
+        }
+        let mut part = Part::default();
+        let mut hist = Hist::default();
+        for t in self.tasks {
+            match t.await {
+                Ok((stats, end)) => {
+                    part.delivered += stats.got as u64;
+                    part.last_us = part.last_us.max(stats.last_us);
+                    for l in stats.lat {
+                        hist.record(u64::from(l));
+                    }
+                    if let Some(e) = end {
+                        part.incomplete += 1;
+                        *part.ends.entry(e).or_default() += 1;
+                    }
+                }
+                Err(e) => {
+                    part.incomplete += 1;
+                    *part.ends.entry(format!("task: {e}")).or_default() += 1;
+                }
+            }
+        }
+        part.hist = hist.sparse();
+        part
+    }
+}
+
+/// Publishes one message to Tether's API or Nchan's publisher location.
+struct Publisher {
+    http: reqwest::Client,
+    url: String,
+    target: Target,
+    channel_json: String,
+}
+
+impl Publisher {
+    fn new(target: Target, api: &str, channel: &str) -> Result<Publisher, String> {
+        let api = api.trim_end_matches('/');
+        let url = match target {
+            Target::Tether => format!("{api}/api/publish"),
+            Target::Nchan => format!("{api}/pub/{channel}"),
+        };
+        Ok(Publisher {
+            http: reqwest::Client::new(),
+            url,
+            target,
+            channel_json: serde_json::to_string(channel).map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// True when the server accepted it.
+    async fn publish(&self, t: u64, pad: &str) -> bool {
+        let data = format!(r#"{{"t":{t},"p":"{pad}"}}"#);
+        let req = match self.target {
+            Target::Tether => self
+                .http
+                .post(&self.url)
+                .header("content-type", "application/json")
+                .body(format!(
+                    r#"{{"channel":{},"data":{data}}}"#,
+                    self.channel_json
+                )),
+            Target::Nchan => self.http.post(&self.url).body(data),
+        };
+        matches!(req.send().await, Ok(r) if r.status().is_success())
+    }
+}
+
+async fn fanout(a: FanoutArgs) -> Result<(), String> {
+    check_sources(&a.sources)?;
+    let url = a.url.clone().unwrap_or(default_url(a.target).into());
+    let ep = Arc::new(endpoint(a.target, a.transport, &url, Some(a.channel.clone())).await?);
+    let api = match (&a.api, a.target) {
+        (Some(api), _) => api.clone(),
+        (None, Target::Tether) => "http://127.0.0.1:7701".into(),
+        (None, Target::Nchan) => format!("http://{}", ep.host),
+    };
+    check_loopback(&api, "http://").await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
+    let drain = Duration::from_secs(a.drain_secs);
+    let procs = a.procs.max(1);
+    let buf = a.buf_kib.max(4) * 1024;
+    if let Some(k) = a.child {
+        let idx = procs::share(k, procs, a.subscribers);
+        let (local, opened, errors) = start_local(
+            &ep,
+            idx,
+            &a.sources,
+            a.concurrency,
+            buf,
+            a.messages,
+            deadline,
+        )
+        .await;
+        println!("READY {}", json!({"opened": opened, "errors": errors}));
+        let mut orders = procs::stdin_lines();
+        // PUBLISHED (or EOF: the parent is gone) starts the drain clock.
+        let _ = tokio::time::timeout_at(deadline, async {
+            while let Some(line) = orders.recv().await {
+                if line.trim() == "PUBLISHED" {
+                    break;
+                }
+            }
+        })
+        .await;
+        let part = local.finish(drain, deadline).await;
+        println!(
+            "RESULT {}",
+            serde_json::to_string(&part).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let publisher = Publisher::new(a.target, &api, &a.channel)?;
+    let mut opened = 0;
+    let mut errors = BTreeMap::<String, usize>::new();
+    let (local, mut children) = if procs > 1 {
+        let mut kids = Children::spawn(procs)?;
+        for r in kids
+            .collect("READY", deadline + Duration::from_secs(10))
+            .await?
         {
-            Ok(r) if r.status().is_success() => {}
-            _ => publish_errors += 1,
+            opened += r["opened"].as_u64().unwrap_or(0) as usize;
+            merge_counts(&mut errors, &r["errors"]);
         }
+        (None, Some(kids))
+    } else {
+        let idx = (0..a.subscribers).collect();
+        let (l, o, e) = start_local(
+            &ep,
+            idx,
+            &a.sources,
+            a.concurrency,
+            buf,
+            a.messages,
+            deadline,
+        )
+        .await;
+        opened = o;
+        errors = e;
+        (Some(l), None)
+    };
+    tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
+    let pad = "x".repeat(a.bytes.saturating_sub(40));
+    let cpu_before = processes_cpu_secs(&a.pid)?;
+    let started = Instant::now();
+    let started_us = now_micros();
+    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
+    let publishers = if interval.is_some() {
+        1
+    } else {
+        a.publishers.clamp(1, a.messages.max(1))
+    };
+    let publisher = Arc::new(publisher);
+    let pad = Arc::new(pad);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..publishers {
+        let (publisher, pad, next, messages) =
+            (publisher.clone(), pad.clone(), next.clone(), a.messages);
+        workers.push(tokio::spawn(async move {
+            let mut errors = 0usize;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= messages {
+                    break errors;
+                }
+                if let Some(iv) = interval {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(
+                        started + iv.mul_f64(i as f64),
+                    ))
+                    .await;
+                }
+                if !publisher.publish(now_micros(), &pad).await {
+                    errors += 1;
+                }
+            }
+        }));
+    }
+    let mut publish_errors = 0usize;
+    for w in workers {
+        publish_errors += w.await.map_err(|e| format!("publisher: {e}"))?;
     }
     let published_secs = started.elapsed().as_secs_f64();
-    let mut delivered = 0usize;
-    let mut lat = Vec::new();
-    while let Some((got, l)) = done_rx.recv().await {
-        delivered += got;
-        lat.extend(l);
+    let mut parts = Vec::new();
+    if let Some(l) = local {
+        parts.push(l.finish(drain, deadline).await);
     }
-    let total_secs = started.elapsed().as_secs_f64();
-    let cpu_after = a.pid.map(process_cpu_secs).transpose()?;
-    let mem = a.pid.map(process_memory).transpose()?;
-    lat.sort_unstable();
+    if let Some(kids) = children.as_mut() {
+        kids.tell("PUBLISHED");
+        for v in kids
+            .collect("RESULT", deadline + drain + Duration::from_secs(30))
+            .await?
+        {
+            parts.push(serde_json::from_value(v).map_err(|e| format!("child RESULT: {e}"))?);
+        }
+    }
+    let cpu_after = processes_cpu_secs(&a.pid)?;
+    let mem = processes_memory(&a.pid)?;
+    if let Some(kids) = children {
+        kids.finish(Duration::from_secs(10)).await;
+    }
+    let mut hist = Hist::default();
+    let (mut delivered, mut last_us, mut incomplete) = (0u64, 0u64, 0usize);
+    let mut ends = BTreeMap::<String, usize>::new();
+    for p in &parts {
+        delivered += p.delivered;
+        last_us = last_us.max(p.last_us);
+        incomplete += p.incomplete;
+        hist.merge_sparse(&p.hist);
+        for (k, v) in &p.ends {
+            *ends.entry(k.clone()).or_default() += v;
+        }
+    }
+    // From the first publish to the last delivery.
+    let total_secs = if last_us > started_us {
+        (last_us - started_us) as f64 / 1e6
+    } else {
+        started.elapsed().as_secs_f64()
+    };
     let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
     let out = json!({
         "scenario": "fanout",
+        "target": a.target,
+        "transport": a.transport,
+        "url": url,
+        "api": api,
         "mode": if interval.is_some() { "paced" } else { "back_to_back" },
         "rate": a.rate,
+        "publishers": publishers,
         "subscribers": a.subscribers,
         "opened": opened,
         "errors": errors,
         "messages": a.messages,
         "bytes": a.bytes,
+        "procs": procs,
+        "sources": a.sources,
         "publish_errors": publish_errors,
         "expected_deliveries": opened * a.messages,
         "deliveries": delivered,
+        "incomplete_receivers": incomplete,
+        "receiver_ends": ends,
         "publish_secs": published_secs,
         "total_secs": total_secs,
         "deliveries_per_sec": delivered as f64 / total_secs,
-        "latency_ms_p50": percentile(&lat, 0.50),
-        "latency_ms_p99": percentile(&lat, 0.99),
-        "latency_ms_p999": percentile(&lat, 0.999),
-        "latency_ms_max": lat.last().map(|m| *m as f64 / 1000.0),
+        "latency_samples": hist.len(),
+        "latency_ms_p50": hist.percentile_ms(0.50),
+        "latency_ms_p99": hist.percentile_ms(0.99),
+        "latency_ms_p999": hist.percentile_ms(0.999),
+        "latency_ms_max": hist.max_ms(),
+        "server_pid": a.pid.first(),
+        "server_pids": a.pid,
         "server_cpu_secs": cpu,
         "server_cpu_us_per_delivery": cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
         "server_rss_kib": mem.map(|m| m.0),
@@ -435,24 +874,31 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// One cycle: connect, read the welcome, subscribe, read `subscribed`, close.
-async fn churn_cycle(url: &str, i: usize, channel: &str) -> Result<(), String> {
+/// One cycle: connect, read the welcome, subscribe, read `subscribed`, close (Tether);
+/// connect to the channel's URL (which subscribes), close (Nchan).
+async fn churn_cycle(url: &str, i: usize, channel: &str, target: Target) -> Result<(), String> {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{url}?client=churn-{i}"))
+    let url = match target {
+        Target::Tether => format!("{url}?client=churn-{i}"),
+        Target::Nchan => format!("{}/{channel}", url.trim_end_matches('/')),
+    };
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|e| e.to_string())?;
-    ws.next()
-        .await
-        .ok_or("no welcome")?
-        .map_err(|e| e.to_string())?;
-    let sub = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
-    ws.send(Message::text(sub))
-        .await
-        .map_err(|e| e.to_string())?;
-    match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.as_str().contains(r#""type":"subscribed""#) => {}
-        other => return Err(format!("no subscribed: {other:?}")),
+    if target == Target::Tether {
+        ws.next()
+            .await
+            .ok_or("no welcome")?
+            .map_err(|e| e.to_string())?;
+        let sub = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
+        ws.send(Message::text(sub))
+            .await
+            .map_err(|e| e.to_string())?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.as_str().contains(r#""type":"subscribed""#) => {}
+            other => return Err(format!("no subscribed: {other:?}")),
+        }
     }
     ws.close(None).await.map_err(|e| e.to_string())?;
     while let Some(Ok(_)) = ws.next().await {}
@@ -460,18 +906,21 @@ async fn churn_cycle(url: &str, i: usize, channel: &str) -> Result<(), String> {
 }
 
 async fn churn(a: ChurnArgs) -> Result<(), String> {
-    check_loopback(&a.url, "ws://").await?;
-    check_loopback(&a.api, "http://").await?;
+    let url = a.url.clone().unwrap_or(default_url(a.target).into());
+    check_loopback(&url, "ws://").await?;
+    if a.target == Target::Tether {
+        check_loopback(&a.api, "http://").await?;
+    }
     let until = Instant::now() + Duration::from_secs(a.secs);
     let started = Instant::now();
     let mut workers = Vec::new();
     for w in 0..a.workers.max(1) {
-        let (url, channel) = (a.url.clone(), a.channel.clone());
+        let (url, channel, target) = (url.clone(), a.channel.clone(), a.target);
         workers.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0usize, 0usize);
             let mut i = w;
             while Instant::now() < until {
-                match churn_cycle(&url, i, &channel).await {
+                match churn_cycle(&url, i, &channel, target).await {
                     Ok(()) => ok += 1,
                     Err(_) => failed += 1,
                 }
@@ -487,29 +936,35 @@ async fn churn(a: ChurnArgs) -> Result<(), String> {
         failed += f;
     }
     let secs = started.elapsed().as_secs_f64();
-    // The registry must return to zero: poll the API for up to 10 s.
-    let http = reqwest::Client::new();
+    // Tether's registry must return to zero: poll the API for up to 10 s.
     let mut stats = serde_json::Value::Null;
-    let mut zero = false;
-    for _ in 0..100 {
-        stats = http
-            .get(format!("{}/api/stats", a.api))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
-        zero = stats["connections"]["ws"] == 0 && stats["clients"] == 0 && stats["tasks"] == 0;
-        if zero {
-            break;
+    let mut zero = None;
+    if a.target == Target::Tether {
+        let http = reqwest::Client::new();
+        let mut z = false;
+        for _ in 0..100 {
+            stats = http
+                .get(format!("{}/api/stats", a.api))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            z = stats["connections"]["ws"] == 0 && stats["clients"] == 0 && stats["tasks"] == 0;
+            if z {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        zero = Some(z);
     }
     println!(
         "{}",
         json!({
             "scenario": "churn",
+            "target": a.target,
+            "transport": Transport::Ws,
             "workers": a.workers,
             "secs": secs,
             "cycles": ok,
@@ -519,9 +974,9 @@ async fn churn(a: ChurnArgs) -> Result<(), String> {
             "stats_after": stats,
         })
     );
-    if zero {
-        Ok(())
-    } else {
+    if zero == Some(false) {
         Err("the registry did not return to zero".into())
+    } else {
+        Ok(())
     }
 }

@@ -1,0 +1,505 @@
+//! `bench-chart`: reads the JSON lines of `scripts/bench-compare.sh`
+//! (`tether bench` output, one object per run) and draws Tether and Nchan side by side
+//! as grouped bars into a PNG: deliveries/s, p99 latency, server CPU per delivery and
+//! server memory per idle connection. Rounds of the same scenario are averaged.
+//!
+//! Text is drawn with `ab_glyph` from a TrueType file read at run time (`--font`), so
+//! there is no font-kit/fontconfig dependency.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Parser;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench-chart",
+    about = "Tether vs Nchan bar chart from bench JSON lines"
+)]
+struct Cli {
+    /// JSON lines from `tether bench` (one object per run).
+    #[arg(long, default_value = "target/bench-compare/results.jsonl")]
+    input: PathBuf,
+    /// The PNG to write.
+    #[arg(long, default_value = "docs/bench-compare.png")]
+    output: PathBuf,
+    /// A TrueType font file.
+    #[arg(
+        long,
+        default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    )]
+    font: PathBuf,
+    /// A line under the title (date, machine).
+    #[arg(long, default_value = "")]
+    subtitle: String,
+    /// Also write Markdown tables (one per scenario, Tether and Nchan side by side,
+    /// means over rounds) to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+const TETHER: RGBColor = RGBColor(31, 119, 180);
+const NCHAN: RGBColor = RGBColor(255, 127, 14);
+
+/// One panel: a metric per scenario label, per target (sum and count, for the mean).
+#[derive(Default)]
+struct Panel {
+    labels: Vec<String>,
+    values: BTreeMap<(String, String), (f64, u32)>,
+}
+
+impl Panel {
+    fn add(&mut self, label: &str, target: &str, v: Option<f64>) {
+        let Some(v) = v.filter(|v| v.is_finite()) else {
+            return;
+        };
+        if !self.labels.iter().any(|l| l == label) {
+            self.labels.push(label.to_owned());
+        }
+        let e = self
+            .values
+            .entry((label.to_owned(), target.to_owned()))
+            .or_default();
+        e.0 += v;
+        e.1 += 1;
+    }
+
+    fn mean(&self, label: &str, target: &str) -> Option<f64> {
+        self.values
+            .get(&(label.to_owned(), target.to_owned()))
+            .map(|(s, n)| s / f64::from(*n))
+    }
+}
+
+fn scenario_label(v: &serde_json::Value) -> Option<String> {
+    if v["scenario"].as_str() == Some("churn") {
+        return Some(format!(
+            "churn WS, {} workers",
+            v["workers"].as_u64().unwrap_or(0)
+        ));
+    }
+    let transport = v["transport"].as_str().unwrap_or("ws").to_uppercase();
+    match v["scenario"].as_str()? {
+        "idle" => Some(format!(
+            "idle {transport}, {}k conns",
+            v["requested"].as_u64().unwrap_or(0) as f64 / 1000.0
+        )),
+        "fanout" => {
+            let mode = match v["mode"].as_str() {
+                Some("paced") => format!("paced {} msg/s", v["rate"].as_f64().unwrap_or(0.0)),
+                _ => match v["publishers"].as_u64() {
+                    Some(n) if n > 1 => format!("back-to-back, {n} publishers"),
+                    _ => "back-to-back".to_owned(),
+                },
+            };
+            Some(format!(
+                "{transport} {mode}, {}k subs",
+                v["subscribers"].as_u64().unwrap_or(0) as f64 / 1000.0
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn short(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+fn draw_panel(
+    root: &Area<'_>,
+    area: &Area<'_>,
+    title: &str,
+    p: &Panel,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let n = p.labels.len().max(1);
+    let means = || p.values.values().map(|(s, c)| s / f64::from(*c));
+    let top = means().fold(0.0f64, f64::max);
+    let top = if top > 0.0 { top * 1.2 } else { 1.0 };
+    // A negative figure (memory freed during an idle run on a reused server) still shows.
+    let bottom = means().fold(0.0f64, f64::min) * 1.2;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .margin_bottom(40)
+        .x_label_area_size(10)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..n as f64, bottom..top)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .disable_x_axis()
+        .light_line_style(WHITE)
+        .y_label_formatter(&|v| short(*v))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    if p.labels.is_empty() {
+        let (x, y) = chart.backend_coord(&(0.5, top / 2.0));
+        root.draw(&Text::new(
+            "no data",
+            (x, y),
+            ("sans-serif", 18)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Center, VPos::Center)),
+        ))?;
+        return Ok(());
+    }
+    for (i, label) in p.labels.iter().enumerate() {
+        let x0 = i as f64;
+        for (target, color, from, to) in
+            [("tether", TETHER, 0.12, 0.48), ("nchan", NCHAN, 0.52, 0.88)]
+        {
+            let Some(v) = p.mean(label, target) else {
+                continue;
+            };
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(x0 + from, 0.0), (x0 + to, v)],
+                color.filled(),
+            )))?;
+            let (tx, ty) = chart.backend_coord(&(x0 + (from + to) / 2.0, v.max(0.0)));
+            root.draw(&Text::new(
+                short(v),
+                (tx, ty - 4),
+                ("sans-serif", 14)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
+            ))?;
+        }
+        let (lx, ly) = chart.backend_coord(&(x0 + 0.5, bottom));
+        root.draw(&Text::new(
+            label.clone(),
+            (lx, ly + 8),
+            ("sans-serif", 14)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Center, VPos::Top)),
+        ))?;
+        if let (Some(t), Some(n)) = (p.mean(label, "tether"), p.mean(label, "nchan")) {
+            if n > 0.0 {
+                root.draw(&Text::new(
+                    format!("Tether/Nchan {:.2}", t / n),
+                    (lx, ly + 26),
+                    ("sans-serif", 13)
+                        .into_font()
+                        .color(&RGBColor(90, 90, 90))
+                        .pos(Pos::new(HPos::Center, VPos::Top)),
+                ))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-chart: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let font = std::fs::read(&cli.font).map_err(|e| format!("{}: {e}", cli.font.display()))?;
+    // plotters keeps registered fonts for the life of the process.
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| format!("{}: not a usable font", cli.font.display()))?;
+    let text =
+        std::fs::read_to_string(&cli.input).map_err(|e| format!("{}: {e}", cli.input.display()))?;
+    let (mut rate, mut p99, mut cpu, mut mem) = (
+        Panel::default(),
+        Panel::default(),
+        Panel::default(),
+        Panel::default(),
+    );
+    let mut runs = 0;
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(label), Some(target)) = (scenario_label(&v), v["target"].as_str()) else {
+            continue;
+        };
+        runs += 1;
+        match v["scenario"].as_str() {
+            Some("idle") => mem.add(
+                &label,
+                target,
+                v["pss_bytes_per_connection"].as_f64().map(|b| b / 1024.0),
+            ),
+            Some("fanout") => {
+                if v["mode"].as_str() != Some("paced") {
+                    rate.add(&label, target, v["deliveries_per_sec"].as_f64());
+                }
+                p99.add(&label, target, v["latency_ms_p99"].as_f64());
+                cpu.add(&label, target, v["server_cpu_us_per_delivery"].as_f64());
+            }
+            _ => {}
+        }
+    }
+    if runs == 0 {
+        return Err(format!("{}: no idle or fanout results", cli.input.display()).into());
+    }
+    if let Some(md) = &cli.markdown {
+        std::fs::write(md, markdown(&text)).map_err(|e| format!("{}: {e}", md.display()))?;
+    }
+    if let Some(dir) = cli.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let root = BitMapBackend::new(&cli.output, (1600, 1100)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (head, body) = root.split_vertically(70);
+    head.draw(&Text::new(
+        "Tether vs Nchan (tether bench, loopback)",
+        (24, 12),
+        ("sans-serif", 28).into_font().color(&BLACK),
+    ))?;
+    head.draw(&Text::new(
+        cli.subtitle.clone(),
+        (24, 46),
+        ("sans-serif", 15).into_font().color(&RGBColor(90, 90, 90)),
+    ))?;
+    for (i, (name, color)) in [("Tether", TETHER), ("Nchan", NCHAN)].iter().enumerate() {
+        let x = 1300 + i as i32 * 140;
+        head.draw(&Rectangle::new([(x, 18), (x + 22, 40)], color.filled()))?;
+        head.draw(&Text::new(
+            *name,
+            (x + 30, 20),
+            ("sans-serif", 18).into_font().color(&BLACK),
+        ))?;
+    }
+    let panels = body.split_evenly((2, 2));
+    let specs = [
+        ("deliveries/s (higher is better)", &rate),
+        ("p99 latency, ms (lower is better)", &p99),
+        ("server CPU per delivery, µs (lower is better)", &cpu),
+        (
+            "server PSS per idle connection, KiB (lower is better)",
+            &mem,
+        ),
+    ];
+    for (area, (title, panel)) in panels.iter().zip(specs) {
+        draw_panel(&root, area, title, panel)?;
+    }
+    root.present()?;
+    println!("{}", cli.output.display());
+    Ok(())
+}
+
+/// How a table cell is printed.
+#[derive(Clone, Copy)]
+enum Fmt {
+    /// Thousands separators, no decimals.
+    Int,
+    /// Three significant figures.
+    Num,
+    /// Bytes, shown as KiB with the bytes in parentheses.
+    Bytes,
+}
+
+type Metric = (&'static str, fn(&serde_json::Value) -> Option<f64>, Fmt);
+
+fn f(v: &serde_json::Value, k: &str) -> Option<f64> {
+    v[k].as_f64()
+}
+
+fn count_map(v: &serde_json::Value) -> Option<f64> {
+    v.as_object().map(|m| {
+        m.values()
+            .filter_map(serde_json::Value::as_u64)
+            .sum::<u64>() as f64
+    })
+}
+
+const IDLE: &[Metric] = &[
+    ("connections opened", |v| f(v, "opened"), Fmt::Int),
+    ("connect errors", |v| count_map(&v["errors"]), Fmt::Int),
+    ("connect time, s", |v| f(v, "connect_secs"), Fmt::Num),
+    (
+        "server PSS per connection",
+        |v| f(v, "pss_bytes_per_connection"),
+        Fmt::Bytes,
+    ),
+    (
+        "server RSS per connection",
+        |v| f(v, "rss_bytes_per_connection"),
+        Fmt::Bytes,
+    ),
+];
+
+const FANOUT: &[Metric] = &[
+    ("subscribers ready", |v| f(v, "opened"), Fmt::Int),
+    ("connect errors", |v| count_map(&v["errors"]), Fmt::Int),
+    ("publish errors", |v| f(v, "publish_errors"), Fmt::Int),
+    (
+        "deliveries expected",
+        |v| f(v, "expected_deliveries"),
+        Fmt::Int,
+    ),
+    ("deliveries", |v| f(v, "deliveries"), Fmt::Int),
+    (
+        "receivers short of messages",
+        |v| f(v, "incomplete_receivers"),
+        Fmt::Int,
+    ),
+    ("deliveries/s", |v| f(v, "deliveries_per_sec"), Fmt::Int),
+    ("latency p50, ms", |v| f(v, "latency_ms_p50"), Fmt::Num),
+    ("latency p99, ms", |v| f(v, "latency_ms_p99"), Fmt::Num),
+    ("latency p99.9, ms", |v| f(v, "latency_ms_p999"), Fmt::Num),
+    ("latency max, ms", |v| f(v, "latency_ms_max"), Fmt::Num),
+    ("server CPU, s", |v| f(v, "server_cpu_secs"), Fmt::Num),
+    (
+        "server CPU per delivery, µs",
+        |v| f(v, "server_cpu_us_per_delivery"),
+        Fmt::Num,
+    ),
+    (
+        "server PSS after, MiB",
+        |v| f(v, "server_pss_kib").map(|k| k / 1024.0),
+        Fmt::Num,
+    ),
+];
+
+const CHURN: &[Metric] = &[
+    ("cycles/s", |v| f(v, "cycles_per_sec"), Fmt::Int),
+    ("cycles", |v| f(v, "cycles"), Fmt::Int),
+    ("failed cycles", |v| f(v, "failed"), Fmt::Int),
+];
+
+fn thousands(v: f64) -> String {
+    let s = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 && s != "0" {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1000.0 {
+        thousands(v)
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn cell(vals: &[f64], fmt: Fmt) -> String {
+    if vals.is_empty() {
+        return "—".into();
+    }
+    let one = |v: f64| match fmt {
+        Fmt::Int => thousands(v),
+        Fmt::Num => num(v),
+        Fmt::Bytes => format!("{} KiB ({} B)", num(v / 1024.0), thousands(v)),
+    };
+    let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+    if vals.len() == 1 {
+        return one(mean);
+    }
+    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let range = match fmt {
+        Fmt::Bytes => format!("{}–{} B", thousands(lo), thousands(hi)),
+        _ => format!("{}–{}", one(lo), one(hi)),
+    };
+    format!("{} ({range})", one(mean))
+}
+
+/// Markdown tables: one per scenario label, a row per metric, Tether and Nchan
+/// side by side (mean over rounds, range in parentheses) and their ratio.
+fn markdown(text: &str) -> String {
+    let mut labels: Vec<(String, &'static [Metric])> = Vec::new();
+    let mut runs: BTreeMap<(String, String), Vec<serde_json::Value>> = BTreeMap::new();
+    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(label), Some(target)) = (scenario_label(&v), v["target"].as_str()) else {
+            continue;
+        };
+        let metrics: &'static [Metric] = match v["scenario"].as_str() {
+            Some("idle") => IDLE,
+            Some("fanout") => FANOUT,
+            Some("churn") => CHURN,
+            _ => continue,
+        };
+        if !labels.iter().any(|(l, _)| *l == label) {
+            labels.push((label.clone(), metrics));
+        }
+        runs.entry((label, target.to_owned())).or_default().push(v);
+    }
+    let mut out = String::new();
+    for (label, metrics) in labels {
+        let get = |t: &str| runs.get(&(label.clone(), t.to_owned()));
+        let (tether, nchan) = (get("tether"), get("nchan"));
+        let rounds = |r: Option<&Vec<serde_json::Value>>| r.map_or(0, Vec::len);
+        out.push_str(&format!(
+            "### {label}\n\n| | Tether ({} run{}) | Nchan ({} run{}) | Tether/Nchan |\n| --- | --- | --- | --- |\n",
+            rounds(tether),
+            if rounds(tether) == 1 { "" } else { "s" },
+            rounds(nchan),
+            if rounds(nchan) == 1 { "" } else { "s" },
+        ));
+        for (name, get_v, fmt) in metrics {
+            if *name == "deliveries/s" && label.contains("paced") {
+                continue; // paced: the publish rate sets it
+            }
+            let vals = |r: Option<&Vec<serde_json::Value>>| -> Vec<f64> {
+                r.map(|r| {
+                    r.iter()
+                        .filter_map(get_v)
+                        .filter(|x| x.is_finite())
+                        .collect()
+                })
+                .unwrap_or_default()
+            };
+            let (t, n) = (vals(tether), vals(nchan));
+            if t.is_empty() && n.is_empty() {
+                continue;
+            }
+            let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+            let ratio = match (mean(&t), mean(&n)) {
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+                _ => "—".into(),
+            };
+            out.push_str(&format!(
+                "| {name} | {} | {} | {ratio} |\n",
+                cell(&t, *fmt),
+                cell(&n, *fmt)
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
