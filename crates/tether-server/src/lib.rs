@@ -265,13 +265,40 @@ async fn run(
             api::router(app.clone(), api_stop.clone()).merge(net::health_router(app.clone()));
         let stop = api_stop.clone();
         let api_app = app.clone();
-        background.spawn(async move {
+        let serve_api = async move {
             if let Some(tls) = tls {
                 return tls::serve_api(api_app, api, router, tls, stop).await;
             }
             let serve = axum::serve(api, router).with_graceful_shutdown(stop.cancelled_owned());
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "API listener failed");
+            }
+        };
+        // The API listener gets a thread and a runtime of its own: publishes, health
+        // checks and metrics are not queued behind thousands of connection tasks
+        // under load (and a publisher is not slowed down by the fan-out it causes).
+        let stop_api = api_stop.clone();
+        background.spawn(async move {
+            // However this task ends (or is dropped with the runtime), the API stops.
+            let _stop_api = stop_api.drop_guard();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name("tether-api".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(serve_api),
+                        Err(e) => tracing::error!(error = %e, "cannot start the API runtime"),
+                    }
+                    let _ = done_tx.send(());
+                });
+            match thread {
+                Ok(_) => {
+                    let _ = done_rx.await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot start the API thread"),
             }
         });
     }

@@ -396,6 +396,8 @@ async fn flush(
             )));
         }
         if batch.is_empty() {
+            // Nothing kept while idle.
+            *batch = Vec::new();
             return None;
         }
         let mut buf = BytesMut::new();

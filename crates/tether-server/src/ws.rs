@@ -750,16 +750,14 @@ async fn flush_outbox(
             )));
         }
         if batch.is_empty() {
+            // Nothing kept while idle.
+            *batch = Vec::new();
             return None;
         }
         let written = conn
             .outbox()
             .unless_overflowed(write_timed(ws, guard, batch, hb_timeout, torn))
             .await;
-        // A burst must not leave a large batch allocated on an idle connection.
-        if batch.capacity() > MAX_IOV {
-            *batch = Vec::new();
-        }
         match written {
             None => {
                 return Some(End::Announce(Closing::new(
