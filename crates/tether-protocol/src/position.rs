@@ -67,15 +67,18 @@ impl Cursor {
     /// Encodes the cursor.
     pub fn encode(conn_id: &str, positions: &[Position]) -> String {
         let mut s = String::with_capacity(8 + conn_id.len() + positions.len() * 16);
-        s.push_str("v1.");
-        s.push_str(conn_id);
-        for p in positions {
-            s.push('.');
-            s.push_str(&p.epoch);
-            s.push(':');
-            s.push_str(&p.offset.to_string());
-        }
+        Self::encode_into(conn_id, positions, &mut s);
         s
+    }
+
+    /// Encodes the cursor onto `out` (no allocation of its own: an SSE stream writes
+    /// one per event).
+    pub fn encode_into(conn_id: &str, positions: &[Position], out: &mut impl std::fmt::Write) {
+        let _ = out.write_str("v1.");
+        let _ = out.write_str(conn_id);
+        for p in positions {
+            let _ = write!(out, ".{}:{}", p.epoch, p.offset);
+        }
     }
 
     /// Parses a cursor; `None` when it cannot be parsed or is over its bounds (which

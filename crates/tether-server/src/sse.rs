@@ -32,8 +32,10 @@ use crate::admission::{self, AdmitError, Credentials};
 use crate::net::SocketInfo;
 use crate::App;
 
-/// Body chunks waiting between the connection task and hyper's writer.
-const BODY_QUEUE: usize = 16;
+/// Body chunks waiting between the connection task and hyper's writer. Each chunk is
+/// a whole batch of events; the bounded outbox is where a slow reader's backlog
+/// waits, so this stays short (it is memory outside the outbox's bounds).
+const BODY_QUEUE: usize = 2;
 
 /// Most tombstones kept; the oldest go first beyond it.
 const MAX_TOMBSTONES: usize = 100_000;
@@ -320,14 +322,26 @@ impl Stream {
     fn cursor(&self) -> String {
         Cursor::encode(&self.conn_id, &self.positions)
     }
+    /// About how long the cursor is (offsets may grow a digit or two meanwhile).
+    fn cursor_len(&self) -> usize {
+        4 + self.conn_id.len()
+            + self
+                .positions
+                .iter()
+                .map(|p| p.epoch.len() + 22)
+                .sum::<usize>()
+    }
     /// Appends one event for `item` to `buf`, with the cursor as its `id`.
     fn render(&mut self, item: &Outgoing, buf: &mut BytesMut) {
         let body = match item {
             Outgoing::Message(p) => {
                 if let Ok(i) = self.channels.binary_search_by(|c| (**c).cmp(&*p.channel)) {
-                    self.positions[i].offset = p.offset;
-                    if let Some(pos) = Position::parse(&p.position) {
-                        self.positions[i].epoch = pos.epoch;
+                    let at = &mut self.positions[i];
+                    at.offset = p.offset;
+                    // `position` is "<epoch>:<offset>"; the epoch rarely changes.
+                    let epoch = p.position.split(':').next().unwrap_or_default();
+                    if at.epoch != epoch {
+                        at.epoch = epoch.to_owned();
                     }
                 }
                 &p.sse
@@ -337,7 +351,7 @@ impl Stream {
             Outgoing::Text(_) => return,
         };
         buf.extend_from_slice(b"id: ");
-        buf.extend_from_slice(self.cursor().as_bytes());
+        Cursor::encode_into(&self.conn_id, &self.positions, buf);
         buf.extend_from_slice(b"\n");
         buf.extend_from_slice(body);
     }
@@ -400,7 +414,18 @@ async fn flush(
             *batch = Vec::new();
             return None;
         }
-        let mut buf = BytesMut::new();
+        // Sized once for the whole batch (each event's `id:` line is the cursor), so
+        // a burst does not leave a trail of regrown buffers behind.
+        let id_line = 6 + stream.cursor_len();
+        let size = batch
+            .iter()
+            .map(|i| match i {
+                Outgoing::Message(p) => p.sse.len() + id_line,
+                Outgoing::Direct(d) => d.sse.len() + id_line,
+                Outgoing::Text(_) => 0,
+            })
+            .sum();
+        let mut buf = BytesMut::with_capacity(size);
         for item in batch.drain(..) {
             stream.render(&item, &mut buf);
         }
