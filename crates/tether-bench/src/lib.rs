@@ -439,20 +439,22 @@ async fn idle(a: IdleArgs) -> Result<(), String> {
     let ep = Arc::new(endpoint(a.target, a.transport, &url, channel.clone()).await?);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
     let procs = a.procs.max(1);
-    if let Some(k) = a.child {
-        let idx = procs::share(k, procs, a.connections);
-        let (held, errors) = open_all(
-            &ep,
+    let (ep_ref, sources, concurrency) = (&ep, &a.sources, a.concurrency);
+    let open = move |idx| {
+        open_all(
+            ep_ref,
             idx,
             "bench",
-            &a.sources,
-            a.concurrency,
+            sources,
+            concurrency,
             4096,
             0,
             deadline,
             |c| c,
         )
-        .await;
+    };
+    if let Some(k) = a.child {
+        let (held, errors) = open(procs::share(k, procs, a.connections)).await;
         println!("READY {}", json!({"opened": held.len(), "errors": errors}));
         let mut orders = procs::stdin_lines();
         while let Some(line) = orders.recv().await {
@@ -480,19 +482,7 @@ async fn idle(a: IdleArgs) -> Result<(), String> {
         }
         children = Some(kids);
     } else {
-        let idx = (0..a.connections).collect();
-        let (h, e) = open_all(
-            &ep,
-            idx,
-            "bench",
-            &a.sources,
-            a.concurrency,
-            4096,
-            0,
-            deadline,
-            |c| c,
-        )
-        .await;
+        let (h, e) = open((0..a.connections).collect()).await;
         opened = h.len();
         errors = e;
         held = h;

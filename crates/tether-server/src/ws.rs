@@ -166,20 +166,9 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
                     });
                 match admitted {
                     Ok((reservation, identity)) => {
-                        let meta = identity
-                            .as_ref()
-                            .map(|i| i.meta.clone())
-                            .unwrap_or_default();
-                        let guard = reservation.commit(spec(meta));
+                        let start = Start::commit(ws, reservation, identity, spec);
                         drop(_pending);
-                        Some((
-                            task_app,
-                            Box::new(Start {
-                                ws,
-                                guard,
-                                identity,
-                            }),
-                        ))
+                        Some((task_app, start))
                     }
                     Err(AdmitError::Refused(r)) => {
                         task_app.metrics.refused(r.error());
@@ -239,21 +228,14 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
                         client_id,
                         identity,
                     } = admitted;
-                    let meta = identity
-                        .as_ref()
-                        .map(|i| i.meta.clone())
-                        .unwrap_or_default();
-                    let guard = reservation.commit(spec(meta));
+                    let start = Start::commit(ws, reservation, identity, spec);
                     drop(pending);
-                    tracing::debug!(client_id, conn_id = guard.conn().id(), "websocket admitted");
-                    Some((
-                        task_app,
-                        Box::new(Start {
-                            ws,
-                            guard,
-                            identity,
-                        }),
-                    ))
+                    tracing::debug!(
+                        client_id,
+                        conn_id = start.guard.conn().id(),
+                        "websocket admitted"
+                    );
+                    Some((task_app, start))
                 });
                 if let Some((task_app, start)) = started.await {
                     run(task_app, start).await;
@@ -418,6 +400,28 @@ struct Start {
     ws: Ws,
     guard: ConnectionGuard,
     identity: Option<Identity>,
+}
+
+impl Start {
+    /// Commits the reservation (the connection is registered from here on) with the
+    /// token's `meta`, if any.
+    fn commit(
+        ws: Ws,
+        reservation: tether_core::Reservation,
+        identity: Option<Identity>,
+        spec: impl FnOnce(serde_json::Value) -> ConnSpec,
+    ) -> Box<Self> {
+        let meta = identity
+            .as_ref()
+            .map(|i| i.meta.clone())
+            .unwrap_or_default();
+        let guard = reservation.commit(spec(meta));
+        Box::new(Start {
+            ws,
+            guard,
+            identity,
+        })
+    }
 }
 
 async fn run(app: Arc<App>, start: Box<Start>) {
