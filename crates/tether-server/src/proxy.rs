@@ -218,7 +218,7 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
             let client = WebSocketStream::from_raw_socket(
                 TokioIo::new(up),
                 Role::Server,
-                Some(crate::ws::ws_config(&task_app)),
+                Some(crate::ws::relay_config(&task_app)),
             )
             .await;
             let guard = admitted.reservation.commit(ConnSpec {
@@ -262,7 +262,7 @@ async fn connect_ws(
             request.headers_mut().append(k, v);
         }
     }
-    let cfg = crate::ws::ws_config(app);
+    let cfg = crate::ws::relay_config(app);
     let connector = match (url.starts_with("wss://"), &app.upstream_tls) {
         (true, Some(tls)) => Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
         (true, None) => {

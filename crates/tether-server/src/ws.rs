@@ -50,6 +50,11 @@ const READ_BUFFER: usize = 256;
 /// close) and refusals go through it; every text frame is written by [`write_frames`].
 const WRITE_BUFFER: usize = 512;
 
+/// The proxy's legs relay every frame through tungstenite both ways: they keep the
+/// buffers that let it coalesce (what they were before the edge's writer bypassed it).
+const RELAY_READ_BUFFER: usize = 512;
+const RELAY_WRITE_BUFFER: usize = 16 * 1024;
+
 /// Frames per `writev`.
 const MAX_IOV: usize = 128;
 
@@ -347,6 +352,13 @@ pub(crate) fn switching(accept: &str, protocol: Option<HeaderValue>) -> Response
     builder
         .body(Body::empty())
         .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// [`ws_config`] for a proxy route's legs.
+pub(crate) fn relay_config(app: &App) -> WebSocketConfig {
+    ws_config(app)
+        .read_buffer_size(RELAY_READ_BUFFER)
+        .write_buffer_size(RELAY_WRITE_BUFFER)
 }
 
 pub(crate) fn ws_config(app: &App) -> WebSocketConfig {
