@@ -45,24 +45,6 @@ fn sender(channels: &Channels, name: &str) -> broadcast::Sender<Frame> {
         .clone()
 }
 
-fn text_frame(payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(payload.len() + 10);
-    f.push(0x81);
-    match payload.len() {
-        n if n < 126 => f.push(n as u8),
-        n if n <= 0xffff => {
-            f.push(126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
-    f
-}
-
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
@@ -109,7 +91,7 @@ async fn connection(mut sock: TcpStream, channels: Channels) -> Result<(), Strin
                 buf.extend_from_slice(&chunk[..n]);
             }
             let body: Vec<u8> = buf.drain(..len).collect();
-            let _ = sender(&channels, ch).send(Arc::new(text_frame(&body)));
+            let _ = sender(&channels, ch).send(Arc::new(tether_protocol::wire::text_frame(&body)));
             sock.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
                 .await
                 .map_err(|e| e.to_string())?;

@@ -686,18 +686,10 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     let drain = Duration::from_secs(a.drain_secs);
     let procs = a.procs.max(1);
     let buf = a.buf_kib.max(4) * 1024;
+    let (ep_ref, sources, concurrency, messages) = (&ep, &a.sources, a.concurrency, a.messages);
+    let start = move |idx| start_local(ep_ref, idx, sources, concurrency, buf, messages, deadline);
     if let Some(k) = a.child {
-        let idx = procs::share(k, procs, a.subscribers);
-        let (local, opened, errors) = start_local(
-            &ep,
-            idx,
-            &a.sources,
-            a.concurrency,
-            buf,
-            a.messages,
-            deadline,
-        )
-        .await;
+        let (local, opened, errors) = start(procs::share(k, procs, a.subscribers)).await;
         println!("READY {}", json!({"opened": opened, "errors": errors}));
         let mut orders = procs::stdin_lines();
         // PUBLISHED (or EOF: the parent is gone) starts the drain clock.
@@ -730,17 +722,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         }
         (None, Some(kids))
     } else {
-        let idx = (0..a.subscribers).collect();
-        let (l, o, e) = start_local(
-            &ep,
-            idx,
-            &a.sources,
-            a.concurrency,
-            buf,
-            a.messages,
-            deadline,
-        )
-        .await;
+        let (l, o, e) = start((0..a.subscribers).collect()).await;
         opened = o;
         errors = e;
         (Some(l), None)
