@@ -39,7 +39,25 @@ struct ApiState {
     stop: CancellationToken,
 }
 
+/// The API listener's router: the API calls, `/metrics`, `/admin`, and a JSON 404
+/// for anything else (behind the same key and Host checks).
 pub(crate) fn router(app: Arc<App>, stop: CancellationToken) -> Router {
+    guarded(routes(app.clone(), stop).fallback(not_found), app)
+}
+
+/// The API's routes for a client listener that also serves the API (`[api] listen`
+/// equal to `listen`): no fallback of their own, the client router has one.
+pub(crate) fn shared(app: Arc<App>, stop: CancellationToken) -> Router {
+    guarded(routes(app.clone(), stop), app)
+}
+
+fn guarded(routes: Router, app: Arc<App>) -> Router {
+    routes
+        .layer(middleware::from_fn_with_state(app, doors))
+        .layer(middleware::from_fn(json_errors))
+}
+
+fn routes(app: Arc<App>, stop: CancellationToken) -> Router {
     let state = ApiState {
         app: app.clone(),
         stop,
@@ -61,11 +79,8 @@ pub(crate) fn router(app: Arc<App>, stop: CancellationToken) -> Router {
         .route("/admin", get(crate::admin::page))
         .route(
             "/admin/session",
-            post(crate::admin::session).with_state(app.clone()),
+            post(crate::admin::session).with_state(app),
         )
-        .fallback(not_found)
-        .layer(middleware::from_fn_with_state(app, doors))
-        .layer(middleware::from_fn(json_errors))
 }
 
 async fn not_found() -> Response {

@@ -248,10 +248,12 @@ async fn run(
 ) {
     let stop_accepting = CancellationToken::new();
     let api_stop = CancellationToken::new();
-    let client_router = match api {
-        Some(_) => net::client_router(app.clone()),
-        None => net::client_router(app.clone()).merge(api::router(app.clone(), api_stop.clone())),
-    };
+    // One listener for both (`[api] listen` equal to `listen`): the client router
+    // serves the API's routes too, behind the API's own key and Host checks.
+    let shared_api = api
+        .is_none()
+        .then(|| api::shared(app.clone(), api_stop.clone()));
+    let client_router = net::client_router(app.clone(), shared_api);
     let mut background = tokio::task::JoinSet::new();
     background.spawn(net::accept_loop(
         app.clone(),

@@ -284,9 +284,10 @@ fn parse_forwarded_node(raw: &str) -> Option<IpAddr> {
     s.split(':').next()?.parse().ok()
 }
 
-/// `/ws`, `/sse`, `/healthz`, `/readyz`.
-pub(crate) fn client_router(app: Arc<App>) -> Router {
-    Router::new()
+/// `/ws`, `/sse`, `/healthz`, `/readyz`, the proxy routes, plus `extra` (the API's
+/// routes when both listeners are one), and a JSON 404 for anything else.
+pub(crate) fn client_router(app: Arc<App>, extra: Option<Router>) -> Router {
+    let router = Router::new()
         .route("/ws", get(crate::ws::handler))
         .route(
             "/sse",
@@ -294,8 +295,12 @@ pub(crate) fn client_router(app: Arc<App>) -> Router {
         )
         .with_state(app.clone())
         .merge(crate::proxy::router(app.clone()))
-        .merge(health_router(app))
-        .fallback(not_found)
+        .merge(health_router(app));
+    match extra {
+        Some(extra) => router.merge(extra),
+        None => router,
+    }
+    .fallback(not_found)
 }
 
 /// `/healthz` and `/readyz`, on both listeners.

@@ -768,3 +768,54 @@ async fn closing_follows_queued_messages() {
     drop(ws);
     s.assert_clean().await;
 }
+
+/// `[api] listen` equal to `listen`: one listener serves clients and the API. The
+/// API's routes keep their key check there; the client routes need no key; anything
+/// else is the JSON 404. (This configuration used to panic on merging the routers.)
+#[tokio::test(flavor = "multi_thread")]
+async fn one_listener_serves_clients_and_the_api() {
+    let addr: std::net::SocketAddr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut s = start(|c| {
+        c.listen = addr;
+        c.api.listen = addr;
+        c.api.key = "secret".into();
+    })
+    .await;
+    // No idle keep-alive connections: on this listener each would be a task.
+    s.http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    assert_eq!((s.client, s.api), (addr, addr));
+    let (mut ws, _) = s.ws("?client=shared").await;
+    assert_eq!(subscribe(&mut ws, "news", None).await["type"], "subscribed");
+    let r = publish(&s, "news", json!({"n": 1})).await;
+    assert_eq!(r["subscribers"], 1, "{r}");
+    let m = next_json(&mut ws).await;
+    assert_eq!(
+        (m["type"].as_str(), &m["data"]),
+        (Some("message"), &json!({"n": 1}))
+    );
+
+    let base = format!("http://{addr}");
+    let unkeyed = s
+        .http
+        .get(format!("{base}/api/stats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unkeyed.status(), 401);
+    let missing = s.http.get(format!("{base}/nope")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"], "not_found", "{body}");
+    let health = s.http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    client_close(ws).await;
+    s.assert_clean().await;
+    s.stop().await;
+}

@@ -127,6 +127,9 @@ impl TestServer {
     /// Waits until nothing is left: no connection, client, task, pending socket or
     /// registry entry. Fails the test otherwise.
     pub async fn assert_clean(&self) {
+        // On a listener that serves both clients and the API, the stats call is a
+        // connection task itself.
+        let own_call = u64::from(self.client == self.api);
         let mut last = Value::Null;
         for _ in 0..100 {
             last = self.stats().await;
@@ -134,7 +137,7 @@ impl TestServer {
                 && last["connections"]["sse"] == 0
                 && last["connections"]["proxy"] == 0
                 && last["clients"] == 0
-                && last["tasks"] == 0
+                && last["tasks"] == own_call
                 && last["pending_handshakes"] == 0
                 && self.app.registry.entries() == 0
                 && self.app.registry.admitted() == 0
