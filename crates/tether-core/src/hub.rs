@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use crate::events::{EventBus, EventFields};
 use crate::metrics::Metrics;
-use crate::outbox::Outgoing;
+use crate::outbox::{Offered, Outgoing};
 use crate::registry::Connection;
 
 /// The hub's settings.
@@ -157,6 +157,8 @@ struct ChannelState {
     idem_order: VecDeque<String>,
     /// Set when the cleanup removed the channel from the table.
     removed: bool,
+    /// When the last publish's fan-out ended (direct writes only after a quiet gap).
+    fanned_out: Option<Instant>,
 }
 
 struct Channel {
@@ -193,6 +195,18 @@ enum Step {
 
 /// Per-page size of a catch-up step.
 const PAGE: usize = 64;
+
+/// A publish writes its frame straight to idle subscribers' sockets (see
+/// [`Outbox::offer`](crate::Outbox::offer)) when the channel's previous fan-out ended
+/// at least this long ago. A lone message then costs each subscriber one `write`,
+/// not a task wake-up and a poll as well; messages that follow each other closely are
+/// queued instead, so that each connection's task writes them together.
+const QUIET: Duration = Duration::from_millis(10);
+
+/// How long one publish may spend writing directly before queuing the rest (it holds
+/// the channel's lock, and the publisher waits).
+const DIRECT_BUDGET: Duration = Duration::from_millis(DIRECT_BUDGET_MS);
+const DIRECT_BUDGET_MS: u64 = 1000;
 
 impl Hub {
     /// An empty hub.
@@ -235,6 +249,7 @@ impl Hub {
                 idem: HashMap::new(),
                 idem_order: VecDeque::new(),
                 removed: false,
+                fanned_out: None,
             }),
         });
         map.insert(name, ch.clone());
@@ -298,17 +313,35 @@ impl Hub {
                 st.history.pop_front();
             }
             let mut delivered = 0u64;
-            for sub in st.subs.values_mut() {
+            let quiet = st.fanned_out.is_none_or(|t| now.duration_since(t) >= QUIET);
+            let mut direct_until = quiet.then(|| now + DIRECT_BUDGET);
+            for (i, sub) in st.subs.values_mut().enumerate() {
                 if sub.live && sub.next == offset {
                     sub.next += 1;
-                    if sub.conn.outbox().push(Outgoing::Message(p.clone())) {
-                        delivered += 1;
+                    let item = Outgoing::Message(p.clone());
+                    let offered = if direct_until.is_some() {
+                        sub.conn.outbox().offer(item)
+                    } else if sub.conn.outbox().push(item) {
+                        Offered::Queued
                     } else {
-                        // Overflowed: its task closes it with 4008; stop feeding it.
-                        sub.live = false;
+                        Offered::Refused
+                    };
+                    match offered {
+                        Offered::Written(n) => sub.conn.add_bytes_out(n),
+                        Offered::Queued => {}
+                        Offered::Refused => {
+                            // Overflowed: its task closes it with 4008; stop feeding it.
+                            sub.live = false;
+                            continue;
+                        }
                     }
+                    delivered += 1;
+                }
+                if i % 64 == 63 && direct_until.is_some_and(|t| Instant::now() >= t) {
+                    direct_until = None;
                 }
             }
+            st.fanned_out = Some(Instant::now());
             self.inner.metrics.delivered(delivered);
             let res = PublishResult {
                 id: p.id.clone(),

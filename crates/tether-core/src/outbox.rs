@@ -9,11 +9,23 @@
 //! task takes everything after waking, so later pushes ride on that wake-up. In a
 //! burst, a publish to 10,000 subscribers then costs 10,000 short locks, not 10,000
 //! wake-ups.
+//!
+//! **Direct writes.** A plain-TCP WebSocket [attaches](Outbox::attach) its socket.
+//! A publish to a quiet channel then [offers](Outbox::offer) each subscriber its frame:
+//! when nothing is queued and the connection task is not writing, the publisher
+//! writes the frame to the socket itself (non-blocking) instead of waking the task,
+//! which is what a lone message costs most (a wake-up, a poll and a write per
+//! subscriber). Every write to an attached socket happens under this outbox's lock,
+//! the task's own included ([`poll_task_write`](Outbox::poll_task_write)), so frames
+//! never interleave: a direct write that the socket takes only in part leaves its
+//! rest (`rest`), which goes out before anything else, and no direct write starts
+//! while the task holds taken frames or has written part of one of its own.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::hub::{Direct, Published};
@@ -60,6 +72,26 @@ struct State {
     items: Vec<Outgoing>,
     bytes: usize,
     overflowed: bool,
+    /// The socket direct writes go to; `None` until attached and after sealing.
+    socket: Option<Arc<TcpStream>>,
+    /// The unwritten end of a frame a direct write began: goes out before anything.
+    rest: Option<Bytes>,
+    /// The task took frames and has not come back for more with the queue empty.
+    taken: bool,
+    /// The task wrote bytes to the socket that it has not flushed (a frame of its own
+    /// may be part-written).
+    task_io: bool,
+}
+
+/// What [`Outbox::offer`] did with an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// Written to the socket whole, by the caller: this many bytes.
+    Written(usize),
+    /// Queued for the connection task (which was woken if it needed to be).
+    Queued,
+    /// Over a bound: the outbox overflowed (see [`Outbox::push`]).
+    Refused,
 }
 
 /// The queue; shared by the registry entry (for producers) and the connection task.
@@ -85,9 +117,40 @@ impl Outbox {
     /// Queues `item`; returns `false` (and marks the outbox overflowed) when a bound
     /// would be exceeded. Never blocks beyond a short lock.
     pub fn push(&self, item: Outgoing) -> bool {
+        self.queue(self.state.lock(), item)
+    }
+
+    /// Like [`push`](Self::push), but when a socket is attached, nothing is queued
+    /// and the task is not writing, writes the frame to the socket now (without
+    /// blocking) instead of queuing it. A frame the socket takes only in part has its
+    /// rest queued ahead of everything, and the task is woken to finish it.
+    pub fn offer(&self, item: Outgoing) -> Offered {
+        let mut s = self.state.lock();
+        let idle = s.items.is_empty() && s.rest.is_none() && !s.taken && !s.task_io;
+        if let (true, false, Some(sock)) = (idle, s.overflowed, s.socket.as_ref()) {
+            let frame = item.ws_frame();
+            match sock.try_write(frame) {
+                Ok(n) if n == frame.len() => return Offered::Written(n),
+                Ok(n) => {
+                    s.rest = Some(frame.slice(n..));
+                    drop(s);
+                    self.notify.notify_one();
+                    return Offered::Written(n);
+                }
+                // Full socket buffer, or a dead peer the task will find: queue it.
+                Err(_) => {}
+            }
+        }
+        if self.queue(s, item) {
+            Offered::Queued
+        } else {
+            Offered::Refused
+        }
+    }
+
+    fn queue(&self, mut s: parking_lot::MutexGuard<'_, State>, item: Outgoing) -> bool {
         let size = item.size();
         let (ok, wake) = {
-            let mut s = self.state.lock();
             if s.overflowed {
                 (false, false)
             } else if s.items.len() >= self.max_messages || s.bytes + size > self.max_bytes {
@@ -101,6 +164,7 @@ impl Outbox {
                 (true, s.items.len() == 1)
             }
         };
+        drop(s);
         if wake {
             self.notify.notify_one();
         }
@@ -111,8 +175,15 @@ impl Outbox {
     /// outbox overflowed. The outbox keeps a buffer sized like this batch (at most
     /// [`KEPT`] items), so that pushes, made under a channel's lock during fan-out,
     /// rarely allocate, and an idle connection holds little.
+    ///
+    /// The rest of a part-written direct write comes first. Until a `take` finds
+    /// nothing, the task counts as writing and no direct write starts.
     pub fn take(&self, out: &mut Vec<Outgoing>) -> bool {
         let mut s = self.state.lock();
+        if let Some(rest) = s.rest.take() {
+            out.push(Outgoing::Text(rest));
+        }
+        s.taken = !s.items.is_empty() || !out.is_empty();
         if s.items.is_empty() {
             return s.overflowed;
         }
@@ -125,6 +196,39 @@ impl Outbox {
         }
         s.bytes = 0;
         s.overflowed
+    }
+
+    /// Gives the outbox the connection's plain TCP socket, for direct writes. From
+    /// here on, the task [claims](Self::claim) it before each write of its own.
+    pub fn attach(&self, socket: Arc<TcpStream>) {
+        let mut s = self.state.lock();
+        s.socket = Some(socket);
+        // No direct write before the task has written its welcome and come back to
+        // an empty queue.
+        s.taken = true;
+    }
+
+    /// Ends direct writes for good (the task is closing the connection) and lets go
+    /// of the socket. A part-written direct frame's rest still goes out first, by
+    /// [`take`](Self::take) or by the task's next write.
+    pub fn seal(&self) {
+        let mut s = self.state.lock();
+        s.socket = None;
+        s.taken = true;
+    }
+
+    /// The task is about to write to the attached socket itself: no direct write
+    /// may start until it has [flushed](Self::task_flushed). Returns the rest of a
+    /// part-written direct frame, which the task must write before anything else.
+    pub fn claim(&self) -> Option<Bytes> {
+        let mut s = self.state.lock();
+        s.task_io = true;
+        s.rest.take()
+    }
+
+    /// The task flushed: everything it wrote is on the socket, whole frames only.
+    pub fn task_flushed(&self) {
+        self.state.lock().task_io = false;
     }
 
     /// Resolves when the outbox went from empty to non-empty, or overflowed, since the

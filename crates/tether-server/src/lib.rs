@@ -14,6 +14,7 @@ pub mod admission;
 mod api;
 pub mod auth;
 pub mod config;
+mod conn_io;
 mod drain;
 mod net;
 mod proxy;

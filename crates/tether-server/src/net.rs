@@ -94,6 +94,10 @@ impl Drop for PendingSlot {
     }
 }
 
+/// An accepted socket as hyper serves it: plain TCP, or TLS (boxed: a TLS stream is
+/// ~1.2 KiB, and the `Either` would make every plain connection that size too).
+pub(crate) type Accepted = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
+
 /// What the accept loop knows about a request's socket, put in its extensions.
 #[derive(Clone, Debug)]
 pub(crate) struct SocketInfo {
@@ -191,7 +195,7 @@ async fn serve_socket(
             Ok::<_, Infallible>(resp)
         }
     });
-    let io = match tls {
+    let io: Accepted = match tls {
         None => Either::Left(socket),
         Some(tls) => {
             let handshake = tokio::select! {
@@ -202,8 +206,6 @@ async fn serve_socket(
                 Ok(Ok(stream)) if crate::tls::is_h2(&stream) => {
                     return crate::tls::serve_h2(&app, &info, stream, service, until).await;
                 }
-                // Boxed: a TLS stream is ~1.2 KiB, and the `Either` would make every
-                // plain connection that size too (it stays behind a WebSocket upgrade).
                 Ok(Ok(stream)) => Either::Right(Box::new(stream)),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");

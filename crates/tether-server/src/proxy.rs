@@ -17,7 +17,6 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
-use hyper_util::rt::TokioIo;
 use tether_core::{ConnSpec, ConnectionGuard, Transport};
 use tether_protocol::{CloseCode, Refusal};
 use tokio::time::{timeout, Instant};
@@ -216,7 +215,7 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
                 return;
             };
             let client = WebSocketStream::from_raw_socket(
-                TokioIo::new(up),
+                crate::conn_io::ConnIo::new(up),
                 Role::Server,
                 Some(crate::ws::relay_config(&task_app)),
             )

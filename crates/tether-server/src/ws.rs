@@ -17,8 +17,6 @@ use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tether_core::{CatchUp, ConnSpec, ConnectionGuard, Outgoing, Transport};
 use tether_protocol::{
@@ -34,10 +32,11 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::admission::{self, AdmitError, Credentials};
 use crate::auth::Identity;
+use crate::conn_io::ConnIo;
 use crate::net::SocketInfo;
 use crate::App;
 
-pub(crate) type Ws = WebSocketStream<TokioIo<Upgraded>>;
+pub(crate) type Ws = WebSocketStream<ConnIo>;
 
 /// The subprotocol Tether speaks when asked.
 const SUBPROTOCOL: &str = "tether.v1";
@@ -150,7 +149,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
                     return None;
                 };
                 let mut ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(up),
+                    ConnIo::new(up),
                     Role::Server,
                     Some(ws_config(&task_app)),
                 )
@@ -223,7 +222,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
                         _ => return None, // the reservation drops here: slot released, no event
                     };
                     let ws = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
+                        ConnIo::new(upgraded),
                         Role::Server,
                         Some(ws_config(&task_app)),
                     )
@@ -271,7 +270,7 @@ pub(crate) fn refusal_response(
     app.tasks.spawn(async move {
         if let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await {
             let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+                WebSocketStream::from_raw_socket(ConnIo::new(up), Role::Server, Some(cfg)).await;
             refuse_after_upgrade(ws, refusal).await;
         }
     });
@@ -451,6 +450,8 @@ async fn run(app: Arc<App>, start: Box<Start>) {
         (ws, guard, session)
     };
     let conn = guard.conn().clone();
+    // From here on the outbox may write published frames to a plain TCP socket itself.
+    ws.get_mut().attach(&conn);
     let cfg = &app.cfg;
     let interval = Duration::from_millis(cfg.heartbeat.interval_ms.get());
     let hb_timeout = Duration::from_millis(cfg.heartbeat.timeout_ms.get());
@@ -484,6 +485,13 @@ async fn run(app: Arc<App>, start: Box<Start>) {
     drop(welcome);
     let timer = tokio::time::sleep_until(next_ping);
     tokio::pin!(timer);
+    // Made once, not per turn of the loop: every connection's hard-stop waiter sits
+    // in the one token's list, and re-registering it on each wake-up would take that
+    // list's lock twice per delivery, from every worker.
+    let hard_stop = app.drain.hard_stop().cancelled();
+    tokio::pin!(hard_stop);
+    let close_requested = conn.close_requested();
+    tokio::pin!(close_requested);
     let mut batch = Vec::new();
 
     let end = loop {
@@ -495,11 +503,15 @@ async fn run(app: Arc<App>, start: Box<Start>) {
             .flatten()
             .min()
             .unwrap_or(next_ping);
-        timer.as_mut().reset(wake);
+        // Re-arming moves the timer in the runtime's wheel (a lock): only when the
+        // deadline changed, not on every message.
+        if wake != timer.deadline() {
+            timer.as_mut().reset(wake);
+        }
         tokio::select! {
             biased;
-            _ = app.drain.hard_stop().cancelled() => break End::Hard,
-            closing = conn.close_requested() => break End::Announce(closing),
+            _ = &mut hard_stop => break End::Hard,
+            closing = &mut close_requested => break End::Announce(closing),
             _ = conn.outbox().ready() => {
                 if let Some(e) = Box::pin(flush_outbox(&app, &mut ws, &guard, hb_timeout, &mut batch, &mut torn)).await {
                     break e;
@@ -550,6 +562,8 @@ async fn run(app: Arc<App>, start: Box<Start>) {
         }
     };
 
+    // No direct writes from here on: the close sequence is the task's alone.
+    conn.outbox().seal();
     match end {
         End::Announce(closing) => {
             guard.set_close(closing.code.0, closing.reason.clone());

@@ -819,3 +819,85 @@ async fn one_listener_serves_clients_and_the_api() {
     s.assert_clean().await;
     s.stop().await;
 }
+
+/// A masked client ping frame written by hand.
+fn masked_ping(payload: &[u8]) -> Vec<u8> {
+    let mut f = masked_text(payload);
+    f[0] = 0x89;
+    f
+}
+
+/// A publish to a quiet channel is written straight to each idle subscriber's socket
+/// by the publisher. When the peer stops reading, such a write is cut off part-way:
+/// the connection task must finish that frame before anything else, the pongs it
+/// owes included, and later messages queue behind it. The peer then reads every
+/// message once, in order, in whole frames.
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_writes_stay_whole_and_in_order_when_the_peer_stalls() {
+    use tokio::io::AsyncReadExt;
+    const N: u64 = 60;
+    let s = start(|c| {
+        c.delivery.max_queue_bytes = std::num::NonZeroU64::new(64 << 20).unwrap();
+        c.delivery.max_queue_messages = std::num::NonZeroU64::new(10_000).unwrap();
+        c.limits.max_publish_bytes = std::num::NonZeroU64::new(1 << 20).unwrap();
+    })
+    .await;
+    let mut sock = raw_ws(s.client, "/ws?client=stalled").await;
+    sock.write_all(&masked_text(
+        br#"{"type":"subscribe","ref":1,"channel":"bulk"}"#,
+    ))
+    .await
+    .unwrap();
+    let mut buf = raw_read_until(&mut sock, b"\"subscribed\"", Duration::from_secs(5)).await;
+    let pad = "x".repeat(100_000);
+    for n in 0..N {
+        publish(&s, "bulk", json!({"n": n, "pad": pad})).await;
+        if n % 7 == 3 {
+            sock.write_all(&masked_ping(b"p")).await.unwrap();
+        }
+        // A quiet gap: each publish is offered to the socket directly.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let is_message = |p: &[u8]| p.starts_with(br#"{"type":"message""#);
+    let read_all = async {
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            let (frames, cut) = server_frames(&buf);
+            if !cut && frames.iter().filter(|(_, p)| is_message(p)).count() >= N as usize {
+                return;
+            }
+            let n = sock.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed early");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read_all)
+        .await
+        .expect("every message arrives");
+    let (frames, cut) = server_frames(&buf);
+    assert!(!cut);
+    let (mut seen, mut pongs) = (Vec::new(), 0);
+    for (op, payload) in frames {
+        match op {
+            0x81 => {
+                let v: Value = serde_json::from_slice(payload).expect("whole JSON frames");
+                if v["type"] == "message" {
+                    assert_eq!(v["data"]["pad"].as_str().map(str::len), Some(pad.len()));
+                    seen.push(v["data"]["n"].as_u64().unwrap());
+                }
+            }
+            0x8a => pongs += 1,
+            other => panic!("unexpected frame {other:#x}"),
+        }
+    }
+    assert_eq!(seen, (0..N).collect::<Vec<_>>(), "once each, in order");
+    // Pongs answer pings read while the peer was not reading; some may still be owed.
+    assert!(pongs <= (N / 7 + 1), "{pongs} pongs");
+    let conn_bytes: u64 = s.get("/api/connections").await.1["connections"][0]["bytes_out"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(conn_bytes >= N * pad.len() as u64, "bytes_out {conn_bytes}");
+    drop(sock);
+    s.assert_clean().await;
+    s.stop().await;
+}
