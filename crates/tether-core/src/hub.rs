@@ -201,7 +201,7 @@ const PAGE: usize = 64;
 /// at least this long ago. A lone message then costs each subscriber one `write`,
 /// not a task wake-up and a poll as well; messages that follow each other closely are
 /// queued instead, so that each connection's task writes them together.
-const QUIET: Duration = Duration::from_millis(10);
+const QUIET: Duration = Duration::from_millis(100);
 
 /// How long one publish may spend writing directly before queuing the rest (it holds
 /// the channel's lock, and the publisher waits).

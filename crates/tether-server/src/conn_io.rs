@@ -39,7 +39,8 @@ pub(crate) struct ConnIo {
 enum Inner {
     Tcp(Arc<TcpStream>),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    Upgraded(TokioIo<Upgraded>),
+    /// HTTP/2 (extended CONNECT): rare, boxed to keep the common case small.
+    Upgraded(Box<TokioIo<Upgraded>>),
 }
 
 impl ConnIo {
@@ -50,16 +51,22 @@ impl ConnIo {
                     tokio_util::either::Either::Left(tcp) => Inner::Tcp(Arc::new(tcp)),
                     tokio_util::either::Either::Right(tls) => Inner::Tls(tls),
                 };
+                // hyper's read-ahead is a slice of its 8 KiB read buffer, which it
+                // would keep alive (even empty) for the connection's whole life.
+                let pre = match parts.read_buf.is_empty() {
+                    true => Bytes::new(),
+                    false => Bytes::copy_from_slice(&parts.read_buf),
+                };
                 ConnIo {
                     inner,
-                    pre: parts.read_buf,
+                    pre,
                     gate: None,
                     claimed: false,
                     rest: None,
                 }
             }
             Err(up) => ConnIo {
-                inner: Inner::Upgraded(TokioIo::new(up)),
+                inner: Inner::Upgraded(Box::new(TokioIo::new(up))),
                 pre: Bytes::new(),
                 gate: None,
                 claimed: false,
@@ -109,7 +116,7 @@ impl AsyncRead for ConnIo {
                 }
             },
             Inner::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Inner::Upgraded(s) => Pin::new(s).poll_read(cx, buf),
+            Inner::Upgraded(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -148,7 +155,7 @@ impl AsyncWrite for ConnIo {
                 write_tcp(sock, cx, bufs)
             }
             Inner::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            Inner::Upgraded(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Inner::Upgraded(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -174,7 +181,7 @@ impl AsyncWrite for ConnIo {
                 Poll::Ready(Ok(()))
             }
             Inner::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Inner::Upgraded(s) => Pin::new(s).poll_flush(cx),
+            Inner::Upgraded(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -185,7 +192,7 @@ impl AsyncWrite for ConnIo {
                 socket2::SockRef::from(sock.as_ref()).shutdown(std::net::Shutdown::Write),
             ),
             Inner::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Inner::Upgraded(s) => Pin::new(s).poll_shutdown(cx),
+            Inner::Upgraded(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
