@@ -325,4 +325,61 @@ mod tests {
         assert!(ready(&o).await, "overflow wakes");
         assert!(o.overflowed());
     }
+
+    /// Direct writes happen only while the task is idle on an attached socket: not
+    /// before its first empty take, not while it holds taken frames or a claim, not
+    /// after sealing; and the frame reaches the peer whole.
+    #[tokio::test]
+    async fn offers_write_directly_only_while_the_task_is_idle() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let frame = || Outgoing::Text(Bytes::from_static(b"\x81\x02hi"));
+        let o = Outbox::new(100, 1 << 20);
+        assert_eq!(o.offer(frame()), Offered::Queued, "no socket attached");
+        let mut v = Vec::new();
+        o.take(&mut v);
+        o.take(&mut v);
+        o.attach(Arc::new(server));
+        assert_eq!(
+            o.offer(frame()),
+            Offered::Queued,
+            "attached, welcome not yet done"
+        );
+        v.clear();
+        o.take(&mut v);
+        assert_eq!(v.len(), 1);
+        assert!(!o.take(&mut v), "an empty take: the task is idle");
+        // The socket needs a moment to report writable after the connect.
+        let mut written = Offered::Queued;
+        for _ in 0..100 {
+            written = o.offer(frame());
+            if written != Offered::Queued {
+                break;
+            }
+            o.take(&mut Vec::new());
+            o.take(&mut Vec::new());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(written, Offered::Written(4));
+        let mut got = [0u8; 4];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"\x81\x02hi");
+        assert_eq!(o.claim(), None);
+        assert_eq!(
+            o.offer(frame()),
+            Offered::Queued,
+            "the task claimed the socket"
+        );
+        o.task_flushed();
+        v.clear();
+        o.take(&mut v);
+        o.take(&mut Vec::new());
+        assert_eq!(o.offer(frame()), Offered::Written(4), "idle again");
+        o.seal();
+        assert_eq!(o.offer(frame()), Offered::Queued, "sealed");
+    }
 }
