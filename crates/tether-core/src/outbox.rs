@@ -176,10 +176,18 @@ impl Outbox {
     /// [`KEPT`] items), so that pushes, made under a channel's lock during fan-out,
     /// rarely allocate, and an idle connection holds little.
     ///
-    /// The rest of a part-written direct write comes first. Until a `take` finds
-    /// nothing, the task counts as writing and no direct write starts.
+    /// The rest of a part-written direct write comes first (once overflowed, it is
+    /// left for [`claim`](Self::claim)). Until a `take` finds nothing, the task counts
+    /// as writing and no direct write starts.
     pub fn take(&self, out: &mut Vec<Outgoing>) -> bool {
         let mut s = self.state.lock();
+        if s.overflowed {
+            // The connection is closing without its queue: a direct frame's rest
+            // stays here for the task's next write (its claim), which must still
+            // finish that frame before the close.
+            s.taken = true;
+            return true;
+        }
         if let Some(rest) = s.rest.take() {
             out.push(Outgoing::Text(rest));
         }
@@ -381,5 +389,35 @@ mod tests {
         assert_eq!(o.offer(frame()), Offered::Written(4), "idle again");
         o.seal();
         assert_eq!(o.offer(frame()), Offered::Queued, "sealed");
+    }
+
+    /// A direct write cut off part-way leaves its rest; when the queue then overflows
+    /// (the task will close without the queue), the rest is not dropped with it but
+    /// handed to the task's next write.
+    #[tokio::test]
+    async fn a_direct_rest_survives_an_overflow() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        server.writable().await.unwrap();
+        let o = Outbox::new(2, 64 << 20);
+        o.attach(Arc::new(server));
+        o.take(&mut Vec::new());
+        o.take(&mut Vec::new());
+        // Far more than loopback buffers take: written only in part.
+        let big = Bytes::from(vec![b'x'; 32 << 20]);
+        let Offered::Written(n) = o.offer(Outgoing::Text(big.clone())) else {
+            panic!("not written directly");
+        };
+        assert!(n > 0 && n < big.len(), "{n}");
+        for _ in 0..3 {
+            o.push(Outgoing::Text(Bytes::from_static(b"q")));
+        }
+        let mut v = Vec::new();
+        assert!(o.take(&mut v), "overflowed");
+        assert!(v.is_empty());
+        assert_eq!(o.claim().map(|r| r.len()), Some(big.len() - n));
     }
 }
