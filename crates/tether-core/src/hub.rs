@@ -205,8 +205,7 @@ const QUIET: Duration = Duration::from_millis(100);
 
 /// How long one publish may spend writing directly before queuing the rest (it holds
 /// the channel's lock, and the publisher waits).
-const DIRECT_BUDGET: Duration = Duration::from_millis(DIRECT_BUDGET_MS);
-const DIRECT_BUDGET_MS: u64 = 1000;
+const DIRECT_BUDGET: Duration = Duration::from_secs(1);
 
 impl Hub {
     /// An empty hub.
@@ -327,15 +326,14 @@ impl Hub {
                         Offered::Refused
                     };
                     match offered {
-                        Offered::Written(n) => sub.conn.add_bytes_out(n),
-                        Offered::Queued => {}
-                        Offered::Refused => {
-                            // Overflowed: its task closes it with 4008; stop feeding it.
-                            sub.live = false;
-                            continue;
+                        Offered::Written(n) => {
+                            sub.conn.add_bytes_out(n);
+                            delivered += 1;
                         }
+                        Offered::Queued => delivered += 1,
+                        // Overflowed: its task closes it with 4008; stop feeding it.
+                        Offered::Refused => sub.live = false,
                     }
-                    delivered += 1;
                 }
                 if i % 64 == 63 && direct_until.is_some_and(|t| Instant::now() >= t) {
                     direct_until = None;

@@ -504,8 +504,8 @@ async fn run(app: Arc<App>, start: Box<Start>) {
             .min()
             .unwrap_or(next_ping);
         // Re-arming moves the timer in the runtime's wheel (a lock): only when the
-        // deadline changed, not on every message.
-        if wake != timer.deadline() {
+        // deadline changed (or it fired), not on every message.
+        if wake != timer.deadline() || timer.is_elapsed() {
             timer.as_mut().reset(wake);
         }
         tokio::select! {
