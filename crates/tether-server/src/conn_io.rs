@@ -57,21 +57,19 @@ impl ConnIo {
                     true => Bytes::new(),
                     false => Bytes::copy_from_slice(&parts.read_buf),
                 };
-                ConnIo {
-                    inner,
-                    pre,
-                    gate: None,
-                    claimed: false,
-                    rest: None,
-                }
+                Self::over(inner, pre)
             }
-            Err(up) => ConnIo {
-                inner: Inner::Upgraded(Box::new(TokioIo::new(up))),
-                pre: Bytes::new(),
-                gate: None,
-                claimed: false,
-                rest: None,
-            },
+            Err(up) => Self::over(Inner::Upgraded(Box::new(TokioIo::new(up))), Bytes::new()),
+        }
+    }
+
+    fn over(inner: Inner, pre: Bytes) -> Self {
+        ConnIo {
+            inner,
+            pre,
+            gate: None,
+            claimed: false,
+            rest: None,
         }
     }
 
