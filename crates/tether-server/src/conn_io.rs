@@ -9,10 +9,17 @@
 //! the rest of a direct frame the socket took only in part), and its flush tells
 //! the outbox that the task's writes ended on a frame boundary.
 //! TLS streams and HTTP/2 streams are read and written as they are.
+//!
+//! Before that, hyper serves a plain socket through a [`PlainTcp`]: the same
+//! `Arc<TcpStream>`, plus a [`Hijack`] handle with which the SSE handler can take
+//! the socket over once it has answered (like Go's `http.Hijacker`): from then on
+//! the stream writes its response itself and hyper's connection, with its buffers,
+//! is dropped.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -21,6 +28,7 @@ use hyper_util::rt::TokioIo;
 use tether_core::Connection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::net::Accepted;
 
@@ -48,7 +56,7 @@ impl ConnIo {
         match up.downcast::<TokioIo<Accepted>>() {
             Ok(parts) => {
                 let inner = match parts.io.into_inner() {
-                    tokio_util::either::Either::Left(tcp) => Inner::Tcp(Arc::new(tcp)),
+                    tokio_util::either::Either::Left(plain) => Inner::Tcp(plain.sock),
                     tokio_util::either::Either::Right(tls) => Inner::Tls(tls),
                 };
                 // hyper's read-ahead is a slice of its 8 KiB read buffer, which it
@@ -101,18 +109,7 @@ impl AsyncRead for ConnIo {
             return Poll::Ready(Ok(()));
         }
         match &mut this.inner {
-            Inner::Tcp(sock) => loop {
-                ready!(sock.poll_read_ready(cx))?;
-                let unfilled = buf.initialize_unfilled();
-                match sock.try_read(unfilled) {
-                    Ok(n) => {
-                        buf.advance(n);
-                        return Poll::Ready(Ok(()));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
-            },
+            Inner::Tcp(sock) => read_tcp(sock, cx, buf),
             Inner::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Inner::Upgraded(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -186,13 +183,138 @@ impl AsyncWrite for ConnIo {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match &mut this.inner {
-            Inner::Tcp(sock) => Poll::Ready(
-                socket2::SockRef::from(sock.as_ref()).shutdown(std::net::Shutdown::Write),
-            ),
+            Inner::Tcp(sock) => Poll::Ready(shutdown_tcp(sock)),
             Inner::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Inner::Upgraded(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+}
+
+/// A plain accepted socket, as hyper serves it until an upgrade or a hijack.
+pub(crate) struct PlainTcp {
+    sock: Arc<TcpStream>,
+    hijack: Arc<Hijack>,
+}
+
+/// The handle to take a plain socket away from hyper (see the module docs). It does
+/// not keep the socket open: once hyper and the upgrade have let go of it, there is
+/// nothing to take.
+#[derive(Debug)]
+pub(crate) struct Hijack {
+    sock: Weak<TcpStream>,
+    taken: AtomicBool,
+    notify: Notify,
+}
+
+impl PlainTcp {
+    /// The socket, and the handle that takes it over (for the request's extensions).
+    pub(crate) fn new(sock: TcpStream) -> (Self, Arc<Hijack>) {
+        let sock = Arc::new(sock);
+        let hijack = Arc::new(Hijack {
+            sock: Arc::downgrade(&sock),
+            taken: AtomicBool::new(false),
+            notify: Notify::new(),
+        });
+        (
+            PlainTcp {
+                sock,
+                hijack: hijack.clone(),
+            },
+            hijack,
+        )
+    }
+
+    fn taken(&self) -> bool {
+        self.hijack.taken.load(Ordering::Acquire)
+    }
+}
+
+impl Hijack {
+    /// Takes the socket: hyper's side of it reads nothing more and writes into the
+    /// void, and [`taken`](Self::taken) resolves so that its connection is dropped.
+    /// The caller writes the whole response. `None` if already taken.
+    pub(crate) fn take(&self) -> Option<Arc<TcpStream>> {
+        if self.taken.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        self.notify.notify_one();
+        self.sock.upgrade()
+    }
+
+    /// Resolves once the socket was taken.
+    pub(crate) async fn taken(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl AsyncRead for PlainTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.taken() {
+            // The new owner reads; hyper is dropped as soon as its task sees the take.
+            return Poll::Pending;
+        }
+        read_tcp(&self.sock, cx, buf)
+    }
+}
+
+impl AsyncWrite for PlainTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.taken() {
+            // hyper's answer to a hijacked request never reaches the socket.
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        write_tcp(&self.sock, cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.taken() {
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Ready(shutdown_tcp(&self.sock))
+    }
+}
+
+fn read_tcp(sock: &TcpStream, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    loop {
+        ready!(sock.poll_read_ready(cx))?;
+        let unfilled = buf.initialize_unfilled();
+        match sock.try_read(unfilled) {
+            Ok(n) => {
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+fn shutdown_tcp(sock: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(sock).shutdown(std::net::Shutdown::Write)
 }
 
 fn write_tcp(

@@ -31,6 +31,7 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
+use crate::conn_io::{Hijack, PlainTcp};
 use crate::App;
 
 /// Backlog of the listening sockets.
@@ -96,7 +97,7 @@ impl Drop for PendingSlot {
 
 /// An accepted socket as hyper serves it: plain TCP, or TLS (boxed: a TLS stream is
 /// ~1.2 KiB, and the `Either` would make every plain connection that size too).
-pub(crate) type Accepted = Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
+pub(crate) type Accepted = Either<PlainTcp, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// What the accept loop knows about a request's socket, put in its extensions.
 #[derive(Clone, Debug)]
@@ -105,6 +106,8 @@ pub(crate) struct SocketInfo {
     pub peer: SocketAddr,
     /// The socket's pending slot, taken by the transport that admits it.
     pub pending: Arc<Mutex<Option<PendingSlot>>>,
+    /// Takes a plain HTTP/1 socket over from hyper (SSE); `None` under TLS.
+    pub hijack: Option<Arc<Hijack>>,
 }
 
 impl SocketInfo {
@@ -154,6 +157,7 @@ pub(crate) async fn accept_loop(
         let info = SocketInfo {
             peer,
             pending: Arc::new(Mutex::new(Some(slot))),
+            hijack: None,
         };
         app.tasks.spawn(serve_socket(
             app.clone(),
@@ -165,19 +169,22 @@ pub(crate) async fn accept_loop(
     }
 }
 
-async fn serve_socket(
-    app: Arc<App>,
-    socket: TcpStream,
+/// hyper's service for one socket: the router, with the socket's [`SocketInfo`] in
+/// every request's extensions.
+fn http_service(
     info: SocketInfo,
     router: Router,
-    tls: Option<Arc<crate::tls::Tls>>,
-) {
-    let deadline = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
-    let until = tokio::time::Instant::now() + deadline;
-    let svc_info = info.clone();
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+) -> impl hyper::service::Service<
+    Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + 'static {
+    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let mut req = req.map(Body::new);
-        req.extensions_mut().insert(svc_info.clone());
+        req.extensions_mut().insert(info.clone());
         crate::tls::authority_as_host(&mut req);
         let http1 = req.version() < http::Version::HTTP_2;
         let mut router = router.clone();
@@ -194,9 +201,24 @@ async fn serve_socket(
             }
             Ok::<_, Infallible>(resp)
         }
-    });
+    })
+}
+
+async fn serve_socket(
+    app: Arc<App>,
+    socket: TcpStream,
+    mut info: SocketInfo,
+    router: Router,
+    tls: Option<Arc<crate::tls::Tls>>,
+) {
+    let deadline = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
+    let until = tokio::time::Instant::now() + deadline;
     let io: Accepted = match tls {
-        None => Either::Left(socket),
+        None => {
+            let (plain, hijack) = PlainTcp::new(socket);
+            info.hijack = Some(hijack);
+            Either::Left(plain)
+        }
         Some(tls) => {
             let handshake = tokio::select! {
                 h = tokio::time::timeout_at(until, tls.accept(socket)) => h,
@@ -204,6 +226,7 @@ async fn serve_socket(
             };
             match handshake {
                 Ok(Ok(stream)) if crate::tls::is_h2(&stream) => {
+                    let service = http_service(info.clone(), router);
                     return crate::tls::serve_h2(&app, &info, stream, service, until).await;
                 }
                 Ok(Ok(stream)) => Either::Right(Box::new(stream)),
@@ -218,6 +241,7 @@ async fn serve_socket(
             }
         }
     };
+    let service = http_service(info.clone(), router);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -229,9 +253,19 @@ async fn serve_socket(
     let timer = tokio::time::sleep_until(until);
     tokio::pin!(timer);
     let mut timer_live = true;
+    let hijack = info.hijack.clone();
+    let hijacked = async {
+        match &hijack {
+            Some(h) => h.taken().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(hijacked);
     loop {
         tokio::select! {
             _ = &mut conn => break,
+            // The SSE handler took the socket: hyper's connection goes, its buffers too.
+            _ = &mut hijacked => break,
             _ = &mut timer, if timer_live => {
                 if info.is_pending() {
                     tracing::debug!(peer = %info.peer, "handshake timed out");

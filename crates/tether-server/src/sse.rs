@@ -18,6 +18,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::Response;
+use std::io::IoSlice;
+
 use bytes::{Bytes, BytesMut};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
@@ -25,6 +27,7 @@ use parking_lot::Mutex;
 use tether_core::{CatchUp, ConnSpec, Connection, ConnectionGuard, Outgoing, Transport};
 use tether_protocol::position::MAX_STREAM_CHANNELS;
 use tether_protocol::{valid_channel, CloseCode, Closing, Cursor, Position, Refusal, ServerFrame};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
@@ -176,27 +179,64 @@ fn cors(app: &App, req: &HeaderMap, resp: &mut Response) {
 /// `GET /sse`.
 pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
     let headers = req.headers().clone();
-    let mut resp = answer(&app, req).await;
+    // A plain HTTP/1.1 socket is taken over from hyper once the stream starts.
+    let hijack = req
+        .extensions()
+        .get::<SocketInfo>()
+        .and_then(|i| i.hijack.clone())
+        .filter(|_| req.version() == http::Version::HTTP_11);
+    let start = match answer(&app, req).await {
+        Ok(start) => start,
+        Err(mut resp) => {
+            cors(&app, &headers, &mut resp);
+            return resp;
+        }
+    };
+    let mut resp = stream_head();
     cors(&app, &headers, &mut resp);
-    resp
+    // Taking the socket ends hyper's connection (and this future with it) at the
+    // next poll of its task: nothing below awaits.
+    match hijack.and_then(|h| h.take()) {
+        Some(sock) => {
+            let head = http1_head(&resp);
+            app.tasks.spawn(run(
+                app.clone(),
+                start,
+                Out::Socket {
+                    sock,
+                    head: Some(head),
+                },
+            ));
+            // Written into the void: the stream writes its own head.
+            resp
+        }
+        None => {
+            let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
+            app.tasks.spawn(run(app.clone(), start, Out::Body(tx)));
+            with_body(resp, rx)
+        }
+    }
 }
 
-async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
+/// Admits, commits and subscribes a stream; or the answer that refuses it.
+async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
     // HEAD reaches GET handlers in axum; it must not open a connection.
     if req.method() != http::Method::GET {
-        return crate::net::error_response(
+        return Err(crate::net::error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "use GET",
-        );
+        ));
     }
     let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
-        return admission::bad_request("SSE is served on the client listener");
+        return Err(admission::bad_request(
+            "SSE is served on the client listener",
+        ));
     };
     let headers = req.headers();
     let query = match parse_query(req.uri().query()) {
         Ok(q) => q,
-        Err(m) => return admission::bad_request(&m),
+        Err(m) => return Err(admission::bad_request(&m)),
     };
     let last_event_id = headers
         .get("last-event-id")
@@ -210,10 +250,10 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
         .as_ref()
         .is_some_and(|c| app.tombstones.contains(&c.conn_id))
     {
-        return Response::builder()
+        return Err(Response::builder()
             .status(StatusCode::NO_CONTENT)
             .body(Body::empty())
-            .unwrap_or_else(|_| Response::new(Body::empty()));
+            .unwrap_or_else(|_| Response::new(Body::empty())));
     }
     let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
     let user_agent = headers
@@ -229,9 +269,9 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
     let admitted =
         match admission::admit(app, creds, ip, Transport::Sse, origin_ok, &query.channels) {
             Ok(a) => a,
-            Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
-            Err(AdmitError::Refused(r)) if r.is_transient() => return transient_refusal(r),
-            Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
+            Err(AdmitError::BadRequest(m)) => return Err(admission::bad_request(&m)),
+            Err(AdmitError::Refused(r)) if r.is_transient() => return Err(transient_refusal(r)),
+            Err(AdmitError::Refused(r)) => return Err(admission::http_refusal(r)),
         };
     let expires_at = admitted.identity.as_ref().map(|id| app.auth.expires_at(id));
     let guard = admitted.reservation.commit(ConnSpec {
@@ -302,13 +342,21 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Response {
         app.cfg.sse.retry_ms,
         stream.cursor()
     );
-    conn.add_bytes_out(first.len());
-    let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
-    // The channel is new and empty: this cannot be full.
-    let _ = tx.try_send(Bytes::from(first));
-    app.tasks
-        .spawn(run(app.clone(), guard, tx, stream, expires_at));
-    stream_response(rx)
+    Ok(Start {
+        guard,
+        stream,
+        first: Bytes::from(first),
+        expires_at,
+    })
+}
+
+/// An admitted stream, about to be answered.
+struct Start {
+    guard: ConnectionGuard,
+    stream: Stream,
+    /// `retry:`, the welcome event and any subscription errors.
+    first: Bytes,
+    expires_at: Option<Instant>,
 }
 
 /// The stream's channels and the position it delivered last on each: its cursor.
@@ -357,19 +405,157 @@ impl Stream {
     }
 }
 
-fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response {
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
-    });
+/// The stream's answer, without its body.
+fn stream_head() -> Response {
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
-        .body(Body::new(StreamBody::new(stream)))
+        .body(Body::empty())
         .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// `resp` with a body that hyper feeds from `rx`.
+fn with_body(resp: Response, rx: mpsc::Receiver<Bytes>) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+    });
+    resp.map(|_| Body::new(StreamBody::new(stream)))
+}
+
+/// The HTTP/1.1 head of a stream written on a taken-over socket: `resp`'s status and
+/// headers, a `Date`, a chunked body and `Connection: close` (one request per
+/// socket, as hyper would have answered).
+fn http1_head(resp: &Response) -> Bytes {
+    let status = resp.status();
+    let mut head = BytesMut::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.as_str().as_bytes());
+    head.extend_from_slice(b" ");
+    head.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in resp.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"date: ");
+    head.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+    head.extend_from_slice(b"\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+    head.freeze()
+}
+
+/// Where a stream's bytes go.
+enum Out {
+    /// hyper's response body (TLS, HTTP/2, HTTP/1.0): a short queue it drains.
+    Body(mpsc::Sender<Bytes>),
+    /// The plain socket, taken over from hyper: the head (written with the first
+    /// chunk), then the body in chunks.
+    Socket {
+        sock: Arc<TcpStream>,
+        head: Option<Bytes>,
+    },
+}
+
+impl Out {
+    /// Sends `data` (a whole number of events); `Err` when the peer is gone.
+    async fn send(&mut self, data: Bytes) -> Result<(), ()> {
+        match self {
+            Out::Body(tx) => tx.send(data).await.map_err(|_| ()),
+            Out::Socket { sock, head } => {
+                let size = format!("{:x}\r\n", data.len());
+                let head = head.take().unwrap_or_default();
+                write_all(sock, [&head, size.as_bytes(), &data, b"\r\n"])
+                    .await
+                    .map_err(|_| ())
+            }
+        }
+    }
+
+    /// A heartbeat comment: a full body queue is a stalled peer at once; a socket
+    /// gets `wait` to take it.
+    async fn beat(&mut self, wait: Duration) -> Result<usize, End> {
+        const BEAT: &[u8] = b": hb\n\n";
+        match self {
+            Out::Body(tx) => match tx.try_send(Bytes::from_static(BEAT)) {
+                Ok(()) => Ok(BEAT.len()),
+                Err(mpsc::error::TrySendError::Full(_)) => Err(End::Stalled),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Lost),
+            },
+            Out::Socket { .. } => match timeout(wait, self.send(Bytes::from_static(BEAT))).await {
+                Ok(Ok(())) => Ok(BEAT.len()),
+                Ok(Err(())) => Err(End::Lost),
+                Err(_) => Err(End::Stalled),
+            },
+        }
+    }
+
+    /// Resolves when the peer went away.
+    async fn closed(&self) {
+        match self {
+            Out::Body(tx) => tx.closed().await,
+            // `poll_read_ready`, not `readable()`: it takes over the waker slot in which
+            // hyper's finished task would otherwise stay registered (and allocated)
+            // for the socket's whole life.
+            Out::Socket { sock, .. } => loop {
+                let ready = std::future::poll_fn(|cx| sock.poll_read_ready(cx)).await;
+                if ready.is_err() || peer_gone(sock) {
+                    return;
+                }
+            },
+        }
+    }
+
+    /// Ends the body after an announced close (hyper ends its own when the sender
+    /// drops).
+    async fn finish(&mut self) {
+        if let Out::Socket { sock, head } = self {
+            let head = head.take().unwrap_or_default();
+            if write_all(sock, [&head, b"0\r\n\r\n", b"", b""])
+                .await
+                .is_ok()
+            {
+                let _ = socket2::SockRef::from(sock.as_ref()).shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
+}
+
+/// Reads (and drops) what the peer sent, if anything: whether it closed. A client
+/// has nothing to say on an event stream.
+fn peer_gone(sock: &TcpStream) -> bool {
+    let mut scratch = [0u8; 64];
+    for _ in 0..16 {
+        match sock.try_read(&mut scratch) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Writes all of `parts`, in order, with as few calls as the socket allows.
+async fn write_all(sock: &TcpStream, parts: [&[u8]; 4]) -> std::io::Result<()> {
+    let mut slices = parts.map(IoSlice::new);
+    let mut bufs: &mut [IoSlice<'_>] = &mut slices;
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        // As for reading (see `Out::closed`): the waker slot hyper used is ours now.
+        std::future::poll_fn(|cx| sock.poll_write_ready(cx)).await?;
+        match sock.try_write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A transient refusal as a `200` stream: `retry:`, `event: closing`, end.
@@ -382,7 +568,7 @@ fn transient_refusal(refusal: Refusal) -> Response {
     let (tx, rx) = mpsc::channel::<Bytes>(1);
     let _ = tx.try_send(Bytes::from(body));
     drop(tx);
-    stream_response(rx)
+    with_body(stream_head(), rx)
 }
 
 enum End {
@@ -396,7 +582,7 @@ enum End {
 async fn flush(
     app: &App,
     conn: &Arc<Connection>,
-    tx: &mpsc::Sender<Bytes>,
+    out: &mut Out,
     stream: &mut Stream,
     batch: &mut Vec<Outgoing>,
     wait: Duration,
@@ -433,7 +619,7 @@ async fn flush(
             conn.add_bytes_out(buf.len());
             let written = conn
                 .outbox()
-                .unless_overflowed(timeout(wait, tx.send(buf.freeze())))
+                .unless_overflowed(timeout(wait, out.send(buf.freeze())))
                 .await;
             match written {
                 None => {
@@ -456,13 +642,13 @@ async fn flush(
     }
 }
 
-async fn run(
-    app: Arc<App>,
-    mut guard: ConnectionGuard,
-    tx: mpsc::Sender<Bytes>,
-    mut stream: Stream,
-    expires_at: Option<Instant>,
-) {
+async fn run(app: Arc<App>, start: Start, mut out: Out) {
+    let Start {
+        mut guard,
+        mut stream,
+        first,
+        expires_at,
+    } = start;
     let conn = guard.conn().clone();
     let interval = Duration::from_millis(app.cfg.heartbeat.interval_ms.get());
     let wait = Duration::from_millis(app.cfg.heartbeat.timeout_ms.get());
@@ -475,15 +661,20 @@ async fn run(
     let timer = tokio::time::sleep_until(next_beat);
     tokio::pin!(timer);
     let mut batch = Vec::new();
+    conn.add_bytes_out(first.len());
+    let mut end = match timeout(wait, out.send(first)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(())) => Some(End::Lost),
+        Err(_) => Some(End::Stalled),
+    };
     // Replay what a resumed subscription missed.
-    let mut end = if conn.is_catching_up() && app.registry.hub().catch_up(&conn) == CatchUp::Lost {
-        Some(End::Announce(Closing::new(
+    if end.is_none() && conn.is_catching_up() && app.registry.hub().catch_up(&conn) == CatchUp::Lost
+    {
+        end = Some(End::Announce(Closing::new(
             CloseCode::SLOW_CONSUMER,
             "fell behind the channel history",
-        )))
-    } else {
-        None
-    };
+        )));
+    }
     let end = loop {
         if let Some(e) = end.take() {
             break e;
@@ -498,8 +689,8 @@ async fn run(
             biased;
             _ = app.drain.hard_stop().cancelled() => break End::Hard,
             closing = conn.close_requested() => break End::Announce(closing),
-            _ = tx.closed() => break End::Lost,
-            _ = conn.outbox().ready() => end = flush(&app, &conn, &tx, &mut stream, &mut batch, wait).await,
+            _ = out.closed() => break End::Lost,
+            _ = conn.outbox().ready() => end = flush(&app, &conn, &mut out, &mut stream, &mut batch, wait).await,
             _ = &mut timer => {
                 let now = Instant::now();
                 if expires_at.is_some_and(|e| now >= e) {
@@ -509,11 +700,9 @@ async fn run(
                     break End::Announce(Closing::new(CloseCode::MAX_LIFETIME, "maximum connection lifetime reached"));
                 }
                 next_beat = now + interval;
-                const BEAT: &[u8] = b": hb\n\n";
-                match tx.try_send(Bytes::from_static(BEAT)) {
-                    Ok(()) => conn.add_bytes_out(BEAT.len()),
-                    Err(mpsc::error::TrySendError::Full(_)) => break End::Stalled,
-                    Err(mpsc::error::TrySendError::Closed(_)) => break End::Lost,
+                match out.beat(wait).await {
+                    Ok(n) => conn.add_bytes_out(n),
+                    Err(e) => break e,
                 }
             }
         }
@@ -526,7 +715,7 @@ async fn run(
             }
             let announce = async {
                 if !closing.code.drops_queue() {
-                    let _ = flush(&app, &conn, &tx, &mut stream, &mut batch, wait).await;
+                    let _ = flush(&app, &conn, &mut out, &mut stream, &mut batch, wait).await;
                 }
                 let retry = closing
                     .retry_ms
@@ -538,7 +727,12 @@ async fn run(
                     ServerFrame::Closing(&closing).encode()
                 );
                 conn.add_bytes_out(text.len());
-                let _ = timeout(Duration::from_secs(2), tx.send(Bytes::from(text))).await;
+                let _ = timeout(Duration::from_secs(2), async {
+                    if out.send(Bytes::from(text)).await.is_ok() {
+                        out.finish().await;
+                    }
+                })
+                .await;
             };
             tokio::select! {
                 _ = announce => {}
@@ -549,7 +743,7 @@ async fn run(
         End::Stalled => guard.set_close(CloseCode::SLOW_CONSUMER.0, "peer stopped reading"),
         End::Hard => guard.set_close(CloseCode::GOING_AWAY.0, "shutdown deadline"),
     }
-    drop(tx);
+    drop(out);
     drop(guard);
 }
 

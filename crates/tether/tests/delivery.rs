@@ -360,6 +360,48 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
     s.assert_clean().await;
 }
 
+/// An SSE reader that stopped reading is closed with 4008 on its taken-over socket
+/// as on any other, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_reader_that_stopped_reading_is_closed_with_4008() {
+    let s = start(|c| {
+        c.delivery.max_queue_messages = 100.try_into().unwrap();
+        c.delivery.max_queue_bytes = (256 * 1024).try_into().unwrap();
+    })
+    .await;
+    let mut rx = s.app.registry.events().subscribe();
+    let mut slow = tokio::net::TcpStream::connect(s.client).await.unwrap();
+    slow.write_all(b"GET /sse?client=slow&channel=firehose HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = raw_read_until(&mut slow, b"event: welcome", Duration::from_secs(5)).await;
+    assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    let payload = format!("\"{}\"", "x".repeat(20_000));
+    // Far more than the socket buffers on both sides hold (~60 MB).
+    for i in 0..3000 {
+        if s.app.registry.hub().presence("firehose").is_empty() {
+            break;
+        }
+        s.app
+            .registry
+            .hub()
+            .publish("firehose", &payload, None)
+            .unwrap();
+        if i % 40 == 0 {
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+    }
+    let ev = collect_events(&mut rx, Duration::from_millis(300)).await;
+    let closed: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == EventType::ConnectionClosed)
+        .collect();
+    assert_eq!(closed.len(), 1, "{:?}", kinds(&ev));
+    assert_eq!(closed[0].code, Some(4008));
+    drop(slow);
+    s.assert_clean().await;
+}
+
 /// Splits what a server sent into frames: (opcode byte, payload) for every whole
 /// frame, and whether bytes were left over (a frame cut short at the end).
 fn server_frames(bytes: &[u8]) -> (Vec<(u8, &[u8])>, bool) {

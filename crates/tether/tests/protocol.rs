@@ -268,6 +268,117 @@ async fn sse_peer_that_goes_away_is_released() {
     );
 }
 
+/// Decodes a chunked body: the chunks' data, and whether the last chunk came.
+fn dechunk(mut body: &[u8]) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..eol]).unwrap(), 16).unwrap();
+        if size == 0 {
+            return (out, true);
+        }
+        let data = &body[eol + 2..];
+        if data.len() < size + 2 {
+            break;
+        }
+        assert_eq!(
+            &data[size..size + 2],
+            b"\r\n",
+            "chunk {size} ends with CRLF"
+        );
+        out.extend_from_slice(&data[..size]);
+        body = &data[size + 2..];
+    }
+    (out, false)
+}
+
+/// A plain HTTP/1.1 stream is taken over from hyper: the head and every chunk are
+/// written by the stream itself, bytes from the client are read and dropped, the
+/// announced close ends the chunked body, and nothing is left behind. HTTP/1.0 stays
+/// with hyper (no chunks).
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_stream_on_a_taken_over_socket_is_whole_http() {
+    let s = start(|_| {}).await;
+    let mut t = tokio::net::TcpStream::connect(s.client).await.unwrap();
+    // Pipelined junk after the request: dropped, not an error.
+    t.write_all(b"GET /sse?client=raw&channel=news HTTP/1.1\r\nHost: x\r\nOrigin: https://a.example\r\n\r\njunk")
+        .await
+        .unwrap();
+    let got = raw_read_until(&mut t, b"event: welcome", Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    let (head, _) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+    for h in [
+        "content-type: text/event-stream",
+        "cache-control: no-cache",
+        "access-control-allow-origin: *",
+        "transfer-encoding: chunked",
+        "connection: close",
+        "date: ",
+    ] {
+        assert!(head.contains(h), "{h} missing: {head}");
+    }
+    // hyper's task for the socket is gone: the stream's is the only one.
+    let mut tasks = Value::Null;
+    for _ in 0..100 {
+        tasks = s.stats().await["tasks"].clone();
+        if tasks == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tasks, 1);
+    let (_, p) = s
+        .post("/api/publish", json!({"channel": "news", "data": {"n": 1}}))
+        .await;
+    assert_eq!(p["subscribers"], 1, "{p}");
+    let mut got = got;
+    got.extend(raw_read_until(&mut t, b"{\"n\":1}", Duration::from_secs(5)).await);
+    // More bytes from the client mid-stream: read and dropped.
+    t.write_all(b"more junk").await.unwrap();
+    s.post("/api/publish", json!({"channel": "news", "data": {"n": 2}}))
+        .await;
+    got.extend(raw_read_until(&mut t, b"{\"n\":2}", Duration::from_secs(5)).await);
+    s.post("/api/disconnect", json!({"client_id": "raw"})).await;
+    got.extend(raw_read_until(&mut t, b"0\r\n\r\n", Duration::from_secs(5)).await);
+    let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let (body, ended) = dechunk(&got[body_at..]);
+    let body = String::from_utf8(body).unwrap();
+    assert!(ended, "no last chunk: {body}");
+    assert!(body.starts_with("retry: 2000\n\nid: v1."), "{body}");
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("event: ")))
+        .collect();
+    assert_eq!(
+        events,
+        ["welcome", "message", "message", "closing"],
+        "{body}"
+    );
+    assert!(body.contains("\"code\":4002"), "{body}");
+    // The server closes its side after the last chunk.
+    assert!(raw_read_until(&mut t, b"never", Duration::from_secs(5))
+        .await
+        .is_empty());
+    s.assert_clean().await;
+
+    // HTTP/1.0 knows no chunks: hyper serves it, delimited by the close.
+    let mut t = tokio::net::TcpStream::connect(s.client).await.unwrap();
+    t.write_all(b"GET /sse?client=old&channel=news HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = raw_read_until(&mut t, b"event: welcome", Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(
+        text.starts_with("http/1.0 200 ok\r\n") || text.starts_with("http/1.1 200 ok\r\n"),
+        "{text}"
+    );
+    assert!(!text.contains("transfer-encoding"), "{text}");
+    assert!(text.contains("\r\n\r\nretry: 2000\n\nid: v1."), "{text}");
+    drop(t);
+    s.assert_clean().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn api_doors_without_a_key() {
     let s = start(|_| {}).await;
