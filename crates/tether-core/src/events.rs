@@ -51,6 +51,22 @@ impl EventBus {
 
     /// Records one transition: logs it and broadcasts it.
     pub fn emit(&self, kind: EventType, f: EventFields<'_>) {
+        tracing::info!(
+            target: "tether::event",
+            event = kind.as_str(),
+            client_id = f.client_id,
+            conn_id = f.conn_id,
+            channel = f.channel,
+            code = f.code,
+            reason = f.reason,
+            duration_ms = f.duration_ms,
+            upstream = f.upstream,
+        );
+        // Nobody listening (no `/api/events` stream): nothing to build. A receiver
+        // that subscribes meanwhile gets the events emitted after it did.
+        if self.tx.receiver_count() == 0 {
+            return;
+        }
         let event = LifecycleEvent {
             id: uuid::Uuid::new_v4().to_string(),
             kind,
@@ -64,18 +80,7 @@ impl EventBus {
             duration_ms: f.duration_ms,
             upstream: f.upstream.map(str::to_owned),
         };
-        tracing::info!(
-            target: "tether::event",
-            event = kind.as_str(),
-            client_id = f.client_id,
-            conn_id = f.conn_id,
-            channel = f.channel,
-            code = f.code,
-            reason = f.reason,
-            duration_ms = f.duration_ms,
-            upstream = f.upstream,
-        );
-        // No receiver is not an error: events are still logged.
+        // A receiver may have gone since: not an error, the event was logged.
         let _ = self.tx.send(Arc::new(event));
     }
 }

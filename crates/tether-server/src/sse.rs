@@ -201,7 +201,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
             let head = http1_head(&resp);
             app.tasks.spawn(run(
                 app.clone(),
-                start,
+                Box::new(start),
                 Out::Socket {
                     sock,
                     head: Some(head),
@@ -212,7 +212,8 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
         }
         None => {
             let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
-            app.tasks.spawn(run(app.clone(), start, Out::Body(tx)));
+            app.tasks
+                .spawn(run(app.clone(), Box::new(start), Out::Body(tx)));
             with_body(resp, rx)
         }
     }
@@ -642,13 +643,15 @@ async fn flush(
     }
 }
 
-async fn run(app: Arc<App>, start: Start, mut out: Out) {
+/// The stream's task. `start` comes boxed and is unboxed at once: an async fn keeps
+/// its arguments in its state beside the locals they move into (see `ws::run`).
+async fn run(app: Arc<App>, start: Box<Start>, mut out: Out) {
     let Start {
         mut guard,
         mut stream,
         first,
         expires_at,
-    } = start;
+    } = *{ start };
     let conn = guard.conn().clone();
     let interval = Duration::from_millis(app.cfg.heartbeat.interval_ms.get());
     let wait = Duration::from_millis(app.cfg.heartbeat.timeout_ms.get());

@@ -438,11 +438,14 @@ impl Start {
 async fn run(app: Arc<App>, start: Box<Start>) {
     // Locals that end inside a block take no room in the task's state after it.
     let (mut ws, mut guard, mut session) = {
+        // `{ start }` moves the box into a temporary, freed at the end of this
+        // statement; destructuring `*start` itself would keep the emptied box
+        // allocated (~0.5 KiB) until the task ends.
         let Start {
             ws,
             guard,
             identity,
-        } = *start;
+        } = *{ start };
         let session = Session {
             expires_at: identity.as_ref().map(|i| app.auth.expires_at(i)),
             identity,
