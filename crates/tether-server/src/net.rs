@@ -221,13 +221,17 @@ async fn serve_socket(
         }
         Some(tls) => {
             let handshake = tokio::select! {
-                h = tokio::time::timeout_at(until, tls.accept(socket)) => h,
+                // Boxed, as is HTTP/2 below: this task's state is sized by its
+                // largest await, and the plain socket's hyper connection needs far
+                // less (6.2 KB -> 1.7 KB per handshake in flight).
+                h = tokio::time::timeout_at(until, Box::pin(tls.accept(socket))) => h,
                 _ = app.drain.hard_stop().cancelled() => return,
             };
             match handshake {
                 Ok(Ok(stream)) if crate::tls::is_h2(&stream) => {
                     let service = http_service(info.clone(), router);
-                    return crate::tls::serve_h2(&app, &info, stream, service, until).await;
+                    return Box::pin(crate::tls::serve_h2(&app, &info, stream, service, until))
+                        .await;
                 }
                 Ok(Ok(stream)) => Either::Right(Box::new(stream)),
                 Ok(Err(e)) => {
