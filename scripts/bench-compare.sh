@@ -10,7 +10,7 @@
 #
 # Environment (defaults in brackets):
 #   ROUNDS [2]             pairs of runs per scenario
-#   SCENARIOS ["idle fanout paced sse churn"]
+#   SCENARIOS ["idle idlesse fanout paced sse churn"]
 #   SUBSCRIBERS [10000]    fan-out subscribers; IDLE_CONNECTIONS [=SUBSCRIBERS]
 #   MESSAGES [200]         back-to-back messages (WS and SSE); BYTES [100]
 #   PUBLISHERS [1]         back-to-back publishes in flight at once
@@ -31,7 +31,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 ROUNDS="${ROUNDS:-2}"
-SCENARIOS="${SCENARIOS:-idle fanout paced sse churn}"
+SCENARIOS="${SCENARIOS:-idle idlesse fanout paced sse churn}"
 SUBSCRIBERS="${SUBSCRIBERS:-10000}"
 IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-$SUBSCRIBERS}"
 MESSAGES="${MESSAGES:-200}"
@@ -258,6 +258,7 @@ bench_args() { # scenario target -> the `tether bench` arguments (PIDs as $PIDS)
     local common="--target $target --url $url --sources $SOURCES --procs $PROCS --pid \$PIDS"
     case "$scenario" in
         idle) echo "idle $common --channel idle --connections $IDLE_CONNECTIONS --hold-secs $HOLD_SECS" ;;
+        idlesse) echo "idle $common --transport sse --channel idle --connections $IDLE_CONNECTIONS --hold-secs $HOLD_SECS" ;;
         fanout) echo "fanout $common --api $api --channel bench --subscribers $SUBSCRIBERS --messages $MESSAGES --bytes $BYTES --publishers $PUBLISHERS" ;;
         paced) echo "fanout $common --api $api --channel paced --subscribers $SUBSCRIBERS --messages $PACED_MESSAGES --rate $RATE --bytes $BYTES" ;;
         sse) echo "fanout $common --api $api --transport sse --channel ssebench --subscribers $SUBSCRIBERS --messages $MESSAGES --bytes $BYTES --publishers $PUBLISHERS" ;;
