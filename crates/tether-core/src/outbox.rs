@@ -30,9 +30,6 @@ use tokio::sync::Notify;
 
 use crate::hub::{Direct, Published};
 
-/// Most items of buffer an outbox keeps between batches.
-const KEPT: usize = 32;
-
 /// One item waiting to be sent.
 #[derive(Clone, Debug)]
 pub enum Outgoing {
@@ -172,9 +169,10 @@ impl Outbox {
     }
 
     /// Moves everything queued into `out` (after what it holds); returns whether the
-    /// outbox overflowed. The outbox keeps a buffer sized like this batch (at most
-    /// [`KEPT`] items), so that pushes, made under a channel's lock during fan-out,
-    /// rarely allocate, and an idle connection holds little.
+    /// outbox overflowed. When `out` comes empty (the task's spent batch, cleared),
+    /// the two buffers trade places: while a burst lasts, pushes (made under a
+    /// channel's lock during fan-out) and takes allocate nothing. A take that finds
+    /// the queue empty lets the queue's buffer go: an idle connection keeps none.
     ///
     /// The rest of a part-written direct write comes first (once overflowed, it is
     /// left for [`claim`](Self::claim)). Until a `take` finds nothing, the task counts
@@ -193,14 +191,13 @@ impl Outbox {
         }
         s.taken = !s.items.is_empty() || !out.is_empty();
         if s.items.is_empty() {
+            s.items = Vec::new();
             return s.overflowed;
         }
-        let kept = Vec::with_capacity(s.items.len().min(KEPT));
-        let items = std::mem::replace(&mut s.items, kept);
         if out.is_empty() {
-            *out = items;
+            std::mem::swap(&mut s.items, out);
         } else {
-            out.extend(items);
+            out.append(&mut s.items);
         }
         s.bytes = 0;
         s.overflowed
@@ -301,6 +298,50 @@ mod tests {
         assert!(!o.push(Outgoing::Text(Bytes::from_static(b"123456"))));
         let mut v = Vec::new();
         assert!(o.take(&mut v));
+    }
+
+    /// While a burst lasts the queue and the task's batch trade buffers (in order, no
+    /// item lost); the take that finds nothing leaves the outbox no buffer.
+    #[test]
+    fn buffers_trade_places_and_go_when_idle() {
+        let o = Outbox::new(100, 1 << 20);
+        let text = |s: &'static str| Outgoing::Text(Bytes::from_static(s.as_bytes()));
+        let frames =
+            |v: &[Outgoing]| -> Vec<Bytes> { v.iter().map(|i| i.ws_frame().clone()).collect() };
+        for _ in 0..10 {
+            o.push(text("a"));
+        }
+        let mut batch = Vec::new();
+        assert!(!o.take(&mut batch));
+        assert_eq!(batch.len(), 10);
+        let spent = batch.capacity();
+        batch.clear();
+        o.push(text("b"));
+        o.push(text("c"));
+        assert!(!o.take(&mut batch));
+        assert_eq!(
+            frames(&batch),
+            [Bytes::from_static(b"b"), Bytes::from_static(b"c")]
+        );
+        // The queue now holds the spent batch's buffer: the next pushes reuse it.
+        assert_eq!(o.state.lock().items.capacity(), spent);
+        // A rest of a direct write, then queued items: appended after what `out` holds.
+        o.state.lock().rest = Some(Bytes::from_static(b"r"));
+        o.push(text("d"));
+        batch.clear();
+        assert!(!o.take(&mut batch));
+        assert_eq!(
+            frames(&batch),
+            [Bytes::from_static(b"r"), Bytes::from_static(b"d")]
+        );
+        batch.clear();
+        assert!(!o.take(&mut batch));
+        assert!(batch.is_empty());
+        assert_eq!(
+            o.state.lock().items.capacity(),
+            0,
+            "an idle outbox keeps no buffer"
+        );
     }
 
     /// Only the first push into an empty outbox wakes the taker; what follows rides
