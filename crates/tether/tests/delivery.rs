@@ -297,13 +297,27 @@ async fn every_offset_exactly_once_across_abrupt_drops_and_resumes() {
     s.assert_clean().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
-    let s = start(|c| {
+/// A server whose outboxes overflow soon: 100 messages or 256 KiB.
+async fn start_with_short_queues() -> TestServer {
+    start(|c| {
         c.delivery.max_queue_messages = 100.try_into().unwrap();
         c.delivery.max_queue_bytes = (256 * 1024).try_into().unwrap();
     })
-    .await;
+    .await
+}
+
+/// The `connection.closed` events among `ev`.
+fn closed_events(
+    ev: &[std::sync::Arc<tether_protocol::LifecycleEvent>],
+) -> Vec<&std::sync::Arc<tether_protocol::LifecycleEvent>> {
+    ev.iter()
+        .filter(|e| e.kind == EventType::ConnectionClosed)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
+    let s = start_with_short_queues().await;
     let mut rx = s.app.registry.events().subscribe();
     let (mut fast, _) = s.ws("?client=fast").await;
     assert_eq!(
@@ -348,10 +362,7 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
         .unwrap()
         .unwrap();
     let ev = collect_events(&mut rx, Duration::from_millis(300)).await;
-    let closed: Vec<_> = ev
-        .iter()
-        .filter(|e| e.kind == EventType::ConnectionClosed)
-        .collect();
+    let closed = closed_events(&ev);
     assert_eq!(closed.len(), 1, "only the slow one closed");
     assert_eq!(closed[0].client_id.as_deref(), Some("slow"));
     assert_eq!(closed[0].code, Some(4008));
@@ -364,11 +375,7 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
 /// as on any other, and nothing is left behind.
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_reader_that_stopped_reading_is_closed_with_4008() {
-    let s = start(|c| {
-        c.delivery.max_queue_messages = 100.try_into().unwrap();
-        c.delivery.max_queue_bytes = (256 * 1024).try_into().unwrap();
-    })
-    .await;
+    let s = start_with_short_queues().await;
     let mut rx = s.app.registry.events().subscribe();
     let mut slow = tokio::net::TcpStream::connect(s.client).await.unwrap();
     slow.write_all(b"GET /sse?client=slow&channel=firehose HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -392,10 +399,7 @@ async fn sse_reader_that_stopped_reading_is_closed_with_4008() {
         }
     }
     let ev = collect_events(&mut rx, Duration::from_millis(300)).await;
-    let closed: Vec<_> = ev
-        .iter()
-        .filter(|e| e.kind == EventType::ConnectionClosed)
-        .collect();
+    let closed = closed_events(&ev);
     assert_eq!(closed.len(), 1, "{:?}", kinds(&ev));
     assert_eq!(closed[0].code, Some(4008));
     drop(slow);
