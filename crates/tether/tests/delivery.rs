@@ -306,6 +306,21 @@ async fn start_with_short_queues() -> TestServer {
     .await
 }
 
+/// Publishes `n` copies of `payload` to `firehose`, pausing 4 ms every 40; with
+/// `until_vacated`, stops early once the channel has no subscriber left.
+async fn firehose(s: &TestServer, payload: &str, n: u64, until_vacated: bool) {
+    let hub = s.app.registry.hub();
+    for i in 0..n {
+        if until_vacated && hub.presence("firehose").is_empty() {
+            break;
+        }
+        hub.publish("firehose", payload, None).unwrap();
+        if i % 40 == 0 {
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+    }
+}
+
 /// The `connection.closed` events among `ev`.
 fn closed_events(
     ev: &[std::sync::Arc<tether_protocol::LifecycleEvent>],
@@ -347,16 +362,7 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
         }
         fast
     });
-    for i in 0..N {
-        s.app
-            .registry
-            .hub()
-            .publish("firehose", &payload, None)
-            .unwrap();
-        if i % 40 == 0 {
-            tokio::time::sleep(Duration::from_millis(4)).await;
-        }
-    }
+    firehose(&s, &payload, N, false).await;
     let fast = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .unwrap()
@@ -385,19 +391,7 @@ async fn sse_reader_that_stopped_reading_is_closed_with_4008() {
     assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
     let payload = format!("\"{}\"", "x".repeat(20_000));
     // Far more than the socket buffers on both sides hold (~60 MB).
-    for i in 0..3000 {
-        if s.app.registry.hub().presence("firehose").is_empty() {
-            break;
-        }
-        s.app
-            .registry
-            .hub()
-            .publish("firehose", &payload, None)
-            .unwrap();
-        if i % 40 == 0 {
-            tokio::time::sleep(Duration::from_millis(4)).await;
-        }
-    }
+    firehose(&s, &payload, 3000, true).await;
     let ev = collect_events(&mut rx, Duration::from_millis(300)).await;
     let closed = closed_events(&ev);
     assert_eq!(closed.len(), 1, "{:?}", kinds(&ev));
