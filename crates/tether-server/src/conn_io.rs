@@ -234,11 +234,13 @@ impl Hijack {
     /// void, and [`taken`](Self::taken) resolves so that its connection is dropped.
     /// The caller writes the whole response. `None` if already taken.
     pub(crate) fn take(&self) -> Option<Arc<TcpStream>> {
+        // The socket first: a take that finds nothing must leave hyper's side alive.
+        let sock = self.sock.upgrade()?;
         if self.taken.swap(true, Ordering::AcqRel) {
             return None;
         }
         self.notify.notify_one();
-        self.sock.upgrade()
+        Some(sock)
     }
 
     /// Resolves once the socket was taken.

@@ -40,6 +40,10 @@ use crate::App;
 /// waits, so this stays short (it is memory outside the outbox's bounds).
 const BODY_QUEUE: usize = 2;
 
+/// Bytes a client may send after its request on a taken-over socket (read and
+/// dropped) before the stream is closed: an event stream is one-way.
+const MAX_HEARD: usize = 64 * 1024;
+
 /// Most tombstones kept; the oldest go first beyond it.
 const MAX_TOMBSTONES: usize = 100_000;
 
@@ -205,6 +209,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
                 Out::Socket {
                     sock,
                     head: Some(head),
+                    heard: 0,
                 },
             ));
             // Written into the void: the stream writes its own head.
@@ -459,6 +464,8 @@ enum Out {
     Socket {
         sock: Arc<TcpStream>,
         head: Option<Bytes>,
+        /// Bytes the client sent since the request, read and dropped.
+        heard: usize,
     },
 }
 
@@ -467,7 +474,7 @@ impl Out {
     async fn send(&mut self, data: Bytes) -> Result<(), ()> {
         match self {
             Out::Body(tx) => tx.send(data).await.map_err(|_| ()),
-            Out::Socket { sock, head } => {
+            Out::Socket { sock, head, .. } => {
                 let size = format!("{:x}\r\n", data.len());
                 let head = head.take().unwrap_or_default();
                 write_all(sock, [&head, size.as_bytes(), &data, b"\r\n"])
@@ -495,17 +502,32 @@ impl Out {
         }
     }
 
-    /// Resolves when the peer went away.
-    async fn closed(&self) {
+    /// Resolves when the peer went away (`Lost`), or, on a socket, sent more than
+    /// [`MAX_HEARD`] bytes, which a client has no reason to (`Unexpected`).
+    async fn closed(&mut self) -> End {
         match self {
-            Out::Body(tx) => tx.closed().await,
+            Out::Body(tx) => {
+                tx.closed().await;
+                End::Lost
+            }
             // `poll_read_ready`, not `readable()`: it takes over the waker slot in which
             // hyper's finished task would otherwise stay registered (and allocated)
             // for the socket's whole life.
-            Out::Socket { sock, .. } => loop {
-                let ready = std::future::poll_fn(|cx| sock.poll_read_ready(cx)).await;
-                if ready.is_err() || peer_gone(sock) {
-                    return;
+            Out::Socket { sock, heard, .. } => loop {
+                if std::future::poll_fn(|cx| sock.poll_read_ready(cx))
+                    .await
+                    .is_err()
+                {
+                    return End::Lost;
+                }
+                match drain_input(sock) {
+                    None => return End::Lost,
+                    Some(n) => {
+                        *heard += n;
+                        if *heard > MAX_HEARD {
+                            return End::Unexpected;
+                        }
+                    }
                 }
             },
         }
@@ -514,7 +536,7 @@ impl Out {
     /// Ends the body after an announced close (hyper ends its own when the sender
     /// drops).
     async fn finish(&mut self) {
-        if let Out::Socket { sock, head } = self {
+        if let Out::Socket { sock, head, .. } = self {
             let head = head.take().unwrap_or_default();
             if write_all(sock, [&head, b"0\r\n\r\n", b"", b""])
                 .await
@@ -526,19 +548,19 @@ impl Out {
     }
 }
 
-/// Reads (and drops) what the peer sent, if anything: whether it closed. A client
-/// has nothing to say on an event stream.
-fn peer_gone(sock: &TcpStream) -> bool {
-    let mut scratch = [0u8; 64];
+/// Reads (and drops) what the peer sent: how many bytes, or `None` once it closed.
+fn drain_input(sock: &TcpStream) -> Option<usize> {
+    let mut scratch = [0u8; 256];
+    let mut n = 0;
     for _ in 0..16 {
         match sock.try_read(&mut scratch) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
-            Err(_) => return true,
+            Ok(0) => return None,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return None,
         }
     }
-    false
+    Some(n)
 }
 
 /// Writes all of `parts`, in order, with as few calls as the socket allows.
@@ -577,6 +599,8 @@ enum End {
     Lost,
     Stalled,
     Hard,
+    /// The client kept sending on a taken-over socket (see [`MAX_HEARD`]).
+    Unexpected,
 }
 
 /// Moves what the outbox holds into the body, topping up catching-up subscriptions.
@@ -692,7 +716,7 @@ async fn run(app: Arc<App>, start: Box<Start>, mut out: Out) {
             biased;
             _ = app.drain.hard_stop().cancelled() => break End::Hard,
             closing = conn.close_requested() => break End::Announce(closing),
-            _ = out.closed() => break End::Lost,
+            end = out.closed() => break end,
             _ = conn.outbox().ready() => end = flush(&app, &conn, &mut out, &mut stream, &mut batch, wait).await,
             _ = &mut timer => {
                 let now = Instant::now();
@@ -745,6 +769,9 @@ async fn run(app: Arc<App>, start: Box<Start>, mut out: Out) {
         End::Lost => guard.set_close(CloseCode::ABNORMAL.0, "stream closed by the peer"),
         End::Stalled => guard.set_close(CloseCode::SLOW_CONSUMER.0, "peer stopped reading"),
         End::Hard => guard.set_close(CloseCode::GOING_AWAY.0, "shutdown deadline"),
+        End::Unexpected => {
+            guard.set_close(CloseCode::POLICY.0, "client sent data on an event stream")
+        }
     }
     drop(out);
     drop(guard);

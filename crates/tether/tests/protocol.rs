@@ -379,6 +379,45 @@ async fn sse_stream_on_a_taken_over_socket_is_whole_http() {
     s.assert_clean().await;
 }
 
+/// An event stream is one-way: a client that keeps sending on a taken-over socket
+/// (beyond 64 KiB, read and dropped) is closed with 1008.
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_client_that_keeps_sending_is_closed() {
+    let s = start(|_| {}).await;
+    let mut rx = s.app.registry.events().subscribe();
+    let mut t = tokio::net::TcpStream::connect(s.client).await.unwrap();
+    t.write_all(b"GET /sse?client=chatty&channel=news HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    raw_read_until(&mut t, b"event: welcome", Duration::from_secs(5)).await;
+    let junk = vec![b'x'; 8 * 1024];
+    for _ in 0..16 {
+        if t.write_all(&junk).await.is_err() {
+            break;
+        }
+    }
+    // The server closes its side.
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        loop {
+            match t.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the stream stayed open");
+    let ev = collect_events(&mut rx, Duration::from_millis(200)).await;
+    let closed = ev
+        .iter()
+        .find(|e| e.kind == EventType::ConnectionClosed)
+        .expect("connection.closed");
+    assert_eq!(closed.code, Some(1008), "{closed:?}");
+    s.assert_clean().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn api_doors_without_a_key() {
     let s = start(|_| {}).await;
