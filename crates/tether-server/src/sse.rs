@@ -717,7 +717,11 @@ async fn run(app: Arc<App>, start: Box<Start>, mut out: Out) {
             _ = app.drain.hard_stop().cancelled() => break End::Hard,
             closing = conn.close_requested() => break End::Announce(closing),
             end = out.closed() => break end,
-            _ = conn.outbox().ready() => end = flush(&app, &conn, &mut out, &mut stream, &mut batch, wait).await,
+            _ = conn.outbox().ready() => {
+                // As in `ws`: one turn of the runtime's queue lets a burst catch up.
+                tokio::task::yield_now().await;
+                end = flush(&app, &conn, &mut out, &mut stream, &mut batch, wait).await;
+            }
             _ = &mut timer => {
                 let now = Instant::now();
                 if expires_at.is_some_and(|e| now >= e) {
