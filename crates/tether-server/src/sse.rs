@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,9 +19,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::Response;
-use std::io::IoSlice;
-
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use parking_lot::Mutex;
@@ -208,7 +207,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
                 Box::new(start),
                 Out::Socket {
                     sock,
-                    head: Some(head),
+                    pending: Some(head),
                     heard: 0,
                 },
             ));
@@ -459,11 +458,13 @@ fn http1_head(resp: &Response) -> Bytes {
 enum Out {
     /// hyper's response body (TLS, HTTP/2, HTTP/1.0): a short queue it drains.
     Body(mpsc::Sender<Bytes>),
-    /// The plain socket, taken over from hyper: the head (written with the first
-    /// chunk), then the body in chunks.
+    /// The plain socket, taken over from hyper: the head, then the body in chunks.
     Socket {
         sock: Arc<TcpStream>,
-        head: Option<Bytes>,
+        /// Bytes due before anything else: the head at first, then the rest of a
+        /// chunk whose write was cut off (a stalled peer, an overflow, a timeout),
+        /// so that what follows never lands inside it.
+        pending: Option<Bytes>,
         /// Bytes the client sent since the request, read and dropped.
         heard: usize,
     },
@@ -474,10 +475,9 @@ impl Out {
     async fn send(&mut self, data: Bytes) -> Result<(), ()> {
         match self {
             Out::Body(tx) => tx.send(data).await.map_err(|_| ()),
-            Out::Socket { sock, head, .. } => {
+            Out::Socket { sock, pending, .. } => {
                 let size = format!("{:x}\r\n", data.len());
-                let head = head.take().unwrap_or_default();
-                write_all(sock, [&head, size.as_bytes(), &data, b"\r\n"])
+                write_chunk(sock, pending, [size.as_bytes(), &data, b"\r\n"])
                     .await
                     .map_err(|_| ())
             }
@@ -536,9 +536,8 @@ impl Out {
     /// Ends the body after an announced close (hyper ends its own when the sender
     /// drops).
     async fn finish(&mut self) {
-        if let Out::Socket { sock, head, .. } = self {
-            let head = head.take().unwrap_or_default();
-            if write_all(sock, [&head, b"0\r\n\r\n", b"", b""])
+        if let Out::Socket { sock, pending, .. } = self {
+            if write_chunk(sock, pending, [b"0\r\n\r\n", b"", b""])
                 .await
                 .is_ok()
             {
@@ -563,17 +562,50 @@ fn drain_input(sock: &TcpStream) -> Option<usize> {
     Some(n)
 }
 
-/// Writes all of `parts`, in order, with as few calls as the socket allows.
-async fn write_all(sock: &TcpStream, parts: [&[u8]; 4]) -> std::io::Result<()> {
+/// Writes `pending` and then all of `parts`, in order. Safe to cancel at any await:
+/// whatever is not yet on the socket is in `pending` (copied there only when the
+/// socket takes `parts` in part), and the next write starts with it.
+async fn write_chunk(
+    sock: &TcpStream,
+    pending: &mut Option<Bytes>,
+    parts: [&[u8]; 3],
+) -> std::io::Result<()> {
+    write_pending(sock, pending).await?;
     let mut slices = parts.map(IoSlice::new);
     let mut bufs: &mut [IoSlice<'_>] = &mut slices;
     IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
+    if bufs.is_empty() {
+        return Ok(());
+    }
+    match sock.try_write_vectored(bufs) {
+        Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(e) => return Err(e),
+    }
+    if !bufs.is_empty() {
+        let mut rest = BytesMut::with_capacity(bufs.iter().map(|b| b.len()).sum());
+        for b in bufs.iter() {
+            rest.extend_from_slice(b);
+        }
+        *pending = Some(rest.freeze());
+        write_pending(sock, pending).await?;
+    }
+    Ok(())
+}
+
+/// Writes `pending` out, advancing it as the socket takes it (see [`write_chunk`]).
+async fn write_pending(sock: &TcpStream, pending: &mut Option<Bytes>) -> std::io::Result<()> {
+    while let Some(p) = pending.as_mut() {
         // As for reading (see `Out::closed`): the waker slot hyper used is ours now.
         std::future::poll_fn(|cx| sock.poll_write_ready(cx)).await?;
-        match sock.try_write_vectored(bufs) {
+        match sock.try_write(p) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Ok(n) => {
+                p.advance(n);
+                if p.is_empty() {
+                    *pending = None;
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }

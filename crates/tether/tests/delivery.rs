@@ -306,14 +306,10 @@ async fn start_with_short_queues() -> TestServer {
     .await
 }
 
-/// Publishes `n` copies of `payload` to `firehose`, pausing 4 ms every 40; with
-/// `until_vacated`, stops early once the channel has no subscriber left.
-async fn firehose(s: &TestServer, payload: &str, n: u64, until_vacated: bool) {
+/// Publishes `n` copies of `payload` to `firehose`, pausing 4 ms every 40.
+async fn firehose(s: &TestServer, payload: &str, n: u64) {
     let hub = s.app.registry.hub();
     for i in 0..n {
-        if until_vacated && hub.presence("firehose").is_empty() {
-            break;
-        }
         hub.publish("firehose", payload, None).unwrap();
         if i % 40 == 0 {
             tokio::time::sleep(Duration::from_millis(4)).await;
@@ -362,7 +358,7 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
         }
         fast
     });
-    firehose(&s, &payload, N, false).await;
+    firehose(&s, &payload, N).await;
     let fast = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .unwrap()
@@ -377,27 +373,74 @@ async fn slow_consumer_is_closed_with_4008_while_a_fast_one_keeps_up() {
     s.assert_clean().await;
 }
 
-/// An SSE reader that stopped reading is closed with 4008 on its taken-over socket
-/// as on any other, and nothing is left behind.
+/// An SSE stream on a taken-over socket whose write is cut off by an overflow
+/// finishes that chunk before the `closing` event, so a reader that reads again
+/// sees a well-formed chunked stream: whole events, `closing` with 4008, the last
+/// chunk. And nothing is left behind.
 #[tokio::test(flavor = "multi_thread")]
-async fn sse_reader_that_stopped_reading_is_closed_with_4008() {
-    let s = start_with_short_queues().await;
+async fn an_sse_chunk_cut_off_by_overflow_is_finished_before_the_close() {
+    use tokio::io::AsyncReadExt;
+    let s = start(|c| {
+        c.delivery.max_queue_messages = 8.try_into().unwrap();
+    })
+    .await;
     let mut rx = s.app.registry.events().subscribe();
     let mut slow = tokio::net::TcpStream::connect(s.client).await.unwrap();
-    slow.write_all(b"GET /sse?client=slow&channel=firehose HTTP/1.1\r\nHost: x\r\n\r\n")
+    slow.write_all(b"GET /sse?client=slow&channel=big HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let got = raw_read_until(&mut slow, b"event: welcome", Duration::from_secs(5)).await;
-    assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"));
-    let payload = format!("\"{}\"", "x".repeat(20_000));
-    // Far more than the socket buffers on both sides hold (~60 MB).
-    firehose(&s, &payload, 3000, true).await;
-    let ev = collect_events(&mut rx, Duration::from_millis(300)).await;
-    let closed = closed_events(&ev);
-    assert_eq!(closed.len(), 1, "{:?}", kinds(&ev));
-    assert_eq!(closed[0].code, Some(4008));
+    let mut bytes = raw_read_until(&mut slow, b"event: welcome", Duration::from_secs(5)).await;
+    assert!(bytes.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    overflow_slow_on_big(&s).await;
+    // Read again at once, within the server's wait for a peer that stopped reading,
+    // until the server closes the socket.
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut bytes))
+        .await
+        .expect("the server closes the socket")
+        .unwrap();
+    let body_at = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let (body, ended) = dechunk(&bytes[body_at..]);
+    assert!(ended, "the stream ends with the last chunk");
+    let body = String::from_utf8(body).unwrap();
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    let closing = events.last().unwrap();
+    assert!(closing.contains("event: closing"), "{closing}");
+    assert!(closing.contains("\"code\":4008"), "{closing}");
+    let messages = events
+        .iter()
+        .filter(|e| e.contains("event: message"))
+        .inspect(|e| {
+            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+            serde_json::from_str::<Value>(data).expect("every event is whole JSON");
+        })
+        .count();
+    assert!(messages > 2, "messages came before the overflow");
     drop(slow);
     s.assert_clean().await;
+    let ev = collect_events(&mut rx, Duration::from_millis(100)).await;
+    assert_eq!(closed_events(&ev)[0].code, Some(4008));
+}
+
+/// Publishes 30 KB messages to `big` until client `slow`'s outbox overflows: the
+/// socket buffers fill partway through one of them.
+async fn overflow_slow_on_big(s: &TestServer) {
+    let conn = s
+        .app
+        .registry
+        .connections()
+        .into_iter()
+        .find(|c| c.client_id() == "slow")
+        .unwrap();
+    let payload = format!("\"{}\"", "y".repeat(30_000));
+    let mut published = 0;
+    while !conn.outbox().overflowed() {
+        assert!(published < 5_000, "the queue never overflowed");
+        s.app.registry.hub().publish("big", &payload, None).unwrap();
+        published += 1;
+        if published % 8 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 /// Splits what a server sent into frames: (opcode byte, payload) for every whole
@@ -446,24 +489,7 @@ async fn a_write_cut_off_by_overflow_is_finished_before_the_close() {
     while s.app.registry.hub().presence("big").is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let conn = s
-        .app
-        .registry
-        .connections()
-        .into_iter()
-        .find(|c| c.client_id() == "slow")
-        .unwrap();
-    // 30 KB frames: the socket buffers fill partway through one of them.
-    let payload = format!("\"{}\"", "y".repeat(30_000));
-    let mut published = 0;
-    while !conn.outbox().overflowed() {
-        assert!(published < 5_000, "the queue never overflowed");
-        s.app.registry.hub().publish("big", &payload, None).unwrap();
-        published += 1;
-        if published % 8 == 0 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
+    overflow_slow_on_big(&s).await;
     // Read again at once, within the server's wait for a peer that stopped reading,
     // until the server closes the socket.
     let mut bytes = Vec::new();

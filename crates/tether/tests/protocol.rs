@@ -268,29 +268,6 @@ async fn sse_peer_that_goes_away_is_released() {
     );
 }
 
-/// Decodes a chunked body: the chunks' data, and whether the last chunk came.
-fn dechunk(mut body: &[u8]) -> (Vec<u8>, bool) {
-    let mut out = Vec::new();
-    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(std::str::from_utf8(&body[..eol]).unwrap(), 16).unwrap();
-        if size == 0 {
-            return (out, true);
-        }
-        let data = &body[eol + 2..];
-        if data.len() < size + 2 {
-            break;
-        }
-        assert_eq!(
-            &data[size..size + 2],
-            b"\r\n",
-            "chunk {size} ends with CRLF"
-        );
-        out.extend_from_slice(&data[..size]);
-        body = &data[size + 2..];
-    }
-    (out, false)
-}
-
 /// A plain HTTP/1.1 stream is taken over from hyper: the head and every chunk are
 /// written by the stream itself, bytes from the client are read and dropped, the
 /// announced close ends the chunked body, and nothing is left behind. HTTP/1.0 stays

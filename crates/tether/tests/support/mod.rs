@@ -327,3 +327,29 @@ pub fn has_close(bytes: &[u8], code: u16) -> bool {
         .windows(4)
         .any(|w| w[0] == 0x88 && (w[1] & 0x7f) >= 2 && w[2] == hi && w[3] == lo)
 }
+
+/// Decodes a chunked body: the chunks' data, and whether the last chunk came.
+pub fn dechunk(mut body: &[u8]) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&body[..eol])
+            .ok()
+            .and_then(|h| usize::from_str_radix(h, 16).ok())
+            .unwrap_or_else(|| panic!("bad chunk size line {:?}", &body[..eol.min(40)]));
+        if size == 0 {
+            return (out, true);
+        }
+        let data = &body[eol + 2..];
+        if data.len() < size + 2 {
+            break;
+        }
+        assert_eq!(
+            &data[size..size + 2],
+            b"\r\n",
+            "chunk of {size} ends with CRLF"
+        );
+        out.extend_from_slice(&data[..size]);
+        body = &data[size + 2..];
+    }
+    (out, false)
+}
