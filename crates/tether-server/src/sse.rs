@@ -476,8 +476,9 @@ impl Out {
         match self {
             Out::Body(tx) => tx.send(data).await.map_err(|_| ()),
             Out::Socket { sock, pending, .. } => {
-                let size = format!("{:x}\r\n", data.len());
-                write_chunk(sock, pending, [size.as_bytes(), &data, b"\r\n"])
+                let mut line = [0u8; 18];
+                let size = size_line(data.len(), &mut line);
+                write_chunk(sock, pending, [size, &data, b"\r\n"])
                     .await
                     .map_err(|_| ())
             }
@@ -560,6 +561,25 @@ fn drain_input(sock: &TcpStream) -> Option<usize> {
         }
     }
     Some(n)
+}
+
+/// A chunk's size line (`<hex>\r\n`), written into `buf` (no allocation per chunk).
+fn size_line(n: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let (mut at, mut v) = (digits.len(), n);
+    loop {
+        at -= 1;
+        digits[at] = HEX[v & 0xf];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - at;
+    buf[..len].copy_from_slice(&digits[at..]);
+    buf[len..len + 2].copy_from_slice(b"\r\n");
+    &buf[..len + 2]
 }
 
 /// Writes `pending` and then all of `parts`, in order. Safe to cancel at any await:
@@ -816,6 +836,21 @@ async fn run(app: Arc<App>, start: Box<Start>, mut out: Out) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex() {
+        let mut buf = [0u8; 18];
+        for (n, line) in [
+            (0usize, &b"0\r\n"[..]),
+            (9, b"9\r\n"),
+            (10, b"a\r\n"),
+            (255, b"ff\r\n"),
+            (4096, b"1000\r\n"),
+            (usize::MAX, b"ffffffffffffffff\r\n"),
+        ] {
+            assert_eq!(size_line(n, &mut buf), line, "{n}");
+        }
+    }
 
     #[test]
     fn query_sorts_dedups_and_bounds_channels() {
