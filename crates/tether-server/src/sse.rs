@@ -563,23 +563,15 @@ fn drain_input(sock: &TcpStream) -> Option<usize> {
     Some(n)
 }
 
-/// A chunk's size line (`<hex>\r\n`), written into `buf` (no allocation per chunk).
+/// A chunk's size line (`<hex>\r\n`), formatted into `buf` (no allocation per
+/// chunk; 16 hex digits and CRLF fit).
 fn size_line(n: usize, buf: &mut [u8; 18]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let (mut at, mut v) = (digits.len(), n);
-    loop {
-        at -= 1;
-        digits[at] = HEX[v & 0xf];
-        v >>= 4;
-        if v == 0 {
-            break;
-        }
-    }
-    let len = digits.len() - at;
-    buf[..len].copy_from_slice(&digits[at..]);
-    buf[len..len + 2].copy_from_slice(b"\r\n");
-    &buf[..len + 2]
+    let left = {
+        let mut w = &mut buf[..];
+        let _ = std::io::Write::write_fmt(&mut w, format_args!("{n:x}\r\n"));
+        w.len()
+    };
+    &buf[..buf.len() - left]
 }
 
 /// Writes `pending` and then all of `parts`, in order. Safe to cancel at any await:
