@@ -927,6 +927,7 @@ mod tests {
         grace_ms: u64,
     ) -> Registry {
         let ids = ConnIdGen::new("t");
+        let metrics = Metrics::new();
         Registry::new(
             RegistrySettings {
                 max_connections: max,
@@ -938,7 +939,7 @@ mod tests {
             },
             ids.clone(),
             EventBus::new(ids.node_id().clone()),
-            Metrics::new(),
+            metrics.clone(),
             Hub::new(
                 crate::hub::HubSettings {
                     history_size: 100,
@@ -947,7 +948,7 @@ mod tests {
                     max_channels_per_connection: 10,
                 },
                 EventBus::new(ids.node_id().clone()),
-                Metrics::new(),
+                metrics,
             ),
         )
     }
@@ -1075,6 +1076,51 @@ mod tests {
         });
         assert_eq!(admitted.load(Ordering::SeqCst), 3);
         held.lock().clear();
+        assert_eq!((r.entries(), r.admitted()), (0, 0));
+    }
+
+    /// A quiet publish to more subscribers than `PARALLEL_MIN` splits its fan-out
+    /// over two threads: every subscriber still gets each message once, in order, and
+    /// the count of deliveries is whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_fan_out_split_over_two_threads_reaches_everyone_once() {
+        use crate::outbox::Outgoing;
+        let n = 3_000;
+        let r = registry(n, 1, ClientLimitPolicy::Reject, 0);
+        let guards: Vec<_> = (0..n)
+            .map(|i| {
+                let g = r
+                    .reserve(&format!("c{i}"), Transport::Ws, None)
+                    .unwrap()
+                    .commit(spec());
+                r.hub().subscribe(g.conn(), "big", None, None).unwrap();
+                g
+            })
+            .collect();
+        // The first publish finds the channel quiet; so does the second, 200 ms on.
+        r.hub().publish("big", "1", None).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        r.hub().publish("big", "2", None).unwrap();
+        let mut got = Vec::new();
+        for g in &guards {
+            got.clear();
+            assert!(!g.conn().outbox().take(&mut got));
+            let offsets: Vec<u64> = got
+                .iter()
+                .filter_map(|o| match o {
+                    Outgoing::Message(p) => Some(p.offset),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(offsets, [1, 2], "connection {}", g.conn().id());
+        }
+        let text = r.metrics().render();
+        assert!(
+            text.lines()
+                .any(|l| l == "tether_messages_delivered_total 6000"),
+            "{text}"
+        );
+        drop(guards);
         assert_eq!((r.entries(), r.admitted()), (0, 0));
     }
 }
