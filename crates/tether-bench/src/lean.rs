@@ -226,6 +226,10 @@ pub struct Conn {
 /// How a receiver ended when it did not get every message.
 pub type EndReason = Option<String>;
 
+/// What [`Conn::receive`] ends with: the figures, why it ended early (if it did), and
+/// the socket, still open, of a receiver that got everything it wanted.
+pub type Received = (Stats, EndReason, Option<TcpStream>);
+
 impl Conn {
     /// Connects from `src` (`seq`: this connection's number among those from `src`),
     /// sends the request and reads the response head; then, for
@@ -392,13 +396,16 @@ impl Conn {
     }
 
     /// Receives until `want` messages, a close, an error or `stop`. Adds each read's
-    /// new messages to `progress`.
+    /// new messages to `progress`. A receiver that got all it wanted hands its socket
+    /// back open: the caller closes it once every receiver is done, so the closes of
+    /// the early finishers do not load the server and these cores while the last
+    /// message is still on its way to the others.
     pub async fn receive(
         mut self,
         want: usize,
         mut stop: watch::Receiver<bool>,
         progress: Arc<AtomicU64>,
-    ) -> (Stats, EndReason) {
+    ) -> Received {
         let end = loop {
             if self.stats.got >= want {
                 break None;
@@ -437,7 +444,8 @@ impl Conn {
             }
         };
         let incomplete = self.stats.got < want;
-        (self.stats, end.filter(|_| incomplete))
+        let held = (!incomplete).then_some(self.stream);
+        (self.stats, end.filter(|_| incomplete), held)
     }
 }
 

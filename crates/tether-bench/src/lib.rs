@@ -539,7 +539,7 @@ struct Part {
 
 /// This process's running subscribers.
 struct Local {
-    tasks: Vec<tokio::task::JoinHandle<(lean::Stats, lean::EndReason)>>,
+    tasks: Vec<tokio::task::JoinHandle<lean::Received>>,
     stop: watch::Sender<bool>,
     progress: Arc<AtomicU64>,
 }
@@ -607,9 +607,13 @@ impl Local {
         }
         let mut part = Part::default();
         let mut hist = Hist::default();
+        // The sockets of receivers that got everything close together, once all are
+        // done (dropped with `held` after this loop).
+        let mut held = Vec::with_capacity(self.tasks.len());
         for t in self.tasks {
             match t.await {
-                Ok((stats, end)) => {
+                Ok((stats, end, socket)) => {
+                    held.extend(socket);
                     part.delivered += stats.got as u64;
                     part.last_us = part.last_us.max(stats.last_us);
                     for l in stats.lat {
@@ -627,6 +631,7 @@ impl Local {
             }
         }
         part.hist = hist.sparse();
+        drop(held);
         part
     }
 }
