@@ -967,3 +967,81 @@ async fn direct_writes_stay_whole_and_in_order_when_the_peer_stalls() {
     s.assert_clean().await;
     s.stop().await;
 }
+
+/// A publish to a quiet channel with more subscribers than one thread writes to
+/// (2 × 1,024 on two cores) is written by the publisher and helper threads together:
+/// every subscriber still gets every message once, in order, in whole frames, and
+/// the publish reports them all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_publish_to_thousands_reaches_each_once_in_order() {
+    use futures_util::stream::{self, StreamExt as _};
+    use tokio::io::AsyncReadExt;
+    const SUBSCRIBERS: usize = 2_300;
+    const MESSAGES: u64 = 3;
+    // Two sockets per subscriber in this one process.
+    let _ = rlimit::increase_nofile_limit(4 * SUBSCRIBERS as u64 + 1024);
+    let s = start(|_| {}).await;
+    let addr = s.client;
+    let peers: Vec<(tokio::net::TcpStream, Vec<u8>)> = stream::iter(0..SUBSCRIBERS)
+        .map(|i| async move {
+            let mut sock = raw_ws(addr, &format!("/ws?client=many{i}")).await;
+            sock.write_all(&masked_text(
+                br#"{"type":"subscribe","ref":1,"channel":"many"}"#,
+            ))
+            .await
+            .unwrap();
+            let buf = raw_read_until(&mut sock, b"\"subscribed\"", Duration::from_secs(10)).await;
+            assert!(
+                buf.windows(12).any(|w| w == b"\"subscribed\""),
+                "subscriber {i}: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            (sock, buf)
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    for n in 0..MESSAGES {
+        // More than the hub's quiet gap (100 ms): each publish writes directly.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let body = publish(&s, "many", json!({"n": n})).await;
+        assert_eq!(body["subscribers"], SUBSCRIBERS, "{body}");
+    }
+    let is_message = |p: &[u8]| p.starts_with(br#"{"type":"message""#);
+    stream::iter(peers)
+        .for_each_concurrent(256, |(mut sock, mut buf)| async move {
+            let read_all = async {
+                let mut chunk = vec![0u8; 4096];
+                loop {
+                    let (frames, cut) = server_frames(&buf);
+                    let got = frames.iter().filter(|(_, p)| is_message(p)).count();
+                    if !cut && got >= MESSAGES as usize {
+                        return;
+                    }
+                    let n = sock.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "closed early");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), read_all)
+                .await
+                .expect("every message arrives");
+            let seen: Vec<u64> = server_frames(&buf)
+                .0
+                .into_iter()
+                .filter(|(op, p)| *op == 0x81 && is_message(p))
+                .map(|(_, p)| {
+                    let v: Value = serde_json::from_slice(p).expect("whole JSON frames");
+                    v["data"]["n"].as_u64().unwrap()
+                })
+                .collect();
+            assert_eq!(
+                seen,
+                (0..MESSAGES).collect::<Vec<_>>(),
+                "once each, in order"
+            );
+        })
+        .await;
+    s.assert_clean().await;
+    s.stop().await;
+}
