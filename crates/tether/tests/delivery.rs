@@ -471,6 +471,36 @@ fn server_frames(bytes: &[u8]) -> (Vec<(u8, &[u8])>, bool) {
     (out, at < bytes.len())
 }
 
+fn is_message(payload: &[u8]) -> bool {
+    payload.starts_with(br#"{"type":"message""#)
+}
+
+/// Reads a raw WebSocket peer's socket into `buf` until it holds `n` whole `message`
+/// frames and no cut-off frame, within `limit`.
+async fn read_messages(
+    sock: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    n: usize,
+    limit: Duration,
+) {
+    use tokio::io::AsyncReadExt;
+    let read_all = async {
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            let (frames, cut) = server_frames(buf);
+            if !cut && frames.iter().filter(|(_, p)| is_message(p)).count() >= n {
+                return;
+            }
+            let got = sock.read(&mut chunk).await.unwrap();
+            assert!(got > 0, "closed early");
+            buf.extend_from_slice(&chunk[..got]);
+        }
+    };
+    tokio::time::timeout(limit, read_all)
+        .await
+        .expect("every message arrives");
+}
+
 /// Frames are written straight to the socket, many per `writev`; when the queue
 /// overflows while a write is stuck halfway through a frame, the rest of that frame
 /// goes out before `closing` and the close frame, so a peer that reads again sees a
@@ -900,7 +930,6 @@ fn masked_ping(payload: &[u8]) -> Vec<u8> {
 /// message once, in order, in whole frames.
 #[tokio::test(flavor = "multi_thread")]
 async fn direct_writes_stay_whole_and_in_order_when_the_peer_stalls() {
-    use tokio::io::AsyncReadExt;
     const N: u64 = 60;
     let s = start(|c| {
         c.delivery.max_queue_bytes = std::num::NonZeroU64::new(64 << 20).unwrap();
@@ -924,22 +953,7 @@ async fn direct_writes_stay_whole_and_in_order_when_the_peer_stalls() {
         // A quiet gap: each publish is offered to the socket directly.
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
-    let is_message = |p: &[u8]| p.starts_with(br#"{"type":"message""#);
-    let read_all = async {
-        let mut chunk = vec![0u8; 64 << 10];
-        loop {
-            let (frames, cut) = server_frames(&buf);
-            if !cut && frames.iter().filter(|(_, p)| is_message(p)).count() >= N as usize {
-                return;
-            }
-            let n = sock.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed early");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), read_all)
-        .await
-        .expect("every message arrives");
+    read_messages(&mut sock, &mut buf, N as usize, Duration::from_secs(30)).await;
     let (frames, cut) = server_frames(&buf);
     assert!(!cut);
     let (mut seen, mut pongs) = (Vec::new(), 0);
@@ -975,7 +989,6 @@ async fn direct_writes_stay_whole_and_in_order_when_the_peer_stalls() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_quiet_publish_to_thousands_reaches_each_once_in_order() {
     use futures_util::stream::{self, StreamExt as _};
-    use tokio::io::AsyncReadExt;
     const SUBSCRIBERS: usize = 2_300;
     const MESSAGES: u64 = 3;
     // Two sockets per subscriber in this one process.
@@ -1007,25 +1020,15 @@ async fn a_quiet_publish_to_thousands_reaches_each_once_in_order() {
         let body = publish(&s, "many", json!({"n": n})).await;
         assert_eq!(body["subscribers"], SUBSCRIBERS, "{body}");
     }
-    let is_message = |p: &[u8]| p.starts_with(br#"{"type":"message""#);
     stream::iter(peers)
         .for_each_concurrent(256, |(mut sock, mut buf)| async move {
-            let read_all = async {
-                let mut chunk = vec![0u8; 4096];
-                loop {
-                    let (frames, cut) = server_frames(&buf);
-                    let got = frames.iter().filter(|(_, p)| is_message(p)).count();
-                    if !cut && got >= MESSAGES as usize {
-                        return;
-                    }
-                    let n = sock.read(&mut chunk).await.unwrap();
-                    assert!(n > 0, "closed early");
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(20), read_all)
-                .await
-                .expect("every message arrives");
+            read_messages(
+                &mut sock,
+                &mut buf,
+                MESSAGES as usize,
+                Duration::from_secs(20),
+            )
+            .await;
             let seen: Vec<u64> = server_frames(&buf)
                 .0
                 .into_iter()
