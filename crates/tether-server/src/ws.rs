@@ -774,8 +774,9 @@ async fn flush_outbox(
     torn: &mut Option<Bytes>,
 ) -> Option<End> {
     let conn = guard.conn();
-    // Let the rest of a burst catch up before taking (one turn of the runtime's
+    // Let the rest of a burst catch up before taking (two turns of the runtime's
     // queue: immediate when nothing else is ready).
+    tokio::task::yield_now().await;
     tokio::task::yield_now().await;
     loop {
         batch.clear();
