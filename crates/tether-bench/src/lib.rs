@@ -895,22 +895,30 @@ async fn churn(a: ChurnArgs) -> Result<(), String> {
         let (url, channel, target) = (url.clone(), a.channel.clone(), a.target);
         workers.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0usize, 0usize);
+            let mut cycle = Hist::default();
             let mut i = w;
             while Instant::now() < until {
+                let t = Instant::now();
                 match churn_cycle(&url, i, &channel, target).await {
-                    Ok(()) => ok += 1,
+                    Ok(()) => {
+                        ok += 1;
+                        cycle.record(t.elapsed().as_micros() as u64);
+                    }
                     Err(_) => failed += 1,
                 }
                 i += 1_000_000;
             }
-            (ok, failed)
+            (ok, failed, cycle.sparse())
         }));
     }
     let (mut ok, mut failed) = (0, 0);
+    // How long one whole cycle took (connect to closed), over every worker.
+    let mut cycle = Hist::default();
     for w in workers {
-        let (o, f) = w.await.map_err(|e| e.to_string())?;
+        let (o, f, h) = w.await.map_err(|e| e.to_string())?;
         ok += o;
         failed += f;
+        cycle.merge_sparse(&h);
     }
     let secs = started.elapsed().as_secs_f64();
     // Tether's registry must return to zero: poll the API for up to 10 s.
@@ -947,6 +955,9 @@ async fn churn(a: ChurnArgs) -> Result<(), String> {
             "cycles": ok,
             "failed": failed,
             "cycles_per_sec": ok as f64 / secs,
+            "cycle_ms_p50": cycle.percentile_ms(0.5),
+            "cycle_ms_p99": cycle.percentile_ms(0.99),
+            "cycle_ms_max": cycle.max_ms(),
             "registry_back_to_zero": zero,
             "stats_after": stats,
         })
