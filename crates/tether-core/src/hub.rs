@@ -6,9 +6,12 @@
 //! subscribers or unexpired history; the cleanup pass (see [`Hub::sweep`]) removes
 //! the rest, and a channel created again starts a new epoch (its history was lost).
 //!
-//! The recovery seam: publish appends to history, assigns the offset and pushes to
-//! every *live* subscriber in one critical section; subscribe takes the same section
-//! to read the position and register the subscriber. A subscriber that resumes
+//! The recovery seam: publish appends to history, assigns the offset and hands it to
+//! every *live* subscriber in one critical section (a quiet channel's direct writes
+//! run just after it: the subscribers that get the message are fixed inside it, and
+//! the channel's publishing lock keeps the next publish from overtaking them);
+//! subscribe takes the same section to read the position and register the
+//! subscriber. A subscriber that resumes
 //! behind the head is registered *catching up*: live publishes skip it, and its
 //! connection task pulls history pages ([`Hub::catch_up`]) as its outbox drains; the
 //! page that reaches the head flips it live inside the same critical section. So
@@ -157,12 +160,15 @@ struct ChannelState {
     idem_order: VecDeque<String>,
     /// Set when the cleanup removed the channel from the table.
     removed: bool,
-    /// When the last publish's fan-out ended (direct writes only after a quiet gap).
-    fanned_out: Option<Instant>,
 }
 
 struct Channel {
     name: Arc<str>,
+    /// Held by a publish from start to end, so publishes to the channel (and an
+    /// unsubscribe, see [`Hub::unsubscribe`]) follow one another; it holds when the
+    /// last publish's fan-out ended (direct writes only after a quiet gap). Taken
+    /// before `state`, never while holding it.
+    publishing: Mutex<Option<Instant>>,
     state: Mutex<ChannelState>,
 }
 
@@ -204,7 +210,7 @@ const PAGE: usize = 64;
 const QUIET: Duration = Duration::from_millis(100);
 
 /// How long one publish may spend writing directly before queuing the rest (it holds
-/// the channel's lock, and the publisher waits).
+/// the channel's publishing lock, and the publisher waits).
 const DIRECT_BUDGET: Duration = Duration::from_secs(1);
 
 /// A quiet channel's direct writes are split between the publishing thread and helper
@@ -216,103 +222,99 @@ const PART_MIN: usize = 1024;
 /// At most this many threads write one publish's direct writes.
 const MAX_PARTS: usize = 8;
 
-/// Hands `p` (at `offset`) to every live, in-sync subscriber in `subs`; with
-/// `direct_until`, writes it to idle sockets directly (see [`Outbox::offer`]) until
-/// then and queues the rest. Returns how many took it. A large direct fan-out is split
-/// over the cores (see [`PART_MIN`]); a part whose helper thread cannot start is
-/// written here.
-///
-/// [`Outbox::offer`]: crate::Outbox::offer
-fn fan_out(
-    subs: &mut HashMap<u64, Sub>,
-    offset: u64,
-    p: &Arc<Published>,
-    direct_until: Option<Instant>,
-) -> u64 {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let parts = cores.min(MAX_PARTS).min(subs.len() / PART_MIN);
-    if direct_until.is_none() || parts < 2 {
-        return fan_out_part(subs.values_mut(), offset, p, direct_until);
-    }
-    let mut subs: Vec<&mut Sub> = subs.values_mut().collect();
-    let size = subs.len().div_ceil(parts);
-    let mut chunks = subs.chunks_mut(size);
-    let mine = chunks.next().unwrap_or_default();
-    // The helpers' parts, behind locks only so that a part can be taken back here if
-    // its helper cannot start (the closure holding the borrow is then dropped unrun).
-    let others: Vec<Mutex<&mut [&mut Sub]>> = chunks.map(Mutex::new).collect();
-    std::thread::scope(|scope| {
-        let helpers: Vec<_> = others
-            .iter()
-            .map(|part| {
-                let h = std::thread::Builder::new()
-                    .name("tether-fanout".into())
-                    .spawn_scoped(scope, || {
-                        fan_out_part(
-                            part.lock().iter_mut().map(|s| &mut **s),
-                            offset,
-                            p,
-                            direct_until,
-                        )
-                    });
-                (part, h)
-            })
-            .collect();
-        let mut delivered =
-            fan_out_part(mine.iter_mut().map(|s| &mut **s), offset, p, direct_until);
-        for (part, h) in helpers {
-            delivered += match h {
-                // A panic there is a bug; its part counts as not delivered.
-                Ok(h) => h.join().unwrap_or(0),
-                Err(e) => {
-                    tracing::debug!(error = %e, "no fan-out helper thread; writing its part here");
-                    fan_out_part(
-                        part.lock().iter_mut().map(|s| &mut **s),
-                        offset,
-                        p,
-                        direct_until,
-                    )
-                }
-            };
-        }
-        delivered
-    })
-}
-
-fn fan_out_part<'a>(
-    subs: impl Iterator<Item = &'a mut Sub>,
-    offset: u64,
-    p: &Arc<Published>,
-    mut direct_until: Option<Instant>,
-) -> u64 {
+/// Queues `p` (at `offset`) for every live, in-sync subscriber in `subs`, under the
+/// channel's lock; returns how many took it. A subscriber whose outbox overflows is
+/// fed no more (its task closes it with 4008).
+fn queue_all(subs: &mut HashMap<u64, Sub>, offset: u64, p: &Arc<Published>) -> u64 {
     let mut delivered = 0u64;
-    for (i, sub) in subs.enumerate() {
+    for sub in subs.values_mut() {
         if sub.live && sub.next == offset {
             sub.next += 1;
-            let item = Outgoing::Message(p.clone());
-            let offered = if direct_until.is_some() {
-                sub.conn.outbox().offer(item)
-            } else if sub.conn.outbox().push(item) {
-                Offered::Queued
+            if sub.conn.outbox().push(Outgoing::Message(p.clone())) {
+                delivered += 1;
             } else {
-                Offered::Refused
-            };
-            match offered {
-                Offered::Written(n) => {
-                    sub.conn.add_bytes_out(n);
-                    delivered += 1;
-                }
-                Offered::Queued => delivered += 1,
-                // Overflowed: its task closes it with 4008; stop feeding it.
-                Offered::Refused => sub.live = false,
+                sub.live = false;
             }
-        }
-        if i % 64 == 63 && direct_until.is_some_and(|t| Instant::now() >= t) {
-            direct_until = None;
         }
     }
     delivered
+}
+
+/// What a direct fan-out did: deliveries, and the subscribers (by `seq`) whose outbox
+/// overflowed, to be fed no more.
+#[derive(Default)]
+struct Offers {
+    delivered: u64,
+    refused: Vec<u64>,
+}
+
+/// Offers `p` to each of `targets` (see [`Outbox::offer`]): written to idle sockets
+/// directly until `direct_until`, queued after it. Runs without the channel's
+/// state lock, so that subscribes and closes on the channel do not wait for it. A
+/// large fan-out is split over the cores (see [`PART_MIN`]); a part whose helper
+/// thread cannot start is written here.
+///
+/// [`Outbox::offer`]: crate::Outbox::offer
+fn offer_all(targets: &[Arc<Connection>], p: &Arc<Published>, direct_until: Instant) -> Offers {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let parts = cores.min(MAX_PARTS).min(targets.len() / PART_MIN);
+    if parts < 2 {
+        return offer_part(targets, p, direct_until);
+    }
+    let mut chunks = targets.chunks(targets.len().div_ceil(parts));
+    let mine = chunks.next().unwrap_or_default();
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = chunks
+            .map(|part| {
+                let h = std::thread::Builder::new()
+                    .name("tether-fanout".into())
+                    .spawn_scoped(scope, || offer_part(part, p, direct_until));
+                (part, h)
+            })
+            .collect();
+        let mut all = offer_part(mine, p, direct_until);
+        for (part, h) in helpers {
+            let done = match h {
+                // A panic there is a bug; its part counts as not delivered.
+                Ok(h) => h.join().unwrap_or_default(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no fan-out helper thread; writing its part here");
+                    offer_part(part, p, direct_until)
+                }
+            };
+            all.delivered += done.delivered;
+            all.refused.extend(done.refused);
+        }
+        all
+    })
+}
+
+fn offer_part(targets: &[Arc<Connection>], p: &Arc<Published>, direct_until: Instant) -> Offers {
+    let mut out = Offers::default();
+    let mut direct = true;
+    for (i, conn) in targets.iter().enumerate() {
+        let item = Outgoing::Message(p.clone());
+        let offered = if direct {
+            conn.outbox().offer(item)
+        } else if conn.outbox().push(item) {
+            Offered::Queued
+        } else {
+            Offered::Refused
+        };
+        match offered {
+            Offered::Written(n) => {
+                conn.add_bytes_out(n);
+                out.delivered += 1;
+            }
+            Offered::Queued => out.delivered += 1,
+            Offered::Refused => out.refused.push(conn.seq()),
+        }
+        if i % 64 == 63 && direct && Instant::now() >= direct_until {
+            direct = false;
+        }
+    }
+    out
 }
 
 impl Hub {
@@ -347,6 +349,7 @@ impl Hub {
         let name: Arc<str> = name.into();
         let ch = Arc::new(Channel {
             name: name.clone(),
+            publishing: Mutex::new(None),
             state: Mutex::new(ChannelState {
                 epoch: new_epoch(),
                 last: 0,
@@ -356,7 +359,6 @@ impl Hub {
                 idem: HashMap::new(),
                 idem_order: VecDeque::new(),
                 removed: false,
-                fanned_out: None,
             }),
         });
         map.insert(name, ch.clone());
@@ -392,15 +394,23 @@ impl Hub {
         idempotency_key: Option<&str>,
     ) -> Result<PublishResult, HubError> {
         let settings = &self.inner.settings;
-        let r = self.with_channel(channel, true, |ch, st| {
+        loop {
+            let ch = self.channel(channel, true)?.ok_or(HubError::ChannelLimit)?;
+            // Publishes to one channel follow one another: a direct fan-out runs after
+            // the state lock is let go, and the next publish must not overtake it.
+            let mut fanned_out = ch.publishing.lock();
+            let mut st = ch.state.lock();
+            if st.removed {
+                continue;
+            }
             let now = Instant::now();
-            expire(st, settings, now);
+            expire(&mut st, settings, now);
             if let Some(key) = idempotency_key {
                 if let Some((res, _)) = st.idem.get(key) {
-                    return PublishResult {
+                    return Ok(PublishResult {
                         duplicate: true,
                         ..res.clone()
-                    };
+                    });
                 }
             }
             st.last += 1;
@@ -419,11 +429,6 @@ impl Hub {
             while st.history.len() > settings.history_size {
                 st.history.pop_front();
             }
-            let quiet = st.fanned_out.is_none_or(|t| now.duration_since(t) >= QUIET);
-            let direct_until = quiet.then(|| now + DIRECT_BUDGET);
-            let delivered = fan_out(&mut st.subs, offset, &p, direct_until);
-            st.fanned_out = Some(Instant::now());
-            self.inner.metrics.delivered(delivered);
             let res = PublishResult {
                 id: p.id.clone(),
                 position: p.position.clone(),
@@ -439,13 +444,41 @@ impl Hub {
                     }
                 }
             }
-            res
-        })?;
-        let res = r.ok_or(HubError::ChannelLimit)?;
-        if !res.duplicate {
+            let quiet = fanned_out.is_none_or(|t| now.duration_since(t) >= QUIET);
+            let delivered = if quiet {
+                // Straight to the sockets, which takes long enough (~10 µs per
+                // subscriber) that it must not hold the state lock: the subscribers
+                // that get it are fixed here, and the lock is let go.
+                let mut targets = Vec::new();
+                for sub in st.subs.values_mut() {
+                    if sub.live && sub.next == offset {
+                        sub.next += 1;
+                        targets.push(sub.conn.clone());
+                    }
+                }
+                drop(st);
+                let offers = offer_all(&targets, &p, now + DIRECT_BUDGET);
+                drop(targets);
+                if !offers.refused.is_empty() {
+                    let mut st = ch.state.lock();
+                    for seq in offers.refused {
+                        if let Some(sub) = st.subs.get_mut(&seq) {
+                            sub.live = false;
+                        }
+                    }
+                }
+                offers.delivered
+            } else {
+                let delivered = queue_all(&mut st.subs, offset, &p);
+                drop(st);
+                delivered
+            };
+            *fanned_out = Some(Instant::now());
+            drop(fanned_out);
+            self.inner.metrics.delivered(delivered);
             self.inner.metrics.published();
+            return Ok(res);
         }
-        Ok(res)
     }
 
     /// Subscribes `conn` to `channel`, resuming after `since` when it is inside the
@@ -531,12 +564,20 @@ impl Hub {
         r.ok_or(HubError::ChannelLimit)
     }
 
-    /// Ends `conn`'s subscription to `channel`.
+    /// Ends `conn`'s subscription to `channel`. Waits for a publish in progress on
+    /// the channel: a message it is still writing directly must not reach `conn`
+    /// after the `unsubscribed` reply. (A closing connection does not wait: nothing
+    /// is read after its close.)
     pub fn unsubscribe(&self, conn: &Arc<Connection>, channel: &str) -> Result<(), HubError> {
-        let removed = self
-            .with_channel(channel, false, |ch, st| self.remove_sub(conn, ch, st))
-            .ok()
-            .flatten();
+        let removed = match self.channel(channel, false) {
+            Ok(Some(ch)) => {
+                let _publishing = ch.publishing.lock();
+                self.with_channel(channel, false, |ch, st| self.remove_sub(conn, ch, st))
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
         if removed != Some(true) {
             return Err(HubError::NotSubscribed);
         }

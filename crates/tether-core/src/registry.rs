@@ -1079,7 +1079,7 @@ mod tests {
         assert_eq!((r.entries(), r.admitted()), (0, 0));
     }
 
-    /// A quiet publish to more subscribers than `PARALLEL_MIN` splits its fan-out
+    /// A quiet publish to twice `PART_MIN` subscribers or more splits its fan-out
     /// over two threads: every subscriber still gets each message once, in order, and
     /// the count of deliveries is whole.
     #[tokio::test(start_paused = true)]

@@ -983,9 +983,11 @@ async fn direct_writes_stay_whole_and_in_order_when_the_peer_stalls() {
 }
 
 /// A publish to a quiet channel with more subscribers than one thread writes to
-/// (2 × 1,024 on two cores) is written by the publisher and helper threads together:
-/// every subscriber still gets every message once, in order, in whole frames, and
-/// the publish reports them all.
+/// (2 × 1,024 on two cores) is written by the publisher and helper threads together,
+/// after the channel's state lock is let go: every subscriber still gets every
+/// message once, in order, in whole frames, and the publish reports them all. A
+/// connection that unsubscribes while such a publish is writing gets nothing from
+/// the channel after its `unsubscribed` reply.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_quiet_publish_to_thousands_reaches_each_once_in_order() {
     use futures_util::stream::{self, StreamExt as _};
@@ -1045,6 +1047,53 @@ async fn a_quiet_publish_to_thousands_reaches_each_once_in_order() {
             );
         })
         .await;
+
+    // Unsubscribing while a direct fan-out is being written: the message comes before
+    // the reply or not at all. (The raw peers above are gone; these 2,300 are not read.)
+    let quiet: Vec<tokio::net::TcpStream> = stream::iter(0..SUBSCRIBERS)
+        .map(|i| async move {
+            let mut sock = raw_ws(addr, &format!("/ws?client=quiet{i}")).await;
+            sock.write_all(&masked_text(
+                br#"{"type":"subscribe","ref":1,"channel":"many"}"#,
+            ))
+            .await
+            .unwrap();
+            raw_read_until(&mut sock, b"\"subscribed\"", Duration::from_secs(10)).await;
+            sock
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let (mut ws, _) = s.ws("?client=leaver").await;
+    for round in 0..8 {
+        assert_eq!(subscribe(&mut ws, "many", None).await["type"], "subscribed");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let publishing = publish(&s, "many", json!({"round": round}));
+        let leaving = async {
+            // Into the fan-out's writes (~20-60 ms for 2,300 here).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let frame = json!({"type": "unsubscribe", "ref": 2, "channel": "many"});
+            ws.send(Message::text(frame.to_string())).await.unwrap();
+            let mut before = 0;
+            loop {
+                let v = next_json(&mut ws).await;
+                match v["type"].as_str() {
+                    Some("message") => before += 1,
+                    Some("unsubscribed") => break before,
+                    _ => panic!("unexpected {v}"),
+                }
+            }
+        };
+        let (_, before) = tokio::join!(publishing, leaving);
+        assert!(before <= 1, "round {round}: {before} messages");
+        let after = tokio::time::timeout(Duration::from_millis(300), next_json(&mut ws)).await;
+        assert!(
+            after.is_err(),
+            "round {round}: after unsubscribed: {after:?}"
+        );
+    }
+    drop(quiet);
+    client_close(ws).await;
     s.assert_clean().await;
     s.stop().await;
 }
