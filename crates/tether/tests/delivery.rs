@@ -982,6 +982,35 @@ async fn direct_writes_stay_whole_and_in_order_when_the_peer_stalls() {
     s.stop().await;
 }
 
+/// `n` raw WebSocket peers (clients `{prefix}{i}`), each subscribed to `many`, with
+/// what each has read so far (up to its `subscribed` reply).
+async fn raw_subscribers(
+    addr: std::net::SocketAddr,
+    prefix: &str,
+    n: usize,
+) -> Vec<(tokio::net::TcpStream, Vec<u8>)> {
+    use futures_util::stream::{self, StreamExt as _};
+    stream::iter(0..n)
+        .map(|i| async move {
+            let mut sock = raw_ws(addr, &format!("/ws?client={prefix}{i}")).await;
+            sock.write_all(&masked_text(
+                br#"{"type":"subscribe","ref":1,"channel":"many"}"#,
+            ))
+            .await
+            .unwrap();
+            let buf = raw_read_until(&mut sock, b"\"subscribed\"", Duration::from_secs(10)).await;
+            assert!(
+                buf.windows(12).any(|w| w == b"\"subscribed\""),
+                "subscriber {prefix}{i}: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            (sock, buf)
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await
+}
+
 /// A publish to a quiet channel with more subscribers than one thread writes to
 /// (2 × 1,024 on two cores) is written by the publisher and helper threads together,
 /// after the channel's state lock is let go: every subscriber still gets every
@@ -997,25 +1026,7 @@ async fn a_quiet_publish_to_thousands_reaches_each_once_in_order() {
     let _ = rlimit::increase_nofile_limit(4 * SUBSCRIBERS as u64 + 1024);
     let s = start(|_| {}).await;
     let addr = s.client;
-    let peers: Vec<(tokio::net::TcpStream, Vec<u8>)> = stream::iter(0..SUBSCRIBERS)
-        .map(|i| async move {
-            let mut sock = raw_ws(addr, &format!("/ws?client=many{i}")).await;
-            sock.write_all(&masked_text(
-                br#"{"type":"subscribe","ref":1,"channel":"many"}"#,
-            ))
-            .await
-            .unwrap();
-            let buf = raw_read_until(&mut sock, b"\"subscribed\"", Duration::from_secs(10)).await;
-            assert!(
-                buf.windows(12).any(|w| w == b"\"subscribed\""),
-                "subscriber {i}: {}",
-                String::from_utf8_lossy(&buf)
-            );
-            (sock, buf)
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
+    let peers = raw_subscribers(addr, "many", SUBSCRIBERS).await;
     for n in 0..MESSAGES {
         // More than the hub's quiet gap (100 ms): each publish writes directly.
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -1050,20 +1061,7 @@ async fn a_quiet_publish_to_thousands_reaches_each_once_in_order() {
 
     // Unsubscribing while a direct fan-out is being written: the message comes before
     // the reply or not at all. (The raw peers above are gone; these 2,300 are not read.)
-    let quiet: Vec<tokio::net::TcpStream> = stream::iter(0..SUBSCRIBERS)
-        .map(|i| async move {
-            let mut sock = raw_ws(addr, &format!("/ws?client=quiet{i}")).await;
-            sock.write_all(&masked_text(
-                br#"{"type":"subscribe","ref":1,"channel":"many"}"#,
-            ))
-            .await
-            .unwrap();
-            raw_read_until(&mut sock, b"\"subscribed\"", Duration::from_secs(10)).await;
-            sock
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
+    let quiet = raw_subscribers(addr, "quiet", SUBSCRIBERS).await;
     let (mut ws, _) = s.ws("?client=leaver").await;
     for round in 0..8 {
         assert_eq!(subscribe(&mut ws, "many", None).await["type"], "subscribed");
