@@ -572,13 +572,13 @@ impl Hub {
         let removed = match self.channel(channel, false) {
             Ok(Some(ch)) => {
                 let _publishing = ch.publishing.lock();
-                self.with_channel(channel, false, |ch, st| self.remove_sub(conn, ch, st))
-                    .ok()
-                    .flatten()
+                let mut st = ch.state.lock();
+                // A channel the cleanup removed had no subscriber left.
+                !st.removed && self.remove_sub(conn, &ch, &mut st)
             }
-            _ => None,
+            _ => false,
         };
-        if removed != Some(true) {
+        if !removed {
             return Err(HubError::NotSubscribed);
         }
         conn.channels.lock().retain(|c| &**c != channel);
