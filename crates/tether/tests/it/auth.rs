@@ -2,7 +2,7 @@
 //! channel permissions, expiry and refresh.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

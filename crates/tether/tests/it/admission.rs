@@ -1,7 +1,7 @@
 //! Every refusal in each of its forms, client addresses, slowloris, idle floods.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! `/admin`: key-for-cookie exchange, and the cookie opening the API to the dashboard.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use serde_json::json;
 use support::*;

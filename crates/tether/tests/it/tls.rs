@@ -4,7 +4,7 @@
 //! errors, and the handshake deadline covering the TLS handshake.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

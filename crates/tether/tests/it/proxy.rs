@@ -3,7 +3,7 @@
 // tungstenite's handshake callback returns its large error type by design.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 //! Frames, limits and protocol violations; SSE streams; the API's reads and doors.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

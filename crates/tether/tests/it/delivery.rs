@@ -1,7 +1,7 @@
 //! Channels, delivery, history and recovery over real sockets.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! the API serves, and every call it names served on a live server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The real binary: drain on SIGTERM, exit codes, the config commands.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! Needs root, `ip` (iproute2) and `nft` (nftables); `scripts/test.sh` installs them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,0 +1,17 @@
+//! Tether's end-to-end tests: one test binary (one link, one copy of `support`), a
+//! module per area. Each test talks to an in-process server or the real binary over
+//! real sockets and ends with the leak check in `support`.
+
+mod support;
+
+mod admin;
+mod admission;
+mod auth;
+mod binary;
+mod delivery;
+mod lifecycle;
+mod netns;
+mod openapi;
+mod protocol;
+mod proxy;
+mod tls;
