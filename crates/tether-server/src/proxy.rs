@@ -165,15 +165,14 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
         let admitted = match admission::admit(&app, creds, ip, Kind::Proxy, origin_ok, &[]) {
             Ok(a) => a,
             Err(e) => {
+                let refused = crate::ws::Refused {
+                    error: e,
+                    close: refusal_close,
+                    pending: info.take_pending(),
+                };
                 return crate::ws::refusal_response(
-                    &app,
-                    e,
-                    refusal_close,
-                    on_upgrade,
-                    hs_timeout,
-                    &key,
-                    None,
-                )
+                    &app, refused, on_upgrade, hs_timeout, &key, None,
+                );
             }
         };
         // Connect the upstream before answering the client.
@@ -193,15 +192,13 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
             Err(why) => {
                 tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
                 drop(admitted);
-                let e = admission::refused(&app, Refusal::UpstreamUnavailable, ip);
+                let refused = crate::ws::Refused {
+                    error: admission::refused(&app, Refusal::UpstreamUnavailable, ip),
+                    close: refusal_close,
+                    pending: info.take_pending(),
+                };
                 return crate::ws::refusal_response(
-                    &app,
-                    e,
-                    refusal_close,
-                    on_upgrade,
-                    hs_timeout,
-                    &key,
-                    None,
+                    &app, refused, on_upgrade, hs_timeout, &key, None,
                 );
             }
         };
