@@ -6,6 +6,7 @@
 //! (no `none`, no HS/RS confusion); `exp` and `sub` are required.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -83,6 +84,11 @@ impl Auth {
         match cfg.mode {
             AuthMode::None => Ok(Auth::None),
             AuthMode::Jwt => {
+                if cfg.leeway_ms > MAX_LEEWAY_MS {
+                    return Err(format!(
+                        "auth.leeway_ms must be at most {MAX_LEEWAY_MS} (a day)"
+                    ));
+                }
                 let mut key = None;
                 let mut count = 0;
                 if !cfg.hs256_secret.is_empty() {
@@ -223,11 +229,24 @@ impl Auth {
         })
     }
 
-    /// When an open connection holding `id` must close (4003): `exp` plus leeway.
+    /// When an open connection holding `id` must close (4003): `exp` plus leeway, at
+    /// most [`MAX_TOKEN_LIFETIME`] from now. Never panics, whatever `exp` says.
     pub fn expires_at(&self, id: &Identity) -> tokio::time::Instant {
-        let now = jsonwebtoken::get_current_timestamp();
-        let left = (id.exp + self.leeway_secs()).saturating_sub(now);
-        tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+        let left = time_left(
+            id.exp,
+            self.leeway_secs(),
+            jsonwebtoken::get_current_timestamp(),
+        );
+        let now = tokio::time::Instant::now();
+        // `left` is capped far below what an `Instant` holds; halving is a fallback
+        // for a platform whose clock cannot reach that far.
+        let mut left = left;
+        loop {
+            if let Some(at) = now.checked_add(left) {
+                return at;
+            }
+            left /= 2;
+        }
     }
 
     /// Seconds of leeway after `exp` before an open connection is closed.
@@ -237,6 +256,21 @@ impl Auth {
             Auth::None => 0,
         }
     }
+}
+
+/// The largest `auth.leeway_ms`: a day. More would make the clock arithmetic of
+/// `exp`/`nbf` checks meaningless.
+pub const MAX_LEEWAY_MS: u64 = 24 * 3600 * 1000;
+
+/// The furthest ahead a token's expiry is scheduled. A later `exp` (up to `u64::MAX`)
+/// means "does not expire while this process runs".
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// How long until a token with `exp` (plus `leeway` seconds) expires, at `now`
+/// (seconds since the epoch): saturating, and capped at [`MAX_TOKEN_LIFETIME`].
+fn time_left(exp: u64, leeway: u64, now: u64) -> Duration {
+    let left = exp.saturating_add(leeway).saturating_sub(now);
+    Duration::from_secs(left).min(MAX_TOKEN_LIFETIME)
 }
 
 /// Whether `channel` matches `pattern`: `*` matches within one `:`- or `/`-separated
@@ -374,6 +408,56 @@ mod tests {
     }
 
     #[test]
+    fn extreme_exp_values_never_panic() {
+        let year = 365 * 24 * 3600;
+        for exp in [u64::MAX, i64::MAX as u64, 1 << 63, (1 << 63) - 1, 0] {
+            for (leeway, now) in [(0, 0), (5, 1_700_000_000), (u64::MAX, u64::MAX)] {
+                let left = time_left(exp, leeway, now);
+                assert!(left <= MAX_TOKEN_LIFETIME, "{exp} {leeway} {now}");
+            }
+        }
+        assert_eq!(time_left(u64::MAX, 5, 1_700_000_000), MAX_TOKEN_LIFETIME);
+        assert_eq!(time_left(0, 5, 1_700_000_000), Duration::ZERO);
+        assert_eq!(time_left(100, 5, 90), Duration::from_secs(15));
+
+        let secret = "0123456789abcdef0123456789abcdef";
+        let a = jwt(secret);
+        let now = tokio::time::Instant::now();
+        for exp in [u64::MAX, i64::MAX as u64, 1 << 63] {
+            let t = sign(json_claims("u1", exp, "aud1"), Algorithm::HS256, secret);
+            let id = a.verify(&t).unwrap();
+            assert_eq!(id.exp, exp);
+            let at = a.expires_at(&id);
+            assert!(at > now + Duration::from_secs(9 * year), "{exp}");
+            assert!(
+                at <= tokio::time::Instant::now() + MAX_TOKEN_LIFETIME,
+                "{exp}"
+            );
+        }
+        let expired = sign(json_claims("u1", 0, "aud1"), Algorithm::HS256, secret);
+        assert!(a.verify(&expired).is_err());
+        let id = Identity {
+            client_id: "u1".into(),
+            exp: 0,
+            channels: vec![],
+            meta: Value::Null,
+        };
+        assert!(a.expires_at(&id) <= tokio::time::Instant::now());
+        for exp in [
+            serde_json::json!(-1),
+            serde_json::json!(i64::MIN),
+            serde_json::json!(1e300),
+        ] {
+            let t = sign(
+                serde_json::json!({"sub": "u1", "exp": exp, "aud": "aud1"}),
+                Algorithm::HS256,
+                secret,
+            );
+            assert!(a.verify(&t).is_err(), "{exp}");
+        }
+    }
+
+    #[test]
     fn issuer_is_checked_when_set() {
         let secret = "0123456789abcdef0123456789abcdef";
         let a = Auth::from_config(&AuthSection {
@@ -406,6 +490,13 @@ mod tests {
         .is_err());
         assert!(Auth::from_config(&AuthSection {
             mode: AuthMode::Jwt,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Auth::from_config(&AuthSection {
+            mode: AuthMode::Jwt,
+            hs256_secret: "0123456789abcdef0123456789abcdef".into(),
+            leeway_ms: u64::MAX,
             ..Default::default()
         })
         .is_err());

@@ -266,3 +266,28 @@ async fn token_meta_is_kept_on_the_connection_and_the_token_is_not_shown() {
     drop(ws);
     s.assert_clean().await;
 }
+
+/// `exp` values at the edge of `u64`: a far-future token is admitted and lives, and
+/// a `refresh` with one keeps the connection open (it once overflowed an `Instant`).
+#[tokio::test(flavor = "multi_thread")]
+async fn far_future_exp_is_admitted_and_refreshes_without_killing_the_connection() {
+    let s = jwt_server(|c| c.auth.leeway_ms = 5000).await;
+    let far = |exp: u64| token_with(json!({"sub": "gus", "exp": exp, "channels": ["**"]}));
+    for exp in [u64::MAX, i64::MAX as u64, 1u64 << 63] {
+        let (mut ws, welcome) = s.ws(&format!("?token={}", far(exp))).await;
+        assert_eq!(welcome["client_id"], "gus", "exp {exp}");
+        assert_alive(&mut ws).await;
+        client_close(ws).await;
+    }
+    let (mut ws, _) = s.ws(&format!("?token={}", token("gus", 60, &[]))).await;
+    for exp in [u64::MAX, i64::MAX as u64, 1u64 << 63] {
+        ws.send(Message::text(
+            json!({"type": "refresh", "ref": 1, "token": far(exp)}).to_string(),
+        ))
+        .await
+        .unwrap();
+        assert_alive(&mut ws).await;
+    }
+    client_close(ws).await;
+    s.assert_clean().await;
+}
