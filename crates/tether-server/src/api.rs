@@ -1,7 +1,7 @@
 //! The server API (SPEC section 8) on its own listener.
 //!
-//! Doors: with `[api] key`, every call needs `Authorization: Bearer KEY` (compared
-//! in constant time); with no key, only `Host` localhost/127.0.0.1/[::1] is served
+//! Doors: with `[api] key`, every call needs `Authorization: Bearer KEY` (the scheme
+//! in any case, the key compared in constant time); with no key, only `Host` localhost/127.0.0.1/[::1] is served
 //! and POSTs must be `application/json` (no DNS rebinding, no cross-site forms).
 //! `/api/events` streams end when the API shuts down.
 
@@ -137,7 +137,7 @@ async fn doors(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(crate::auth::bearer)
             .unwrap_or("");
         if bool::from(given.as_bytes().ct_eq(key)) {
             return next.run(req).await;

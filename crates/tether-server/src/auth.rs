@@ -3,7 +3,9 @@
 //!
 //! Keys are loaded once at startup ([`Auth::from_config`]); a bad key file is a
 //! startup error. Every token's `alg` must be the algorithm of the key that checks it
-//! (no `none`, no HS/RS confusion); `exp` and `sub` are required.
+//! (no `none`, no HS/RS confusion); `exp` and `sub` are required, and `nbf`, when
+//! present, is checked with the same leeway as `exp`. The `Authorization` scheme
+//! `Bearer` is matched case-insensitively ([`bearer`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -197,6 +199,8 @@ impl Auth {
         }
         let mut v = Validation::new(*alg);
         v.leeway = j.leeway_secs;
+        // RFC 7519 4.1.5: a token is not accepted before its `nbf` (when present).
+        v.validate_nbf = true;
         // A configured `aud`/`iss` must be present, not only right when present.
         let mut required = vec!["exp", "sub"];
         if j.audience.is_some() {
@@ -256,6 +260,15 @@ impl Auth {
             Auth::None => 0,
         }
     }
+}
+
+/// The credentials of an `Authorization: Bearer <credentials>` value, or `None` for
+/// another scheme. The scheme is case-insensitive (RFC 7235 2.1).
+pub fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, credentials) = authorization.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
 }
 
 /// The largest `auth.leeway_ms`: a day. More would make the clock arithmetic of
@@ -455,6 +468,34 @@ mod tests {
             );
             assert!(a.verify(&t).is_err(), "{exp}");
         }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR  abc "] {
+            assert_eq!(bearer(v), Some("abc"), "{v}");
+        }
+        for v in ["Basic abc", "Bearerabc", "abc", "", "Bearer"] {
+            assert_eq!(bearer(v), None, "{v}");
+        }
+    }
+
+    #[test]
+    fn nbf_is_checked_with_the_leeway() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let a = jwt(secret);
+        let now = jsonwebtoken::get_current_timestamp();
+        let with_nbf = |nbf: Value| {
+            let mut c = json_claims("u1", now + 3600, "aud1");
+            c["nbf"] = nbf;
+            sign(c, Algorithm::HS256, secret)
+        };
+        assert!(a.verify(&with_nbf((now + 86_400).into())).is_err());
+        assert!(a.verify(&with_nbf((now + 60).into())).is_err());
+        assert!(a.verify(&with_nbf("tomorrow".into())).is_err());
+        // The default leeway is 5 s.
+        assert!(a.verify(&with_nbf((now + 3).into())).is_ok());
+        assert!(a.verify(&with_nbf((now - 60).into())).is_ok());
     }
 
     #[test]
