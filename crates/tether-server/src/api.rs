@@ -12,14 +12,14 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tether_core::{Filter, Outgoing, Phase, Selector, Transport};
 use tether_protocol::{valid_channel, CloseCode, Closing, Position};
@@ -509,22 +509,48 @@ async fn history(
         Ok(page) => page.unwrap_or_default(),
         Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.message()),
     };
-    let messages: Vec<Value> = messages
-        .iter()
-        .map(|p| {
-            let data: Value = serde_json::from_str(&p.data).unwrap_or(Value::Null);
-            json!({"channel": &*p.channel, "id": p.id, "position": p.position, "data": data})
-        })
-        .collect();
-    let epoch = if epoch.is_empty() {
-        Value::Null
-    } else {
-        Value::String(epoch)
+    let page = HistoryPage {
+        epoch: (!epoch.is_empty()).then_some(epoch.as_str()),
+        messages: messages
+            .iter()
+            .map(|p| HistoryMessage {
+                channel: &p.channel,
+                id: &p.id,
+                position: &p.position,
+                // Validated when published; this borrows it (a scan, no depth limit).
+                data: serde_json::from_str(&p.data).ok(),
+            })
+            .collect(),
     };
-    json_response(
-        StatusCode::OK,
-        json!({"epoch": epoch, "messages": messages}),
-    )
+    match serde_json::to_vec(&page) {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &format!("history: {e}"),
+        ),
+    }
+}
+
+/// A history page. `data` is served as the raw JSON text that was published, not
+/// re-parsed: what publish accepted (at any nesting depth) is what history serves.
+#[derive(Serialize)]
+struct HistoryPage<'a> {
+    epoch: Option<&'a str>,
+    messages: Vec<HistoryMessage<'a>>,
+}
+
+#[derive(Serialize)]
+struct HistoryMessage<'a> {
+    channel: &'a str,
+    id: &'a str,
+    position: &'a str,
+    data: Option<&'a RawValue>,
 }
 
 /// `GET /api/events`: lifecycle events as SSE, `event: <type>`, `id: <event id>`.
