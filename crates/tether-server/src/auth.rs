@@ -286,24 +286,108 @@ fn time_left(exp: u64, leeway: u64, now: u64) -> Duration {
     Duration::from_secs(left).min(MAX_TOKEN_LIFETIME)
 }
 
+/// Longest pattern considered; a longer one matches nothing.
+const MAX_PATTERN: usize = 400;
+
 /// Whether `channel` matches `pattern`: `*` matches within one `:`- or `/`-separated
 /// segment, `**` across segments, anything else literally.
+///
+/// One pass over the channel per pattern token, O(pattern × channel) with no
+/// backtracking: `reach[i]` says whether the pattern read so far matches the
+/// channel's first `i` bytes.
 pub fn channel_matches(pattern: &str, channel: &str) -> bool {
-    fn go(p: &[u8], c: &[u8]) -> bool {
-        match p {
-            [] => c.is_empty(),
-            [b'*', b'*', rest @ ..] => (0..=c.len()).any(|i| go(rest, &c[i..])),
-            [b'*', rest @ ..] => {
-                let seg = c
-                    .iter()
-                    .position(|b| *b == b':' || *b == b'/')
-                    .unwrap_or(c.len());
-                (0..=seg).any(|i| go(rest, &c[i..]))
+    if pattern.len() > MAX_PATTERN {
+        return false;
+    }
+    let c = channel.as_bytes();
+    let mut reach = vec![false; c.len() + 1];
+    reach[0] = true;
+    let mut p = pattern.as_bytes();
+    while !p.is_empty() {
+        let token = match p {
+            [b'*', b'*', rest @ ..] => {
+                p = rest;
+                Token::AnyDepth
             }
-            [x, rest @ ..] => c.first() == Some(x) && go(rest, &c[1..]),
+            [b'*', rest @ ..] => {
+                p = rest;
+                Token::AnySegment
+            }
+            [x, rest @ ..] => {
+                p = rest;
+                Token::Byte(*x)
+            }
+            [] => break,
+        };
+        if !token.advance(c, &mut reach) {
+            return false;
         }
     }
-    pattern.len() <= 400 && go(pattern.as_bytes(), channel.as_bytes())
+    reach[c.len()]
+}
+
+/// One step of a channel pattern.
+#[derive(Clone, Copy)]
+enum Token {
+    /// `**`: any bytes.
+    AnyDepth,
+    /// `*`: any bytes but the segment separators `:` and `/`.
+    AnySegment,
+    /// A literal byte.
+    Byte(u8),
+}
+
+impl Token {
+    /// Moves `reach` past this token in one pass over `c`; false when nothing is
+    /// reachable any more.
+    fn advance(self, c: &[u8], reach: &mut [bool]) -> bool {
+        #[cfg(test)]
+        steps::add(reach.len() as u64);
+        let mut any = false;
+        match self {
+            Token::AnyDepth => {
+                let mut seen = false;
+                for r in reach.iter_mut() {
+                    seen |= *r;
+                    *r = seen;
+                    any |= seen;
+                }
+            }
+            Token::AnySegment => {
+                let mut carry = false;
+                for (i, r) in reach.iter_mut().enumerate() {
+                    if i > 0 && matches!(c[i - 1], b':' | b'/') {
+                        carry = false;
+                    }
+                    carry |= *r;
+                    *r = carry;
+                    any |= carry;
+                }
+            }
+            Token::Byte(x) => {
+                // Right to left, so each cell reads its left neighbour's old value.
+                for i in (1..reach.len()).rev() {
+                    reach[i] = reach[i - 1] && c[i - 1] == x;
+                    any |= reach[i];
+                }
+                reach[0] = false;
+            }
+        }
+        any
+    }
+}
+
+/// Matcher work counted per thread, so a test can bound it without a clock.
+#[cfg(test)]
+mod steps {
+    use std::cell::Cell;
+    thread_local!(static STEPS: Cell<u64> = const { Cell::new(0) });
+    pub fn add(n: u64) {
+        STEPS.with(|s| s.set(s.get().saturating_add(n)));
+    }
+    pub fn take() -> u64 {
+        STEPS.with(|s| s.replace(0))
+    }
 }
 
 /// Mints an HS256 development token (`tether token`).
@@ -341,6 +425,93 @@ mod tests {
         assert!(channel_matches("**", "anything/at:all"));
         assert!(!channel_matches("*", "a:b"));
         assert!(channel_matches("a*c", "abbbc"));
+    }
+
+    /// `*a*a*a*a*b` against 150 and 200 `a`s (no `b`): a backtracking matcher takes
+    /// billions of steps; this one at most one pass over the name per pattern token.
+    #[test]
+    fn adversarial_patterns_match_in_bounded_steps() {
+        for (pattern, channel, want) in [
+            ("*a*a*a*a*b".to_owned(), "a".repeat(150), false),
+            ("*a*a*a*a*b".to_owned(), "a".repeat(200), false),
+            (
+                "*a*a*a*a*b".to_owned(),
+                format!("{}b", "a".repeat(149)),
+                true,
+            ),
+            ("**a**a**a**a**b".to_owned(), "a:".repeat(100), false),
+            (
+                "**a**a**a**a**b".to_owned(),
+                format!("{}b", "a/".repeat(99)),
+                true,
+            ),
+            (
+                "*a*a*a*a*b".to_owned(),
+                format!("{}:b", "a".repeat(148)),
+                false,
+            ),
+            ("*a".repeat(100) + "*b", "a".repeat(200), false),
+        ] {
+            steps::take();
+            assert_eq!(
+                channel_matches(&pattern, &channel),
+                want,
+                "{pattern} {channel}"
+            );
+            let taken = steps::take();
+            let bound = (pattern.len() as u64 + 1) * (channel.len() as u64 + 1);
+            assert!(taken <= bound, "{pattern}: {taken} steps > {bound}");
+        }
+    }
+
+    /// The former recursive matcher: the specification the linear one must equal.
+    fn reference(pattern: &str, channel: &str) -> bool {
+        fn go(p: &[u8], c: &[u8]) -> bool {
+            match p {
+                [] => c.is_empty(),
+                [b'*', b'*', rest @ ..] => (0..=c.len()).any(|i| go(rest, &c[i..])),
+                [b'*', rest @ ..] => {
+                    let seg = c
+                        .iter()
+                        .position(|b| *b == b':' || *b == b'/')
+                        .unwrap_or(c.len());
+                    (0..=seg).any(|i| go(rest, &c[i..]))
+                }
+                [x, rest @ ..] => c.first() == Some(x) && go(rest, &c[1..]),
+            }
+        }
+        pattern.len() <= MAX_PATTERN && go(pattern.as_bytes(), channel.as_bytes())
+    }
+
+    /// Every string over `alphabet` of length `0..=max`.
+    fn all_strings(alphabet: &[char], max: usize) -> Vec<String> {
+        let mut out = vec![String::new()];
+        let mut last = vec![String::new()];
+        for _ in 0..max {
+            last = last
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            out.extend(last.iter().cloned());
+        }
+        out
+    }
+
+    #[test]
+    fn the_linear_matcher_agrees_with_the_recursive_one() {
+        let patterns = all_strings(&['a', 'b', '*', ':', '/'], 5);
+        let channels = all_strings(&['a', 'b', ':', '/'], 5);
+        for p in &patterns {
+            for c in &channels {
+                assert_eq!(channel_matches(p, c), reference(p, c), "{p:?} {c:?}");
+            }
+        }
+        let long = "x".repeat(MAX_PATTERN + 1);
+        assert!(!channel_matches(&long, &long));
+        assert!(channel_matches(
+            &"x".repeat(MAX_PATTERN),
+            &"x".repeat(MAX_PATTERN)
+        ));
     }
 
     fn jwt(secret: &str) -> Auth {
