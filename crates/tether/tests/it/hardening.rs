@@ -96,3 +96,118 @@ async fn history_serves_deeply_nested_data_byte_identical() {
     client_close(ws).await;
     s.assert_clean().await;
 }
+
+/// SPEC section 8: "Bad JSON or a bad field → 400 naming the field", for every POST
+/// body and every GET query parameter.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_bad_field_is_a_400_naming_it() {
+    let s = start(|_| {}).await;
+    let posts = [
+        ("/api/disconnect", json!({"client_id": 42}), "client_id"),
+        ("/api/disconnect", json!({"conn_id": true}), "conn_id"),
+        ("/api/disconnect", json!({"all": "yes"}), "all"),
+        (
+            "/api/disconnect",
+            json!({"all": true, "code": "4000"}),
+            "code",
+        ),
+        (
+            "/api/disconnect",
+            json!({"all": true, "code": 70000}),
+            "code",
+        ),
+        (
+            "/api/disconnect",
+            json!({"all": true, "reason": 1}),
+            "reason",
+        ),
+        (
+            "/api/disconnect",
+            json!({"all": true, "reconnect": 1}),
+            "reconnect",
+        ),
+        (
+            "/api/disconnect",
+            json!({"where": {"idle_ms_gt": "1"}}),
+            "where.idle_ms_gt",
+        ),
+        (
+            "/api/disconnect",
+            json!({"where": {"transport": "pigeon"}}),
+            "where.transport",
+        ),
+        ("/api/disconnect", json!({"where": []}), "where"),
+        ("/api/disconnect", json!({"client": "x"}), "client"),
+        ("/api/publish", json!({"channel": 5, "data": 1}), "channel"),
+        ("/api/publish", json!({"channel": "a"}), "data"),
+        (
+            "/api/publish",
+            json!({"channel": "a", "data": 1, "idempotency_key": 7}),
+            "idempotency_key",
+        ),
+        (
+            "/api/publish",
+            json!({"channel": "a", "data": 1, "extra": 1}),
+            "extra",
+        ),
+        (
+            "/api/send",
+            json!({"client_id": [], "data": 1}),
+            "client_id",
+        ),
+        ("/api/send", json!({"client_id": "a"}), "data"),
+        (
+            "/api/send",
+            json!({"client_id": "a", "data": 1, "to": 1}),
+            "to",
+        ),
+    ];
+    for (path, body, field) in posts {
+        let (status, v) = s.post(path, body.clone()).await;
+        assert_eq!(status, 400, "{path} {body}: {v}");
+        assert_eq!(v["error"], "bad_request", "{path} {body}: {v}");
+        let message = v["message"].as_str().unwrap();
+        assert!(
+            message.contains(field),
+            "{path} {body}: {message:?} does not name {field}"
+        );
+    }
+    for path in ["/api/disconnect", "/api/publish", "/api/send"] {
+        for bad in ["{", "[1,", "not json", "", "{\"channel\": \"a\",}"] {
+            let r = s
+                .http
+                .post(s.api_url(path))
+                .header("content-type", "application/json")
+                .body(bad)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 400, "{path} {bad:?}");
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["error"], "bad_request", "{path} {bad:?}: {v}");
+        }
+    }
+    let gets = [
+        ("/api/connections?limit=ten", "limit"),
+        ("/api/connections?limit=0", "limit"),
+        ("/api/connections?idle_ms_gt=-1", "idle_ms_gt"),
+        ("/api/connections?transport=pigeon", "transport"),
+        ("/api/connections?page=zz", "page"),
+        ("/api/connections?sort=asc", "sort"),
+        ("/api/channels/a/history?limit=-1", "limit"),
+        ("/api/channels/a/history?limit=5000", "limit"),
+        ("/api/channels/a/history?since=yesterday", "since"),
+        ("/api/channels/a/history?from=1", "from"),
+    ];
+    for (path, field) in gets {
+        let (status, v) = s.get(path).await;
+        assert_eq!(status, 400, "{path}: {v}");
+        assert_eq!(v["error"], "bad_request", "{path}: {v}");
+        let message = v["message"].as_str().unwrap();
+        assert!(
+            message.contains(field),
+            "{path}: {message:?} does not name {field}"
+        );
+    }
+    s.assert_clean().await;
+}
