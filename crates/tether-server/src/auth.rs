@@ -1,8 +1,8 @@
 //! Client authentication (`[auth]`): `none` (`?client=ID`) or `jwt` (HS256, RS256, or
 //! keys by `kid` from a JWKS file), and the channel patterns a token grants.
 //!
-//! Keys are loaded once at startup ([`Auth::from_config`]); a bad key file is a
-//! startup error. Every token's `alg` must be the algorithm of the key that checks it
+//! Keys are loaded once at startup ([`Auth::load`]); a bad key file is a startup
+//! error ([`ConfigError`]); a refused token says why in a [`TokenError`]. Every token's `alg` must be the algorithm of the key that checks it
 //! (no `none`, no HS/RS confusion); `exp` and `sub` are required, and `nbf`, when
 //! present, is checked with the same leeway as `exp`. The `Authorization` scheme
 //! `Bearer` is matched case-insensitively ([`bearer`]).
@@ -77,94 +77,161 @@ pub struct JwtAuth {
 
 /// Why a token was refused (logged at debug; the client sees `unauthorized`).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TokenError(String);
+pub enum TokenError {
+    /// `auth.mode = "none"` verifies no token.
+    #[error("tokens are not used with auth mode none")]
+    NotJwt,
+    /// Over [`MAX_TOKEN`] bytes.
+    #[error("token too long ({0} bytes)")]
+    TooLong(usize),
+    /// The header is not a JWT header.
+    #[error("bad token: {0}")]
+    Header(#[source] jsonwebtoken::errors::Error),
+    /// A `kid` the JWKS file does not hold.
+    #[error("unknown kid {0:?}")]
+    UnknownKid(String),
+    /// No `kid`, and no single key to fall back on.
+    #[error("token has no kid and no single key is configured")]
+    NoKey,
+    /// The token's `alg` is not its key's (no `none`, no HS/RS confusion).
+    #[error("alg {token:?} does not match the key ({key:?})")]
+    AlgMismatch {
+        /// The token's `alg`.
+        token: Algorithm,
+        /// The key's algorithm.
+        key: Algorithm,
+    },
+    /// Signature, claims (`exp`, `nbf`, `aud`, `iss`, `sub`) or their format.
+    #[error("invalid token: {0}")]
+    Invalid(#[source] jsonwebtoken::errors::Error),
+    /// `sub` is not a valid client id.
+    #[error("sub: {0}")]
+    Sub(String),
+    /// `meta` is neither absent nor an object.
+    #[error("meta must be an object")]
+    Meta,
+}
+
+/// Why `[auth]` is refused at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `auth.leeway_ms` over [`MAX_LEEWAY_MS`].
+    #[error("auth.leeway_ms must be at most {MAX_LEEWAY_MS} (a day)")]
+    Leeway,
+    /// `auth.hs256_secret` under 32 bytes.
+    #[error("auth.hs256_secret must be at least 32 bytes")]
+    ShortSecret,
+    /// A key file that cannot be read.
+    #[error("auth.{setting} {path}: {source}")]
+    Read {
+        /// `rs256_public_key_file` or `jwks_file`.
+        setting: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `auth.rs256_public_key_file` is not an RSA public key in PEM.
+    #[error("auth.rs256_public_key_file {path}: {source}")]
+    Rs256Key {
+        /// The file.
+        path: String,
+        /// Why.
+        source: jsonwebtoken::errors::Error,
+    },
+    /// `auth.jwks_file` is not a JWKS document.
+    #[error("auth.jwks_file {path}: {source}")]
+    Jwks {
+        /// The file.
+        path: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// A JWKS key without `kid`.
+    #[error("auth.jwks_file {path}: every key needs a kid")]
+    NoKid {
+        /// The file.
+        path: String,
+    },
+    /// A JWKS key of a type Tether does not use.
+    #[error("auth.jwks_file: key {kid} has an unsupported type")]
+    UnsupportedKey {
+        /// Its `kid`.
+        kid: String,
+    },
+    /// A JWKS key that cannot be used.
+    #[error("auth.jwks_file: key {kid}: {source}")]
+    BadJwk {
+        /// Its `kid`.
+        kid: String,
+        /// Why.
+        source: jsonwebtoken::errors::Error,
+    },
+    /// `mode = "jwt"` and no key source.
+    #[error("auth.mode = \"jwt\" needs hs256_secret, rs256_public_key_file or jwks_file")]
+    NoKeySource,
+    /// Both a secret and an RSA key.
+    #[error("set only one of auth.hs256_secret and auth.rs256_public_key_file")]
+    TwoKeys,
+}
+
+/// Why `tether token` could not mint a token.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot sign the token: {0}")]
+pub struct MintError(#[from] jsonwebtoken::errors::Error);
+
+/// Longest token accepted, in bytes.
+pub const MAX_TOKEN: usize = 16 * 1024;
 
 impl Auth {
-    /// Builds the verifier, reading key files.
+    /// Builds the verifier, reading key files. The error is a sentence for the
+    /// startup refusal; [`Auth::load`] gives the typed error.
     pub fn from_config(cfg: &AuthSection) -> Result<Auth, String> {
-        match cfg.mode {
-            AuthMode::None => Ok(Auth::None),
-            AuthMode::Jwt => {
-                if cfg.leeway_ms > MAX_LEEWAY_MS {
-                    return Err(format!(
-                        "auth.leeway_ms must be at most {MAX_LEEWAY_MS} (a day)"
-                    ));
-                }
-                let mut key = None;
-                let mut count = 0;
-                if !cfg.hs256_secret.is_empty() {
-                    if cfg.hs256_secret.len() < 32 {
-                        return Err("auth.hs256_secret must be at least 32 bytes".into());
-                    }
-                    key = Some((
-                        DecodingKey::from_secret(cfg.hs256_secret.as_bytes()),
-                        Algorithm::HS256,
-                    ));
-                    count += 1;
-                }
-                if !cfg.rs256_public_key_file.is_empty() {
-                    let pem = std::fs::read(&cfg.rs256_public_key_file).map_err(|e| {
-                        format!(
-                            "auth.rs256_public_key_file {}: {e}",
-                            cfg.rs256_public_key_file
-                        )
-                    })?;
-                    let k = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
-                        format!(
-                            "auth.rs256_public_key_file {}: {e}",
-                            cfg.rs256_public_key_file
-                        )
-                    })?;
-                    key = Some((k, Algorithm::RS256));
-                    count += 1;
-                }
-                let mut by_kid = HashMap::new();
-                if !cfg.jwks_file.is_empty() {
-                    let text = std::fs::read_to_string(&cfg.jwks_file)
-                        .map_err(|e| format!("auth.jwks_file {}: {e}", cfg.jwks_file))?;
-                    let set: JwkSet = serde_json::from_str(&text)
-                        .map_err(|e| format!("auth.jwks_file {}: {e}", cfg.jwks_file))?;
-                    for jwk in &set.keys {
-                        let Some(kid) = jwk.common.key_id.clone() else {
-                            return Err(format!(
-                                "auth.jwks_file {}: every key needs a kid",
-                                cfg.jwks_file
-                            ));
-                        };
-                        let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
-                            (AlgorithmParameters::RSA(_), _) => Algorithm::RS256,
-                            (AlgorithmParameters::OctetKey(_), _) => Algorithm::HS256,
-                            (AlgorithmParameters::EllipticCurve(_), _) => Algorithm::ES256,
-                            _ => {
-                                return Err(format!(
-                                    "auth.jwks_file: key {kid} has an unsupported type"
-                                ))
-                            }
-                        };
-                        let k = DecodingKey::from_jwk(jwk)
-                            .map_err(|e| format!("auth.jwks_file: key {kid}: {e}"))?;
-                        by_kid.insert(kid, (k, alg));
-                    }
-                    count += 1;
-                }
-                if count == 0 {
-                    return Err("auth.mode = \"jwt\" needs hs256_secret, rs256_public_key_file or jwks_file".into());
-                }
-                if key.is_some() && count > 1 && by_kid.is_empty() {
-                    return Err(
-                        "set only one of auth.hs256_secret and auth.rs256_public_key_file".into(),
-                    );
-                }
-                Ok(Auth::Jwt(Box::new(JwtAuth {
-                    key,
-                    by_kid,
-                    audience: (!cfg.audience.is_empty()).then(|| cfg.audience.clone()),
-                    issuer: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
-                    leeway_secs: cfg.leeway_ms.div_ceil(1000),
-                })))
-            }
+        Auth::load(cfg).map_err(|e| e.to_string())
+    }
+
+    /// Builds the verifier, reading key files.
+    pub fn load(cfg: &AuthSection) -> Result<Auth, ConfigError> {
+        if matches!(cfg.mode, AuthMode::None) {
+            return Ok(Auth::None);
         }
+        if cfg.leeway_ms > MAX_LEEWAY_MS {
+            return Err(ConfigError::Leeway);
+        }
+        let mut key = None;
+        let mut count = 0;
+        if !cfg.hs256_secret.is_empty() {
+            if cfg.hs256_secret.len() < 32 {
+                return Err(ConfigError::ShortSecret);
+            }
+            key = Some((
+                DecodingKey::from_secret(cfg.hs256_secret.as_bytes()),
+                Algorithm::HS256,
+            ));
+            count += 1;
+        }
+        if !cfg.rs256_public_key_file.is_empty() {
+            key = Some((load_rs256(&cfg.rs256_public_key_file)?, Algorithm::RS256));
+            count += 1;
+        }
+        let mut by_kid = HashMap::new();
+        if !cfg.jwks_file.is_empty() {
+            by_kid = load_jwks(&cfg.jwks_file)?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(ConfigError::NoKeySource);
+        }
+        if key.is_some() && count > 1 && by_kid.is_empty() {
+            return Err(ConfigError::TwoKeys);
+        }
+        Ok(Auth::Jwt(Box::new(JwtAuth {
+            key,
+            by_kid,
+            audience: (!cfg.audience.is_empty()).then(|| cfg.audience.clone()),
+            issuer: (!cfg.issuer.is_empty()).then(|| cfg.issuer.clone()),
+            leeway_secs: cfg.leeway_ms.div_ceil(1000),
+        })))
     }
 
     /// Whether tokens are required.
@@ -175,27 +242,24 @@ impl Auth {
     /// Checks a token; never panics on any input.
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         let Auth::Jwt(j) = self else {
-            return Err(TokenError("tokens are not used with auth mode none".into()));
+            return Err(TokenError::NotJwt);
         };
-        if token.len() > 16 * 1024 {
-            return Err(TokenError("token too long".into()));
+        if token.len() > MAX_TOKEN {
+            return Err(TokenError::TooLong(token.len()));
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| TokenError(format!("bad token: {e}")))?;
+        let header = jsonwebtoken::decode_header(token).map_err(TokenError::Header)?;
         let (key, alg) = match &header.kid {
             Some(kid) if !j.by_kid.is_empty() => j
                 .by_kid
                 .get(kid)
-                .ok_or_else(|| TokenError(format!("unknown kid {kid:?}")))?,
-            _ => j.key.as_ref().ok_or_else(|| {
-                TokenError("token has no kid and no single key is configured".into())
-            })?,
+                .ok_or_else(|| TokenError::UnknownKid(kid.clone()))?,
+            _ => j.key.as_ref().ok_or(TokenError::NoKey)?,
         };
         if header.alg != *alg {
-            return Err(TokenError(format!(
-                "alg {:?} does not match the key ({alg:?})",
-                header.alg
-            )));
+            return Err(TokenError::AlgMismatch {
+                token: header.alg,
+                key: *alg,
+            });
         }
         let mut v = Validation::new(*alg);
         v.leeway = j.leeway_secs;
@@ -217,13 +281,11 @@ impl Auth {
         if let Some(i) = &j.issuer {
             v.set_issuer(&[i]);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &v)
-            .map_err(|e| TokenError(format!("invalid token: {e}")))?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(TokenError::Invalid)?;
         let c = data.claims;
-        crate::admission::validate_client_id(&c.sub)
-            .map_err(|e| TokenError(format!("sub: {e}")))?;
+        crate::admission::validate_client_id(&c.sub).map_err(TokenError::Sub)?;
         if !(c.meta.is_null() || c.meta.is_object()) {
-            return Err(TokenError("meta must be an object".into()));
+            return Err(TokenError::Meta);
         }
         Ok(Identity {
             client_id: c.sub,
@@ -260,6 +322,51 @@ impl Auth {
             Auth::None => 0,
         }
     }
+}
+
+/// An RS256 public key from a PEM file.
+fn load_rs256(path: &str) -> Result<DecodingKey, ConfigError> {
+    let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
+        setting: "rs256_public_key_file",
+        path: path.to_owned(),
+        source,
+    })?;
+    DecodingKey::from_rsa_pem(&pem).map_err(|source| ConfigError::Rs256Key {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The keys of a JWKS file by `kid`, each with the algorithm its type implies.
+fn load_jwks(path: &str) -> Result<HashMap<String, (DecodingKey, Algorithm)>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        setting: "jwks_file",
+        path: path.to_owned(),
+        source,
+    })?;
+    let set: JwkSet = serde_json::from_str(&text).map_err(|source| ConfigError::Jwks {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut by_kid = HashMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = jwk.common.key_id.clone() else {
+            return Err(ConfigError::NoKid {
+                path: path.to_owned(),
+            });
+        };
+        let alg = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::OctetKey(_) => Algorithm::HS256,
+            AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+            _ => return Err(ConfigError::UnsupportedKey { kid }),
+        };
+        match DecodingKey::from_jwk(jwk) {
+            Ok(k) => by_kid.insert(kid, (k, alg)),
+            Err(source) => return Err(ConfigError::BadJwk { kid, source }),
+        };
+    }
+    Ok(by_kid)
 }
 
 /// The credentials of an `Authorization: Bearer <credentials>` value, or `None` for
@@ -396,16 +503,15 @@ pub fn mint_hs256(
     sub: &str,
     channels: &[String],
     ttl_secs: u64,
-) -> Result<String, String> {
+) -> Result<String, MintError> {
     let now = jsonwebtoken::get_current_timestamp();
-    let claims =
-        serde_json::json!({"sub": sub, "exp": now + ttl_secs, "iat": now, "channels": channels});
-    jsonwebtoken::encode(
+    let exp = now.saturating_add(ttl_secs);
+    let claims = serde_json::json!({"sub": sub, "exp": exp, "iat": now, "channels": channels});
+    Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::new(Algorithm::HS256),
         &claims,
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .map_err(|e| e.to_string())
+    )?)
 }
 
 #[cfg(test)]
@@ -667,6 +773,125 @@ mod tests {
         // The default leeway is 5 s.
         assert!(a.verify(&with_nbf((now + 3).into())).is_ok());
         assert!(a.verify(&with_nbf((now - 60).into())).is_ok());
+    }
+
+    #[test]
+    fn token_refusals_are_typed_and_carry_their_source() {
+        use std::error::Error as _;
+        let secret = "0123456789abcdef0123456789abcdef";
+        let a = jwt(secret);
+        let now = jsonwebtoken::get_current_timestamp();
+        let expired = sign(
+            json_claims("u1", now - 3600, "aud1"),
+            Algorithm::HS256,
+            secret,
+        );
+        let e = a.verify(&expired).unwrap_err();
+        assert!(matches!(e, TokenError::Invalid(_)), "{e:?}");
+        assert!(e.source().is_some());
+        let e = a.verify("garbage").unwrap_err();
+        assert!(
+            matches!(e, TokenError::Header(_)) && e.source().is_some(),
+            "{e:?}"
+        );
+        let hs384 = sign(
+            json_claims("u1", now + 60, "aud1"),
+            Algorithm::HS384,
+            secret,
+        );
+        assert!(matches!(
+            a.verify(&hs384),
+            Err(TokenError::AlgMismatch {
+                token: Algorithm::HS384,
+                key: Algorithm::HS256
+            })
+        ));
+        let long = "x".repeat(MAX_TOKEN + 1);
+        assert!(matches!(a.verify(&long), Err(TokenError::TooLong(n)) if n == MAX_TOKEN + 1));
+        let bad_sub = sign(
+            json_claims("has space", now + 60, "aud1"),
+            Algorithm::HS256,
+            secret,
+        );
+        assert!(matches!(a.verify(&bad_sub), Err(TokenError::Sub(_))));
+        let mut c = json_claims("u1", now + 60, "aud1");
+        c["meta"] = serde_json::json!([1]);
+        let bad_meta = sign(c, Algorithm::HS256, secret);
+        assert!(matches!(a.verify(&bad_meta), Err(TokenError::Meta)));
+        assert!(matches!(
+            Auth::None.verify(&expired),
+            Err(TokenError::NotJwt)
+        ));
+    }
+
+    #[test]
+    fn startup_errors_are_typed_and_carry_their_source() {
+        use std::error::Error as _;
+        let secret = "0123456789abcdef0123456789abcdef";
+        let jwt_cfg = |f: fn(&mut AuthSection)| {
+            let mut cfg = AuthSection {
+                mode: AuthMode::Jwt,
+                ..Default::default()
+            };
+            f(&mut cfg);
+            Auth::load(&cfg).map(|_| ()).unwrap_err()
+        };
+        let e = jwt_cfg(|c| c.rs256_public_key_file = "/nonexistent/key.pem".into());
+        assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
+        let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(io.map(|e| e.kind()), Some(std::io::ErrorKind::NotFound));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "auth.rs256_public_key_file /nonexistent/key.pem: {}",
+                io.unwrap()
+            )
+        );
+        assert!(matches!(
+            jwt_cfg(|c| c.hs256_secret = "short".into()),
+            ConfigError::ShortSecret
+        ));
+        assert!(matches!(jwt_cfg(|_| {}), ConfigError::NoKeySource));
+        assert_eq!(
+            jwt_cfg(|_| {}).to_string(),
+            "auth.mode = \"jwt\" needs hs256_secret, rs256_public_key_file or jwks_file"
+        );
+        let dir = std::env::temp_dir().join(format!("tether-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let jwks = dir.join("jwks.json");
+        std::fs::write(&jwks, "{not json").unwrap();
+        let path = jwks.display().to_string();
+        let e = Auth::load(&AuthSection {
+            mode: AuthMode::Jwt,
+            jwks_file: path.clone(),
+            ..Default::default()
+        })
+        .map(|_| ())
+        .unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Jwks { path: p, .. } if *p == path),
+            "{e:?}"
+        );
+        assert!(e.source().is_some_and(|s| s.is::<serde_json::Error>()));
+        std::fs::write(&jwks, r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#).unwrap();
+        let e = Auth::load(&AuthSection {
+            mode: AuthMode::Jwt,
+            jwks_file: path,
+            ..Default::default()
+        })
+        .map(|_| ())
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::NoKid { .. }), "{e:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+        // `tether token --ttl` near 2^64 saturates instead of overflowing.
+        let minted = mint_hs256(secret, "u1", &[], u64::MAX).unwrap();
+        let no_aud = Auth::load(&AuthSection {
+            mode: AuthMode::Jwt,
+            hs256_secret: secret.into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(no_aud.verify(&minted).unwrap().exp, u64::MAX);
     }
 
     #[test]
