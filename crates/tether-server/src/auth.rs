@@ -106,7 +106,7 @@ pub enum TokenError {
     Invalid(#[source] jsonwebtoken::errors::Error),
     /// `sub` is not a valid client id.
     #[error("sub: {0}")]
-    Sub(String),
+    Sub(#[source] crate::admission::BadRequest),
     /// `meta` is neither absent nor an object.
     #[error("meta must be an object")]
     Meta,

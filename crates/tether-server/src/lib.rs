@@ -22,6 +22,7 @@ mod driver;
 mod net;
 mod proxy;
 mod proxy_sse;
+mod refusal;
 pub mod sse;
 mod sweeps;
 mod tls;
