@@ -2,81 +2,18 @@
 //! (`SameSite=Strict`, `HttpOnly`) that the dashboard's calls and its `/api/events`
 //! stream then use. Sessions live in memory, bounded in number and time.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use parking_lot::Mutex;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
-use tokio::time::Instant;
 
-use crate::net::{error_response, json_response};
-use crate::App;
-
-/// The cookie's name.
-pub const COOKIE: &str = "tether_session";
-/// How long a session lasts.
-const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Most sessions held; the oldest go first beyond it.
-const MAX_SESSIONS: usize = 1024;
-
-/// Dashboard sessions: token → expiry.
-#[derive(Debug, Default)]
-pub struct Sessions {
-    map: Mutex<HashMap<String, Instant>>,
-}
-
-impl Sessions {
-    fn create(&self) -> String {
-        let token = format!(
-            "{}{}",
-            uuid::Uuid::new_v4().simple(),
-            uuid::Uuid::new_v4().simple()
-        );
-        let now = Instant::now();
-        let mut map = self.map.lock();
-        map.retain(|_, exp| *exp > now);
-        if map.len() >= MAX_SESSIONS {
-            if let Some(oldest) = map.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone()) {
-                map.remove(&oldest);
-            }
-        }
-        map.insert(token.clone(), now + SESSION_TTL);
-        token
-    }
-
-    /// Whether the request carries a live session cookie.
-    pub fn valid(&self, headers: &HeaderMap) -> bool {
-        let Some(token) = cookie(headers, COOKIE) else {
-            return false;
-        };
-        let now = Instant::now();
-        // Compare every live token in constant time, so timing says nothing.
-        self.map
-            .lock()
-            .iter()
-            .filter(|(_, exp)| **exp > now)
-            .fold(false, |found, (t, _)| {
-                found | bool::from(t.as_bytes().ct_eq(token.as_bytes()))
-            })
-    }
-}
-
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
+use crate::app::App;
+use crate::respond::{error_response, json_response};
+use crate::sessions::{COOKIE, SESSION_TTL};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -204,26 +141,3 @@ refresh();
 setInterval(refresh, 2000);
 </script></body></html>
 "##;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cookies_are_parsed_and_sessions_checked() {
-        let s = Sessions::default();
-        let token = s.create();
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_str(&format!("a=b; {COOKIE}={token}")).unwrap(),
-        );
-        assert!(s.valid(&h));
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_static("tether_session=nope"),
-        );
-        assert!(!s.valid(&h));
-        assert!(!s.valid(&HeaderMap::new()));
-    }
-}

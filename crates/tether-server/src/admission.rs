@@ -5,16 +5,13 @@
 
 use std::net::IpAddr;
 
-use axum::http::StatusCode;
 use axum::response::Response;
 use tether_core::{IpSlot, Phase, Reservation, Transport};
 use tether_protocol::Refusal;
 
+use crate::app::App;
 use crate::auth::Identity;
-use crate::App;
-
-/// Longest client id accepted from `?client=`.
-pub const MAX_CLIENT_ID: usize = 200;
+pub use crate::request::{bad_request, validate_client_id, BadRequest, MAX_CLIENT_ID};
 
 /// Why a handshake did not get a reservation.
 #[derive(Debug, thiserror::Error)]
@@ -25,37 +22,6 @@ pub enum AdmitError {
     /// The request itself is malformed (400).
     #[error(transparent)]
     BadRequest(#[from] BadRequest),
-}
-
-/// A malformed handshake request (400 `bad_request`, naming what is wrong). Not a
-/// refusal: it is not counted as one.
-#[derive(Debug, thiserror::Error)]
-pub enum BadRequest {
-    /// `?client=` is not 1–200 printable ASCII without spaces.
-    #[error("client must be 1 to {MAX_CLIENT_ID} printable ASCII characters without spaces")]
-    ClientId,
-    /// A `channel` that is not a valid channel name.
-    #[error("bad channel {0:?}: names are 1-200 of A-Z a-z 0-9 _ . : / -")]
-    Channel(String),
-    /// More channels than one SSE stream may carry.
-    #[error("at most {max} channels per stream")]
-    TooManyChannels {
-        /// The bound.
-        max: usize,
-    },
-    /// A parameter with a value outside its set.
-    #[error("{name} must be {allowed}, not {value:?}")]
-    Value {
-        /// The parameter.
-        name: &'static str,
-        /// What it may be.
-        allowed: &'static str,
-        /// What it was.
-        value: String,
-    },
-    /// A query string that does not parse.
-    #[error("bad query: {0}")]
-    Query(String),
 }
 
 /// Who the client says it is.
@@ -167,19 +133,6 @@ pub fn request_token<'a>(
         .and_then(|v| v.to_str().ok())
         .and_then(crate::auth::bearer)
         .or(query_token)
-}
-
-/// Client ids: 1–200 bytes of printable ASCII without spaces.
-pub fn validate_client_id(id: &str) -> Result<(), BadRequest> {
-    if id.is_empty() || id.len() > MAX_CLIENT_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(BadRequest::ClientId);
-    }
-    Ok(())
-}
-
-/// The answer for a malformed request.
-pub fn bad_request(message: impl std::fmt::Display) -> Response {
-    crate::net::error_response(StatusCode::BAD_REQUEST, "bad_request", &message.to_string())
 }
 
 /// The HTTP form of a refusal (see [`Refused`](crate::refusal::Refused)).

@@ -27,8 +27,8 @@ use tether_protocol::{valid_channel, CloseCode, Closing, Position};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::net::{error_response, json_response};
-use crate::App;
+use crate::app::App;
+use crate::respond::{error_response, json_response};
 
 /// Default and maximum page size of `/api/connections`.
 const PAGE_DEFAULT: usize = 100;

@@ -25,8 +25,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::app::App;
 use crate::tls::{authority_as_host, is_h2, Tls};
-use crate::App;
 
 /// Runs a hyper connection until it ends; `stop` asks it to finish gracefully, the
 /// hard stop cuts it.
@@ -152,7 +152,7 @@ async fn answer(
     let call = tower_service::Service::call(&mut router, req);
     let mut resp = match tokio::time::timeout(deadline, call).await {
         Ok(resp) => resp.unwrap_or_else(|e| match e {}),
-        Err(_) => crate::net::error_response(
+        Err(_) => crate::respond::error_response(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             "the request was not complete within limits.handshake_timeout_ms",

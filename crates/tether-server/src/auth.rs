@@ -106,7 +106,7 @@ pub enum TokenError {
     Invalid(#[source] jsonwebtoken::errors::Error),
     /// `sub` is not a valid client id.
     #[error("sub: {0}")]
-    Sub(#[source] crate::admission::BadRequest),
+    Sub(#[source] crate::request::BadRequest),
     /// `meta` is neither absent nor an object.
     #[error("meta must be an object")]
     Meta,
@@ -277,7 +277,7 @@ impl Auth {
         }
         let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(TokenError::Invalid)?;
         let c = data.claims;
-        crate::admission::validate_client_id(&c.sub).map_err(TokenError::Sub)?;
+        crate::request::validate_client_id(&c.sub).map_err(TokenError::Sub)?;
         if !(c.meta.is_null() || c.meta.is_object()) {
             return Err(TokenError::Meta);
         }

@@ -29,8 +29,7 @@ use tether_core::Connection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-
-use crate::net::Accepted;
+use tokio_util::either::Either;
 
 pub(crate) struct ConnIo {
     inner: Inner,
@@ -189,6 +188,10 @@ impl AsyncWrite for ConnIo {
         }
     }
 }
+
+/// An accepted socket as hyper serves it: plain TCP, or TLS (boxed: a TLS stream is
+/// ~1.2 KiB, and the `Either` would make every plain connection that size too).
+pub(crate) type Accepted = Either<PlainTcp, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// A plain accepted socket, as hyper serves it until an upgrade or a hijack.
 pub(crate) struct PlainTcp {

@@ -11,7 +11,7 @@ use tether_core::Phase;
 use tether_protocol::{CloseCode, Closing};
 use tokio::time::{sleep_until, Instant};
 
-use crate::App;
+use crate::app::App;
 
 /// Most `retry_ms` given to a drained client (jitter on top of the spread closes).
 const RETRY_JITTER_MS: u64 = 1000;

@@ -13,135 +13,39 @@ mod admin;
 pub mod admission;
 mod api;
 mod api_listener;
+mod app;
 pub mod auth;
 mod commands;
 pub mod config;
 mod conn_io;
+mod cors;
 mod drain;
 mod driver;
 mod net;
+mod pending;
 mod proxy;
 mod proxy_sse;
 mod refusal;
+mod request;
+mod respond;
+mod routes;
+mod sessions;
 pub mod sse;
 mod sweeps;
 pub mod tls;
+mod tombstones;
+mod upstream;
 mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_core::{
-    Broker, ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, MemoryBroker, Metrics,
-    Registry, RegistrySettings,
-};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+pub use app::App;
 pub use config::Config;
-
-/// State shared by every task of one server.
-#[derive(Debug)]
-pub struct App {
-    /// The configuration it was started with.
-    pub cfg: Config,
-    /// Clients and connections.
-    pub registry: Registry,
-    /// Where publishes get their position and history lives.
-    pub broker: Arc<dyn Broker>,
-    /// Per-address limits.
-    pub ip_limits: IpLimits,
-    /// Shutdown state.
-    pub drain: Drain,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Per-socket and per-connection tasks.
-    pub tasks: TaskTracker,
-    /// Sockets accepted and not yet admitted.
-    pub pending: net::PendingCounter,
-    /// The effective connection ceiling.
-    pub max_connections: usize,
-    /// SSE connections closed for good, by conn id.
-    pub tombstones: sse::Tombstones,
-    /// Token verification.
-    pub auth: auth::Auth,
-    /// Dashboard sessions.
-    pub admin_sessions: admin::Sessions,
-    /// HTTP client for SSE proxy upstreams (`http://` and `https://`).
-    pub http: reqwest::Client,
-    /// TLS client config for `wss://` proxy upstreams (loaded only when a route needs it).
-    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-impl App {
-    fn new(cfg: Config, nofile: u64, auth: auth::Auth) -> Arc<App> {
-        let max_connections = cfg.max_connections(nofile);
-        let ids = ConnIdGen::new(&cfg.node_id);
-        let metrics = Metrics::new();
-        let events = EventBus::new(ids.node_id().clone());
-        let hub = Hub::new(
-            HubSettings {
-                history_size: cfg.history.size.get() as usize,
-                history_ttl: Duration::from_millis(cfg.history.ttl_ms.get()),
-                max_channels: cfg.limits.max_channels.get() as usize,
-                max_channels_per_connection: cfg.limits.max_channels_per_connection.get() as usize,
-            },
-            events.clone(),
-            metrics.clone(),
-        );
-        let registry = Registry::new(
-            RegistrySettings {
-                max_connections,
-                max_connections_per_client: cfg.clients.max_connections_per_client.get() as usize,
-                on_client_limit: cfg.clients.on_client_limit,
-                offline_grace: Duration::from_millis(cfg.clients.offline_grace_ms),
-                max_queue_messages: cfg.delivery.max_queue_messages.get() as usize,
-                max_queue_bytes: cfg.delivery.max_queue_bytes.get() as usize,
-            },
-            ids,
-            events,
-            metrics.clone(),
-            hub.clone(),
-        );
-        Arc::new(App {
-            broker: Arc::new(MemoryBroker::new(hub)),
-            ip_limits: IpLimits::new(
-                cfg.limits.max_connections_per_ip,
-                cfg.limits.handshakes_per_ip_per_sec,
-            ),
-            registry,
-            drain: Drain::new(),
-            pending: net::PendingCounter::new(metrics.clone()),
-            metrics,
-            tasks: TaskTracker::new(),
-            max_connections,
-            auth,
-            admin_sessions: admin::Sessions::default(),
-            http: reqwest::Client::builder()
-                .use_rustls_tls()
-                .build()
-                .unwrap_or_default(),
-            upstream_tls: cfg
-                .proxy
-                .routes
-                .iter()
-                .any(|r| r.upstream.starts_with("wss://"))
-                .then(tls::upstream_client_config)
-                .flatten(),
-            tombstones: sse::Tombstones::new(Duration::from_millis(cfg.clients.tombstone_ms)),
-            cfg,
-        })
-    }
-
-    /// Whether a handshake would be admitted now (`/readyz`).
-    pub fn ready(&self) -> bool {
-        self.drain.phase() == tether_core::Phase::Running
-            && !self.registry.is_full()
-            && self.broker.is_up()
-    }
-}
 
 /// A started server.
 #[derive(Debug)]
@@ -265,7 +169,7 @@ async fn run(
     let shared_api = api
         .is_none()
         .then(|| api::shared(app.clone(), api_stop.clone()));
-    let client_router = net::client_router(app.clone(), shared_api);
+    let client_router = routes::client_router(app.clone(), shared_api);
     let mut background = tokio::task::JoinSet::new();
     background.spawn(net::accept_loop(
         app.clone(),
@@ -276,7 +180,7 @@ async fn run(
     ));
     if let Some(api) = api {
         let router =
-            api::router(app.clone(), api_stop.clone()).merge(net::health_router(app.clone()));
+            api::router(app.clone(), api_stop.clone()).merge(routes::health_router(app.clone()));
         let stop = api_stop.clone();
         let api_app = app.clone();
         let serve_api = api_listener::serve(api_app, api, router, tls, stop);
@@ -371,33 +275,5 @@ impl Running {
         if let Err(e) = self.done.await {
             tracing::error!(error = %e, "server task failed");
         }
-    }
-}
-
-/// `ms` with ±10% jitter (lifetimes, so connections opened together do not all
-/// close together).
-pub(crate) fn jittered(ms: u64) -> Duration {
-    let spread = ms / 10;
-    Duration::from_millis(ms - spread + fastrand::u64(..=spread * 2))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::jittered;
-
-    #[test]
-    fn jitter_stays_within_ten_percent_and_spreads_over_it() {
-        let samples: Vec<u128> = (0..2000).map(|_| jittered(400).as_millis()).collect();
-        assert!(
-            samples.iter().all(|ms| (360..=440).contains(ms)),
-            "{samples:?}"
-        );
-        assert!(samples.iter().any(|ms| *ms < 380), "reaches the low end");
-        assert!(samples.iter().any(|ms| *ms > 420), "reaches the high end");
-        assert_eq!(
-            jittered(5).as_millis(),
-            5,
-            "below 10 ms there is nothing to spread"
-        );
     }
 }

@@ -12,27 +12,24 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State;
 use axum::http::{HeaderMap, Request, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::response::Response;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use parking_lot::Mutex;
-use tether_core::Metrics;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
-use crate::conn_io::{Hijack, PlainTcp};
-use crate::App;
+use crate::app::App;
+use crate::conn_io::{Accepted, Hijack, PlainTcp};
+pub(crate) use crate::pending::PendingSlot;
 
 /// Backlog of the listening sockets.
 const BACKLOG: u32 = 4096;
@@ -48,56 +45,6 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }
-
-/// Counts sockets accepted and not yet admitted.
-#[derive(Debug)]
-pub struct PendingCounter {
-    n: Arc<AtomicUsize>,
-    metrics: Metrics,
-}
-
-impl PendingCounter {
-    pub(crate) fn new(metrics: Metrics) -> Self {
-        Self {
-            n: Arc::new(AtomicUsize::new(0)),
-            metrics,
-        }
-    }
-    /// Sockets pending now.
-    pub fn get(&self) -> usize {
-        self.n.load(Ordering::Acquire)
-    }
-    fn try_take(&self, max: usize) -> Option<PendingSlot> {
-        self.n
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()?;
-        self.metrics.pending_delta(1);
-        Some(PendingSlot {
-            n: self.n.clone(),
-            metrics: self.metrics.clone(),
-        })
-    }
-}
-
-/// One pending socket; dropping it un-counts it.
-#[derive(Debug)]
-pub(crate) struct PendingSlot {
-    n: Arc<AtomicUsize>,
-    metrics: Metrics,
-}
-
-impl Drop for PendingSlot {
-    fn drop(&mut self) {
-        self.n.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.pending_delta(-1);
-    }
-}
-
-/// An accepted socket as hyper serves it: plain TCP, or TLS (boxed: a TLS stream is
-/// ~1.2 KiB, and the `Either` would make every plain connection that size too).
-pub(crate) type Accepted = Either<PlainTcp, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// What the accept loop knows about a request's socket, put in its extensions.
 #[derive(Clone, Debug)]
@@ -322,77 +269,6 @@ fn parse_forwarded_node(raw: &str) -> Option<IpAddr> {
         return v6.split(']').next()?.parse().ok();
     }
     s.split(':').next()?.parse().ok()
-}
-
-/// `/ws`, `/sse`, `/healthz`, `/readyz`, the proxy routes, plus `extra` (the API's
-/// routes when both listeners are one), and a JSON 404 for anything else.
-pub(crate) fn client_router(app: Arc<App>, extra: Option<Router>) -> Router {
-    let router = Router::new()
-        .route("/ws", get(crate::ws::handler))
-        .route(
-            "/sse",
-            get(crate::sse::handler).options(crate::sse::preflight),
-        )
-        .with_state(app.clone())
-        .merge(crate::proxy::router(app.clone()))
-        .merge(health_router(app));
-    match extra {
-        Some(extra) => router.merge(extra),
-        None => router,
-    }
-    .fallback(not_found)
-}
-
-/// `/healthz` and `/readyz`, on both listeners.
-pub(crate) fn health_router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(app)
-}
-
-async fn healthz() -> Response {
-    json_response(StatusCode::OK, serde_json::json!({"status": "ok"}))
-}
-
-async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.ready() {
-        json_response(StatusCode::OK, serde_json::json!({"status": "ready"}))
-    } else {
-        let why = if app.drain.phase() != tether_core::Phase::Running {
-            "draining"
-        } else if !app.broker.is_up() {
-            "broker_unavailable"
-        } else {
-            "server_full"
-        };
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "unavailable", "reason": why}),
-        )
-    }
-}
-
-async fn not_found() -> Response {
-    error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-}
-
-/// A JSON answer.
-pub(crate) fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
-    (
-        status,
-        [(http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-/// `{"error","message"}` with a status.
-pub(crate) fn error_response(status: StatusCode, error: &str, message: &str) -> Response {
-    json_response(
-        status,
-        serde_json::json!({"error": error, "message": message}),
-    )
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
@@ -27,35 +27,17 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::admission::{self, Credentials};
+use crate::app::App;
 use crate::config::ProxyRoute;
 use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, ToUpstream, Transport};
 use crate::net::SocketInfo;
+use crate::upstream::{upstream_headers, upstream_url};
 use crate::ws::Ws;
-use crate::App;
 
 type Upstream = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// How long each leg's closing handshake may take.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-
-/// Request headers that describe one hop, never forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "host",
-    "connection",
-    "upgrade",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "content-length",
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-extensions",
-    "sec-websocket-accept",
-];
 
 /// The routes of `[[proxy.routes]]`.
 pub(crate) fn router(app: Arc<App>) -> Router {
@@ -69,81 +51,17 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     r.with_state(app)
 }
 
-/// Whether a header the client sent must not reach the upstream.
-fn stripped(name: &HeaderName) -> bool {
-    let n = name.as_str();
-    HOP_BY_HOP.contains(&n)
-        || n.starts_with("x-tether-")
-        || n == "forwarded"
-        || n.starts_with("x-forwarded-")
-}
-
-/// The upstream URL: the route's, plus the client's query without `token`.
-pub(crate) fn upstream_url(route: &ProxyRoute, query: Option<&str>) -> String {
-    let kept: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .filter(|(k, _)| k != "token")
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    if kept.is_empty() {
-        return route.upstream.clone();
-    }
-    let q = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(kept)
-        .finish();
-    let sep = if route.upstream.contains('?') {
-        '&'
-    } else {
-        '?'
-    };
-    format!("{}{sep}{q}", route.upstream)
-}
-
-/// The headers the upstream gets: the client's, less hop-by-hop (the fixed list and
-/// every header its `Connection` headers name, RFC 9110 7.6.1) and client-forged
-/// `X-Tether-*`/`Forwarded`/`X-Forwarded-*`, plus Tether's own.
-pub(crate) fn upstream_headers(
-    client: &HeaderMap,
-    client_id: &str,
-    conn_id: &str,
-    ip: std::net::IpAddr,
-) -> HeaderMap {
-    // Header names are lower case in a `HeaderMap`; the options are made so.
-    let named: Vec<String> = client
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    let mut h = HeaderMap::new();
-    for (k, v) in client {
-        if !stripped(k) && !named.iter().any(|n| n == k.as_str()) {
-            h.append(k.clone(), v.clone());
-        }
-    }
-    let mut add = |name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name, v);
-        }
-    };
-    add("x-tether-client-id", client_id);
-    add("x-tether-conn-id", conn_id);
-    add("x-forwarded-for", &ip.to_string());
-    h
-}
-
 async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response {
     // HEAD reaches GET handlers in axum; it must not open a connection.
     if req.method() != http::Method::GET {
-        return crate::net::error_response(
+        return crate::respond::error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "use GET",
         );
     }
     let Some(route) = app.cfg.proxy.routes.get(index).cloned() else {
-        return crate::net::error_response(StatusCode::NOT_FOUND, "not_found", "no such route");
+        return crate::respond::error_response(StatusCode::NOT_FOUND, "not_found", "no such route");
     };
     let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
         return admission::bad_request("proxy routes are served on the client listener");
@@ -159,7 +77,7 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
         (param("client"), param("token"), param("refusal"));
     let refusal_close = refusal_param.as_deref() == Some("close");
     let ip = crate::net::client_ip(info.peer.ip(), &headers, &app.cfg.server.trusted_proxies);
-    let origin_ok = !crate::sse::origin_refused(&app, &headers);
+    let origin_ok = !crate::cors::origin_refused(&app, &headers);
     let creds = if app.auth.is_jwt() {
         Credentials::Token(admission::request_token(&headers, token_param.as_deref()))
     } else {
@@ -459,96 +377,4 @@ where
         while let Some(Ok(_)) = leg.next().await {}
     })
     .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forged_and_hop_by_hop_headers_are_stripped() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("x-tether-client-id", "forged"),
-            ("x-forwarded-for", "6.6.6.6"),
-            ("forwarded", "for=6.6.6.6"),
-            ("connection", "upgrade"),
-            ("sec-websocket-key", "abc"),
-            ("cookie", "a=b"),
-            ("authorization", "Bearer t"),
-            ("origin", "https://app.example"),
-            ("sec-websocket-protocol", "chat"),
-        ] {
-            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        let out = upstream_headers(&h, "alice", "n1-x-1", "10.1.2.3".parse().unwrap());
-        assert_eq!(out["x-tether-client-id"], "alice");
-        assert_eq!(out["x-tether-conn-id"], "n1-x-1");
-        assert_eq!(out["x-forwarded-for"], "10.1.2.3");
-        assert!(
-            out.get("forwarded").is_none()
-                && out.get("connection").is_none()
-                && out.get("sec-websocket-key").is_none()
-        );
-        for kept in [
-            "cookie",
-            "authorization",
-            "origin",
-            "sec-websocket-protocol",
-        ] {
-            assert!(out.get(kept).is_some(), "{kept}");
-        }
-    }
-
-    /// RFC 9110 7.6.1: the headers a `Connection` header names are hop-by-hop too,
-    /// in any case, from every `Connection` header, in comma-separated lists.
-    #[test]
-    fn headers_named_in_connection_are_stripped() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "Upgrade, X-Drop-A ,keep-alive"),
-            ("connection", "x-drop-b,, X-DROP-C"),
-            ("x-drop-a", "1"),
-            ("x-drop-b", "2"),
-            ("x-drop-c", "3"),
-            ("x-keep", "4"),
-            ("cookie", "a=b"),
-        ] {
-            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
-        }
-        let out = upstream_headers(&h, "alice", "n1-x-1", "10.1.2.3".parse().unwrap());
-        for gone in ["x-drop-a", "x-drop-b", "x-drop-c", "connection"] {
-            assert!(out.get(gone).is_none(), "{gone}");
-        }
-        assert_eq!(out["x-keep"], "4");
-        assert_eq!(out["cookie"], "a=b");
-        // Naming Tether's own headers cannot remove them.
-        let mut h = HeaderMap::new();
-        h.append(
-            "connection",
-            HeaderValue::from_static("x-tether-client-id, x-forwarded-for"),
-        );
-        let out = upstream_headers(&h, "alice", "n1-x-1", "10.1.2.3".parse().unwrap());
-        assert_eq!(out["x-tether-client-id"], "alice");
-        assert_eq!(out["x-forwarded-for"], "10.1.2.3");
-    }
-
-    #[test]
-    fn token_is_removed_from_the_upstream_query() {
-        let r = ProxyRoute {
-            path: "/chat".into(),
-            upstream: "ws://127.0.0.1:9/ws".into(),
-            connect_timeout_ms: std::num::NonZeroU64::MIN,
-            upstream_idle_timeout_ms: 0,
-        };
-        assert_eq!(
-            upstream_url(&r, Some("token=secret&room=5")),
-            "ws://127.0.0.1:9/ws?room=5"
-        );
-        assert_eq!(
-            upstream_url(&r, Some("token=secret")),
-            "ws://127.0.0.1:9/ws"
-        );
-        assert_eq!(upstream_url(&r, None), "ws://127.0.0.1:9/ws");
-    }
 }

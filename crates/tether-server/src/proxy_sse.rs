@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::admission::{self, AdmitError, Credentials};
+use crate::app::App;
 use crate::config::ProxyRoute;
 use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, Transport};
 use crate::net::SocketInfo;
-use crate::App;
 
 /// Chunks waiting between the relay task and hyper's writer.
 const BODY_QUEUE: usize = 8;
@@ -47,9 +47,9 @@ pub(crate) async fn handle(
         Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
         Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
     };
-    let url = crate::proxy::upstream_url(&route, query.as_deref());
+    let url = crate::upstream::upstream_url(&route, query.as_deref());
     let mut req = app.http.get(&url).timeout(Duration::from_secs(24 * 3600));
-    for (k, v) in crate::proxy::upstream_headers(
+    for (k, v) in crate::upstream::upstream_headers(
         headers,
         &admitted.client_id,
         admitted.reservation.conn_id(),

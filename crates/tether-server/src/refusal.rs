@@ -30,7 +30,7 @@ impl Refused {
         let r = self.refusal;
         let status =
             StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        let mut resp = crate::net::error_response(status, r.error(), r.message());
+        let mut resp = crate::respond::error_response(status, r.error(), r.message());
         if r.has_retry_after() {
             let secs = self.retry_ms.div_ceil(1000).max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

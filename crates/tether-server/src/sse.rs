@@ -9,7 +9,6 @@
 //! hard stop. Every event carries the stream's cursor as its `id`; a stream closed
 //! with `reconnect: false` leaves a tombstone so its `EventSource` stops for good.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -17,12 +16,11 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::response::Response;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use parking_lot::Mutex;
 use tether_core::{ConnSpec, Connection, ConnectionGuard, Outgoing, Transport as Kind};
 use tether_protocol::position::MAX_STREAM_CHANNELS;
 use tether_protocol::{valid_channel, Cursor, Position, Refusal, ServerFrame};
@@ -31,10 +29,12 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::admission::{self, AdmitError, BadRequest, Credentials};
+use crate::app::App;
+use crate::cors::{cors, origin_refused};
 use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
 use crate::net::SocketInfo;
 use crate::refusal::Refused;
-use crate::App;
+pub use crate::tombstones::Tombstones;
 
 /// Body chunks waiting between the connection task and hyper's writer. Each chunk is
 /// a whole batch of events; the bounded outbox is where a slow reader's backlog
@@ -47,52 +47,6 @@ const MAX_HEARD: usize = 64 * 1024;
 
 /// How long the closing announcement may take.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-
-/// Most tombstones kept; the oldest go first beyond it.
-const MAX_TOMBSTONES: usize = 100_000;
-
-/// Conn ids of SSE streams closed with `reconnect: false`, each until its expiry.
-#[derive(Debug)]
-pub struct Tombstones {
-    ttl: Duration,
-    map: Mutex<HashMap<String, Instant>>,
-}
-
-impl Tombstones {
-    pub(crate) fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            map: Mutex::new(HashMap::new()),
-        }
-    }
-    fn add(&self, conn_id: &str) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut map = self.map.lock();
-        if map.len() >= MAX_TOMBSTONES {
-            let now = Instant::now();
-            map.retain(|_, exp| *exp > now);
-            if map.len() >= MAX_TOMBSTONES {
-                if let Some(k) = map.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone()) {
-                    map.remove(&k);
-                }
-            }
-        }
-        map.insert(conn_id.to_owned(), Instant::now() + self.ttl);
-    }
-    fn contains(&self, conn_id: &str) -> bool {
-        self.map
-            .lock()
-            .get(conn_id)
-            .is_some_and(|exp| *exp > Instant::now())
-    }
-    /// Drops expired tombstones.
-    pub(crate) fn prune(&self) {
-        let now = Instant::now();
-        self.map.lock().retain(|_, exp| *exp > now);
-    }
-}
 
 struct SseQuery {
     client: Option<String>,
@@ -167,39 +121,6 @@ pub(crate) async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -
     r
 }
 
-/// Whether an `Origin` is present and not in `limits.allowed_origins` (when set).
-pub(crate) fn origin_refused(app: &App, headers: &HeaderMap) -> bool {
-    let allowed = &app.cfg.limits.allowed_origins;
-    match headers.get(header::ORIGIN) {
-        None => false,
-        Some(_) if allowed.is_empty() => false,
-        Some(o) => !o.to_str().is_ok_and(|o| allowed.iter().any(|a| a == o)),
-    }
-}
-
-/// CORS for `/sse`: with `limits.allowed_origins` set, an allowed `Origin` is echoed
-/// with credentials; with none set, `*` and no credentials.
-fn cors(app: &App, req: &HeaderMap, resp: &mut Response) {
-    let h = resp.headers_mut();
-    if app.cfg.limits.allowed_origins.is_empty() {
-        h.insert(
-            header::ACCESS_CONTROL_ALLOW_ORIGIN,
-            HeaderValue::from_static("*"),
-        );
-        return;
-    }
-    h.insert(header::VARY, HeaderValue::from_static("Origin"));
-    if let Some(o) = req.get(header::ORIGIN) {
-        if !origin_refused(app, req) {
-            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
-                HeaderValue::from_static("true"),
-            );
-        }
-    }
-}
-
 /// `GET /sse`.
 pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
     let headers = req.headers().clone();
@@ -248,7 +169,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
 async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
     // HEAD reaches GET handlers in axum; it must not open a connection.
     if req.method() != http::Method::GET {
-        return Err(crate::net::error_response(
+        return Err(crate::respond::error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "use GET",

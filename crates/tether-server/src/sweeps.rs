@@ -8,8 +8,8 @@ use tether_core::Selector;
 use tether_protocol::{CloseCode, Closing};
 use tokio_util::sync::CancellationToken;
 
+use crate::app::App;
 use crate::config::Sweep;
-use crate::App;
 
 pub(crate) async fn run(app: Arc<App>, rule: Sweep, stop: CancellationToken) {
     let selector = Selector {

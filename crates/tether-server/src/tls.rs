@@ -40,9 +40,9 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::app::App;
 use crate::config::TlsSection;
 use crate::net::SocketInfo;
-use crate::App;
 
 /// ALPN, in the server's order of preference.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -293,28 +293,4 @@ pub(crate) async fn serve_h2<S>(
             _ = app.drain.hard_stop().cancelled() => break,
         }
     }
-}
-
-/// The client TLS config for `wss://` proxy upstreams: the system's trust store
-/// (`SSL_CERT_FILE` / `SSL_CERT_DIR` override it, as for OpenSSL), ring provider.
-/// Built once at startup; `None` when no root could be loaded (then `wss://` routes
-/// fail to connect with a clear error, and the log says why at startup).
-pub(crate) fn upstream_client_config() -> Option<Arc<rustls::ClientConfig>> {
-    let loaded = rustls_native_certs::load_native_certs();
-    for e in &loaded.errors {
-        tracing::warn!(error = %e, "loading the system's trusted roots");
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(loaded.certs);
-    if added == 0 {
-        tracing::warn!("no trusted root certificates: wss:// upstreams cannot be verified");
-        return None;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .ok()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Some(Arc::new(config))
 }

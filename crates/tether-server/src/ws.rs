@@ -29,13 +29,13 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::admission::{self, AdmitError, BadRequest, Credentials};
+use crate::app::App;
 use crate::auth::Identity;
 use crate::commands;
 use crate::conn_io::ConnIo;
 use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
 use crate::net::{PendingSlot, SocketInfo};
 use crate::refusal::Refused;
-use crate::App;
 
 pub(crate) type Ws = WebSocketStream<ConnIo>;
 
@@ -75,7 +75,7 @@ struct WsQuery {
 pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>) -> Response {
     // HEAD reaches GET handlers in axum; it must not open a connection.
     if req.method() != http::Method::GET {
-        return crate::net::error_response(
+        return crate::respond::error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "use GET",
@@ -110,7 +110,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let origin_ok = !crate::sse::origin_refused(&app, headers);
+    let origin_ok = !crate::cors::origin_refused(&app, headers);
     let token = admission::request_token(headers, query.token.as_deref()).map(str::to_owned);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
@@ -312,7 +312,7 @@ pub(crate) fn check_upgrade(headers: &HeaderMap) -> Result<String, Box<Response>
         })
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        let mut r = crate::net::error_response(
+        let mut r = crate::respond::error_response(
             StatusCode::UPGRADE_REQUIRED,
             "upgrade_required",
             "this endpoint speaks WebSocket: send Upgrade: websocket",

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 pub(crate) use deadlines::{Deadlines, Due, InboundRate};
 pub(crate) use ending::{settle, End, Ending, Family, ToClient, ToUpstream};
 
-use crate::App;
+use crate::app::App;
 
 /// A connection's legs: the client, and for proxied connections the upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,7 +144,7 @@ async fn run<T: Transport>(
     let now = Instant::now();
     let lifetime = match cfg.limits.max_connection_lifetime_ms {
         0 => None,
-        ms => Some(crate::jittered(ms)),
+        ms => Some(deadlines::jittered(ms)),
     };
     let mut deadlines = Deadlines::new(
         now,
