@@ -66,118 +66,164 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
     let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
         return admission::bad_request("proxy routes are served on the client listener");
     };
-    let headers = req.headers().clone();
-    let query = req.uri().query().map(str::to_owned);
-    let param = |name: &str| {
-        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-    };
-    let (client_param, token_param, refusal_param) =
-        (param("client"), param("token"), param("refusal"));
-    let refusal_close = refusal_param.as_deref() == Some("close");
-    let ip = crate::net::client_ip(info.peer.ip(), &headers, &app.cfg.server.trusted_proxies);
-    let origin_ok = !crate::cors::origin_refused(&app, &headers);
-    let creds = if app.auth.is_jwt() {
-        Credentials::Token(admission::request_token(&headers, token_param.as_deref()))
-    } else {
-        Credentials::Client(client_param.as_deref())
-    };
+    let pr = ProxyRequest::read(&app, &req, &info);
     if route.is_ws() {
-        let key = match crate::ws::check_upgrade(&headers) {
-            Ok(k) => k,
-            Err(r) => return *r,
-        };
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
-        let admitted = match admission::admit(&app, creds, ip, Kind::Proxy, origin_ok, &[]) {
-            Ok(a) => a,
-            Err(e) => {
-                let refused = crate::ws::RefusedUpgrade {
-                    error: e,
-                    close: refusal_close,
-                    pending: info.take_pending(),
-                };
-                return crate::ws::refusal_response(
-                    &app, refused, on_upgrade, hs_timeout, &key, None,
-                );
-            }
+        return handle_ws(app, route, info, pr, on_upgrade).await;
+    }
+    let creds = pr.creds(&app);
+    crate::proxy_sse::handle(
+        app.clone(),
+        route,
+        info,
+        &pr.headers,
+        pr.query.clone(),
+        creds,
+        pr.ip,
+        pr.origin_ok,
+    )
+    .await
+}
+
+/// What a proxied request says, read before admission.
+struct ProxyRequest {
+    headers: HeaderMap,
+    query: Option<String>,
+    /// The client's address (through trusted proxies).
+    ip: std::net::IpAddr,
+    origin_ok: bool,
+    client: Option<String>,
+    token: Option<String>,
+    /// `?refusal=close`.
+    refusal_close: bool,
+}
+
+impl ProxyRequest {
+    fn read(app: &App, req: &Request<Body>, info: &SocketInfo) -> Self {
+        let headers = req.headers().clone();
+        let query = req.uri().query().map(str::to_owned);
+        let param = |name: &str| {
+            form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
         };
-        // Connect the upstream before answering the client.
-        let url = upstream_url(&route, query.as_deref());
-        let upstream = connect_ws(
-            &app,
-            &route,
-            &url,
-            &headers,
-            &admitted.client_id,
-            admitted.reservation.conn_id(),
-            ip,
-        )
-        .await;
-        let (upstream, protocol) = match upstream {
-            Ok(u) => u,
-            Err(why) => {
-                tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
-                drop(admitted);
-                let refused = crate::ws::RefusedUpgrade {
-                    error: admission::refused(&app, Refusal::UpstreamUnavailable, ip),
-                    close: refusal_close,
-                    pending: info.take_pending(),
-                };
-                return crate::ws::refusal_response(
-                    &app, refused, on_upgrade, hs_timeout, &key, None,
-                );
-            }
-        };
-        let pending = info.take_pending();
-        let user_agent = headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let task_app = app.clone();
-        // A proxied connection's token expires like any other (1008 on both legs).
-        let admitted_expiry = admitted.identity.as_ref().map(|i| app.auth.expires_at(i));
-        app.tasks.spawn(async move {
-            let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await else {
-                return;
-            };
-            let client = WebSocketStream::from_raw_socket(
-                crate::conn_io::ConnIo::new(up),
-                Role::Server,
-                Some(crate::ws::relay_config(&task_app)),
-            )
-            .await;
-            let guard = admitted.reservation.commit(ConnSpec {
-                transport: Kind::Proxy,
-                remote_addr: ip,
-                user_agent,
-                meta: admitted.identity.map(|i| i.meta).unwrap_or_default(),
-                upstream: Some(route.upstream.clone()),
-            });
-            drop(pending);
-            let expires_at = admitted_expiry;
-            let relay = WsRelay {
-                client,
-                upstream,
-                wait: Duration::from_millis(task_app.cfg.heartbeat.timeout_ms.get()),
-            };
-            driver::drive(task_app, guard, relay, expires_at, None).await;
-        });
-        crate::ws::switching(&key, protocol)
-    } else {
-        crate::proxy_sse::handle(
-            app.clone(),
-            route,
-            info,
-            &headers,
+        let (client, token) = (param("client"), param("token"));
+        let refusal_close = param("refusal").as_deref() == Some("close");
+        let ip = crate::net::client_ip(info.peer.ip(), &headers, &app.cfg.server.trusted_proxies);
+        let origin_ok = !crate::cors::origin_refused(app, &headers);
+        ProxyRequest {
+            headers,
             query,
-            creds,
             ip,
             origin_ok,
-        )
-        .await
+            client,
+            token,
+            refusal_close,
+        }
     }
+
+    fn creds(&self, app: &App) -> Credentials<'_> {
+        if app.auth.is_jwt() {
+            Credentials::Token(admission::request_token(
+                &self.headers,
+                self.token.as_deref(),
+            ))
+        } else {
+            Credentials::Client(self.client.as_deref())
+        }
+    }
+}
+
+/// A WebSocket route: admit, connect the upstream before answering the client, then
+/// answer `101` and run the relay in one tracked task.
+async fn handle_ws(
+    app: Arc<App>,
+    route: ProxyRoute,
+    info: SocketInfo,
+    pr: ProxyRequest,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+) -> Response {
+    let key = match crate::ws::check_upgrade(&pr.headers) {
+        Ok(k) => k,
+        Err(r) => return *r,
+    };
+    let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
+    let refuse = |error, on_upgrade| {
+        let refused = crate::ws::RefusedUpgrade {
+            error,
+            close: pr.refusal_close,
+            pending: info.take_pending(),
+        };
+        crate::ws::refusal_response(&app, refused, on_upgrade, hs_timeout, &key, None)
+    };
+    let admitted =
+        match admission::admit(&app, pr.creds(&app), pr.ip, Kind::Proxy, pr.origin_ok, &[]) {
+            Ok(a) => a,
+            Err(e) => return refuse(e, on_upgrade),
+        };
+    // Connect the upstream before answering the client.
+    let url = upstream_url(&route, pr.query.as_deref());
+    let conn_id = admitted.reservation.conn_id();
+    let upstream = connect_ws(
+        &app,
+        &route,
+        &url,
+        &pr.headers,
+        &admitted.client_id,
+        conn_id,
+        pr.ip,
+    )
+    .await;
+    let (upstream, protocol) = match upstream {
+        Ok(u) => u,
+        Err(why) => {
+            tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
+            drop(admitted);
+            return refuse(
+                admission::refused(&app, Refusal::UpstreamUnavailable, pr.ip),
+                on_upgrade,
+            );
+        }
+    };
+    let pending = info.take_pending();
+    let spec = ConnSpec {
+        transport: Kind::Proxy,
+        remote_addr: pr.ip,
+        user_agent: pr
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        meta: admitted
+            .identity
+            .as_ref()
+            .map(|i| i.meta.clone())
+            .unwrap_or_default(),
+        upstream: Some(route.upstream.clone()),
+    };
+    // A proxied connection's token expires like any other (1008 on both legs).
+    let expires_at = admitted.identity.as_ref().map(|i| app.auth.expires_at(i));
+    let task_app = app.clone();
+    app.tasks.spawn(async move {
+        let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await else {
+            return;
+        };
+        let client = WebSocketStream::from_raw_socket(
+            crate::conn_io::ConnIo::new(up),
+            Role::Server,
+            Some(crate::ws::relay_config(&task_app)),
+        )
+        .await;
+        let guard = admitted.reservation.commit(spec);
+        drop(pending);
+        let relay = WsRelay {
+            client,
+            upstream,
+            wait: Duration::from_millis(task_app.cfg.heartbeat.timeout_ms.get()),
+        };
+        driver::drive(task_app, guard, relay, expires_at, None).await;
+    });
+    crate::ws::switching(&key, protocol)
 }
 
 async fn connect_ws(

@@ -181,17 +181,12 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
         ));
     };
     let headers = req.headers();
-    let query = match parse_query(req.uri().query()) {
-        Ok(q) => q,
-        Err(m) => return Err(admission::bad_request(&m)),
-    };
-    let last_event_id = headers
+    let query = parse_query(req.uri().query()).map_err(admission::bad_request)?;
+    // `Last-Event-ID` wins over `since`.
+    let cursor = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let cursor = last_event_id
-        .or(query.since.clone())
-        .as_deref()
+        .or(query.since.as_deref())
         .and_then(Cursor::parse);
     if cursor
         .as_ref()
@@ -202,28 +197,48 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
             .body(Body::empty())
             .unwrap_or_else(|_| Response::new(Body::empty())));
     }
+    let (guard, expires_at) = admit(app, headers, &info, &query).map_err(|r| *r)?;
+    let (stream, first) = subscribe(app, guard.conn(), &query.channels, cursor).await;
+    Ok(Start {
+        guard,
+        stream,
+        first,
+        expires_at,
+        beat_event: query.heartbeat_event,
+    })
+}
+
+/// Admission and commit: the guard, and when the token expires; or the refusal in
+/// its SSE form (a `200` stream for transient refusals, the HTTP status otherwise).
+fn admit(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    info: &SocketInfo,
+    query: &SseQuery,
+) -> Result<(ConnectionGuard, Option<Instant>), Box<Response>> {
     let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let origin_ok = !origin_refused(app, headers);
     let creds = if app.auth.is_jwt() {
         Credentials::Token(admission::request_token(headers, query.token.as_deref()))
     } else {
         Credentials::Client(query.client.as_deref())
     };
+    let origin_ok = !origin_refused(app, headers);
     let admitted = match admission::admit(app, creds, ip, Kind::Sse, origin_ok, &query.channels) {
         Ok(a) => a,
-        Err(AdmitError::BadRequest(m)) => return Err(admission::bad_request(&m)),
-        Err(AdmitError::Refused(r)) if r.is_transient() => return Err(transient_refusal(r)),
-        Err(AdmitError::Refused(r)) => return Err(admission::http_refusal(r)),
+        Err(AdmitError::BadRequest(m)) => return Err(Box::new(admission::bad_request(&m))),
+        Err(AdmitError::Refused(r)) if r.is_transient() => {
+            return Err(Box::new(transient_refusal(r)))
+        }
+        Err(AdmitError::Refused(r)) => return Err(Box::new(admission::http_refusal(r))),
     };
     let expires_at = admitted.identity.as_ref().map(|id| app.auth.expires_at(id));
     let guard = admitted.reservation.commit(ConnSpec {
         transport: Kind::Sse,
         remote_addr: ip,
-        user_agent,
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         meta: admitted
             .identity
             .map(|id| id.meta)
@@ -231,19 +246,35 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
         upstream: None,
     });
     drop(info.take_pending());
-    let conn = guard.conn().clone();
+    Ok((guard, expires_at))
+}
+
+/// Subscribes the stream's channels (resuming from `cursor` when it was made for
+/// exactly these channels) and writes what goes first: `retry:`, the welcome with
+/// `recovered` per channel, and an `error` event per channel that could not be
+/// subscribed.
+async fn subscribe(
+    app: &App,
+    conn: &Arc<Connection>,
+    channels: &[String],
+    cursor: Option<Cursor>,
+) -> (Stream, Bytes) {
     // A cursor resumes only the stream it was made for: one position per channel.
     let since: Vec<Option<Position>> = match cursor {
-        Some(c) if c.positions.len() == query.channels.len() => {
+        Some(c) if c.positions.len() == channels.len() => {
             c.positions.into_iter().map(Some).collect()
         }
-        _ => vec![None; query.channels.len()],
+        _ => vec![None; channels.len()],
     };
-    let mut positions = Vec::with_capacity(query.channels.len());
+    let zero = || Position {
+        epoch: "0".into(),
+        offset: 0,
+    };
+    let mut positions = Vec::with_capacity(channels.len());
     let mut recovered = serde_json::Map::new();
     let mut errors = String::new();
-    for (ch, since) in query.channels.iter().zip(since) {
-        match app.broker.subscribe(&conn, ch, since.as_ref(), None).await {
+    for (ch, since) in channels.iter().zip(since) {
+        match app.broker.subscribe(conn, ch, since.as_ref(), None).await {
             Ok(s) => {
                 recovered.insert(ch.clone(), s.recovered.into());
                 let start = if s.recovered {
@@ -251,17 +282,11 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
                 } else {
                     Position::parse(&s.position)
                 };
-                positions.push(start.unwrap_or(Position {
-                    epoch: "0".into(),
-                    offset: 0,
-                }));
+                positions.push(start.unwrap_or_else(zero));
             }
             Err(e) => {
                 recovered.insert(ch.clone(), false.into());
-                positions.push(Position {
-                    epoch: "0".into(),
-                    offset: 0,
-                });
+                positions.push(zero());
                 let data =
                     serde_json::json!({"code": e.code(), "message": e.message(), "channel": ch});
                 errors.push_str(&format!("event: error\ndata: {data}\n\n"));
@@ -269,7 +294,7 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
         }
     }
     let stream = Stream {
-        channels: query.channels,
+        channels: channels.to_vec(),
         positions,
         conn_id: conn.id().to_owned(),
     };
@@ -284,13 +309,7 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
         app.cfg.sse.retry_ms,
         stream.cursor()
     );
-    Ok(Start {
-        guard,
-        stream,
-        first: Bytes::from(first),
-        expires_at,
-        beat_event: query.heartbeat_event,
-    })
+    (stream, Bytes::from(first))
 }
 
 /// An admitted stream, about to be answered.

@@ -8,6 +8,7 @@
 //! hard-stop token. Every way out records the close on the guard, announces it
 //! (`closing` + close frame) when the server is the one closing, and drops the guard.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ use crate::conn_io::ConnIo;
 use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
 use crate::net::{PendingSlot, SocketInfo};
 use crate::refusal::Refused;
+use hyper::upgrade::OnUpgrade;
 
 pub(crate) type Ws = WebSocketStream<ConnIo>;
 
@@ -71,6 +73,97 @@ struct WsQuery {
     refusal: Option<String>,
 }
 
+/// What a `/ws` request says, read before admission.
+struct Handshake {
+    /// `Sec-WebSocket-Accept` for the `101`.
+    accept: String,
+    /// The subprotocol chosen, if the client offered ours.
+    protocol: Option<HeaderValue>,
+    /// `?refusal=close`.
+    refusal_close: bool,
+    /// The client's address (through trusted proxies).
+    ip: IpAddr,
+    /// Whether its `Origin` is allowed.
+    origin_ok: bool,
+    /// A token from the header or the query (jwt mode).
+    token: Option<String>,
+    /// `?client=` (auth `none`).
+    client: Option<String>,
+    /// `User-Agent`.
+    user_agent: Option<String>,
+}
+
+impl Handshake {
+    /// Reads and checks the request: upgrade headers, query, address, origin.
+    fn read(app: &App, req: &Request<Body>, info: &SocketInfo) -> Result<Self, Box<Response>> {
+        let headers = req.headers();
+        let accept = check_upgrade(headers)?;
+        let query = Query::<WsQuery>::try_from_uri(req.uri())
+            .map_err(|e| Box::new(admission::bad_request(BadRequest::Query(e.body_text()))))?
+            .0;
+        let refusal_close = match query.refusal.as_deref() {
+            None => false,
+            Some("close") => true,
+            Some(other) => {
+                return Err(Box::new(admission::bad_request(BadRequest::Value {
+                    name: "refusal",
+                    allowed: "\"close\"",
+                    value: other.to_owned(),
+                })))
+            }
+        };
+        Ok(Handshake {
+            accept,
+            protocol: offered_protocol(headers).then(|| HeaderValue::from_static(SUBPROTOCOL)),
+            refusal_close,
+            ip: crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies),
+            origin_ok: !crate::cors::origin_refused(app, headers),
+            token: admission::request_token(headers, query.token.as_deref()).map(str::to_owned),
+            client: query.client,
+            user_agent: headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        })
+    }
+
+    /// What the registry records about the connection, given the token's `meta`.
+    fn spec(&self) -> impl FnOnce(serde_json::Value) -> ConnSpec + Send + 'static {
+        let (ip, user_agent) = (self.ip, self.user_agent.clone());
+        move |meta| ConnSpec {
+            transport: Kind::Ws,
+            remote_addr: ip,
+            user_agent,
+            meta,
+            upstream: None,
+        }
+    }
+
+    /// The answer to a refused handshake, in the form the client asked for.
+    fn refuse(
+        &self,
+        app: &Arc<App>,
+        error: AdmitError,
+        on_upgrade: OnUpgrade,
+        pending: Option<PendingSlot>,
+    ) -> Response {
+        let refused = RefusedUpgrade {
+            error,
+            close: self.refusal_close,
+            pending,
+        };
+        let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
+        refusal_response(
+            app,
+            refused,
+            on_upgrade,
+            hs_timeout,
+            &self.accept,
+            self.protocol.clone(),
+        )
+    }
+}
+
 /// `GET /ws`.
 pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>) -> Response {
     // HEAD reaches GET handlers in axum; it must not open a connection.
@@ -84,164 +177,140 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
         return admission::bad_request("WebSocket is served on the client listener");
     };
-    let headers = req.headers();
-    let key = match check_upgrade(headers) {
-        Ok(k) => k,
+    let hs = match Handshake::read(&app, &req, &info) {
+        Ok(hs) => hs,
         Err(resp) => return *resp,
     };
-    let query = match Query::<WsQuery>::try_from_uri(req.uri()) {
-        Ok(Query(q)) => q,
-        Err(e) => return admission::bad_request(BadRequest::Query(e.body_text())),
-    };
-    let refusal_close = match query.refusal.as_deref() {
-        None => false,
-        Some("close") => true,
-        Some(other) => {
-            return admission::bad_request(&BadRequest::Value {
-                name: "refusal",
-                allowed: "\"close\"",
-                value: other.to_owned(),
-            })
-        }
-    };
-    let protocol = offered_protocol(headers).then(|| HeaderValue::from_static(SUBPROTOCOL));
-    let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let origin_ok = !crate::cors::origin_refused(&app, headers);
-    let token = admission::request_token(headers, query.token.as_deref()).map(str::to_owned);
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
     let pending = info.take_pending();
-    let spec = move |meta| ConnSpec {
-        transport: Kind::Ws,
-        remote_addr: ip,
-        user_agent,
-        meta,
-        upstream: None,
-    };
-
     // jwt mode without a token in the request: the token comes as the first frame,
     // so admission finishes after the upgrade and refusals become close codes.
-    if app.auth.is_jwt() && token.is_none() {
-        let slot = match admission::precheck(&app, ip, origin_ok) {
-            Ok(slot) => slot,
-            Err(r) => {
-                let e = admission::refused(&app, r, ip);
-                let refusal = RefusedUpgrade {
-                    error: e,
-                    close: refusal_close,
-                    pending,
-                };
-                return refusal_response(&app, refusal, on_upgrade, hs_timeout, &key, protocol);
-            }
-        };
-        // One boxed capture: a task's captures stay in its state for its whole life.
-        let parts = Box::new((app.clone(), pending, on_upgrade, spec));
-        app.tasks.spawn(async move {
-            // Admission finishes in its own future, gone by the time `run` starts:
-            // only `run`'s state is kept for the connection's life.
-            let started = Box::pin(async move {
-                let (task_app, _pending, on_upgrade, spec) = *parts;
-                let deadline = Instant::now() + hs_timeout;
-                let Ok(Ok(up)) = tokio::time::timeout_at(deadline, on_upgrade).await else {
-                    return None;
-                };
-                let mut ws = WebSocketStream::from_raw_socket(
-                    ConnIo::new(up),
-                    Role::Server,
-                    Some(ws_config(&task_app)),
-                )
-                .await;
-                let first = tokio::time::timeout_at(deadline, first_token(&mut ws))
-                    .await
-                    .ok()
-                    .flatten();
-                let admitted = admission::identify(&task_app, Credentials::Token(first.as_deref()))
-                    .and_then(|(client_id, id)| {
-                        match task_app.registry.reserve(&client_id, Kind::Ws, Some(slot)) {
-                            Ok(r) => Ok((r, id)),
-                            Err(r) => Err(AdmitError::Refused(r)),
-                        }
-                    });
-                match admitted {
-                    Ok((reservation, identity)) => {
-                        let start = Start::commit(ws, reservation, identity, spec);
-                        drop(_pending);
-                        Some((task_app, start))
-                    }
-                    Err(AdmitError::Refused(r)) => {
-                        task_app.metrics.refused(r.error());
-                        refuse_after_upgrade(ws, r).await;
-                        None
-                    }
-                    Err(AdmitError::BadRequest(_)) => {
-                        refuse_after_upgrade(ws, Refusal::Unauthorized).await;
-                        None
-                    }
-                }
-            });
-            if let Some((task_app, start)) = started.await {
-                run(task_app, start).await;
-            }
-        });
-        return switching(&key, protocol);
+    if app.auth.is_jwt() && hs.token.is_none() {
+        return admit_by_first_frame(app, hs, on_upgrade, pending);
     }
-
     let creds = if app.auth.is_jwt() {
-        Credentials::Token(token.as_deref())
+        Credentials::Token(hs.token.as_deref())
     } else {
-        Credentials::Client(query.client.as_deref())
+        Credentials::Client(hs.client.as_deref())
     };
-    match admission::admit(&app, creds, ip, Kind::Ws, origin_ok, &[]) {
-        Err(e) => {
-            let refusal = RefusedUpgrade {
-                error: e,
-                close: refusal_close,
-                pending,
-            };
-            refusal_response(&app, refusal, on_upgrade, hs_timeout, &key, protocol)
-        }
+    match admission::admit(&app, creds, hs.ip, Kind::Ws, hs.origin_ok, &[]) {
+        Err(e) => hs.refuse(&app, e, on_upgrade, pending),
         Ok(admitted) => {
-            // One boxed capture: a task's captures stay in its state for its whole life.
-            let parts = Box::new((app.clone(), pending, on_upgrade, admitted, spec));
-            app.tasks.spawn(async move {
-                // As above: only `run`'s state is kept for the connection's life.
-                let started = Box::pin(async move {
-                    let (task_app, pending, on_upgrade, admitted, spec) = *parts;
-                    let upgraded = match timeout(hs_timeout, on_upgrade).await {
-                        Ok(Ok(up)) => up,
-                        _ => return None, // the reservation drops here: slot released, no event
-                    };
-                    let ws = WebSocketStream::from_raw_socket(
-                        ConnIo::new(upgraded),
-                        Role::Server,
-                        Some(ws_config(&task_app)),
-                    )
-                    .await;
-                    let admission::Admitted {
-                        reservation,
-                        client_id,
-                        identity,
-                    } = admitted;
+            let answer = switching(&hs.accept, hs.protocol.clone());
+            spawn_admitted(app, hs, on_upgrade, pending, admitted);
+            answer
+        }
+    }
+}
+
+/// An admitted handshake: answers `101`, then upgrades, commits and runs the
+/// connection in one tracked task.
+fn spawn_admitted(
+    app: Arc<App>,
+    hs: Handshake,
+    on_upgrade: OnUpgrade,
+    pending: Option<PendingSlot>,
+    admitted: admission::Admitted,
+) {
+    let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
+    // One boxed capture: a task's captures stay in its state for its whole life.
+    let parts = Box::new((app.clone(), pending, on_upgrade, admitted, hs.spec()));
+    app.tasks.spawn(async move {
+        // Admission finishes in its own future, gone by the time `run` starts: only
+        // `run`'s state is kept for the connection's life.
+        let started = Box::pin(async move {
+            let (task_app, pending, on_upgrade, admitted, spec) = *parts;
+            let upgraded = match timeout(hs_timeout, on_upgrade).await {
+                Ok(Ok(up)) => up,
+                _ => return None, // the reservation drops here: slot released, no event
+            };
+            let ws = upgraded_ws(&task_app, upgraded).await;
+            let admission::Admitted {
+                reservation,
+                client_id,
+                identity,
+            } = admitted;
+            let start = Start::commit(ws, reservation, identity, spec);
+            drop(pending);
+            tracing::debug!(
+                client_id,
+                conn_id = start.guard.conn().id(),
+                "websocket admitted"
+            );
+            Some((task_app, start))
+        });
+        if let Some((task_app, start)) = started.await {
+            run(task_app, start).await;
+        }
+    });
+}
+
+/// jwt mode with the token as the first frame: the address checks run now, the
+/// rest after the upgrade, where a refusal is always a `closing` and a close code.
+fn admit_by_first_frame(
+    app: Arc<App>,
+    hs: Handshake,
+    on_upgrade: OnUpgrade,
+    pending: Option<PendingSlot>,
+) -> Response {
+    let slot = match admission::precheck(&app, hs.ip, hs.origin_ok) {
+        Ok(slot) => slot,
+        Err(r) => {
+            let e = admission::refused(&app, r, hs.ip);
+            return hs.refuse(&app, e, on_upgrade, pending);
+        }
+    };
+    let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
+    // One boxed capture: a task's captures stay in its state for its whole life.
+    let parts = Box::new((app.clone(), pending, on_upgrade, hs.spec()));
+    app.tasks.spawn(async move {
+        // As in `spawn_admitted`: only `run`'s state is kept for the connection's life.
+        let started = Box::pin(async move {
+            let (task_app, pending, on_upgrade, spec) = *parts;
+            let deadline = Instant::now() + hs_timeout;
+            let Ok(Ok(up)) = tokio::time::timeout_at(deadline, on_upgrade).await else {
+                return None;
+            };
+            let mut ws = upgraded_ws(&task_app, up).await;
+            let first = tokio::time::timeout_at(deadline, first_token(&mut ws))
+                .await
+                .ok()
+                .flatten();
+            let admitted = admission::identify(&task_app, Credentials::Token(first.as_deref()))
+                .and_then(|(client_id, id)| {
+                    match task_app.registry.reserve(&client_id, Kind::Ws, Some(slot)) {
+                        Ok(r) => Ok((r, id)),
+                        Err(r) => Err(AdmitError::Refused(r)),
+                    }
+                });
+            // The pending slot is held until the connection is committed or refused
+            // (close handshake included).
+            let refusal = match admitted {
+                Ok((reservation, identity)) => {
                     let start = Start::commit(ws, reservation, identity, spec);
                     drop(pending);
-                    tracing::debug!(
-                        client_id,
-                        conn_id = start.guard.conn().id(),
-                        "websocket admitted"
-                    );
-                    Some((task_app, start))
-                });
-                if let Some((task_app, start)) = started.await {
-                    run(task_app, start).await;
+                    return Some((task_app, start));
                 }
-            });
-            switching(&key, protocol)
+                Err(AdmitError::Refused(r)) => {
+                    task_app.metrics.refused(r.error());
+                    r
+                }
+                Err(AdmitError::BadRequest(_)) => Refusal::Unauthorized,
+            };
+            refuse_after_upgrade(ws, refusal).await;
+            drop(pending);
+            None
+        });
+        if let Some((task_app, start)) = started.await {
+            run(task_app, start).await;
         }
-    }
+    });
+    switching(&hs.accept, hs.protocol)
+}
+
+/// The server's side of an upgraded socket, as tungstenite speaks it.
+async fn upgraded_ws(app: &App, up: hyper::upgrade::Upgraded) -> Ws {
+    WebSocketStream::from_raw_socket(ConnIo::new(up), Role::Server, Some(ws_config(app))).await
 }
 
 /// A refused WebSocket handshake.
