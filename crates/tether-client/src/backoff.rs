@@ -76,7 +76,10 @@ mod tests {
             assert!(ds.iter().all(|d| *d <= cap), "attempt {n}: over {cap}");
             // Full jitter, not "cap ± a little": the draws cover the low and the high end.
             assert!(ds.iter().any(|d| *d < cap / 10), "attempt {n}: nothing low");
-            assert!(ds.iter().any(|d| *d > cap - cap / 10), "attempt {n}: nothing high");
+            assert!(
+                ds.iter().any(|d| *d > cap - cap / 10),
+                "attempt {n}: nothing high"
+            );
         }
     }
 

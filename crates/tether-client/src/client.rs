@@ -398,8 +398,8 @@ impl Shell {
                         code: WsCode::from(code),
                         reason: reason.into(),
                     };
-                    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame)))
-                        .await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
                 }
             }
             Action::Wait { ms } => {

@@ -229,8 +229,18 @@ mod tests {
         let c = Incoming::decode(
             r#"{"type":"closing","code":4002,"reason":"kicked","reconnect":true,"retry_ms":null}"#,
         );
-        assert!(matches!(c, Incoming::Closing(Closing { reconnect: true, retry_ms: None, .. })));
-        assert_eq!(Incoming::decode(r#"{"type":"pong","ref":3}"#), Incoming::Ignored);
+        assert!(matches!(
+            c,
+            Incoming::Closing(Closing {
+                reconnect: true,
+                retry_ms: None,
+                ..
+            })
+        ));
+        assert_eq!(
+            Incoming::decode(r#"{"type":"pong","ref":3}"#),
+            Incoming::Ignored
+        );
         assert_eq!(
             Incoming::decode(r#"{"type":"unsubscribed","ref":2,"channel":"a"}"#),
             Incoming::Ignored
@@ -239,8 +249,18 @@ mod tests {
 
     #[test]
     fn junk_is_invalid_never_a_panic() {
-        for junk in ["", "{", "[1]", r#"{"type":"dance"}"#, r#"{"type":"message"}"#, "null"] {
-            assert!(matches!(Incoming::decode(junk), Incoming::Invalid(_)), "{junk}");
+        for junk in [
+            "",
+            "{",
+            "[1]",
+            r#"{"type":"dance"}"#,
+            r#"{"type":"message"}"#,
+            "null",
+        ] {
+            assert!(
+                matches!(Incoming::decode(junk), Incoming::Invalid(_)),
+                "{junk}"
+            );
         }
     }
 

@@ -267,7 +267,15 @@ impl Machine {
                 });
                 self.announced = None;
                 let reason = "no frame within heartbeat_ms + heartbeat_timeout_ms".to_owned();
-                self.ended(now, Some(4000), "silent", reason, Branch::Backoff, true, out);
+                self.ended(
+                    now,
+                    Some(4000),
+                    "silent",
+                    reason,
+                    Branch::Backoff,
+                    true,
+                    out,
+                );
             }
             Input::Silent { .. } => {}
             Input::TimerFired if self.phase == Phase::Waiting => self.begin_attempt(out),
@@ -428,7 +436,11 @@ impl Machine {
         let channels: Vec<(String, Option<String>)> = self.subscriptions();
         for (channel, since) in channels {
             let r = self.take_ref();
-            out.push(Action::Send(frame::subscribe(r, &channel, since.as_deref())));
+            out.push(Action::Send(frame::subscribe(
+                r,
+                &channel,
+                since.as_deref(),
+            )));
             self.pending.insert(r, channel);
         }
     }
@@ -573,7 +585,13 @@ impl Machine {
         self.take_branch(code, reason, branch, out);
     }
 
-    fn take_branch(&mut self, code: Option<u16>, reason: String, branch: Branch, out: &mut Vec<Action>) {
+    fn take_branch(
+        &mut self,
+        code: Option<u16>,
+        reason: String,
+        branch: Branch,
+        out: &mut Vec<Action>,
+    ) {
         let backoff = self.settings.backoff;
         match branch {
             Branch::Stop => self.finish(code, Some(reason), false, out),
@@ -637,7 +655,13 @@ impl Machine {
         out.push(Action::Wait { ms });
     }
 
-    fn finish(&mut self, code: Option<u16>, reason: Option<String>, fatal: bool, out: &mut Vec<Action>) {
+    fn finish(
+        &mut self,
+        code: Option<u16>,
+        reason: Option<String>,
+        fatal: bool,
+        out: &mut Vec<Action>,
+    ) {
         self.phase = Phase::Closed;
         let mut s = StateChange::new(State::Closed);
         s.code = code;
@@ -664,5 +688,480 @@ impl Machine {
             false,
             out,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings() -> Settings {
+        Settings {
+            backoff: Backoff::default(),
+            failure_cap: None,
+            has_refresher: false,
+            connect_timeout_ms: 10_000,
+        }
+    }
+
+    /// A machine driven by a test: keeps every action.
+    struct Drive {
+        m: Option<Machine>,
+        log: Vec<Action>,
+    }
+
+    impl Drive {
+        fn new(s: Settings, channels: &[&str]) -> Self {
+            let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+            Self {
+                m: Some(Machine::new(s, 7, &channels, None)),
+                log: Vec::new(),
+            }
+        }
+        fn m(&self) -> &Machine {
+            self.m.as_ref().unwrap_or_else(|| unreachable!())
+        }
+        fn feed(&mut self, input: Input) -> Vec<Action> {
+            let m = self.m.take().unwrap_or_else(|| unreachable!());
+            let (m, actions) = step(m, input);
+            self.m = Some(m);
+            self.log.extend(actions.clone());
+            actions
+        }
+        fn welcome(&mut self, now: u64) -> Vec<Action> {
+            self.feed(Input::Opened);
+            self.feed(frame_in(
+                now,
+                r#"{"type":"welcome","conn_id":"c","client_id":"a","node_id":"n","heartbeat_ms":500,"heartbeat_timeout_ms":300}"#,
+            ))
+        }
+        fn msg(&mut self, now: u64, ch: &str, pos: &str) -> Vec<Action> {
+            let text = json!({"type":"message","channel":ch,"id":pos,"position":pos,"data":pos})
+                .to_string();
+            self.feed(frame_in(now, &text))
+        }
+        fn drop_with(
+            &mut self,
+            now: u64,
+            closing: Option<(u16, bool, Option<u64>)>,
+        ) -> Vec<Action> {
+            if let Some((code, reconnect, retry)) = closing {
+                let text = json!({"type":"closing","code":code,"reason":"r","reconnect":reconnect,"retry_ms":retry}).to_string();
+                self.feed(frame_in(now, &text));
+                self.feed(Input::Dropped {
+                    now,
+                    code: Some(code),
+                    reason: "r".into(),
+                })
+            } else {
+                self.feed(Input::Dropped {
+                    now,
+                    code: None,
+                    reason: "reset".into(),
+                })
+            }
+        }
+    }
+
+    fn frame_in(now: u64, text: &str) -> Input {
+        Input::Frame {
+            now,
+            frame: Incoming::decode(text),
+        }
+    }
+
+    fn states(actions: &[Action]) -> Vec<StateChange> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Emit(Event::State(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sent(actions: &[Action]) -> Vec<serde_json::Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(t) => serde_json::from_str(t).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn delivered(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Emit(Event::Message { position, .. }) => Some(position.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn wait_ms(actions: &[Action]) -> Option<u64> {
+        actions.iter().find_map(|a| match a {
+            Action::Wait { ms } => Some(*ms),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn connects_subscribes_and_resumes_from_the_last_delivered_position() {
+        let mut d = Drive::new(settings(), &["news"]);
+        let a = d.feed(Input::Start);
+        assert_eq!(states(&a)[0].state, State::Connecting);
+        assert!(a.contains(&Action::Open));
+        let a = d.welcome(100);
+        assert_eq!(states(&a)[0].state, State::Connected);
+        assert!(
+            a.contains(&Action::Deadline(Some(800))),
+            "heartbeat + timeout"
+        );
+        assert_eq!(
+            sent(&a),
+            [json!({"type":"subscribe","ref":1,"channel":"news"})]
+        );
+        d.feed(frame_in(110, r#"{"type":"subscribed","ref":1,"channel":"news","position":"e1:4","recovered":false,"missed":0}"#));
+        assert_eq!(delivered(&d.msg(120, "news", "e1:5")), ["e1:5"]);
+        assert_eq!(delivered(&d.msg(130, "news", "e1:6")), ["e1:6"]);
+        let a = d.drop_with(140, None);
+        let s = states(&a);
+        assert_eq!(
+            (s[0].state, s[0].will_reconnect, s[1].state),
+            (State::Disconnected, Some(true), State::Reconnecting)
+        );
+        assert!(wait_ms(&a).is_some_and(|ms| ms <= 250));
+        d.feed(Input::TimerFired);
+        let a = d.welcome(500);
+        assert_eq!(
+            sent(&a),
+            [json!({"type":"subscribe","ref":2,"channel":"news","since":"e1:6"})]
+        );
+        let a = d.feed(frame_in(510, r#"{"type":"subscribed","ref":2,"channel":"news","position":"e1:8","recovered":true,"missed":2}"#));
+        assert!(a.contains(&Action::Emit(Event::Recovered {
+            channel: "news".into(),
+            position: "e1:8".into(),
+            recovered: true,
+            missed: 2
+        })));
+        // The replay overlaps what was delivered: only the new ones pass, in order.
+        let mut got = Vec::new();
+        for p in ["e1:5", "e1:6", "e1:7", "e1:7", "e1:8"] {
+            got.extend(delivered(&d.msg(520, "news", p)));
+        }
+        assert_eq!(got, ["e1:7", "e1:8"]);
+        let st = d.m().stats(600);
+        assert_eq!((st.messages, st.duplicates, st.reconnects), (4, 3, 1));
+        assert_eq!((st.attempts, st.successes), (2, 2));
+        assert_eq!(st.failures.get("1006"), Some(&1));
+        assert_eq!(st.connected_ms, 40 + 100);
+    }
+
+    #[test]
+    fn a_new_epoch_starts_a_new_order_and_lost_history_is_surfaced() {
+        let mut d = Drive::new(settings(), &["a"]);
+        d.feed(Input::Start);
+        d.welcome(0);
+        d.feed(frame_in(0, r#"{"type":"subscribed","ref":1,"channel":"a","position":"e1:0","recovered":false,"missed":0}"#));
+        assert_eq!(delivered(&d.msg(1, "a", "e1:9")), ["e1:9"]);
+        assert_eq!(
+            delivered(&d.msg(2, "a", "e2:1")),
+            ["e2:1"],
+            "new epoch, lower offset"
+        );
+        assert!(delivered(&d.msg(3, "a", "e2:1")).is_empty());
+        d.drop_with(4, Some((1011, true, Some(10))));
+        d.feed(Input::TimerFired);
+        d.welcome(20);
+        let a = d.feed(frame_in(21, r#"{"type":"subscribed","ref":2,"channel":"a","position":"e3:40","recovered":false,"missed":0}"#));
+        assert!(a.contains(&Action::Emit(Event::Recovered {
+            channel: "a".into(),
+            position: "e3:40".into(),
+            recovered: false,
+            missed: 0
+        })));
+        // The gap is reported; the next resume asks from the reported position.
+        assert_eq!(
+            d.m().subscriptions(),
+            [("a".to_owned(), Some("e3:40".to_owned()))]
+        );
+        assert_eq!(delivered(&d.msg(22, "a", "e3:41")), ["e3:41"]);
+    }
+
+    #[test]
+    fn subscriptions_made_at_any_time_survive_reconnects() {
+        let mut d = Drive::new(settings(), &[]);
+        d.feed(Input::Start);
+        // Before the first connection: sent after welcome.
+        assert!(sent(&d.feed(Input::Subscribe("early".into()))).is_empty());
+        let a = d.welcome(0);
+        assert_eq!(sent(&a)[0]["channel"], "early");
+        // While connected: sent at once.
+        let a = d.feed(Input::Subscribe("live".into()));
+        assert_eq!(sent(&a)[0]["type"], "subscribe");
+        let a = d.feed(Input::Unsubscribe("early".into()));
+        assert_eq!(
+            sent(&a),
+            [json!({"type":"unsubscribe","ref":3,"channel":"early"})]
+        );
+        d.drop_with(5, None);
+        // While away.
+        d.feed(Input::Subscribe("away".into()));
+        d.feed(Input::TimerFired);
+        let chans: Vec<_> = sent(&d.welcome(9))
+            .iter()
+            .map(|v| v["channel"].clone())
+            .collect();
+        assert_eq!(chans, [json!("away"), json!("live")]);
+        // A refused subscription is dropped, not asked again.
+        let refs: Vec<_> = sent(&d.log).iter().map(|v| v["ref"].clone()).collect();
+        let last_ref = refs.last().cloned().unwrap_or_default();
+        let a = d.feed(frame_in(
+            10,
+            &json!({"type":"error","ref":last_ref,"code":"forbidden_channel","message":"no"})
+                .to_string(),
+        ));
+        assert!(
+            matches!(&a[..], [Action::Emit(Event::Error { code, .. })] if code == "forbidden_channel")
+        );
+        assert_eq!(d.m().subscriptions().len(), 1);
+    }
+
+    /// Each close code through the whole machine: the events the app sees and what
+    /// happens next.
+    #[test]
+    fn close_codes_end_or_retry_as_the_table_says() {
+        // code, reconnect, retry_ms, (will_reconnect, wait_ms bound, fatal)
+        #[rustfmt::skip]
+        let table: &[(u16, bool, Option<u64>, bool, Option<(u64, u64)>, bool)] = &[
+            (1000, false, None, false, None, false),
+            (4001, false, None, false, None, false),
+            (4002, false, None, false, None, false),
+            (4002, true, Some(700), true, Some((700, 700)), false),
+            (1001, true, Some(4321), true, Some((4321, 4321)), false),
+            (4503, true, Some(900), true, Some((900, 900)), false),
+            (4429, true, None, true, Some((0, 250)), false),
+            (4008, true, None, true, Some((0, 250)), false),
+            (4004, false, None, false, None, true),
+            (1009, false, None, false, None, true),
+            (4401, false, None, false, None, true),
+            (4403, false, None, false, None, true),
+            (4409, false, None, false, None, true),
+            (4003, true, None, false, None, true),
+        ];
+        for &(code, reconnect, retry, will, wait, fatal) in table {
+            let mut d = Drive::new(settings(), &["a"]);
+            d.feed(Input::Start);
+            d.welcome(0);
+            let a = d.drop_with(10, Some((code, reconnect, retry)));
+            let s = states(&a);
+            assert_eq!(s[0].state, State::Disconnected, "{code}");
+            assert_eq!(
+                (s[0].code, s[0].will_reconnect),
+                (Some(code), Some(will)),
+                "{code}"
+            );
+            match wait {
+                Some((lo, hi)) => {
+                    let ms = wait_ms(&a);
+                    assert!(
+                        ms.is_some_and(|ms| (lo..=hi).contains(&ms)),
+                        "{code}: {ms:?}"
+                    );
+                    assert_eq!(d.m().phase(), Phase::Waiting, "{code}");
+                }
+                None => {
+                    assert_eq!(s[1].state, State::Closed, "{code}");
+                    assert_eq!(s[1].fatal, fatal, "{code}");
+                    assert_eq!(a.last(), Some(&Action::Finish), "{code}");
+                    let errored = a
+                        .iter()
+                        .any(|x| matches!(x, Action::Emit(Event::Error { .. })));
+                    assert_eq!(errored, fatal, "{code}: a fatal close says why");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_grows_over_failed_attempts_and_resets_after_a_stable_connection() {
+        let mut d = Drive::new(settings(), &[]);
+        d.feed(Input::Start);
+        for n in 1..=6u32 {
+            let a = d.feed(Input::Failed {
+                status: None,
+                message: "refused".into(),
+            });
+            assert_eq!(d.m().backoff_attempt(), n);
+            let cap = Backoff::default().cap(n);
+            assert!(wait_ms(&a).is_some_and(|ms| ms <= cap), "attempt {n}");
+            assert_eq!(states(&a)[1].attempt, Some(n + 1));
+            d.feed(Input::TimerFired);
+        }
+        // Up, then dropped unannounced within 30 s: still counting.
+        d.welcome(1_000);
+        d.drop_with(1_000 + 29_999, None);
+        assert_eq!(d.m().backoff_attempt(), 7);
+        d.feed(Input::TimerFired);
+        // Up for 30 s, then dropped: the counter starts again (delay within attempt 1's cap).
+        d.welcome(40_000);
+        let a = d.drop_with(70_000, None);
+        assert_eq!(d.m().backoff_attempt(), 0);
+        assert!(wait_ms(&a).is_some_and(|ms| ms <= 250));
+        d.feed(Input::TimerFired);
+        d.feed(Input::Failed {
+            status: None,
+            message: "x".into(),
+        });
+        assert_eq!(d.m().backoff_attempt(), 1);
+        // An announced drop is not a failure.
+        d.feed(Input::TimerFired);
+        d.welcome(80_000);
+        d.drop_with(80_010, Some((4002, true, Some(5))));
+        assert_eq!(d.m().backoff_attempt(), 0);
+    }
+
+    #[test]
+    fn the_failure_cap_ends_in_a_fatal_close() {
+        let mut s = settings();
+        s.failure_cap = Some(3);
+        let mut d = Drive::new(s, &[]);
+        d.feed(Input::Start);
+        for _ in 0..2 {
+            d.feed(Input::Failed {
+                status: None,
+                message: "refused".into(),
+            });
+            d.feed(Input::TimerFired);
+        }
+        let a = d.feed(Input::Failed {
+            status: None,
+            message: "refused".into(),
+        });
+        let s = states(&a);
+        assert_eq!(s[0].will_reconnect, Some(false));
+        assert_eq!((s[1].state, s[1].fatal), (State::Closed, true));
+        assert!(a.iter().any(
+            |x| matches!(x, Action::Emit(Event::Error { code, .. }) if code == "failure_cap")
+        ));
+        assert_eq!(d.m().stats(0).failures.get("connect"), Some(&3));
+        // Closed is final.
+        assert!(d.feed(Input::TimerFired).is_empty());
+    }
+
+    #[test]
+    fn an_expired_token_is_refreshed_and_sent_as_the_first_frame() {
+        let mut s = settings();
+        s.has_refresher = true;
+        let mut d = Drive::new(s, &[]);
+        // No token yet: the refresher gives the first one.
+        assert_eq!(d.feed(Input::Start), [Action::RefreshToken]);
+        let a = d.feed(Input::Token(TokenOutcome::Fresh("t1".into())));
+        assert!(a.contains(&Action::Open));
+        let a = d.feed(Input::Opened);
+        assert_eq!(sent(&a), [json!({"type":"connect","token":"t1"})]);
+        d.feed(frame_in(
+            0,
+            r#"{"type":"welcome","conn_id":"c","client_id":"a","node_id":"n","heartbeat_ms":500}"#,
+        ));
+        let a = d.drop_with(50, Some((4003, true, None)));
+        assert_eq!(states(&a)[0].will_reconnect, Some(true));
+        assert_eq!(
+            wait_ms(&a),
+            Some(0),
+            "an announced expiry reconnects at once"
+        );
+        assert_eq!(d.feed(Input::TimerFired), [Action::RefreshToken]);
+        // A failing refresher is retried with backoff, not fatal.
+        let a = d.feed(Input::Token(TokenOutcome::Failed("down".into())));
+        assert!(a.iter().any(|x| matches!(x, Action::Emit(Event::Error { code, .. }) if code == "token_refresh_failed")));
+        assert_eq!(d.feed(Input::TimerFired), [Action::RefreshToken]);
+        d.feed(Input::Token(TokenOutcome::Fresh("t2".into())));
+        assert_eq!(d.m().token(), Some("t2"));
+        assert_eq!(
+            sent(&d.feed(Input::Opened)),
+            [json!({"type":"connect","token":"t2"})]
+        );
+    }
+
+    #[test]
+    fn silence_drops_the_socket_and_backs_off() {
+        let mut d = Drive::new(settings(), &[]);
+        d.feed(Input::Start);
+        d.welcome(0);
+        let a = d.feed(Input::Silent { now: 800 });
+        assert!(matches!(a[0], Action::CloseSocket { code: 4000, .. }));
+        let s = states(&a);
+        assert_eq!((s[0].code, s[0].will_reconnect), (Some(4000), Some(true)));
+        assert!(wait_ms(&a).is_some_and(|ms| ms <= 250));
+        assert_eq!(d.m().stats(900).failures.get("silent"), Some(&1));
+        // An opened socket that never says welcome is silent too.
+        d.feed(Input::TimerFired);
+        let a = d.feed(Input::Opened);
+        assert!(a.contains(&Action::Deadline(Some(10_000))));
+        let a = d.feed(Input::Silent { now: 11_000 });
+        assert_eq!(states(&a)[0].state, State::Disconnected);
+    }
+
+    #[test]
+    fn close_by_the_app_is_clean_and_final() {
+        let mut d = Drive::new(settings(), &["a"]);
+        d.feed(Input::Start);
+        d.welcome(0);
+        let a = d.feed(Input::Close { now: 250 });
+        assert!(a.contains(&Action::CloseSocket {
+            code: 1000,
+            reason: "closed by the client"
+        }));
+        let s = states(&a);
+        assert_eq!(
+            (s[0].state, s[0].code, s[0].fatal),
+            (State::Closed, Some(1000), false)
+        );
+        assert_eq!(a.last(), Some(&Action::Finish));
+        assert_eq!(d.m().stats(10_000).connected_ms, 250);
+        assert!(d.feed(Input::Subscribe("b".into())).is_empty());
+    }
+
+    #[test]
+    fn refusal_answers_over_http_are_fatal_or_retried() {
+        for (status, fatal) in [
+            (401, true),
+            (403, true),
+            (404, true),
+            (503, false),
+            (429, false),
+        ] {
+            let mut d = Drive::new(settings(), &[]);
+            d.feed(Input::Start);
+            let a = d.feed(Input::Failed {
+                status: Some(status),
+                message: "no".into(),
+            });
+            assert_eq!(d.m().phase() == Phase::Closed, fatal, "{status}");
+            assert_eq!(states(&a)[0].will_reconnect, Some(!fatal), "{status}");
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_run() {
+        let run = || {
+            let mut d = Drive::new(settings(), &[]);
+            d.feed(Input::Start);
+            (0..8)
+                .map(|_| {
+                    let a = d.feed(Input::Failed {
+                        status: None,
+                        message: "x".into(),
+                    });
+                    d.feed(Input::TimerFired);
+                    wait_ms(&a)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
     }
 }

@@ -88,9 +88,17 @@ mod tests {
         ];
         for &(code, reconnect, announced, bare, refreshed) in table {
             let c = closing(code, reconnect, Some(900));
-            assert_eq!(branch(Some(code), Some(&c), false), announced, "{code} announced");
+            assert_eq!(
+                branch(Some(code), Some(&c), false),
+                announced,
+                "{code} announced"
+            );
             assert_eq!(branch(Some(code), None, false), bare, "{code} unannounced");
-            assert_eq!(branch(Some(code), Some(&c), true), refreshed, "{code} with refresher");
+            assert_eq!(
+                branch(Some(code), Some(&c), true),
+                refreshed,
+                "{code} with refresher"
+            );
         }
     }
 
