@@ -174,6 +174,81 @@ impl Event {
     }
 }
 
+/// One JSON object as text with its fields in the given order (`event` first, as
+/// SPEC section 1 writes the lines), whatever order `serde_json`'s maps keep.
+pub fn ordered_line(fields: &[(&str, &Value)]) -> String {
+    let mut s = String::from("{");
+    for (i, (k, v)) in fields.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&Value::from(*k).to_string());
+        s.push(':');
+        s.push_str(&v.to_string());
+    }
+    s.push('}');
+    s
+}
+
+fn line_in_order(v: &Value, order: &[&str]) -> String {
+    let Some(map) = v.as_object() else {
+        return v.to_string();
+    };
+    let mut fields: Vec<(&str, &Value)> = order
+        .iter()
+        .filter_map(|k| map.get(*k).map(|v| (*k, v)))
+        .collect();
+    fields.extend(
+        map.iter()
+            .filter(|(k, _)| !order.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str(), v)),
+    );
+    ordered_line(&fields)
+}
+
+/// Field order of each line kind, as SPEC section 1 lists them.
+const ORDER: &[&str] = &[
+    "event",
+    "state",
+    "attempt",
+    "delay_ms",
+    "code",
+    "reason",
+    "channel",
+    "id",
+    "position",
+    "recovered",
+    "missed",
+    "data",
+    "message",
+];
+
+/// Field order of the stats line, as SPEC section 13 lists them.
+const STATS_ORDER: &[&str] = &[
+    "event",
+    "attempts",
+    "successes",
+    "failures",
+    "reconnects",
+    "messages",
+    "duplicates",
+    "connected_ms",
+];
+
+impl Event {
+    /// The `tether connect` line: [`Event::to_json`] with its fields in SPEC order.
+    pub fn to_line(&self) -> String {
+        line_in_order(&self.to_json(), ORDER)
+    }
+}
+
+impl Stats {
+    /// The `tether connect --stats` line, fields in SPEC order.
+    pub fn to_line(&self) -> String {
+        line_in_order(&self.to_json(), STATS_ORDER)
+    }
+}
+
 /// Counters kept as a Broadway-style producer keeps them (SPEC section 13).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -230,6 +305,29 @@ mod tests {
         assert_eq!(
             Event::State(c).to_json(),
             json!({"event": "state", "state": "closed", "code": 4001, "reason": "replaced"})
+        );
+    }
+
+    #[test]
+    fn lines_put_event_first_in_spec_order() {
+        let e = Event::Message {
+            channel: "news".into(),
+            id: "m1".into(),
+            position: "e:1".into(),
+            data: json!({"b": 1, "a": [2]}),
+        };
+        assert_eq!(
+            e.to_line(),
+            r#"{"event":"message","channel":"news","id":"m1","position":"e:1","data":{"a":[2],"b":1}}"#
+        );
+        let line = Stats::default().to_line();
+        assert!(
+            line.starts_with(r#"{"event":"stats","attempts":0,"successes":0,"failures":{}"#),
+            "{line}"
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&line).ok(),
+            Some(Stats::default().to_json())
         );
     }
 
