@@ -1,7 +1,20 @@
-//! The broker: where publishes get their id and position and where history lives.
-//! A narrow trait: publish, history, liveness. Cluster mode will add how a node
-//! starts and stops receiving a channel (driven by the hub's `channel.occupied` /
-//! `channel.vacated` transitions); the in-memory broker needs neither.
+//! The broker: the only door to channels. Publishes get their id and position there,
+//! history lives there, and every subscribe, unsubscribe, catch-up page and presence
+//! read goes through it, so a broker that spans nodes (Redis) sees all of them.
+//! Cluster mode will add how a node starts and stops receiving a channel (driven by
+//! the hub's `channel.occupied` / `channel.vacated` transitions).
+//!
+//! # The contract every broker keeps
+//! - **Positions.** A channel's messages carry `"<epoch>:<offset>"`; offsets rise by
+//!   exactly 1 per message, in the order subscribers receive them.
+//! - **Epochs.** The epoch names one unbroken history of a channel. It changes only
+//!   when that history is lost (the channel's state was dropped, or the store behind
+//!   it came back empty); a position of another epoch is never resumed from.
+//! - **Recovered.** `subscribe` with `since` answers `recovered: true` only when every
+//!   message after `since` is still in history: those are then delivered first, in
+//!   order, followed by live messages with no gap and no repeat. Otherwise it answers
+//!   `recovered: false` and delivers from the channel's current position on; a
+//!   broker never silently skips.
 //!
 //! The node-local [`Hub`] stays the delivery seam for every broker: whatever assigns
 //! positions, messages reach this node's connections through the hub's per-channel
@@ -14,7 +27,8 @@ use std::sync::Arc;
 
 use tether_protocol::Position;
 
-use crate::hub::{Hub, HubError, PublishResult, Published};
+use crate::hub::{CatchUp, Hub, HubError, PublishResult, Published, Subscribed};
+use crate::registry::Connection;
 
 /// A boxed, sendable future (the trait stays object-safe for `Arc<dyn Broker>`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -68,6 +82,32 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> BoxFuture<'a, Result<Option<HistoryPage>, BrokerError>>;
 
+    /// Subscribes `conn` to `channel`, resuming after `since` (see the contract
+    /// above). With `announce`, the `subscribed` frame (echoing that `ref`) is queued
+    /// ahead of every message of the channel.
+    fn subscribe<'a>(
+        &'a self,
+        conn: &'a Arc<Connection>,
+        channel: &'a str,
+        since: Option<&'a Position>,
+        announce: Option<Option<u64>>,
+    ) -> BoxFuture<'a, Result<Subscribed, BrokerError>>;
+
+    /// Ends `conn`'s subscription to `channel`: no message of it reaches `conn`'s
+    /// outbox after this resolves.
+    fn unsubscribe<'a>(
+        &'a self,
+        conn: &'a Arc<Connection>,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Moves the next page of history into the outbox of a connection whose
+    /// subscriptions are catching up (called as its outbox drains).
+    fn catch_up<'a>(&'a self, conn: &'a Arc<Connection>) -> BoxFuture<'a, CatchUp>;
+
+    /// A channel's clients and how many connections each has subscribed.
+    fn presence<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Vec<(String, u32)>>;
+
     /// Whether the broker is reachable (`/readyz`, `tether_broker_up`).
     fn is_up(&self) -> bool {
         true
@@ -108,5 +148,39 @@ impl Broker for MemoryBroker {
         limit: usize,
     ) -> BoxFuture<'a, Result<Option<HistoryPage>, BrokerError>> {
         Box::pin(async move { Ok(self.hub.history(channel, since, limit)) })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        conn: &'a Arc<Connection>,
+        channel: &'a str,
+        since: Option<&'a Position>,
+        announce: Option<Option<u64>>,
+    ) -> BoxFuture<'a, Result<Subscribed, BrokerError>> {
+        Box::pin(async move {
+            self.hub
+                .subscribe(conn, channel, since, announce)
+                .map_err(BrokerError::Hub)
+        })
+    }
+
+    fn unsubscribe<'a>(
+        &'a self,
+        conn: &'a Arc<Connection>,
+        channel: &'a str,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.hub
+                .unsubscribe(conn, channel)
+                .map_err(BrokerError::Hub)
+        })
+    }
+
+    fn catch_up<'a>(&'a self, conn: &'a Arc<Connection>) -> BoxFuture<'a, CatchUp> {
+        Box::pin(async move { self.hub.catch_up(conn) })
+    }
+
+    fn presence<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Vec<(String, u32)>> {
+        Box::pin(async move { self.hub.presence(channel) })
     }
 }

@@ -112,6 +112,9 @@ pub enum ServerFrame<'a> {
         node_id: &'a str,
         /// The heartbeat interval.
         heartbeat_ms: u64,
+        /// How long after a ping the server waits for any frame (the client's
+        /// dead-connection check is `heartbeat_ms` + this).
+        heartbeat_timeout_ms: u64,
     },
     /// Reply to `subscribe`.
     Subscribed {
@@ -212,10 +215,11 @@ mod tests {
                 conn_id: "n1-a-1",
                 client_id: "c",
                 node_id: "n1",
-                heartbeat_ms: 25000
+                heartbeat_ms: 25000,
+                heartbeat_timeout_ms: 10000,
             }
             .encode(),
-            r#"{"type":"welcome","conn_id":"n1-a-1","client_id":"c","node_id":"n1","heartbeat_ms":25000}"#
+            r#"{"type":"welcome","conn_id":"n1-a-1","client_id":"c","node_id":"n1","heartbeat_ms":25000,"heartbeat_timeout_ms":10000}"#
         );
         assert_eq!(
             ServerFrame::Pong { reference: None }.encode(),

@@ -23,14 +23,15 @@ use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use parking_lot::Mutex;
-use tether_core::{CatchUp, ConnSpec, Connection, ConnectionGuard, Outgoing, Transport};
+use tether_core::{ConnSpec, Connection, ConnectionGuard, Outgoing, Transport as Kind};
 use tether_protocol::position::MAX_STREAM_CHANNELS;
-use tether_protocol::{valid_channel, CloseCode, Closing, Cursor, Position, Refusal, ServerFrame};
+use tether_protocol::{valid_channel, Cursor, Position, Refusal, ServerFrame};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::admission::{self, AdmitError, Credentials};
+use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
 use crate::net::SocketInfo;
 use crate::App;
 
@@ -42,6 +43,9 @@ const BODY_QUEUE: usize = 2;
 /// Bytes a client may send after its request on a taken-over socket (read and
 /// dropped) before the stream is closed: an event stream is one-way.
 const MAX_HEARD: usize = 64 * 1024;
+
+/// How long the closing announcement may take.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Most tombstones kept; the oldest go first beyond it.
 const MAX_TOMBSTONES: usize = 100_000;
@@ -94,6 +98,8 @@ struct SseQuery {
     token: Option<String>,
     channels: Vec<String>,
     since: Option<String>,
+    /// `heartbeat=event` (else `heartbeat=comment`, the default).
+    heartbeat_event: bool,
 }
 
 fn parse_query(q: Option<&str>) -> Result<SseQuery, String> {
@@ -102,12 +108,24 @@ fn parse_query(q: Option<&str>) -> Result<SseQuery, String> {
         token: None,
         channels: Vec::new(),
         since: None,
+        heartbeat_event: false,
     };
     for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
         match &*k {
             "client" => out.client = Some(v.into_owned()),
             "token" => out.token = Some(v.into_owned()),
             "since" => out.since = Some(v.into_owned()),
+            "heartbeat" => {
+                out.heartbeat_event = match &*v {
+                    "event" => true,
+                    "comment" => false,
+                    other => {
+                        return Err(format!(
+                            "heartbeat must be \"event\" or \"comment\", not {other:?}"
+                        ))
+                    }
+                }
+            }
             "channel" => {
                 if !valid_channel(&v) {
                     return Err(format!(
@@ -271,16 +289,15 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
     } else {
         Credentials::Client(query.client.as_deref())
     };
-    let admitted =
-        match admission::admit(app, creds, ip, Transport::Sse, origin_ok, &query.channels) {
-            Ok(a) => a,
-            Err(AdmitError::BadRequest(m)) => return Err(admission::bad_request(&m)),
-            Err(AdmitError::Refused(r)) if r.is_transient() => return Err(transient_refusal(r)),
-            Err(AdmitError::Refused(r)) => return Err(admission::http_refusal(r)),
-        };
+    let admitted = match admission::admit(app, creds, ip, Kind::Sse, origin_ok, &query.channels) {
+        Ok(a) => a,
+        Err(AdmitError::BadRequest(m)) => return Err(admission::bad_request(&m)),
+        Err(AdmitError::Refused(r)) if r.is_transient() => return Err(transient_refusal(r)),
+        Err(AdmitError::Refused(r)) => return Err(admission::http_refusal(r)),
+    };
     let expires_at = admitted.identity.as_ref().map(|id| app.auth.expires_at(id));
     let guard = admitted.reservation.commit(ConnSpec {
-        transport: Transport::Sse,
+        transport: Kind::Sse,
         remote_addr: ip,
         user_agent,
         meta: admitted
@@ -302,11 +319,7 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
     let mut recovered = serde_json::Map::new();
     let mut errors = String::new();
     for (ch, since) in query.channels.iter().zip(since) {
-        match app
-            .registry
-            .hub()
-            .subscribe(&conn, ch, since.as_ref(), None)
-        {
+        match app.broker.subscribe(&conn, ch, since.as_ref(), None).await {
             Ok(s) => {
                 recovered.insert(ch.clone(), s.recovered.into());
                 let start = if s.recovered {
@@ -352,6 +365,7 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
         stream,
         first: Bytes::from(first),
         expires_at,
+        beat_event: query.heartbeat_event,
     })
 }
 
@@ -362,6 +376,28 @@ struct Start {
     /// `retry:`, the welcome event and any subscription errors.
     first: Bytes,
     expires_at: Option<Instant>,
+    /// `&heartbeat=event`.
+    beat_event: bool,
+}
+
+/// The stream's task. `start` comes boxed and is unboxed at once: an async fn keeps
+/// its arguments in its state beside the locals they move into (see `ws::run`).
+async fn run(app: Arc<App>, start: Box<Start>, out: Out) {
+    let Start {
+        guard,
+        stream,
+        first,
+        expires_at,
+        beat_event,
+    } = *{ start };
+    let conn = SseConn {
+        out,
+        stream,
+        first: Some(first),
+        wait: Duration::from_millis(app.cfg.heartbeat.timeout_ms.get()),
+        beat_event,
+    };
+    driver::drive(app, guard, conn, expires_at, None).await;
 }
 
 /// The stream's channels and the position it delivered last on each: its cursor.
@@ -485,20 +521,23 @@ impl Out {
         }
     }
 
-    /// A heartbeat comment: a full body queue is a stalled peer at once; a socket
-    /// gets `wait` to take it.
-    async fn beat(&mut self, wait: Duration) -> Result<usize, End> {
-        const BEAT: &[u8] = b": hb\n\n";
+    /// A heartbeat (a comment, or with `event` an `event: heartbeat`): a full body
+    /// queue is a stalled peer at once; a socket gets `wait` to take it.
+    async fn beat(&mut self, wait: Duration, event: bool) -> Result<usize, End> {
+        const COMMENT: &[u8] = b": hb\n\n";
+        const EVENT: &[u8] = b"event: heartbeat\ndata: {}\n\n";
+        let beat = Bytes::from_static(if event { EVENT } else { COMMENT });
+        let n = beat.len();
         match self {
-            Out::Body(tx) => match tx.try_send(Bytes::from_static(BEAT)) {
-                Ok(()) => Ok(BEAT.len()),
-                Err(mpsc::error::TrySendError::Full(_)) => Err(End::Stalled),
-                Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Lost),
+            Out::Body(tx) => match tx.try_send(beat) {
+                Ok(()) => Ok(n),
+                Err(mpsc::error::TrySendError::Full(_)) => Err(End::Stalled(Leg::Client)),
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(lost()),
             },
-            Out::Socket { .. } => match timeout(wait, self.send(Bytes::from_static(BEAT))).await {
-                Ok(Ok(())) => Ok(BEAT.len()),
-                Ok(Err(())) => Err(End::Lost),
-                Err(_) => Err(End::Stalled),
+            Out::Socket { .. } => match timeout(wait, self.send(beat)).await {
+                Ok(Ok(())) => Ok(n),
+                Ok(Err(())) => Err(lost()),
+                Err(_) => Err(End::Stalled(Leg::Client)),
             },
         }
     }
@@ -509,7 +548,7 @@ impl Out {
         match self {
             Out::Body(tx) => {
                 tx.closed().await;
-                End::Lost
+                lost()
             }
             // `poll_read_ready`, not `readable()`: it takes over the waker slot in which
             // hyper's finished task would otherwise stay registered (and allocated)
@@ -519,14 +558,14 @@ impl Out {
                     .await
                     .is_err()
                 {
-                    return End::Lost;
+                    return lost();
                 }
                 match drain_input(sock) {
-                    None => return End::Lost,
+                    None => return lost(),
                     Some(n) => {
                         *heard += n;
                         if *heard > MAX_HEARD {
-                            return End::Unexpected;
+                            return End::UnexpectedInput;
                         }
                     }
                 }
@@ -638,40 +677,39 @@ fn transient_refusal(refusal: Refusal) -> Response {
     with_body(stream_head(), rx)
 }
 
-enum End {
-    Announce(Closing),
-    Lost,
-    Stalled,
-    Hard,
-    /// The client kept sending on a taken-over socket (see [`MAX_HEARD`]).
-    Unexpected,
+/// An admitted stream's connection: Tether's protocol over an event stream.
+pub(crate) struct SseConn {
+    out: Out,
+    stream: Stream,
+    /// `retry:`, the welcome event and any subscription errors, sent first.
+    first: Option<Bytes>,
+    /// `heartbeat.timeout_ms`: how long a write may block.
+    wait: Duration,
+    /// `&heartbeat=event`: heartbeats are `event: heartbeat`, which `EventSource`
+    /// shows, instead of a comment, which it hides.
+    beat_event: bool,
 }
 
-/// Moves what the outbox holds into the body, topping up catching-up subscriptions.
-async fn flush(
-    app: &App,
-    conn: &Arc<Connection>,
-    out: &mut Out,
-    stream: &mut Stream,
-    batch: &mut Vec<Outgoing>,
-    wait: Duration,
-) -> Option<End> {
-    loop {
-        batch.clear();
-        if conn.outbox().take(batch) {
-            return Some(End::Announce(Closing::new(
-                CloseCode::SLOW_CONSUMER,
-                "outbound queue full",
-            )));
-        }
-        if batch.is_empty() {
-            // Nothing kept while idle.
-            *batch = Vec::new();
-            return None;
-        }
+impl Transport for SseConn {
+    /// The only thing an event stream hears: that it ended.
+    type Inbound = End;
+    const FAMILY: Family = Family::Tether;
+    const ANSWERS_PINGS: [bool; 2] = [false, false];
+    // One turn of the runtime's queue lets a burst catch up.
+    const GATHER: u8 = 1;
+
+    async fn start(&mut self, _app: &App, conn: &Arc<Connection>) -> Result<(), End> {
+        let Some(first) = self.first.take() else {
+            return Ok(());
+        };
+        conn.add_bytes_out(first.len());
+        self.send(first).await
+    }
+
+    async fn write(&mut self, conn: &Connection, batch: &[Outgoing]) -> Result<(), End> {
         // Sized once for the whole batch (each event's `id:` line is the cursor), so
         // a burst does not leave a trail of regrown buffers behind.
-        let id_line = 6 + stream.cursor_len();
+        let id_line = 6 + self.stream.cursor_len();
         let size = batch
             .iter()
             .map(|i| match i {
@@ -681,148 +719,82 @@ async fn flush(
             })
             .sum();
         let mut buf = BytesMut::with_capacity(size);
-        for item in batch.drain(..) {
-            stream.render(&item, &mut buf);
+        for item in batch {
+            self.stream.render(item, &mut buf);
         }
-        if !buf.is_empty() {
-            conn.add_bytes_out(buf.len());
-            let written = conn
-                .outbox()
-                .unless_overflowed(timeout(wait, out.send(buf.freeze())))
-                .await;
-            match written {
-                None => {
-                    return Some(End::Announce(Closing::new(
-                        CloseCode::SLOW_CONSUMER,
-                        "outbound queue full",
-                    )))
-                }
-                Some(Err(_)) => return Some(End::Stalled),
-                Some(Ok(Err(_))) => return Some(End::Lost),
-                Some(Ok(Ok(()))) => {}
-            }
+        if buf.is_empty() {
+            return Ok(());
         }
-        if conn.is_catching_up() && app.registry.hub().catch_up(conn) == CatchUp::Lost {
-            return Some(End::Announce(Closing::new(
-                CloseCode::SLOW_CONSUMER,
-                "fell behind the channel history",
-            )));
+        conn.add_bytes_out(buf.len());
+        self.send(buf.freeze()).await
+    }
+
+    async fn next(&mut self) -> Heard<End> {
+        Heard {
+            leg: Leg::Client,
+            counts: false,
+            item: self.out.closed().await,
+        }
+    }
+
+    async fn on_inbound(&mut self, _cx: Cx<'_>, end: End) -> Option<End> {
+        Some(end)
+    }
+
+    async fn ping(&mut self, conn: &Connection) -> Result<(), End> {
+        let n = self.out.beat(self.wait, self.beat_event).await?;
+        conn.add_bytes_out(n);
+        Ok(())
+    }
+
+    async fn finish(
+        mut self,
+        app: &App,
+        conn: &Connection,
+        ending: &Ending,
+        queued: Vec<Outgoing>,
+    ) {
+        let ToClient::Announce(closing) = &ending.client else {
+            return;
+        };
+        if !closing.reconnect {
+            app.tombstones.add(conn.id());
+        }
+        let goodbye = async {
+            self.write(conn, &queued).await?;
+            let retry = closing
+                .retry_ms
+                .map(|r| format!("retry: {r}\n"))
+                .unwrap_or_default();
+            let text = format!(
+                "{retry}id: {}\nevent: closing\ndata: {}\n\n",
+                self.stream.cursor(),
+                ServerFrame::Closing(closing).encode()
+            );
+            conn.add_bytes_out(text.len());
+            self.send(Bytes::from(text)).await?;
+            self.out.finish().await;
+            Ok::<_, End>(())
+        };
+        let _ = timeout(CLOSE_WAIT, goodbye).await;
+    }
+}
+
+impl SseConn {
+    /// Sends whole events within `wait`: a peer that does not read for that long
+    /// stalled.
+    async fn send(&mut self, data: Bytes) -> Result<(), End> {
+        match timeout(self.wait, self.out.send(data)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(())) => Err(lost()),
+            Err(_) => Err(End::Stalled(Leg::Client)),
         }
     }
 }
 
-/// The stream's task. `start` comes boxed and is unboxed at once: an async fn keeps
-/// its arguments in its state beside the locals they move into (see `ws::run`).
-async fn run(app: Arc<App>, start: Box<Start>, mut out: Out) {
-    let Start {
-        mut guard,
-        mut stream,
-        first,
-        expires_at,
-    } = *{ start };
-    let conn = guard.conn().clone();
-    let interval = Duration::from_millis(app.cfg.heartbeat.interval_ms.get());
-    let wait = Duration::from_millis(app.cfg.heartbeat.timeout_ms.get());
-    let start = Instant::now();
-    let lifetime_at = match app.cfg.limits.max_connection_lifetime_ms {
-        0 => None,
-        ms => Some(start + crate::jittered(ms)),
-    };
-    let mut next_beat = start + interval;
-    let timer = tokio::time::sleep_until(next_beat);
-    tokio::pin!(timer);
-    let mut batch = Vec::new();
-    conn.add_bytes_out(first.len());
-    let mut end = match timeout(wait, out.send(first)).await {
-        Ok(Ok(())) => None,
-        Ok(Err(())) => Some(End::Lost),
-        Err(_) => Some(End::Stalled),
-    };
-    // Replay what a resumed subscription missed.
-    if end.is_none() && conn.is_catching_up() && app.registry.hub().catch_up(&conn) == CatchUp::Lost
-    {
-        end = Some(End::Announce(Closing::new(
-            CloseCode::SLOW_CONSUMER,
-            "fell behind the channel history",
-        )));
-    }
-    let end = loop {
-        if let Some(e) = end.take() {
-            break e;
-        }
-        let wake = [Some(next_beat), lifetime_at, expires_at]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(next_beat);
-        timer.as_mut().reset(wake);
-        tokio::select! {
-            biased;
-            _ = app.drain.hard_stop().cancelled() => break End::Hard,
-            closing = conn.close_requested() => break End::Announce(closing),
-            end = out.closed() => break end,
-            _ = conn.outbox().ready() => {
-                // As in `ws`: one turn of the runtime's queue lets a burst catch up.
-                tokio::task::yield_now().await;
-                end = flush(&app, &conn, &mut out, &mut stream, &mut batch, wait).await;
-            }
-            _ = &mut timer => {
-                let now = Instant::now();
-                if expires_at.is_some_and(|e| now >= e) {
-                    break End::Announce(Closing::new(CloseCode::TOKEN_EXPIRED, "token expired"));
-                }
-                if lifetime_at.is_some_and(|l| now >= l) {
-                    break End::Announce(Closing::new(CloseCode::MAX_LIFETIME, "maximum connection lifetime reached"));
-                }
-                next_beat = now + interval;
-                match out.beat(wait).await {
-                    Ok(n) => conn.add_bytes_out(n),
-                    Err(e) => break e,
-                }
-            }
-        }
-    };
-    match end {
-        End::Announce(closing) => {
-            guard.set_close(closing.code.0, closing.reason.clone());
-            if !closing.reconnect {
-                app.tombstones.add(conn.id());
-            }
-            let announce = async {
-                if !closing.code.drops_queue() {
-                    let _ = flush(&app, &conn, &mut out, &mut stream, &mut batch, wait).await;
-                }
-                let retry = closing
-                    .retry_ms
-                    .map(|r| format!("retry: {r}\n"))
-                    .unwrap_or_default();
-                let text = format!(
-                    "{retry}id: {}\nevent: closing\ndata: {}\n\n",
-                    stream.cursor(),
-                    ServerFrame::Closing(&closing).encode()
-                );
-                conn.add_bytes_out(text.len());
-                let _ = timeout(Duration::from_secs(2), async {
-                    if out.send(Bytes::from(text)).await.is_ok() {
-                        out.finish().await;
-                    }
-                })
-                .await;
-            };
-            tokio::select! {
-                _ = announce => {}
-                _ = app.drain.hard_stop().cancelled() => {}
-            }
-        }
-        End::Lost => guard.set_close(CloseCode::ABNORMAL.0, "stream closed by the peer"),
-        End::Stalled => guard.set_close(CloseCode::SLOW_CONSUMER.0, "peer stopped reading"),
-        End::Hard => guard.set_close(CloseCode::GOING_AWAY.0, "shutdown deadline"),
-        End::Unexpected => {
-            guard.set_close(CloseCode::POLICY.0, "client sent data on an event stream")
-        }
-    }
-    drop(out);
-    drop(guard);
+/// The peer closed its end of the stream.
+fn lost() -> End {
+    End::Lost(Leg::Client, "stream closed by the peer".into())
 }
 
 #[cfg(test)]

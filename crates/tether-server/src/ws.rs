@@ -18,10 +18,8 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tether_core::{CatchUp, ConnSpec, ConnectionGuard, Outgoing, Transport};
-use tether_protocol::{
-    valid_channel, ClientFrame, CloseCode, Closing, Position, Refusal, ServerFrame,
-};
+use tether_core::{ConnSpec, Connection, ConnectionGuard, Outgoing, Transport as Kind};
+use tether_protocol::{ClientFrame, Closing, Refusal, ServerFrame};
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -32,7 +30,9 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::admission::{self, AdmitError, Credentials};
 use crate::auth::Identity;
+use crate::commands;
 use crate::conn_io::ConnIo;
+use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
 use crate::net::SocketInfo;
 use crate::App;
 
@@ -111,7 +111,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
     let pending = info.take_pending();
     let spec = move |meta| ConnSpec {
-        transport: Transport::Ws,
+        transport: Kind::Ws,
         remote_addr: ip,
         user_agent,
         meta,
@@ -160,10 +160,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
                     .flatten();
                 let admitted = admission::identify(&task_app, Credentials::Token(first.as_deref()))
                     .and_then(|(client_id, id)| {
-                        match task_app
-                            .registry
-                            .reserve(&client_id, Transport::Ws, Some(slot))
-                        {
+                        match task_app.registry.reserve(&client_id, Kind::Ws, Some(slot)) {
                             Ok(r) => Ok((r, id)),
                             Err(r) => Err(AdmitError::Refused(r)),
                         }
@@ -197,7 +194,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     } else {
         Credentials::Client(query.client.as_deref())
     };
-    match admission::admit(&app, creds, ip, Transport::Ws, origin_ok, &[]) {
+    match admission::admit(&app, creds, ip, Kind::Ws, origin_ok, &[]) {
         Err(e) => {
             drop(pending);
             refusal_response(
@@ -384,27 +381,6 @@ pub(crate) async fn refuse_after_upgrade(mut ws: Ws, refusal: Refusal) {
     close_handshake(&mut ws, &closing, CLOSE_WAIT).await;
 }
 
-/// Why the connection loop ended.
-enum End {
-    /// The server closes: announce, then close frame.
-    Announce(Closing),
-    /// The peer sent a close frame with this code.
-    PeerClosed(u16, String),
-    /// The socket failed or ended without a close frame.
-    Lost(String),
-    /// Writes stalled past the heartbeat timeout: the peer does not read.
-    Stalled,
-    /// The shutdown deadline passed.
-    Hard,
-}
-
-/// What the connection knows about its token (jwt mode).
-struct Session {
-    identity: Option<Identity>,
-    /// When the token (plus leeway) runs out: 4003 unless refreshed.
-    expires_at: Option<Instant>,
-}
-
 /// What a connection task starts with; boxed so that it is not kept twice in the
 /// task's state (once as the argument, once as the locals it moves into).
 struct Start {
@@ -435,399 +411,177 @@ impl Start {
     }
 }
 
+/// Runs a committed `/ws` connection through the driver.
 async fn run(app: Arc<App>, start: Box<Start>) {
-    // Locals that end inside a block take no room in the task's state after it.
-    let (mut ws, mut guard, mut session) = {
-        // `{ start }` moves the box into a temporary, freed at the end of this
-        // statement; destructuring `*start` itself would keep the emptied box
-        // allocated (~0.5 KiB) until the task ends.
-        let Start {
-            ws,
-            guard,
-            identity,
-        } = *{ start };
-        let session = Session {
-            expires_at: identity.as_ref().map(|i| app.auth.expires_at(i)),
-            identity,
+    // `{ start }` moves the box into a temporary, freed at the end of this
+    // statement; destructuring `*start` itself would keep the emptied box
+    // allocated (~0.5 KiB) until the task ends.
+    let Start {
+        ws,
+        guard,
+        identity,
+    } = *{ start };
+    let expires_at = identity.as_ref().map(|i| app.auth.expires_at(i));
+    let conn = WsConn {
+        ws,
+        identity,
+        torn: None,
+        wait: Duration::from_millis(app.cfg.heartbeat.timeout_ms.get()),
+        interval: Duration::from_millis(app.cfg.heartbeat.interval_ms.get()),
+    };
+    driver::drive(app, guard, conn, expires_at, None).await;
+}
+
+/// A `/ws` connection: Tether's protocol over WebSocket.
+pub(crate) struct WsConn {
+    ws: Ws,
+    /// The token's identity (jwt mode): what it may subscribe to. A `refresh`
+    /// replaces it.
+    identity: Option<Identity>,
+    /// The unwritten rest of a frame whose write was cut off (a timeout, an
+    /// overflow): it goes out before anything else is framed.
+    torn: Option<Bytes>,
+    /// `heartbeat.timeout_ms`: how long a write may block before the peer counts
+    /// as not reading.
+    wait: Duration,
+    /// `heartbeat.interval_ms`, announced in `welcome`.
+    interval: Duration,
+}
+
+impl Transport for WsConn {
+    type Inbound = Result<Message, WsError>;
+    const FAMILY: Family = Family::Tether;
+    const ANSWERS_PINGS: [bool; 2] = [true, false];
+    // Two turns of the runtime's queue: a burst's frames gather into fewer writes.
+    const GATHER: u8 = 2;
+
+    async fn start(&mut self, app: &App, conn: &Arc<Connection>) -> Result<(), End> {
+        // From here on the outbox may write published frames to a plain TCP socket
+        // itself.
+        self.ws.get_mut().attach(conn);
+        let welcome = [Outgoing::text(
+            &ServerFrame::Welcome {
+                conn_id: conn.id(),
+                client_id: conn.client_id(),
+                node_id: app.registry.node_id(),
+                heartbeat_ms: self.interval.as_millis() as u64,
+                heartbeat_timeout_ms: self.wait.as_millis() as u64,
+            }
+            .encode(),
+        )];
+        self.write(conn, &welcome).await
+    }
+
+    async fn write(&mut self, conn: &Connection, batch: &[Outgoing]) -> Result<(), End> {
+        match timeout(self.wait, write_frames(&mut self.ws, batch, &mut self.torn)).await {
+            Err(_) => Err(End::Stalled(Leg::Client)),
+            Ok(Err(e)) => Err(End::Lost(Leg::Client, format!("write failed: {e}"))),
+            Ok(Ok(n)) => {
+                conn.add_bytes_out(n);
+                Ok(())
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Heard<Self::Inbound> {
+        let item = match self.ws.next().await {
+            Some(m) => m,
+            None => Err(WsError::ConnectionClosed),
         };
-        (ws, guard, session)
-    };
-    let conn = guard.conn().clone();
-    // From here on the outbox may write published frames to a plain TCP socket itself.
-    ws.get_mut().attach(&conn);
-    let cfg = &app.cfg;
-    let interval = Duration::from_millis(cfg.heartbeat.interval_ms.get());
-    let hb_timeout = Duration::from_millis(cfg.heartbeat.timeout_ms.get());
-    let max_rate = cfg.limits.max_inbound_per_sec.get();
-    let start = Instant::now();
-    let lifetime_at = match cfg.limits.max_connection_lifetime_ms {
-        0 => None,
-        ms => Some(start + crate::jittered(ms)),
-    };
-    let mut next_ping = start + interval;
-    let mut pong_due: Option<Instant> = None;
-    let mut window = (start, 0u64);
+        Heard {
+            leg: Leg::Client,
+            counts: true,
+            item,
+        }
+    }
 
-    let welcome = [Outgoing::text(
-        &ServerFrame::Welcome {
-            conn_id: conn.id(),
-            client_id: conn.client_id(),
-            node_id: app.registry.node_id(),
-            heartbeat_ms: interval.as_millis() as u64,
-        }
-        .encode(),
-    )];
-    let mut torn = None;
-    // Futures that run now and then are boxed: the task's own state, held for the
-    // connection's whole life, stays small (idle memory per connection).
-    let mut end = Box::pin(write_timed(
-        &mut ws, &guard, &welcome, hb_timeout, &mut torn,
-    ))
-    .await
-    .err();
-    drop(welcome);
-    let timer = tokio::time::sleep_until(next_ping);
-    tokio::pin!(timer);
-    // Made once, not per turn of the loop: every connection's hard-stop waiter sits
-    // in the one token's list, and re-registering it on each wake-up would take that
-    // list's lock twice per delivery, from every worker.
-    let hard_stop = app.drain.hard_stop().cancelled();
-    tokio::pin!(hard_stop);
-    let close_requested = conn.close_requested();
-    tokio::pin!(close_requested);
-    let mut batch = Vec::new();
-
-    let end = loop {
-        if let Some(e) = end.take() {
-            break e;
-        }
-        let wake = [Some(next_ping), pong_due, lifetime_at, session.expires_at]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(next_ping);
-        // Re-arming moves the timer in the runtime's wheel (a lock): only when the
-        // deadline changed (or it fired), not on every message.
-        if wake != timer.deadline() || timer.is_elapsed() {
-            timer.as_mut().reset(wake);
-        }
-        tokio::select! {
-            biased;
-            _ = &mut hard_stop => break End::Hard,
-            closing = &mut close_requested => break End::Announce(closing),
-            _ = conn.outbox().ready() => {
-                if let Some(e) = Box::pin(flush_outbox(&app, &mut ws, &guard, hb_timeout, &mut batch, &mut torn)).await {
-                    break e;
-                }
+    async fn on_inbound(&mut self, cx: Cx<'_>, item: Self::Inbound) -> Option<End> {
+        let msg = match item {
+            Ok(m) => m,
+            Err(WsError::ConnectionClosed) => {
+                return Some(End::Lost(
+                    Leg::Client,
+                    "connection closed without a close frame".into(),
+                ))
             }
-            _ = &mut timer => {
-                let now = Instant::now();
-                if pong_due.is_some_and(|d| now >= d) {
-                    break End::Announce(Closing::new(CloseCode::HEARTBEAT_TIMEOUT, "no heartbeat from the peer"));
-                }
-                if lifetime_at.is_some_and(|d| now >= d) {
-                    break End::Announce(Closing::new(CloseCode::MAX_LIFETIME, "maximum connection lifetime reached"));
-                }
-                if session.expires_at.is_some_and(|d| now >= d) {
-                    break End::Announce(Closing::new(CloseCode::TOKEN_EXPIRED, "token expired"));
-                }
-                if now >= next_ping {
-                    next_ping = now + interval;
-                    if pong_due.is_none() {
-                        pong_due = Some(now + hb_timeout);
-                    }
-                    match Box::pin(timeout(hb_timeout, ws.send(Message::Ping(Default::default())))).await {
-                        Err(_) => break End::Stalled,
-                        Ok(Err(e)) => break End::Lost(format!("write failed: {e}")),
-                        Ok(Ok(())) => {}
-                    }
-                }
+            Err(e) => return Some(read_error(e)),
+        };
+        match msg {
+            Message::Text(text) => {
+                cx.conn.add_bytes_in(text.len());
+                let frame = ClientFrame::decode(text.as_str());
+                commands::apply(cx, &mut self.identity, frame).await
             }
-            msg = ws.next() => {
-                let msg = match msg {
-                    None => break End::Lost("connection closed without a close frame".into()),
-                    Some(Err(e)) => break read_error(e),
-                    Some(Ok(m)) => m,
-                };
-                pong_due = None;
-                let now = Instant::now();
-                if now.duration_since(window.0) >= Duration::from_secs(1) {
-                    window = (now, 0);
-                }
-                window.1 += 1;
-                if window.1 > max_rate {
-                    break End::Announce(Closing::new(CloseCode::RATE_LIMITED, "too many frames per second"));
-                }
-                if let Some(e) = Box::pin(handle(&app, &mut ws, msg, hb_timeout, &guard, &mut session)).await {
-                    break e;
+            Message::Binary(b) => {
+                cx.conn.add_bytes_in(b.len());
+                cx.conn.touch();
+                commands::reply_error(
+                    cx.conn,
+                    None,
+                    "binary_not_supported",
+                    "the tether protocol uses JSON text frames",
+                );
+                None
+            }
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, "closed by the peer".into()));
+                Some(End::Closed(Leg::Client, code, reason))
+            }
+            // Pings are answered by tungstenite on the next write or read; pongs only
+            // prove liveness, which the driver already recorded.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                match timeout(self.wait, self.ws.flush()).await {
+                    Err(_) => Some(End::Stalled(Leg::Client)),
+                    Ok(Err(e)) => Some(read_error(e)),
+                    Ok(Ok(())) => None,
                 }
             }
         }
-    };
+    }
 
-    // No direct writes from here on: the close sequence is the task's alone.
-    conn.outbox().seal();
-    match end {
-        End::Announce(closing) => {
-            guard.set_close(closing.code.0, closing.reason.clone());
-            let text = ServerFrame::Closing(&closing).encode();
-            // A peer closed for not answering or not reading gets a best-effort
-            // announcement: nobody waits long on it.
-            let wait = if closing.code.drops_queue() {
-                DEAD_PEER_WAIT
-            } else {
-                CLOSE_WAIT
-            };
-            let announce = Box::pin(async {
-                // `closing` follows what is already queued, except for the codes
-                // that exist because the queue cannot be delivered.
-                batch.clear();
+    async fn ping(&mut self, _conn: &Connection) -> Result<(), End> {
+        match timeout(self.wait, self.ws.send(Message::Ping(Default::default()))).await {
+            Err(_) => Err(End::Stalled(Leg::Client)),
+            Ok(Err(e)) => Err(End::Lost(Leg::Client, format!("write failed: {e}"))),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    async fn finish(
+        mut self,
+        _app: &App,
+        conn: &Connection,
+        ending: &Ending,
+        mut queued: Vec<Outgoing>,
+    ) {
+        match &ending.client {
+            ToClient::Announce(closing) => {
+                // A peer closed for not answering or not reading gets a best-effort
+                // announcement: nobody waits long on it.
+                if closing.code.drops_queue() {
+                    self.wait = DEAD_PEER_WAIT;
+                } else {
+                    self.wait = CLOSE_WAIT;
+                }
                 // A write cut off mid-frame is finished first: the stream must be
                 // back on a frame boundary before anything else is framed.
-                batch.extend(torn.take().map(Outgoing::Text));
-                if !closing.code.drops_queue() {
-                    conn.outbox().take(&mut batch);
+                if let Some(t) = self.torn.take() {
+                    queued.insert(0, Outgoing::Text(t));
                 }
-                batch.push(Outgoing::text(&text));
-                if write_timed(&mut ws, &guard, &batch, wait, &mut torn)
-                    .await
-                    .is_ok()
-                {
-                    close_handshake(&mut ws, &closing, wait).await;
+                queued.push(Outgoing::text(&ServerFrame::Closing(closing).encode()));
+                if self.write(conn, &queued).await.is_ok() {
+                    close_handshake(&mut self.ws, closing, self.wait).await;
                 }
-            });
-            tokio::select! {
-                _ = announce => {}
-                _ = app.drain.hard_stop().cancelled() => {}
             }
-        }
-        End::PeerClosed(code, reason) => {
-            guard.set_close(code, reason);
-            let _ = Box::pin(timeout(CLOSE_WAIT, async {
-                while let Some(Ok(_)) = ws.next().await {}
-            }))
-            .await;
-        }
-        End::Lost(why) => guard.set_close(CloseCode::ABNORMAL.0, why),
-        End::Stalled => guard.set_close(CloseCode::SLOW_CONSUMER.0, "peer stopped reading"),
-        End::Hard => guard.set_close(CloseCode::GOING_AWAY.0, "shutdown deadline"),
-    }
-    drop(ws);
-    drop(guard);
-}
-
-/// Handles one inbound message; returns how the loop ends, if it does.
-async fn handle(
-    app: &App,
-    ws: &mut Ws,
-    msg: Message,
-    hb_timeout: Duration,
-    guard: &ConnectionGuard,
-    session: &mut Session,
-) -> Option<End> {
-    let conn = guard.conn();
-    match msg {
-        Message::Text(text) => {
-            conn.add_bytes_in(text.len());
-            let frame = ClientFrame::decode(text.as_str());
-            if !matches!(frame, Ok(ClientFrame::Ping { .. })) {
-                conn.touch();
+            ToClient::Answer => {
+                let _ = timeout(CLOSE_WAIT, async {
+                    while let Some(Ok(_)) = self.ws.next().await {}
+                })
+                .await;
             }
-            let error = |reference: Option<u64>, code: &str, message: &str| {
-                ServerFrame::Error {
-                    reference,
-                    code,
-                    message,
-                }
-                .encode()
-            };
-            let reply = match frame {
-                Ok(ClientFrame::Ping { reference }) => {
-                    Some(ServerFrame::Pong { reference }.encode())
-                }
-                Ok(ClientFrame::Subscribe {
-                    reference,
-                    channel,
-                    since,
-                }) => {
-                    if !valid_channel(&channel) {
-                        Some(error(
-                            reference,
-                            "bad_channel",
-                            "channel names are 1-200 of A-Z a-z 0-9 _ . : / -",
-                        ))
-                    } else if session
-                        .identity
-                        .as_ref()
-                        .is_some_and(|id| !id.may_subscribe(&channel))
-                    {
-                        Some(error(
-                            reference,
-                            "forbidden_channel",
-                            "the token does not permit this channel",
-                        ))
-                    } else {
-                        let since = since.as_deref().and_then(Position::parse);
-                        match app.registry.hub().subscribe(
-                            conn,
-                            &channel,
-                            since.as_ref(),
-                            Some(reference),
-                        ) {
-                            // The `subscribed` frame went through the outbox, ahead of
-                            // the channel's messages.
-                            Ok(_) => None,
-                            Err(e) => Some(error(reference, e.code(), e.message())),
-                        }
-                    }
-                }
-                Ok(ClientFrame::Unsubscribe { reference, channel }) => {
-                    match app.registry.hub().unsubscribe(conn, &channel) {
-                        Ok(()) => {
-                            let frame = ServerFrame::Unsubscribed {
-                                reference,
-                                channel: &channel,
-                            }
-                            .encode();
-                            conn.outbox().push(Outgoing::text(&frame));
-                            None
-                        }
-                        Err(e) => Some(error(reference, e.code(), e.message())),
-                    }
-                }
-                Ok(ClientFrame::Refresh { reference, token }) => {
-                    if !app.auth.is_jwt() {
-                        Some(error(
-                            reference,
-                            "unsupported",
-                            "refresh needs [auth] mode = \"jwt\"",
-                        ))
-                    } else {
-                        match app.auth.verify(&token) {
-                            Ok(id) if id.client_id != conn.client_id() => {
-                                return Some(End::Announce(Closing::new(
-                                    CloseCode::SESSION_ERROR,
-                                    "refresh token is for another subject",
-                                )));
-                            }
-                            Ok(id) => {
-                                session.expires_at = Some(app.auth.expires_at(&id));
-                                session.identity = Some(id);
-                                None
-                            }
-                            Err(_) => {
-                                Some(error(reference, "unauthorized", "invalid or expired token"))
-                            }
-                        }
-                    }
-                }
-                Ok(ClientFrame::Connect { .. }) => Some(error(
-                    None,
-                    "unexpected_connect",
-                    "connect is only valid as the first frame",
-                )),
-                Err(e) => Some(error(e.reference, e.code, &e.message)),
-            };
-            if let Some(r) = reply {
-                conn.outbox().push(Outgoing::text(&r));
-            }
-            None
-        }
-        Message::Binary(b) => {
-            conn.add_bytes_in(b.len());
-            conn.touch();
-            let reply = ServerFrame::Error {
-                reference: None,
-                code: "binary_not_supported",
-                message: "the tether protocol uses JSON text frames",
-            }
-            .encode();
-            conn.outbox().push(Outgoing::text(&reply));
-            None
-        }
-        Message::Close(frame) => {
-            let (code, reason) = frame
-                .map(|f| (u16::from(f.code), f.reason.to_string()))
-                .unwrap_or((1005, "closed by the peer".into()));
-            Some(End::PeerClosed(code, reason))
-        }
-        // Pings are answered by tungstenite on the next write or read; pongs only
-        // prove liveness, which the caller already recorded.
-        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
-            match timeout(hb_timeout, ws.flush()).await {
-                Err(_) => Some(End::Stalled),
-                Ok(Err(e)) => Some(read_error(e)),
-                Ok(Ok(())) => None,
-            }
-        }
-    }
-}
-
-/// Writes everything queued, then tops the queue up from history for any
-/// subscription still catching up.
-async fn flush_outbox(
-    app: &App,
-    ws: &mut Ws,
-    guard: &ConnectionGuard,
-    hb_timeout: Duration,
-    batch: &mut Vec<Outgoing>,
-    torn: &mut Option<Bytes>,
-) -> Option<End> {
-    let conn = guard.conn();
-    // Let the rest of a burst catch up before taking (two turns of the runtime's
-    // queue: immediate when nothing else is ready).
-    tokio::task::yield_now().await;
-    tokio::task::yield_now().await;
-    loop {
-        batch.clear();
-        if conn.outbox().take(batch) {
-            return Some(End::Announce(Closing::new(
-                CloseCode::SLOW_CONSUMER,
-                "outbound queue full",
-            )));
-        }
-        if batch.is_empty() {
-            // Nothing kept while idle.
-            *batch = Vec::new();
-            return None;
-        }
-        let written = conn
-            .outbox()
-            .unless_overflowed(write_timed(ws, guard, batch, hb_timeout, torn))
-            .await;
-        match written {
-            None => {
-                return Some(End::Announce(Closing::new(
-                    CloseCode::SLOW_CONSUMER,
-                    "outbound queue full",
-                )))
-            }
-            Some(Err(e)) => return Some(e),
-            Some(Ok(())) => {}
-        }
-        if conn.is_catching_up() && app.registry.hub().catch_up(conn) == CatchUp::Lost {
-            return Some(End::Announce(Closing::new(
-                CloseCode::SLOW_CONSUMER,
-                "fell behind the channel history",
-            )));
-        }
-    }
-}
-
-/// [`write_frames`] within `wait`: a peer that does not read for that long stalled.
-async fn write_timed(
-    ws: &mut Ws,
-    guard: &ConnectionGuard,
-    frames: &[Outgoing],
-    wait: Duration,
-    torn: &mut Option<Bytes>,
-) -> Result<(), End> {
-    match timeout(wait, write_frames(ws, frames, torn)).await {
-        Err(_) => Err(End::Stalled),
-        Ok(Err(e)) => Err(End::Lost(format!("write failed: {e}"))),
-        Ok(Ok(n)) => {
-            guard.conn().add_bytes_out(n);
-            Ok(())
+            ToClient::Nothing | ToClient::Close(_) => {}
         }
     }
 }
@@ -882,28 +636,23 @@ async fn write_frames(
     Ok(total)
 }
 
-fn read_error(e: WsError) -> End {
+/// What a failed read of the client leg means (shared with the proxy's client leg).
+pub(crate) fn read_error(e: WsError) -> End {
     match e {
         WsError::Capacity(CapacityError::MessageTooLong { .. }) | WsError::Capacity(_) => {
-            End::Announce(Closing::new(CloseCode::MESSAGE_TOO_BIG, "message too big"))
+            End::TooBig
         }
-        WsError::Utf8(_) => End::Announce(Closing::new(
-            CloseCode::INVALID_PAYLOAD,
-            "text frame is not valid UTF-8",
-        )),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            End::Lost("connection reset without a closing handshake".into())
+        WsError::Utf8(_) => End::InvalidUtf8,
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Lost(
+            Leg::Client,
+            "connection reset without a closing handshake".into(),
+        ),
+        WsError::Protocol(p) => End::Protocol(p.to_string()),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            End::Lost(Leg::Client, "connection closed".into())
         }
-        WsError::Protocol(p) => End::Announce(Closing::new(
-            CloseCode::PROTOCOL_ERROR,
-            format!("protocol error: {p}"),
-        )),
-        WsError::ConnectionClosed | WsError::AlreadyClosed => End::Lost("connection closed".into()),
-        WsError::Io(e) => End::Lost(format!("socket error: {e}")),
-        other => End::Announce(Closing::new(
-            CloseCode::INTERNAL_ERROR,
-            format!("internal error: {other}"),
-        )),
+        WsError::Io(e) => End::Lost(Leg::Client, format!("socket error: {e}")),
+        other => End::Internal(other.to_string()),
     }
 }
 

@@ -1,8 +1,6 @@
 //! The real binary: drain on SIGTERM, exit codes, the config commands.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use crate::support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

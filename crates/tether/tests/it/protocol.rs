@@ -26,7 +26,13 @@ fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 async fn welcome_ping_and_errors_keep_the_connection_open() {
     let s = start(|_| {}).await;
     let (mut ws, welcome) = s.ws("?client=p").await;
-    for field in ["conn_id", "client_id", "node_id", "heartbeat_ms"] {
+    for field in [
+        "conn_id",
+        "client_id",
+        "node_id",
+        "heartbeat_ms",
+        "heartbeat_timeout_ms",
+    ] {
         assert!(!welcome[field].is_null(), "{field}");
     }
     assert_eq!(welcome["node_id"], "n1");
