@@ -12,6 +12,7 @@
 mod admin;
 pub mod admission;
 mod api;
+mod client_assets;
 pub mod auth;
 mod commands;
 pub mod config;
