@@ -14,4 +14,5 @@ mod netns;
 mod openapi;
 mod protocol;
 mod proxy;
+mod sdk;
 mod tls;
