@@ -5,9 +5,11 @@
 //! **Bounded memory.** Events go to the app through a bounded channel
 //! ([`ClientBuilder::event_capacity`], default 1024). When it is full the task waits for
 //! the app: it stops reading the socket, the server's bounded per-connection queue
-//! fills, the server closes the connection with 4008 (slow consumer), and the client
-//! resumes from the last delivered position once the app reads again. Nothing is lost
-//! and nothing grows. Commands (subscribe, unsubscribe, close) are the app's own calls.
+//! fills, the server closes the connection with 4008 (slow consumer; behind a full
+//! socket the announcement may not get through, which reads as an unannounced drop),
+//! and the client resumes from the last delivered position once the app reads again.
+//! Nothing is lost and nothing grows (`sdk_a_slow_app_is_closed_4008_and_resumes_without_loss`).
+//! Commands (subscribe, unsubscribe, close) are the app's own calls.
 
 use std::future::Future;
 use std::pin::Pin;
