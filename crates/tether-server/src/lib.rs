@@ -12,6 +12,7 @@
 mod admin;
 pub mod admission;
 mod api;
+mod api_listener;
 mod client_assets;
 pub mod auth;
 mod commands;
@@ -271,15 +272,7 @@ async fn run(
             api::router(app.clone(), api_stop.clone()).merge(net::health_router(app.clone()));
         let stop = api_stop.clone();
         let api_app = app.clone();
-        let serve_api = async move {
-            if let Some(tls) = tls {
-                return tls::serve_api(api_app, api, router, tls, stop).await;
-            }
-            let serve = axum::serve(api, router).with_graceful_shutdown(stop.cancelled_owned());
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "API listener failed");
-            }
-        };
+        let serve_api = api_listener::serve(api_app, api, router, tls, stop);
         // The API listener gets a thread and a runtime of its own: publishes, health
         // checks and metrics are not queued behind thousands of connection tasks
         // under load (and a publisher is not slowed down by the fan-out it causes).

@@ -17,17 +17,18 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
-use tether_core::{ConnSpec, ConnectionGuard, Transport};
-use tether_protocol::{CloseCode, Refusal};
+use tether_core::{ConnSpec, Connection, Outgoing, Transport as Kind};
+use tether_protocol::Refusal;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WireCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::admission::{self, Credentials};
 use crate::config::ProxyRoute;
+use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, ToUpstream, Transport};
 use crate::net::SocketInfo;
 use crate::ws::Ws;
 use crate::App;
@@ -161,18 +162,17 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
         };
         let on_upgrade = hyper::upgrade::on(&mut req);
         let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
-        let admitted = match admission::admit(&app, creds, ip, Transport::Proxy, origin_ok, &[]) {
+        let admitted = match admission::admit(&app, creds, ip, Kind::Proxy, origin_ok, &[]) {
             Ok(a) => a,
             Err(e) => {
+                let refused = crate::ws::Refused {
+                    error: e,
+                    close: refusal_close,
+                    pending: info.take_pending(),
+                };
                 return crate::ws::refusal_response(
-                    &app,
-                    e,
-                    refusal_close,
-                    on_upgrade,
-                    hs_timeout,
-                    &key,
-                    None,
-                )
+                    &app, refused, on_upgrade, hs_timeout, &key, None,
+                );
             }
         };
         // Connect the upstream before answering the client.
@@ -192,15 +192,13 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
             Err(why) => {
                 tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
                 drop(admitted);
-                let e = admission::refused(&app, Refusal::UpstreamUnavailable, ip);
+                let refused = crate::ws::Refused {
+                    error: admission::refused(&app, Refusal::UpstreamUnavailable, ip),
+                    close: refusal_close,
+                    pending: info.take_pending(),
+                };
                 return crate::ws::refusal_response(
-                    &app,
-                    e,
-                    refusal_close,
-                    on_upgrade,
-                    hs_timeout,
-                    &key,
-                    None,
+                    &app, refused, on_upgrade, hs_timeout, &key, None,
                 );
             }
         };
@@ -210,6 +208,8 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let task_app = app.clone();
+        // A proxied connection's token expires like any other (1008 on both legs).
+        let admitted_expiry = admitted.identity.as_ref().map(|i| app.auth.expires_at(i));
         app.tasks.spawn(async move {
             let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await else {
                 return;
@@ -221,14 +221,20 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
             )
             .await;
             let guard = admitted.reservation.commit(ConnSpec {
-                transport: Transport::Proxy,
+                transport: Kind::Proxy,
                 remote_addr: ip,
                 user_agent,
                 meta: admitted.identity.map(|i| i.meta).unwrap_or_default(),
                 upstream: Some(route.upstream.clone()),
             });
             drop(pending);
-            relay(task_app, client, upstream, guard).await;
+            let expires_at = admitted_expiry;
+            let relay = WsRelay {
+                client,
+                upstream,
+                wait: Duration::from_millis(task_app.cfg.heartbeat.timeout_ms.get()),
+            };
+            driver::drive(task_app, guard, relay, expires_at, None).await;
         });
         crate::ws::switching(&key, protocol)
     } else {
@@ -286,186 +292,163 @@ async fn connect_ws(
     }
 }
 
-/// How a relay ended: the close each leg gets (`None`: none can be sent), and the
-/// code recorded for the connection.
-struct Ending {
-    to_client: Option<Option<CloseFrame>>,
-    to_upstream: Option<Option<CloseFrame>>,
-    code: u16,
-    reason: String,
+/// A proxied WebSocket: the client leg and the upstream leg, relayed both ways
+/// verbatim. Nothing of Tether's protocol is injected; the driver's heartbeats ping
+/// both legs and pause while the relay waits on one of them.
+pub(crate) struct WsRelay {
+    client: Ws,
+    upstream: Upstream,
+    /// `heartbeat.timeout_ms`: how long a relayed frame may wait on the other leg.
+    wait: Duration,
 }
 
-fn frame(code: u16, reason: &str) -> Option<CloseFrame> {
-    Some(CloseFrame {
-        code: WireCode::from(code),
-        reason: reason.to_owned().into(),
+/// One frame (or failure) from one leg.
+pub(crate) type RelayItem = (Leg, Option<Result<Message, WsError>>);
+
+impl Transport for WsRelay {
+    type Inbound = RelayItem;
+    const FAMILY: Family = Family::Proxied;
+    const ANSWERS_PINGS: [bool; 2] = [true, true];
+
+    /// Nothing of Tether's reaches a proxied client: what the outbox holds (a direct
+    /// message sent to the client) is dropped.
+    async fn write(&mut self, _conn: &Connection, _batch: &[Outgoing]) -> Result<(), End> {
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Heard<RelayItem> {
+        let (leg, item) = tokio::select! {
+            m = self.client.next() => (Leg::Client, m),
+            m = self.upstream.next() => (Leg::Upstream, m),
+        };
+        Heard {
+            leg,
+            counts: leg == Leg::Client,
+            item: (leg, item),
+        }
+    }
+
+    async fn on_inbound(&mut self, cx: Cx<'_>, (leg, item): RelayItem) -> Option<End> {
+        let msg = match (leg, item) {
+            (_, Some(Ok(m))) => m,
+            (Leg::Client, Some(Err(e))) => return Some(crate::ws::read_error(e)),
+            (Leg::Client, None) => {
+                return Some(End::Lost(Leg::Client, "client connection lost".into()))
+            }
+            (Leg::Upstream, Some(Err(_)) | None) => {
+                return Some(End::Lost(Leg::Upstream, "upstream failed".into()))
+            }
+        };
+        match msg {
+            Message::Text(_) | Message::Binary(_) => self.relay(cx, leg, msg).await,
+            Message::Close(f) => {
+                let (code, reason) = f
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                Some(End::Closed(leg, code, reason))
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+        }
+    }
+
+    async fn ping(&mut self, _conn: &Connection) -> Result<(), End> {
+        let c = timeout(
+            self.wait,
+            self.client.send(Message::Ping(Default::default())),
+        )
+        .await;
+        if !matches!(c, Ok(Ok(()))) {
+            return Err(End::Lost(Leg::Client, "client write failed".into()));
+        }
+        let u = timeout(
+            self.wait,
+            self.upstream.send(Message::Ping(Default::default())),
+        )
+        .await;
+        if !matches!(u, Ok(Ok(()))) {
+            return Err(End::Lost(Leg::Upstream, "upstream write failed".into()));
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        mut self,
+        _app: &App,
+        _conn: &Connection,
+        ending: &Ending,
+        _queued: Vec<Outgoing>,
+    ) {
+        let client = match &ending.client {
+            ToClient::Close(f) => Some(close_frame(f)),
+            ToClient::Answer => Some(None),
+            ToClient::Nothing | ToClient::Announce(_) => None,
+        };
+        let upstream = match &ending.upstream {
+            ToUpstream::Close(f) => Some(close_frame(f)),
+            ToUpstream::Answer => Some(None),
+            ToUpstream::Nothing => None,
+        };
+        tokio::join!(
+            close_leg(&mut self.client, client),
+            close_leg(&mut self.upstream, upstream)
+        );
+    }
+}
+
+impl WsRelay {
+    /// Sends a data frame from `from` to the other leg, within the heartbeat
+    /// timeout; heartbeats pause while it waits.
+    async fn relay(&mut self, cx: Cx<'_>, from: Leg, msg: Message) -> Option<End> {
+        let n = msg.len();
+        let waited = Instant::now();
+        let sent = match from {
+            Leg::Client => {
+                cx.conn.add_bytes_in(n);
+                cx.conn.touch();
+                timeout(self.wait, self.upstream.send(msg)).await
+            }
+            Leg::Upstream => timeout(self.wait, self.client.send(msg)).await,
+        };
+        cx.deadlines.pause(waited.elapsed());
+        let to = match from {
+            Leg::Client => Leg::Upstream,
+            Leg::Upstream => Leg::Client,
+        };
+        match sent {
+            Ok(Ok(())) => {
+                if to == Leg::Client {
+                    cx.conn.add_bytes_out(n);
+                }
+                None
+            }
+            Err(_) => Some(End::Stalled(to)),
+            Ok(Err(_)) => Some(End::Lost(to, "write failed".into())),
+        }
+    }
+}
+
+/// A close frame from the table's code and reason.
+fn close_frame(f: &Option<(u16, String)>) -> Option<CloseFrame> {
+    f.as_ref().map(|(code, reason)| CloseFrame {
+        code: WireCode::from(*code),
+        reason: reason.clone().into(),
     })
 }
 
-/// A code a peer sent, as it may be sent on: 1005/1006/1015 cannot be.
-fn passable(code: u16) -> bool {
-    !matches!(code, 1005 | 1006 | 1015)
-}
-
-async fn relay(app: Arc<App>, mut client: Ws, mut upstream: Upstream, mut guard: ConnectionGuard) {
-    let conn = guard.conn().clone();
-    let interval = Duration::from_millis(app.cfg.heartbeat.interval_ms.get());
-    let hb_timeout = Duration::from_millis(app.cfg.heartbeat.timeout_ms.get());
-    let start = Instant::now();
-    let lifetime_at = match app.cfg.limits.max_connection_lifetime_ms {
-        0 => None,
-        ms => Some(start + crate::jittered(ms)),
+/// Closes one leg (`Some(frame)`; `Some(None)` answers a close it sent), then
+/// waits, bounded, for its end.
+async fn close_leg<S>(leg: &mut WebSocketStream<S>, frame: Option<Option<CloseFrame>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Some(frame) = frame else {
+        return;
     };
-    let mut next_ping = start + interval;
-    let mut client_due: Option<Instant> = None;
-    let mut upstream_due: Option<Instant> = None;
-    let timer = tokio::time::sleep_until(next_ping);
-    tokio::pin!(timer);
-    let going_away = |reason: &str| Ending {
-        to_client: Some(frame(1001, reason)),
-        to_upstream: Some(frame(1001, reason)),
-        code: 1001,
-        reason: reason.to_owned(),
-    };
-    let ending = loop {
-        let wake = [Some(next_ping), client_due, upstream_due, lifetime_at]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(next_ping);
-        timer.as_mut().reset(wake);
-        tokio::select! {
-            biased;
-            _ = app.drain.hard_stop().cancelled() => break going_away("shutdown deadline"),
-            closing = conn.close_requested() => {
-                // Kicks and drain are 1001 on both legs; limits and token expiry 1008.
-                break if matches!(closing.code.0, 1001 | 4001 | 4002) {
-                    going_away(&closing.reason)
-                } else {
-                    Ending { to_client: Some(frame(1008, &closing.reason)), to_upstream: Some(frame(1008, &closing.reason)), code: closing.code.0, reason: closing.reason }
-                };
-            }
-            _ = &mut timer => {
-                let now = Instant::now();
-                if client_due.is_some_and(|d| now >= d) {
-                    break Ending { to_client: None, to_upstream: Some(frame(1001, "client heartbeat timeout")), code: CloseCode::HEARTBEAT_TIMEOUT.0, reason: "client heartbeat timeout".into() };
-                }
-                if upstream_due.is_some_and(|d| now >= d) {
-                    break Ending { to_client: Some(frame(1014, "upstream heartbeat timeout")), to_upstream: None, code: CloseCode::BAD_GATEWAY.0, reason: "upstream heartbeat timeout".into() };
-                }
-                if lifetime_at.is_some_and(|d| now >= d) {
-                    break Ending { to_client: Some(frame(1008, "maximum connection lifetime")), to_upstream: Some(frame(1008, "maximum connection lifetime")), code: CloseCode::MAX_LIFETIME.0, reason: "maximum connection lifetime".into() };
-                }
-                if now >= next_ping {
-                    next_ping = now + interval;
-                    client_due.get_or_insert(now + hb_timeout);
-                    upstream_due.get_or_insert(now + hb_timeout);
-                    let c = timeout(hb_timeout, client.send(Message::Ping(Default::default()))).await;
-                    let u = timeout(hb_timeout, upstream.send(Message::Ping(Default::default()))).await;
-                    if !matches!(c, Ok(Ok(()))) {
-                        break Ending { to_client: None, to_upstream: Some(frame(1001, "client unreachable")), code: 1006, reason: "client write failed".into() };
-                    }
-                    if !matches!(u, Ok(Ok(()))) {
-                        break Ending { to_client: Some(frame(1014, "upstream unreachable")), to_upstream: None, code: 1014, reason: "upstream write failed".into() };
-                    }
-                }
-            }
-            m = client.next() => {
-                client_due = None;
-                match m {
-                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-                        conn.add_bytes_in(m.len());
-                        conn.touch();
-                        // The relay waits on the upstream; the heartbeats pause meanwhile.
-                        let waited = Instant::now();
-                        let sent = timeout(hb_timeout, upstream.send(m)).await;
-                        shift(&mut upstream_due, waited.elapsed());
-                        shift(&mut client_due, waited.elapsed());
-                        if !matches!(sent, Ok(Ok(()))) {
-                            break Ending { to_client: Some(frame(1014, "upstream is not reading")), to_upstream: None, code: 1014, reason: "upstream write failed".into() };
-                        }
-                    }
-                    Some(Ok(Message::Close(f))) => {
-                        let (code, reason) = f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                        let onward = if passable(code) { frame(code, &reason) } else { frame(1001, "client closed") };
-                        break Ending { to_client: Some(None), to_upstream: Some(onward), code, reason };
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        use tokio_tungstenite::tungstenite::error::ProtocolError;
-                        let code = match e {
-                            tokio_tungstenite::tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
-                            tokio_tungstenite::tungstenite::Error::Capacity(_) => Some(1009),
-                            tokio_tungstenite::tungstenite::Error::Protocol(_) => Some(1002),
-                            tokio_tungstenite::tungstenite::Error::Utf8(_) => Some(1007),
-                            _ => None,
-                        };
-                        break match code {
-                            Some(c) => Ending { to_client: Some(frame(c, "protocol error")), to_upstream: Some(frame(1008, "client protocol error")), code: c, reason: "client protocol error".into() },
-                            None => Ending { to_client: None, to_upstream: Some(frame(1001, "client went away")), code: 1006, reason: "client connection lost".into() },
-                        };
-                    }
-                    None => break Ending { to_client: None, to_upstream: Some(frame(1001, "client went away")), code: 1006, reason: "client connection lost".into() },
-                }
-            }
-            m = upstream.next() => {
-                upstream_due = None;
-                match m {
-                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-                        let n = m.len();
-                        let waited = Instant::now();
-                        let sent = timeout(hb_timeout, client.send(m)).await;
-                        shift(&mut upstream_due, waited.elapsed());
-                        shift(&mut client_due, waited.elapsed());
-                        match sent {
-                            Ok(Ok(())) => conn.add_bytes_out(n),
-                            // Waiting on the client past the heartbeat timeout: slow consumer.
-                            Err(_) => break Ending { to_client: Some(frame(1008, "slow consumer")), to_upstream: Some(frame(1001, "client is not reading")), code: CloseCode::SLOW_CONSUMER.0, reason: "slow consumer".into() },
-                            Ok(Err(_)) => break Ending { to_client: None, to_upstream: Some(frame(1001, "client went away")), code: 1006, reason: "client write failed".into() },
-                        }
-                    }
-                    Some(Ok(Message::Close(f))) => {
-                        let (code, reason) = f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                        let onward = if passable(code) { frame(code, &reason) } else { None };
-                        break Ending { to_client: Some(onward), to_upstream: Some(None), code, reason };
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => break Ending { to_client: Some(frame(1014, "upstream failed")), to_upstream: None, code: 1014, reason: "upstream failed".into() },
-                }
-            }
-        }
-    };
-    guard.set_close(ending.code, ending.reason.clone());
-    let close_client = async {
-        if let Some(f) = ending.to_client {
-            let _ = timeout(CLOSE_WAIT, client.close(f)).await;
-            let _ = timeout(CLOSE_WAIT, async {
-                while let Some(Ok(_)) = client.next().await {}
-            })
-            .await;
-        }
-    };
-    let close_upstream = async {
-        if let Some(f) = ending.to_upstream {
-            let _ = timeout(CLOSE_WAIT, upstream.close(f)).await;
-            let _ = timeout(CLOSE_WAIT, async {
-                while let Some(Ok(_)) = upstream.next().await {}
-            })
-            .await;
-        }
-    };
-    tokio::select! {
-        _ = async { tokio::join!(close_client, close_upstream) } => {}
-        _ = app.drain.hard_stop().cancelled() => {}
-    }
-    drop(guard);
-}
-
-/// Moves a heartbeat deadline by the time the relay spent waiting on a leg.
-fn shift(due: &mut Option<Instant>, by: Duration) {
-    if let Some(d) = due {
-        *d += by;
-    }
+    let _ = timeout(CLOSE_WAIT, leg.close(frame)).await;
+    let _ = timeout(CLOSE_WAIT, async {
+        while let Some(Ok(_)) = leg.next().await {}
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -17,13 +17,14 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use tether_core::{ConnSpec, ConnectionGuard, Transport};
+use tether_core::{ConnSpec, Connection, Outgoing, Transport as Kind};
 use tether_protocol::Refusal;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::admission::{self, AdmitError, Credentials};
 use crate::config::ProxyRoute;
+use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, Transport};
 use crate::net::SocketInfo;
 use crate::App;
 
@@ -41,7 +42,7 @@ pub(crate) async fn handle(
     ip: IpAddr,
     origin_ok: bool,
 ) -> Response {
-    let admitted = match admission::admit(&app, creds, ip, Transport::Proxy, origin_ok, &[]) {
+    let admitted = match admission::admit(&app, creds, ip, Kind::Proxy, origin_ok, &[]) {
         Ok(a) => a,
         Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
         Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
@@ -82,8 +83,9 @@ pub(crate) async fn handle(
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let expires_at = admitted.identity.as_ref().map(|i| app.auth.expires_at(i));
     let guard = admitted.reservation.commit(ConnSpec {
-        transport: Transport::Proxy,
+        transport: Kind::Proxy,
         remote_addr: ip,
         user_agent,
         meta: admitted.identity.map(|i| i.meta).unwrap_or_default(),
@@ -91,13 +93,15 @@ pub(crate) async fn handle(
     });
     drop(info.take_pending());
     let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
-    app.tasks.spawn(relay(
-        app.clone(),
-        guard,
-        upstream,
+    let relay = SseRelay {
+        body: upstream.bytes_stream().boxed(),
         tx,
-        route.upstream_idle_timeout_ms,
-    ));
+        wait: Duration::from_millis(app.cfg.heartbeat.timeout_ms.get()),
+    };
+    let idle = (route.upstream_idle_timeout_ms > 0)
+        .then(|| Duration::from_millis(route.upstream_idle_timeout_ms));
+    app.tasks
+        .spawn(driver::drive(app.clone(), guard, relay, expires_at, idle));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
@@ -114,48 +118,78 @@ pub(crate) async fn handle(
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
-async fn relay(
-    app: Arc<App>,
-    mut guard: ConnectionGuard,
-    upstream: reqwest::Response,
+/// A proxied event stream: the upstream's body relayed to the client's as it comes.
+/// The client's side is hyper's body (`tx`); dropping `tx` ends it, and dropping
+/// `body` cancels the upstream request.
+pub(crate) struct SseRelay {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<Bytes>>,
     tx: mpsc::Sender<Bytes>,
-    idle_ms: u64,
-) {
-    let conn = guard.conn().clone();
-    let wait = Duration::from_millis(app.cfg.heartbeat.timeout_ms.get());
-    let idle = (idle_ms > 0).then(|| Duration::from_millis(idle_ms));
-    let mut body = upstream.bytes_stream();
-    let mut last = Instant::now();
-    let far = Duration::from_secs(365 * 24 * 3600);
-    let (code, reason): (u16, String) = loop {
-        let idle_at = last + idle.unwrap_or(far);
-        tokio::select! {
-            biased;
-            _ = app.drain.hard_stop().cancelled() => break (1001, "shutdown deadline".into()),
-            closing = conn.close_requested() => break (closing.code.0, closing.reason),
-            _ = tx.closed() => break (1006, "client went away".into()),
-            _ = tokio::time::sleep_until(idle_at) => break (1014, "upstream idle".into()),
-            chunk = body.next() => match chunk {
-                Some(Ok(b)) => {
-                    last = Instant::now();
-                    let n = b.len();
-                    // A client that does not read slows reading the upstream, up to the
-                    // heartbeat timeout; then it is a slow consumer.
-                    match timeout(wait, tx.send(b)).await {
-                        Ok(Ok(())) => conn.add_bytes_out(n),
-                        Ok(Err(_)) => break (1006, "client went away".into()),
-                        Err(_) => break (tether_protocol::CloseCode::SLOW_CONSUMER.0, "slow consumer".into()),
-                    }
-                }
-                Some(Err(_)) => break (1014, "upstream failed".into()),
-                None => break (1000, "upstream ended the stream".into()),
-            },
+    /// `heartbeat.timeout_ms`: how long a chunk may wait on the client.
+    wait: Duration,
+}
+
+/// What a leg of an SSE relay did: the client went away (`None`), or the upstream
+/// sent a chunk, failed or ended.
+pub(crate) type SseItem = Option<Option<reqwest::Result<Bytes>>>;
+
+impl Transport for SseRelay {
+    type Inbound = SseItem;
+    const FAMILY: Family = Family::Proxied;
+    const ANSWERS_PINGS: [bool; 2] = [false, false];
+
+    /// Nothing of Tether's reaches a proxied client.
+    async fn write(&mut self, _conn: &Connection, _batch: &[Outgoing]) -> Result<(), End> {
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Heard<SseItem> {
+        let (leg, item) = tokio::select! {
+            _ = self.tx.closed() => (Leg::Client, None),
+            chunk = self.body.next() => (Leg::Upstream, Some(chunk)),
+        };
+        Heard {
+            leg,
+            counts: false,
+            item,
         }
-    };
-    guard.set_close(code, reason);
-    // Dropping the upstream body cancels the upstream request; dropping the sender
-    // ends the client's stream.
-    drop(body);
-    drop(tx);
-    drop(guard);
+    }
+
+    async fn on_inbound(&mut self, cx: Cx<'_>, item: SseItem) -> Option<End> {
+        let chunk = match item {
+            None => return Some(End::Lost(Leg::Client, "client went away".into())),
+            Some(None) => return Some(End::UpstreamEnded),
+            Some(Some(Err(_))) => return Some(End::Lost(Leg::Upstream, "upstream failed".into())),
+            Some(Some(Ok(b))) => b,
+        };
+        let n = chunk.len();
+        let waited = Instant::now();
+        // A client that does not read slows reading the upstream, up to the heartbeat
+        // timeout; then it is a slow consumer.
+        let sent = timeout(self.wait, self.tx.send(chunk)).await;
+        cx.deadlines.pause(waited.elapsed());
+        match sent {
+            Ok(Ok(())) => {
+                cx.conn.add_bytes_out(n);
+                None
+            }
+            Ok(Err(_)) => Some(End::Lost(Leg::Client, "client went away".into())),
+            Err(_) => Some(End::Stalled(Leg::Client)),
+        }
+    }
+
+    /// Nothing is injected into a proxied stream.
+    async fn ping(&mut self, _conn: &Connection) -> Result<(), End> {
+        Ok(())
+    }
+
+    /// Dropping the upstream body cancels the upstream request; dropping the sender
+    /// ends the client's stream.
+    async fn finish(
+        self,
+        _app: &App,
+        _conn: &Connection,
+        _ending: &Ending,
+        _queued: Vec<Outgoing>,
+    ) {
+    }
 }

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, Response};
-use axum::Router;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::Service;
@@ -35,13 +34,11 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use tether_core::Phase;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::TlsSection;
 use crate::net::SocketInfo;
@@ -249,109 +246,6 @@ pub(crate) async fn serve_h2<S>(
             }
             _ = app.drain.hard_stop().cancelled() => break,
         }
-    }
-}
-
-/// The API listener with TLS: HTTP/1.1 (keep-alive) or HTTP/2 per ALPN, until
-/// `stop`, then every connection is shut down gracefully. Its sockets are not
-/// client handshakes: no pending slot, not on the app's task tracker.
-pub(crate) async fn serve_api(
-    app: Arc<App>,
-    listener: TcpListener,
-    router: Router,
-    tls: Arc<Tls>,
-    stop: CancellationToken,
-) {
-    let deadline = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
-    let conns = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let socket = match accepted {
-            Ok((socket, _)) => socket,
-            Err(e) => {
-                tracing::warn!(error = %e, "API accept failed; backing off");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = socket.set_nodelay(true);
-        conns.spawn(api_connection(
-            app.clone(),
-            socket,
-            router.clone(),
-            tls.clone(),
-            deadline,
-            stop.clone(),
-        ));
-    }
-    drop(listener);
-    conns.close();
-    conns.wait().await;
-}
-
-async fn api_connection(
-    app: Arc<App>,
-    socket: TcpStream,
-    router: Router,
-    tls: Arc<Tls>,
-    deadline: Duration,
-    stop: CancellationToken,
-) {
-    let stream = tokio::select! {
-        s = tokio::time::timeout(deadline, tls.accept(socket)) => match s {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "API TLS handshake failed");
-                return;
-            }
-            Err(_) => return,
-        },
-        _ = stop.cancelled() => return,
-    };
-    let h2 = is_h2(&stream);
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let mut req = req.map(Body::new);
-        authority_as_host(&mut req);
-        let mut router = router.clone();
-        async move {
-            Ok::<_, Infallible>(
-                tower_service::Service::call(&mut router, req)
-                    .await
-                    .unwrap_or_else(|e| match e {}),
-            )
-        }
-    });
-    let io = TokioIo::new(stream);
-    let hard = app.drain.hard_stop().clone();
-    macro_rules! drive {
-        ($conn:expr) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = &mut conn => return,
-                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
-                _ = hard.cancelled() => return,
-            }
-            tokio::select! {
-                _ = &mut conn => {}
-                _ = hard.cancelled() => {}
-            }
-        }};
-    }
-    if h2 {
-        drive!(
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .serve_connection(io, service)
-        );
-    } else {
-        drive!(hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(deadline)
-            .serve_connection(io, service));
     }
 }
 

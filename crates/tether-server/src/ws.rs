@@ -33,7 +33,7 @@ use crate::auth::Identity;
 use crate::commands;
 use crate::conn_io::ConnIo;
 use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
-use crate::net::SocketInfo;
+use crate::net::{PendingSlot, SocketInfo};
 use crate::App;
 
 pub(crate) type Ws = WebSocketStream<ConnIo>;
@@ -125,16 +125,12 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
             Ok(slot) => slot,
             Err(r) => {
                 let e = admission::refused(&app, r, ip);
-                drop(pending);
-                return refusal_response(
-                    &app,
-                    e,
-                    refusal_close,
-                    on_upgrade,
-                    hs_timeout,
-                    &key,
-                    protocol,
-                );
+                let refusal = Refused {
+                    error: e,
+                    close: refusal_close,
+                    pending,
+                };
+                return refusal_response(&app, refusal, on_upgrade, hs_timeout, &key, protocol);
             }
         };
         // One boxed capture: a task's captures stay in its state for its whole life.
@@ -196,16 +192,12 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     };
     match admission::admit(&app, creds, ip, Kind::Ws, origin_ok, &[]) {
         Err(e) => {
-            drop(pending);
-            refusal_response(
-                &app,
-                e,
-                refusal_close,
-                on_upgrade,
-                hs_timeout,
-                &key,
-                protocol,
-            )
+            let refusal = Refused {
+                error: e,
+                close: refusal_close,
+                pending,
+            };
+            refusal_response(&app, refusal, on_upgrade, hs_timeout, &key, protocol)
         }
         Ok(admitted) => {
             // One boxed capture: a task's captures stay in its state for its whole life.
@@ -247,20 +239,35 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     }
 }
 
+/// A refused WebSocket handshake.
+pub(crate) struct Refused {
+    /// Why.
+    pub(crate) error: AdmitError,
+    /// `?refusal=close`: upgrade, announce, close with the refusal's code.
+    pub(crate) close: bool,
+    /// The socket's pending slot: a refused socket counts against
+    /// `limits.max_pending_handshakes` until it is gone, close handshake included.
+    pub(crate) pending: Option<PendingSlot>,
+}
+
 /// A refused handshake: the HTTP form, or with `?refusal=close` an upgrade that
 /// announces the refusal and closes with its code.
 pub(crate) fn refusal_response(
     app: &Arc<App>,
-    e: AdmitError,
-    refusal_close: bool,
+    refused: Refused,
     on_upgrade: hyper::upgrade::OnUpgrade,
     hs_timeout: Duration,
     key: &str,
     protocol: Option<HeaderValue>,
 ) -> Response {
-    let refusal = match e {
+    let Refused {
+        error,
+        close,
+        pending,
+    } = refused;
+    let refusal = match error {
         AdmitError::BadRequest(m) => return admission::bad_request(&m),
-        AdmitError::Refused(r) if !refusal_close => return admission::http_refusal(r),
+        AdmitError::Refused(r) if !close => return admission::http_refusal(r),
         AdmitError::Refused(r) => r,
     };
     let cfg = ws_config(app);
@@ -270,6 +277,7 @@ pub(crate) fn refusal_response(
                 WebSocketStream::from_raw_socket(ConnIo::new(up), Role::Server, Some(cfg)).await;
             refuse_after_upgrade(ws, refusal).await;
         }
+        drop(pending);
     });
     switching(key, protocol)
 }

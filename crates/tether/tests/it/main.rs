@@ -15,4 +15,5 @@ mod openapi;
 mod protocol;
 mod proxy;
 mod sdk;
+mod sockets;
 mod tls;

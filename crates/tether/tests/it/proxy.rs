@@ -616,3 +616,126 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     drop(raw);
     s.assert_clean().await;
 }
+
+/// The connection's `connection.closed` code, waited for on the event bus.
+async fn closed_code(
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<tether_protocol::LifecycleEvent>>,
+) -> Option<u16> {
+    for _ in 0..100 {
+        let ev = collect_events(rx, Duration::from_millis(100)).await;
+        if let Some(e) = ev
+            .iter()
+            .find(|e| e.kind == tether_protocol::EventType::ConnectionClosed)
+        {
+            return e.code;
+        }
+    }
+    panic!("no connection.closed within 10 s");
+}
+
+/// Drift fixed by the one driver: a proxied WebSocket's token expires like a `/ws`
+/// one, closing both legs with 1008 (4003 recorded).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxied_token_expiry_closes_both_legs_with_1008() {
+    const SECRET: &str = "proxy-secret-proxy-secret-proxy-secret";
+    let (up, seen) = ws_upstream().await;
+    let s = start(|c| {
+        c.proxy.routes = vec![route("/chat", format!("ws://{up}/ws"))];
+        c.auth.mode = tether_server::config::AuthMode::Jwt;
+        c.auth.hs256_secret = SECRET.into();
+        c.auth.leeway_ms = 0;
+    })
+    .await;
+    let mut rx = s.app.registry.events().subscribe();
+    let token = tether_server::auth::mint_hs256(SECRET, "exp", &[], 1).unwrap();
+    let mut ws = proxied(&s, &format!("?token={token}"), &[]).await;
+    assert_eq!(close_code(&mut ws).await, Some(1008));
+    assert_eq!(closed_code(&mut rx).await, Some(4003));
+    wait_upstream_idle(&seen).await;
+    assert_eq!(seen.closes.lock().unwrap().clone(), [Some(1008)]);
+    s.assert_clean().await;
+}
+
+/// Drift fixed by the one driver: an SSE route obeys
+/// `limits.max_connection_lifetime_ms` (4005 recorded; the stream ends).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sse_route_obeys_the_connection_lifetime() {
+    let (up, open) = sse_upstream(1).await;
+    let s = start(|c| {
+        c.proxy.routes = vec![route("/feed", format!("http://{up}/events"))];
+        c.limits.max_connection_lifetime_ms = 300;
+    })
+    .await;
+    let mut rx = s.app.registry.events().subscribe();
+    let mut r = s
+        .http
+        .get(format!("http://{}/feed?client=old", s.client))
+        .send()
+        .await
+        .unwrap();
+    read_sse_until(&mut r, |t| t.contains("data: {\"n\":0}")).await;
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = r.chunk().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the stream ended");
+    assert_eq!(closed_code(&mut rx).await, Some(4005));
+    for _ in 0..100 {
+        if open.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(open.load(Ordering::SeqCst), 0, "the upstream request ended");
+    s.assert_clean().await;
+}
+
+/// Attack 3: a proxied client's frames count against `limits.max_inbound_per_sec`;
+/// past it both legs are closed with 1008 (4029 recorded).
+#[tokio::test(flavor = "multi_thread")]
+async fn proxied_frames_over_the_inbound_rate_close_both_legs_with_1008() {
+    let (up, seen) = ws_upstream().await;
+    let s = start(|c| {
+        c.proxy.routes = vec![route("/chat", format!("ws://{up}/ws"))];
+        c.limits.max_inbound_per_sec = 5.try_into().unwrap();
+    })
+    .await;
+    let mut rx = s.app.registry.events().subscribe();
+    let mut ws = proxied(&s, "?client=chatty", &[]).await;
+    for i in 0..30 {
+        if ws.send(Message::text(format!("m{i}"))).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(close_code(&mut ws).await, Some(1008));
+    assert_eq!(closed_code(&mut rx).await, Some(4029));
+    wait_upstream_idle(&seen).await;
+    assert_eq!(seen.closes.lock().unwrap().clone(), [Some(1008)]);
+    s.assert_clean().await;
+}
+
+/// Attack 9: a proxied client that answers no ping is sent a close frame (1008),
+/// as `/ws` sends `closing` and 4000, instead of a silent drop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxied_client_that_misses_heartbeats_gets_a_close_frame() {
+    let (up, seen) = ws_upstream().await;
+    let s = start(|c| {
+        c.proxy.routes = vec![route("/chat", format!("ws://{up}/ws"))];
+        c.heartbeat.interval_ms = 200.try_into().unwrap();
+        c.heartbeat.timeout_ms = 300.try_into().unwrap();
+    })
+    .await;
+    let mut rx = s.app.registry.events().subscribe();
+    // A raw socket answers no ping.
+    let mut raw = raw_ws(s.client, "/chat?client=mute").await;
+    let got = raw_read_until(&mut raw, &[0x03, 0xf0], Duration::from_secs(5)).await;
+    assert!(
+        has_close(&got, 1008),
+        "a 1008 close frame reached the client"
+    );
+    assert_eq!(closed_code(&mut rx).await, Some(4000));
+    drop(raw);
+    wait_upstream_idle(&seen).await;
+    assert_eq!(seen.closes.lock().unwrap().clone(), [Some(1001)]);
+    s.assert_clean().await;
+}
