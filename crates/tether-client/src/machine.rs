@@ -930,13 +930,16 @@ mod tests {
         assert_eq!(d.m().subscriptions().len(), 1);
     }
 
+    /// code, announced reconnect, retry_ms, will_reconnect, wait bounds, fatal.
+    type Row = (u16, bool, Option<u64>, bool, Option<(u64, u64)>, bool);
+
     /// Each close code through the whole machine: the events the app sees and what
     /// happens next.
     #[test]
     fn close_codes_end_or_retry_as_the_table_says() {
         // code, reconnect, retry_ms, (will_reconnect, wait_ms bound, fatal)
         #[rustfmt::skip]
-        let table: &[(u16, bool, Option<u64>, bool, Option<(u64, u64)>, bool)] = &[
+        let table: &[Row] = &[
             (1000, false, None, false, None, false),
             (4001, false, None, false, None, false),
             (4002, false, None, false, None, false),

@@ -30,7 +30,12 @@ async fn js(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 }
 
 async fn dts(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    asset(&app, &headers, TETHER_DTS, "application/typescript; charset=utf-8")
+    asset(
+        &app,
+        &headers,
+        TETHER_DTS,
+        "application/typescript; charset=utf-8",
+    )
 }
 
 fn asset(app: &App, req: &HeaderMap, body: &'static str, content_type: &'static str) -> Response {

@@ -64,7 +64,7 @@ impl Rec {
     }
 
     /// Reads until the stream ends (the client closed), within `limit`.
-    async fn to_end(&mut self, limit: Duration) {
+    async fn read_to_end(&mut self, limit: Duration) {
         let end = tokio::time::Instant::now() + limit;
         loop {
             match tokio::time::timeout_at(end, self.client.next_event()).await {
@@ -204,7 +204,7 @@ async fn sdk_kick_with_reconnect_resumes_every_message_once_and_without_stops() 
     assert_eq!((d.code, d.will_reconnect), (Some(4002), Some(false)));
     let closed = c.state(State::Closed, T).await;
     assert!(!closed.fatal);
-    c.to_end(T).await;
+    c.read_to_end(T).await;
     assert_eq!(c.ns(), [1, 2, 3, 4, 5, 6]);
     let st = c.client.stats();
     assert_eq!((st.reconnects, st.messages, st.duplicates), (1, 6, 0));
@@ -225,7 +225,7 @@ async fn sdk_drop_and_close_leave_no_socket_behind() {
     b.client.close();
     let closed = b.state(State::Closed, T).await;
     assert_eq!((closed.code, closed.fatal), (Some(1000), false));
-    b.to_end(T).await;
+    b.read_to_end(T).await;
     assert!(b.client.subscribe("x").is_err(), "a closed client says so");
     s.assert_clean().await;
 }
@@ -275,7 +275,7 @@ async fn sdk_thousand_messages_across_twenty_forced_reconnects_exactly_once_in_o
     let st = c.client.stats();
     assert_eq!((st.reconnects, st.messages), (20, 1000));
     c.client.close();
-    c.to_end(T).await;
+    c.read_to_end(T).await;
     s.assert_clean().await;
 }
 
@@ -341,7 +341,7 @@ async fn sdk_a_slow_app_is_closed_4008_and_resumes_without_loss() {
         "{resumes:?}"
     );
     c.client.close();
-    c.to_end(T).await;
+    c.read_to_end(T).await;
     s.assert_clean().await;
 }
 
@@ -400,7 +400,7 @@ async fn sdk_token_expiry_is_healed_by_the_refresher() {
     let resumes = c.resumes();
     assert!(resumes.len() == 1 && resumes[0].0, "{resumes:?}");
     c.client.close();
-    c.to_end(T).await;
+    c.read_to_end(T).await;
     s.assert_clean().await;
 }
 
@@ -438,7 +438,7 @@ async fn sdk_drain_spreads_three_clients_reconnects() {
                 c.state(State::Connecting, T).await;
                 let at = c.log.last().unwrap().0.duration_since(drained);
                 c.client.close();
-                c.to_end(T).await;
+                c.read_to_end(T).await;
                 at
             })
         })
@@ -607,7 +607,7 @@ async fn sdk_server_restarted_under_the_client_and_down_for_5s() {
     .await;
     assert_eq!(c.ns(), [1, 2]);
     c.client.close();
-    c.to_end(T).await;
+    c.read_to_end(T).await;
     assert_binary_clean(&bin).await;
     drop(server);
 }
@@ -679,7 +679,7 @@ async fn sdk_silent_server_is_detected_within_heartbeat_plus_timeout() {
     );
     assert_eq!(c.client.stats().failures.get("silent"), Some(&1));
     c.client.close();
-    c.to_end(T).await;
+    c.read_to_end(T).await;
     assert_binary_clean(&bin).await;
     drop(server);
 }
