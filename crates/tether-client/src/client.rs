@@ -286,6 +286,18 @@ impl Client {
     }
 }
 
+/// The same events as [`Client::next_event`], as a `Stream`.
+impl futures_util::Stream for Client {
+    type Item = Event;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        self.events.poll_recv(cx)
+    }
+}
+
 impl Drop for Client {
     fn drop(&mut self) {
         // The task owns the socket: aborting it drops both.

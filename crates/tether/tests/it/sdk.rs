@@ -220,6 +220,9 @@ async fn sdk_drop_and_close_leave_no_socket_behind() {
     a.state(State::Connected, T).await;
     b.state(State::Connected, T).await;
     wait_ws(&s, 2).await;
+    // The client is also a Stream of the same events.
+    let next = futures_util::StreamExt::next(&mut a.client).await;
+    assert!(matches!(next, Some(Event::Subscribed { .. })), "{next:?}");
     drop(a);
     wait_ws(&s, 1).await;
     b.client.close();
@@ -433,10 +436,20 @@ async fn sdk_drain_spreads_three_clients_reconnects() {
                 let d = c.state(State::Disconnected, T).await;
                 assert_eq!((d.code, d.will_reconnect), (Some(1001), Some(true)));
                 let r = c.state(State::Reconnecting, T).await;
+                let told = c.log.last().unwrap().0;
                 // The server's jittered retry_ms (at most 1 s), not the client's backoff.
-                assert!(r.delay_ms.is_some_and(|ms| ms <= 1000), "{r:?}");
+                let delay = r.delay_ms.unwrap();
+                assert!(delay <= 1000, "{r:?}");
                 c.state(State::Connecting, T).await;
-                let at = c.log.last().unwrap().0.duration_since(drained);
+                let at = c.log.last().unwrap().0;
+                // ... and the client waited it out (read latency aside).
+                assert!(
+                    at.duration_since(told) + Duration::from_millis(100)
+                        >= Duration::from_millis(delay),
+                    "waited {:?} of {delay} ms",
+                    at.duration_since(told)
+                );
+                let at = at.duration_since(drained);
                 c.client.close();
                 c.read_to_end(T).await;
                 at
