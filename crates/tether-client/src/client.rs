@@ -376,6 +376,9 @@ impl Shell {
             self.publish(&machine);
             for action in actions {
                 if let Flow::Finish = self.perform(action, &mut io).await {
+                    // Refuse commands before the event stream ends, so an app that saw
+                    // the end is told the client is closed.
+                    self.cmds.close();
                     return;
                 }
             }
