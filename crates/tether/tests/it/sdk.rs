@@ -861,3 +861,113 @@ async fn sdk_tether_connect_exits_0_on_sigint_and_1_when_refused_for_good() {
     );
     s.assert_clean().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_subscribe_and_unsubscribe_at_any_time_survive_reconnects() {
+    let s = start(|_| {}).await;
+    let mut c = Rec::new(client(&s.ws_url(""), "subs").connect().unwrap());
+    c.until("news", T, |e| matches!(e, Event::Subscribed { .. }))
+        .await;
+    c.client.subscribe("late").unwrap();
+    c.until(
+        "late",
+        T,
+        |e| matches!(e, Event::Subscribed { channel, .. } if channel == "late"),
+    )
+    .await;
+    c.client.unsubscribe("news").unwrap();
+    assert!(matches!(
+        c.client.subscribe("bad name"),
+        Err(tether_client::ClientError::InvalidChannel(_))
+    ));
+    // The unsubscribe is on the wire before this publish: the server says so.
+    for _ in 0..200 {
+        let (_, p) = s.get("/api/channels/news/presence").await;
+        if p.to_string().contains("subs") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        } else {
+            break;
+        }
+    }
+    publish(&s, 1).await;
+    let late = |n: u64| json!({"channel": "late", "data": {"n": n}});
+    assert_eq!(s.post("/api/publish", late(2)).await.0, 200);
+    c.until(
+        "2",
+        T,
+        |e| matches!(e, Event::Message { data, .. } if data["n"] == 2),
+    )
+    .await;
+    assert_eq!(kick(&s, "subs", true).await, 1);
+    assert_eq!(s.post("/api/publish", late(3)).await.0, 200);
+    publish(&s, 4).await;
+    let r = c
+        .until("resume", T, |e| matches!(e, Event::Recovered { .. }))
+        .await;
+    assert!(
+        matches!(&r, Event::Recovered { channel, recovered: true, .. } if channel == "late"),
+        "{r:?}"
+    );
+    c.until(
+        "3",
+        T,
+        |e| matches!(e, Event::Message { data, .. } if data["n"] == 3),
+    )
+    .await;
+    publish(&s, 5).await;
+    assert_eq!(s.post("/api/publish", late(6)).await.0, 200);
+    c.until(
+        "6",
+        T,
+        |e| matches!(e, Event::Message { data, .. } if data["n"] == 6),
+    )
+    .await;
+    // Only `late` came back after the reconnect: nothing of `news` since leaving it.
+    assert_eq!(c.ns(), [2, 3, 6]);
+    assert_eq!(c.resumes().len(), 1);
+    c.client.close();
+    c.read_to_end(T).await;
+    s.assert_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_browser_module_is_served_with_the_cors_of_sse() {
+    let s = start(|c| c.limits.allowed_origins = vec!["http://app.test".into()]).await;
+    let http = reqwest::Client::new();
+    let get = |path: &str, origin: &str| {
+        http.get(format!("http://{}{path}", s.client))
+            .header("origin", origin)
+            .send()
+    };
+    let js = get("/client/tether.js", "http://app.test").await.unwrap();
+    assert_eq!(js.status(), 200);
+    let h = js.headers().clone();
+    assert!(h["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert_eq!(h["access-control-allow-origin"], "http://app.test");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["vary"], "Origin");
+    let body = js.text().await.unwrap();
+    assert!(body.contains("export class TetherClient"));
+    assert_eq!(body, include_str!("../../../../clients/js/tether.js"));
+    let sse = get("/sse?channel=x&client=cors", "http://app.test")
+        .await
+        .unwrap();
+    assert_eq!(
+        sse.headers()["access-control-allow-origin"],
+        h["access-control-allow-origin"],
+        "the same answer as /sse"
+    );
+    drop(sse);
+    let other = get("/client/tether.d.ts", "http://evil.test")
+        .await
+        .unwrap();
+    assert!(other.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .contains("typescript"));
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    s.assert_clean().await;
+}
