@@ -26,7 +26,7 @@ pub use hub::{CatchUp, Hub, HubError, HubSettings, PublishResult, Published, Sub
 pub use ids::ConnIdGen;
 pub use ip_limits::{IpLimits, IpSlot};
 pub use metrics::Metrics;
-pub use outbox::{Offered, Outbox, Outgoing};
+pub use outbox::{DirectSink, Offered, Outbox, Outgoing};
 pub use registry::{
     ClientLimitPolicy, ClientSnapshot, ConnSnapshot, ConnSpec, Connection, ConnectionGuard,
     Registry, RegistrySettings, Reservation, Transport,

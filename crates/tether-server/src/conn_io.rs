@@ -85,7 +85,7 @@ impl ConnIo {
     /// the connection task, between writes (nothing of its own is part-written).
     pub(crate) fn attach(&mut self, conn: &Arc<Connection>) {
         if let Inner::Tcp(sock) = &self.inner {
-            conn.outbox().attach(sock.clone());
+            conn.outbox().attach(Arc::new(DirectSocket(sock.clone())));
             self.gate = Some(conn.clone());
         }
     }
@@ -330,5 +330,15 @@ fn write_tcp(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return Poll::Ready(r),
         }
+    }
+}
+
+/// A plain TCP socket as the outbox's direct writes see it.
+#[derive(Debug)]
+struct DirectSocket(Arc<TcpStream>);
+
+impl tether_core::DirectSink for DirectSocket {
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.try_write(bytes)
     }
 }

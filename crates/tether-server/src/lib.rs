@@ -373,3 +373,24 @@ pub(crate) fn jittered(ms: u64) -> Duration {
     let spread = ms / 10;
     Duration::from_millis(ms - spread + fastrand::u64(..=spread * 2))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::jittered;
+
+    #[test]
+    fn jitter_stays_within_ten_percent_and_spreads_over_it() {
+        let samples: Vec<u128> = (0..2000).map(|_| jittered(400).as_millis()).collect();
+        assert!(
+            samples.iter().all(|ms| (360..=440).contains(ms)),
+            "{samples:?}"
+        );
+        assert!(samples.iter().any(|ms| *ms < 380), "reaches the low end");
+        assert!(samples.iter().any(|ms| *ms > 420), "reaches the high end");
+        assert_eq!(
+            jittered(5).as_millis(),
+            5,
+            "below 10 ms there is nothing to spread"
+        );
+    }
+}

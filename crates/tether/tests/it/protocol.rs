@@ -182,7 +182,10 @@ async fn max_lifetime_closes_with_4005_jittered() {
         .find(|e| e.kind == EventType::ConnectionClosed)
         .unwrap();
     let d = closed.duration_ms.unwrap();
-    assert!((355..1000).contains(&d), "lived {d} ms, lifetime 400 ± 10%");
+    // Never before the shortest jittered lifetime (360 ms); the spread itself is
+    // checked exactly by the server's `jittered` unit test. The slack above 440 ms is
+    // the close handshake and scheduling on a loaded machine.
+    assert!((360..640).contains(&d), "lived {d} ms, lifetime 400 ± 10%");
     s.assert_clean().await;
 }
 

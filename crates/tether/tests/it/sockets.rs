@@ -78,10 +78,9 @@ async fn the_api_listener_times_out_and_caps_its_sockets() {
     }
     // A body that never comes: 408, not a socket held open.
     let mut slow = connect(s.api).await;
-    let head = format!(
+    let head =
         "POST /api/publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: 100\r\n\r\n{{\"channel\""
-    );
+                Content-Length: 100\r\n\r\n{\"channel\"";
     slow.write_all(head.as_bytes()).await.unwrap();
     let got = raw_read_until(&mut slow, b"\r\n\r\n", Duration::from_secs(3)).await;
     assert!(
