@@ -250,6 +250,7 @@ function reopen(m, out) {
   if (m.phase !== "connected" && m.phase !== "connecting") return;
   m.reopening = m.reopening || m.phase === "connected";
   m.phase = "connecting";
+  if (m.subs.size > 0) m.stats.attempts += 1;
   out.push({ type: "deadline", ms: null });
   out.push({ type: "closeSocket", code: 1000, reason: "subscriptions changed" });
   out.push({ type: "open" });

@@ -32,6 +32,9 @@ use crate::machine::{step, Action, Input, Machine, Settings, TokenOutcome};
 use crate::ClientError;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Longest wait for one frame to be written.
+const SEND_LIMIT: Duration = Duration::from_secs(5);
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Why the app's token refresher could not give a token.
@@ -404,8 +407,11 @@ impl Shell {
             }
             Action::Send(text) => {
                 if let Some(ws) = io.ws.as_mut() {
-                    // A failed send surfaces as the socket's end on the next read.
-                    let _ = ws.send(Message::text(text)).await;
+                    // A failed send surfaces as the socket's end on the next read; a
+                    // send stuck behind a peer that stopped reading is given up, and
+                    // the silence deadline then finds the peer dead.
+                    let send = ws.send(Message::text(text));
+                    let _ = tokio::time::timeout(SEND_LIMIT, send).await;
                 }
             }
             Action::CloseSocket { code, reason } => {
