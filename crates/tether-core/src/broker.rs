@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use tether_protocol::Position;
 
+use crate::connection::Connection;
 use crate::hub::{CatchUp, Hub, HubError, PublishResult, Published, Subscribed};
-use crate::registry::Connection;
 
 /// A boxed, sendable future (the trait stays object-safe for `Arc<dyn Broker>`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

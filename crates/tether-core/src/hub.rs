@@ -28,10 +28,11 @@ use serde::Serialize;
 use tether_protocol::{wire, EventType, Position, ServerFrame};
 use tokio::time::Instant;
 
+use crate::connection::Connection;
 use crate::events::{EventBus, EventFields};
+pub use crate::message::{Direct, Published};
 use crate::metrics::Metrics;
 use crate::outbox::{Offered, Outgoing};
-use crate::registry::Connection;
 
 /// The hub's settings.
 #[derive(Clone, Debug)]
@@ -44,30 +45,6 @@ pub struct HubSettings {
     pub max_channels: usize,
     /// `limits.max_channels_per_connection`.
     pub max_channels_per_connection: usize,
-}
-
-/// One published message, encoded once and shared by every recipient and history.
-#[derive(Debug)]
-pub struct Published {
-    /// The channel.
-    pub channel: Arc<str>,
-    /// Message id.
-    pub id: String,
-    /// Offset in the channel's epoch.
-    pub offset: u64,
-    /// `"<epoch>:<offset>"`.
-    pub position: String,
-    /// The raw JSON `data`.
-    pub data: Box<str>,
-    /// The whole WebSocket text frame (header + `json`), written as is to every
-    /// subscriber.
-    pub frame: Bytes,
-    /// The `message` frame's JSON text (a slice of `frame`, no copy).
-    pub json: Bytes,
-    /// The SSE event body after the per-connection `id:` line.
-    pub sse: Bytes,
-    /// When it was published (for `history.ttl_ms`).
-    pub at: Instant,
 }
 
 /// What `publish` answers.
@@ -831,15 +808,6 @@ fn encode(
         sse: Bytes::from(sse),
         at,
     }
-}
-
-/// A direct message (`/api/send`), encoded once for every connection it goes to.
-#[derive(Debug)]
-pub struct Direct {
-    /// The whole WebSocket text frame.
-    pub frame: Bytes,
-    /// The SSE event body after the per-connection `id:` line.
-    pub sse: Bytes,
 }
 
 /// Encodes a direct message carrying the JSON `data`.

@@ -9,17 +9,20 @@
 #![warn(missing_docs)]
 
 pub mod broker;
+pub mod connection;
 pub mod drain;
 pub mod events;
 pub mod hub;
 pub mod ids;
 pub mod ip_limits;
+pub mod message;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;
 pub mod select;
 
 pub use broker::{Broker, BrokerError, MemoryBroker};
+pub use connection::{ConnSnapshot, ConnSpec, Connection, Transport};
 pub use drain::{Drain, Phase};
 pub use events::EventBus;
 pub use hub::{CatchUp, Hub, HubError, HubSettings, PublishResult, Published, Subscribed};
@@ -28,8 +31,7 @@ pub use ip_limits::{IpLimits, IpSlot};
 pub use metrics::Metrics;
 pub use outbox::{DirectSink, Offered, Outbox, Outgoing};
 pub use registry::{
-    ClientLimitPolicy, ClientSnapshot, ConnSnapshot, ConnSpec, Connection, ConnectionGuard,
-    Registry, RegistrySettings, Reservation, Transport,
+    ClientLimitPolicy, ClientSnapshot, ConnectionGuard, Registry, RegistrySettings, Reservation,
 };
 pub use select::{Filter, Selector};
 

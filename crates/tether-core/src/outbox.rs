@@ -27,7 +27,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::hub::{Direct, Published};
+use crate::message::{Direct, Published};
 
 /// The room a queue is given when its first item arrives: about what a connection's
 /// task takes per wake-up in a burst.

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::registry::{Connection, Transport};
+use crate::connection::{Connection, Transport};
 
 /// The `where` part: every field set must match (AND).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]

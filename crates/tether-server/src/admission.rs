@@ -123,7 +123,8 @@ pub fn admit(
     })
 }
 
-/// The token a request carries: `Authorization: Bearer`, else `?token=`.
+/// The token a request carries: `Authorization: Bearer` (the scheme in any case),
+/// else `?token=`.
 pub fn request_token<'a>(
     headers: &'a http::HeaderMap,
     query_token: Option<&'a str>,
@@ -131,8 +132,7 @@ pub fn request_token<'a>(
     headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(crate::auth::bearer)
         .or(query_token)
 }
 

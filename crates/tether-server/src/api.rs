@@ -1,7 +1,7 @@
 //! The server API (SPEC section 8) on its own listener.
 //!
-//! Doors: with `[api] key`, every call needs `Authorization: Bearer KEY` (compared
-//! in constant time); with no key, only `Host` localhost/127.0.0.1/[::1] is served
+//! Doors: with `[api] key`, every call needs `Authorization: Bearer KEY` (the scheme
+//! in any case, the key compared in constant time); with no key, only `Host` localhost/127.0.0.1/[::1] is served
 //! and POSTs must be `application/json` (no DNS rebinding, no cross-site forms).
 //! `/api/events` streams end when the API shuts down.
 
@@ -12,14 +12,15 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tether_core::{Filter, Outgoing, Phase, Selector, Transport};
 use tether_protocol::{valid_channel, CloseCode, Closing, Position};
@@ -137,7 +138,7 @@ async fn doors(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(crate::auth::bearer)
             .unwrap_or("");
         if bool::from(given.as_bytes().ct_eq(key)) {
             return next.run(req).await;
@@ -296,15 +297,9 @@ struct DisconnectBody {
 }
 
 async fn disconnect(State(s): State<ApiState>, body: Bytes) -> Response {
-    let b: DisconnectBody = match serde_json::from_slice(&body) {
+    let b: DisconnectBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("bad body: {e}"),
-            )
-        }
+        Err(e) => return bad(e),
     };
     let code = b.code.unwrap_or(CloseCode::KICKED.0);
     if !(code == 1000 || code == 1001 || (3000..=4999).contains(&code)) {
@@ -364,6 +359,24 @@ async fn openapi() -> Response {
         .unwrap_or_else(|_| Response::new(Body::empty()))
 }
 
+/// Parses a JSON request body. The error, for a 400, names a bad field by its path
+/// (`where.idle_ms_gt: invalid type: …`, SPEC section 8); bad JSON is `bad body: …`.
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let e = e.into_inner();
+        if path == "." || e.is_syntax() || e.is_eof() {
+            format!("bad body: {e}")
+        } else {
+            format!("{path}: {e}")
+        }
+    })?;
+    // Text after the value is refused, as `serde_json::from_slice` does.
+    de.end().map_err(|e| format!("bad body: {e}"))?;
+    Ok(value)
+}
+
 fn bad(message: impl AsRef<str>) -> Response {
     error_response(StatusCode::BAD_REQUEST, "bad_request", message.as_ref())
 }
@@ -382,9 +395,9 @@ struct PublishBody {
 }
 
 async fn publish(State(s): State<ApiState>, body: Bytes) -> Response {
-    let b: PublishBody = match serde_json::from_slice(&body) {
+    let b: PublishBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(e) => return bad(format!("bad body: {e}")),
+        Err(e) => return bad(e),
     };
     if let Some(r) = bad_channel(&b.channel) {
         return r;
@@ -424,9 +437,9 @@ struct SendBody {
 }
 
 async fn send(State(s): State<ApiState>, body: Bytes) -> Response {
-    let b: SendBody = match serde_json::from_slice(&body) {
+    let b: SendBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(e) => return bad(format!("bad body: {e}")),
+        Err(e) => return bad(e),
     };
     if b.data.get().len() as u64 > s.app.cfg.limits.max_publish_bytes.get() {
         return error_response(
@@ -509,22 +522,48 @@ async fn history(
         Ok(page) => page.unwrap_or_default(),
         Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.message()),
     };
-    let messages: Vec<Value> = messages
-        .iter()
-        .map(|p| {
-            let data: Value = serde_json::from_str(&p.data).unwrap_or(Value::Null);
-            json!({"channel": &*p.channel, "id": p.id, "position": p.position, "data": data})
-        })
-        .collect();
-    let epoch = if epoch.is_empty() {
-        Value::Null
-    } else {
-        Value::String(epoch)
+    let page = HistoryPage {
+        epoch: (!epoch.is_empty()).then_some(epoch.as_str()),
+        messages: messages
+            .iter()
+            .map(|p| HistoryMessage {
+                channel: &p.channel,
+                id: &p.id,
+                position: &p.position,
+                // Validated when published; this borrows it (a scan, no depth limit).
+                data: serde_json::from_str(&p.data).ok(),
+            })
+            .collect(),
     };
-    json_response(
-        StatusCode::OK,
-        json!({"epoch": epoch, "messages": messages}),
-    )
+    match serde_json::to_vec(&page) {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &format!("history: {e}"),
+        ),
+    }
+}
+
+/// A history page. `data` is served as the raw JSON text that was published, not
+/// re-parsed: what publish accepted (at any nesting depth) is what history serves.
+#[derive(Serialize)]
+struct HistoryPage<'a> {
+    epoch: Option<&'a str>,
+    messages: Vec<HistoryMessage<'a>>,
+}
+
+#[derive(Serialize)]
+struct HistoryMessage<'a> {
+    channel: &'a str,
+    id: &'a str,
+    position: &'a str,
+    data: Option<&'a RawValue>,
 }
 
 /// `GET /api/events`: lifecycle events as SSE, `event: <type>`, `id: <event id>`.

@@ -153,7 +153,7 @@ pub struct AuthSection {
     pub audience: String,
     /// Required `iss`, when set.
     pub issuer: String,
-    /// Clock leeway for `exp`.
+    /// Clock leeway for `exp` and `nbf`, at most a day (`auth::MAX_LEEWAY_MS`).
     pub leeway_ms: u64,
 }
 

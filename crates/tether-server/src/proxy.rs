@@ -98,7 +98,8 @@ pub(crate) fn upstream_url(route: &ProxyRoute, query: Option<&str>) -> String {
     format!("{}{sep}{q}", route.upstream)
 }
 
-/// The headers the upstream gets: the client's, less hop-by-hop and client-forged
+/// The headers the upstream gets: the client's, less hop-by-hop (the fixed list and
+/// every header its `Connection` headers name, RFC 9110 7.6.1) and client-forged
 /// `X-Tether-*`/`Forwarded`/`X-Forwarded-*`, plus Tether's own.
 pub(crate) fn upstream_headers(
     client: &HeaderMap,
@@ -106,9 +107,18 @@ pub(crate) fn upstream_headers(
     conn_id: &str,
     ip: std::net::IpAddr,
 ) -> HeaderMap {
+    // Header names are lower case in a `HeaderMap`; the options are made so.
+    let named: Vec<String> = client
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
     let mut h = HeaderMap::new();
     for (k, v) in client {
-        if !stripped(k) {
+        if !stripped(k) && !named.iter().any(|n| n == k.as_str()) {
             h.append(k.clone(), v.clone());
         }
     }
@@ -488,6 +498,39 @@ mod tests {
         ] {
             assert!(out.get(kept).is_some(), "{kept}");
         }
+    }
+
+    /// RFC 9110 7.6.1: the headers a `Connection` header names are hop-by-hop too,
+    /// in any case, from every `Connection` header, in comma-separated lists.
+    #[test]
+    fn headers_named_in_connection_are_stripped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "Upgrade, X-Drop-A ,keep-alive"),
+            ("connection", "x-drop-b,, X-DROP-C"),
+            ("x-drop-a", "1"),
+            ("x-drop-b", "2"),
+            ("x-drop-c", "3"),
+            ("x-keep", "4"),
+            ("cookie", "a=b"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        let out = upstream_headers(&h, "alice", "n1-x-1", "10.1.2.3".parse().unwrap());
+        for gone in ["x-drop-a", "x-drop-b", "x-drop-c", "connection"] {
+            assert!(out.get(gone).is_none(), "{gone}");
+        }
+        assert_eq!(out["x-keep"], "4");
+        assert_eq!(out["cookie"], "a=b");
+        // Naming Tether's own headers cannot remove them.
+        let mut h = HeaderMap::new();
+        h.append(
+            "connection",
+            HeaderValue::from_static("x-tether-client-id, x-forwarded-for"),
+        );
+        let out = upstream_headers(&h, "alice", "n1-x-1", "10.1.2.3".parse().unwrap());
+        assert_eq!(out["x-tether-client-id"], "alice");
+        assert_eq!(out["x-forwarded-for"], "10.1.2.3");
     }
 
     #[test]

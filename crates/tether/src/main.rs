@@ -152,8 +152,10 @@ fn main() -> ExitCode {
             channels,
             ttl,
         } => {
-            let minted = parse_ttl(&ttl)
-                .and_then(|secs| tether_server::auth::mint_hs256(&secret, &sub, &channels, secs));
+            let minted = parse_ttl(&ttl).and_then(|secs| {
+                tether_server::auth::mint_hs256(&secret, &sub, &channels, secs)
+                    .map_err(|e| e.to_string())
+            });
             match minted {
                 Ok(t) => {
                     println!("{t}");

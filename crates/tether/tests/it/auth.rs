@@ -266,3 +266,133 @@ async fn token_meta_is_kept_on_the_connection_and_the_token_is_not_shown() {
     drop(ws);
     s.assert_clean().await;
 }
+
+/// `exp` values at the edge of `u64`: a far-future token is admitted and lives, and
+/// a `refresh` with one keeps the connection open (it once overflowed an `Instant`).
+#[tokio::test(flavor = "multi_thread")]
+async fn far_future_exp_is_admitted_and_refreshes_without_killing_the_connection() {
+    let s = jwt_server(|c| c.auth.leeway_ms = 5000).await;
+    let far = |exp: u64| token_with(json!({"sub": "gus", "exp": exp, "channels": ["**"]}));
+    for exp in [u64::MAX, i64::MAX as u64, 1u64 << 63] {
+        let (mut ws, welcome) = s.ws(&format!("?token={}", far(exp))).await;
+        assert_eq!(welcome["client_id"], "gus", "exp {exp}");
+        assert_alive(&mut ws).await;
+        client_close(ws).await;
+    }
+    let (mut ws, _) = s.ws(&format!("?token={}", token("gus", 60, &[]))).await;
+    for exp in [u64::MAX, i64::MAX as u64, 1u64 << 63] {
+        ws.send(Message::text(
+            json!({"type": "refresh", "ref": 1, "token": far(exp)}).to_string(),
+        ))
+        .await
+        .unwrap();
+        assert_alive(&mut ws).await;
+    }
+    client_close(ws).await;
+    s.assert_clean().await;
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The status a WebSocket handshake with `Authorization: Bearer <t>` gets (101 = admitted).
+async fn handshake_status(s: &TestServer, t: &str) -> u16 {
+    match s
+        .ws_with("", &[("authorization", &format!("Bearer {t}"))])
+        .await
+    {
+        Ok(ws) => {
+            client_close(ws).await;
+            101
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let v: Value = serde_json::from_slice(r.body().as_deref().unwrap()).unwrap();
+            assert_eq!(v["error"], "unauthorized");
+            r.status().as_u16()
+        }
+        Err(e) => panic!("handshake failed: {e}"),
+    }
+}
+
+/// `nbf` (RFC 7519 4.1.5): a token not valid yet is refused, with the same leeway as
+/// `exp`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_not_valid_yet_is_refused() {
+    let s = jwt_server(|c| c.auth.leeway_ms = 5000).await;
+    let with_nbf = |nbf: u64| {
+        token_with(json!({"sub": "hal", "exp": now_secs() + 3600, "nbf": nbf, "channels": ["x"]}))
+    };
+    let tomorrow = with_nbf(now_secs() + 86_400);
+    assert_eq!(handshake_status(&s, &tomorrow).await, 401);
+    // Past the leeway (5 s) too.
+    assert_eq!(handshake_status(&s, &with_nbf(now_secs() + 60)).await, 401);
+    // Within the leeway, and in the past: admitted.
+    assert_eq!(handshake_status(&s, &with_nbf(now_secs() + 2)).await, 101);
+    assert_eq!(handshake_status(&s, &with_nbf(now_secs() - 60)).await, 101);
+    // The other token sources and a refresh check it too.
+    let r = s
+        .http
+        .get(format!(
+            "http://{}/sse?channel=x&token={tomorrow}",
+            s.client
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (mut ws, _) = s.ws(&format!("?token={}", with_nbf(now_secs()))).await;
+    ws.send(Message::text(
+        json!({"type": "refresh", "ref": 7, "token": tomorrow}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let e = next_json(&mut ws).await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unauthorized")),
+        "{e}"
+    );
+    client_close(ws).await;
+    s.assert_clean().await;
+}
+
+/// The `Authorization` scheme is case-insensitive (RFC 7235 2.1).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let s = jwt_server(|_| {}).await;
+    let t = token("ivy", 60, &["x"]);
+    for scheme in ["bearer", "BEARER", "BeArEr"] {
+        let mut ws = s
+            .ws_with("", &[("authorization", &format!("{scheme} {t}"))])
+            .await
+            .unwrap_or_else(|e| panic!("{scheme}: {e}"));
+        let welcome = next_json(&mut ws).await;
+        assert_eq!(welcome["client_id"], "ivy", "{scheme}");
+        client_close(ws).await;
+        let mut r = s
+            .http
+            .get(format!("http://{}/sse?channel=x", s.client))
+            .header("authorization", format!("{scheme}  {t}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+        let text = read_sse_until(&mut r, |t| t.contains("welcome")).await;
+        assert!(text.contains("\"client_id\":\"ivy\""), "{text}");
+        drop(r);
+    }
+    // Another scheme is no token.
+    let r = s
+        .http
+        .get(format!("http://{}/sse?channel=x", s.client))
+        .header("authorization", format!("Basic {t}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    s.assert_clean().await;
+}

@@ -9,6 +9,7 @@ mod admission;
 mod auth;
 mod binary;
 mod delivery;
+mod hardening;
 mod lifecycle;
 mod netns;
 mod openapi;

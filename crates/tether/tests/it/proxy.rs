@@ -15,7 +15,7 @@ use serde_json::json;
 use support::*;
 use tether_server::config::ProxyRoute;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -737,5 +737,47 @@ async fn a_proxied_client_that_misses_heartbeats_gets_a_close_frame() {
     drop(raw);
     wait_upstream_idle(&seen).await;
     assert_eq!(seen.closes.lock().unwrap().clone(), [Some(1001)]);
+    s.assert_clean().await;
+}
+
+/// RFC 9110 7.6.1: a header the client's `Connection` names (in any case, in a list,
+/// across several `Connection` headers) is hop-by-hop and does not reach the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_named_in_connection_do_not_reach_the_upstream() {
+    let (up, seen) = ws_upstream().await;
+    let s = start(|c| c.proxy.routes = vec![route("/chat", format!("ws://{up}/ws"))]).await;
+    // By hand: tungstenite sends one `Connection` header only.
+    let mut raw = TcpStream::connect(s.client).await.unwrap();
+    let req = format!(
+        "GET /chat?client=conn HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade, X-Drop-A\r\nConnection: x-drop-b , X-DROP-C\r\n\
+         X-Drop-A: 1\r\nX-Drop-B: 2\r\nX-Drop-C: 3\r\nX-Keep: 4\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        s.client
+    );
+    raw.write_all(req.as_bytes()).await.unwrap();
+    let got = raw_read_until(&mut raw, b"hello", Duration::from_secs(5)).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(got.ends_with(b"hello"), "the upstream greeted");
+    let names: Vec<String> = seen
+        .headers
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, k, _)| k.clone())
+        .collect();
+    assert!(names.iter().any(|k| k == "x-keep"), "{names:?}");
+    for gone in ["x-drop-a", "x-drop-b", "x-drop-c"] {
+        assert!(
+            !names.iter().any(|k| k == gone),
+            "{gone} reached the upstream: {names:?}"
+        );
+    }
+    drop(raw);
+    wait_upstream_idle(&seen).await;
     s.assert_clean().await;
 }
