@@ -370,7 +370,7 @@ async fn sdk_token_expiry_is_healed_by_the_refresher() {
                 };
                 async move {
                     tether_server::auth::mint_hs256(SECRET, "tina", &["news".into()], ttl)
-                        .map_err(tether_client::RefreshError::new)
+                        .map_err(|e| tether_client::RefreshError::new(e.to_string()))
                 }
             })
             .connect()
