@@ -971,3 +971,26 @@ async fn sdk_browser_module_is_served_with_the_cors_of_sse() {
     assert!(other.headers().get("access-control-allow-origin").is_none());
     s.assert_clean().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_tether_connect_exits_0_when_replaced_and_stays_down() {
+    let s = start(|c| {
+        c.clients.max_connections_per_client = 1.try_into().unwrap();
+        c.clients.on_client_limit = tether_core::ClientLimitPolicy::ReplaceOldest;
+    })
+    .await;
+    let url = s.ws_url("");
+    let mut p = ConnectProc::spawn(&[&url, "--client", "tab", "--channel", "news"]);
+    p.until("connected", |v| v["state"] == "connected").await;
+    // A newer connection of the same client replaces it (4001): the old one must not
+    // fight back.
+    let (newer, _) = s.ws("?client=tab").await;
+    let (lines, code) = p.finish().await;
+    assert_eq!(code, 0, "{lines:#?}");
+    let d = lines.iter().find(|v| v["state"] == "disconnected").unwrap();
+    assert_eq!(d["code"], 4001);
+    assert_eq!(lines.last().unwrap()["state"], "closed");
+    assert!(!lines.iter().any(|v| v["state"] == "reconnecting"));
+    client_close(newer).await;
+    s.assert_clean().await;
+}
