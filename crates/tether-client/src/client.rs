@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::Backoff;
 use crate::event::{Event, Stats};
@@ -67,6 +67,7 @@ pub struct ClientBuilder {
     event_capacity: usize,
     connect_timeout: Duration,
     seed: Option<u64>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ClientBuilder {
@@ -83,6 +84,7 @@ impl ClientBuilder {
             event_capacity: 1024,
             connect_timeout: Duration::from_secs(10),
             seed: None,
+            tls: None,
         }
     }
 
@@ -145,6 +147,12 @@ impl ClientBuilder {
         self
     }
 
+    /// The TLS configuration for `wss://` (default: the system's root certificates).
+    pub fn tls_config(mut self, cfg: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(cfg);
+        self
+    }
+
     /// Validates the settings and starts the client on the current tokio runtime.
     pub fn connect(self) -> Result<Client, ClientError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ClientError::NoRuntime)?;
@@ -158,6 +166,10 @@ impl ClientBuilder {
         {
             return Err(ClientError::InvalidChannel(bad.clone()));
         }
+        let tls = match (self.url.starts_with("wss://"), self.tls) {
+            (true, None) => Some(crate::tls::system_roots()?),
+            (_, given) => given,
+        };
         let settings = Settings {
             backoff: self.backoff,
             failure_cap: self.failure_cap,
@@ -172,6 +184,7 @@ impl ClientBuilder {
         let shell = Shell {
             url: socket_url(&self.url, self.client_id.as_deref()),
             connect_timeout: self.connect_timeout,
+            tls,
             refresher: self.refresher,
             events: events_tx,
             cmds,
@@ -314,8 +327,14 @@ struct OpenFailure {
     message: String,
 }
 
-async fn open(url: String, limit: Duration) -> Result<Ws, OpenFailure> {
-    match tokio::time::timeout(limit, tokio_tungstenite::connect_async(url)).await {
+async fn open(
+    url: String,
+    limit: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Ws, OpenFailure> {
+    let connector = tls.map(Connector::Rustls);
+    let connect = tokio_tungstenite::connect_async_tls_with_config(url, None, false, connector);
+    match tokio::time::timeout(limit, connect).await {
         Ok(Ok((ws, _))) => Ok(ws),
         Ok(Err(WsError::Http(resp))) => Err(OpenFailure {
             status: Some(resp.status().as_u16()),
@@ -335,6 +354,7 @@ async fn open(url: String, limit: Duration) -> Result<Ws, OpenFailure> {
 struct Shell {
     url: String,
     connect_timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
     refresher: Option<Refresher>,
     events: mpsc::Sender<Event>,
     cmds: mpsc::UnboundedReceiver<Command>,
@@ -403,7 +423,9 @@ impl Shell {
         match action {
             Action::Open => {
                 io.close_frame = None;
-                io.opening = Some(Box::pin(open(self.url.clone(), self.connect_timeout)));
+                let tls = self.tls.clone();
+                let url = self.url.clone();
+                io.opening = Some(Box::pin(open(url, self.connect_timeout, tls)));
             }
             Action::Send(text) => {
                 if let Some(ws) = io.ws.as_mut() {

@@ -29,6 +29,7 @@ pub mod event;
 pub mod frame;
 pub mod machine;
 pub mod rule;
+mod tls;
 
 pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, RefreshError};
@@ -49,4 +50,12 @@ pub enum ClientError {
     /// The client is closed.
     #[error("the client is closed")]
     Closed,
+    /// A TLS configuration for `wss://` could not be built.
+    #[error("TLS setup for wss:// failed: {0}")]
+    Tls(#[from] rustls::Error),
+    /// `wss://` without a TLS configuration, and no system root certificate was found.
+    #[error(
+        "no system root certificate found for wss:// (give one with ClientBuilder::tls_config)"
+    )]
+    NoRootCertificates,
 }

@@ -994,3 +994,75 @@ async fn sdk_tether_connect_exits_0_when_replaced_and_stays_down() {
     client_close(newer).await;
     s.assert_clean().await;
 }
+
+/// `wss://`: the client verifies the server's certificate (its own CA given with
+/// `tls_config`; an untrusted one is a failed attempt, never a silent downgrade).
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_wss_with_a_trusted_certificate_and_refused_without() {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("tether-sdk-wss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let mut s = start(|c| {
+        c.tls.cert_file = cert.display().to_string();
+        c.tls.key_file = key.display().to_string();
+    })
+    .await;
+    s.http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let url = format!("wss://localhost:{}/ws", s.client.port());
+    let mut c = Rec::new(
+        client(&url, "secure")
+            .tls_config(Arc::new(tls))
+            .connect()
+            .unwrap(),
+    );
+    c.until("subscribed", T, |e| matches!(e, Event::Subscribed { .. }))
+        .await;
+    publish(&s, 1).await;
+    c.until(
+        "1",
+        T,
+        |e| matches!(e, Event::Message { data, .. } if data["n"] == 1),
+    )
+    .await;
+    c.client.close();
+    c.read_to_end(T).await;
+
+    // The same server without trusting its certificate: the attempt fails.
+    let mut roots = rustls::RootCertStore::empty();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    roots.add(other.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let wrong = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut c = Rec::new(
+        client(&url, "untrusting")
+            .tls_config(Arc::new(wrong))
+            .failure_cap(1)
+            .connect()
+            .unwrap(),
+    );
+    let closed = c.state(State::Closed, T).await;
+    assert!(closed.fatal);
+    assert_eq!(c.client.stats().failures.get("connect"), Some(&1));
+    c.read_to_end(T).await;
+    s.assert_clean().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
