@@ -103,7 +103,10 @@ before(async () => {
       document.getElementById("log").textContent += transport + " " + kind + " " + JSON.stringify(e) + "\\n";
     };
     c.on("state", note("state")); c.on("recovered", note("recovered")); c.on("error", note("error"));
-    c.on("message", (m) => { window.received[transport].push(m.data.n); note("message")(m); });
+    c.on("message", (m) => {
+      window.received[transport].push(m.channel === "news-" + transport ? m.data.n : m.channel + ":" + m.data.n);
+      note("message")(m);
+    });
     c.subscribe("news-" + transport);
     c.connect();
   };
@@ -185,6 +188,22 @@ for (const transport of ["ws", "sse"]) {
     assert.deepEqual(await received(transport), [1, 2, 3, 4, 5, 6, 7, 8]);
   });
 
+  test(`${transport}: a channel subscribed while connected joins without losing the others`, async () => {
+    const extra = `extra-${transport}`;
+    await page.evaluate(([t, ch]) => window.clients[t].subscribe(ch), [transport, extra]);
+    // Over SSE this reopens the stream with a cursor naming both channels.
+    await waitFor(
+      () => page.evaluate(([t, ch]) => window.clients[t].m.subs.get(ch)?.confirmed === true, [transport, extra]),
+      "the new subscription confirmed",
+    );
+    await publish(extra, 100);
+    await publish(ch, 9);
+    await waitFor(async () => (await received(transport)).length >= 10, "10 messages");
+    await sleep(300);
+    assert.deepEqual(await received(transport), [1, 2, 3, 4, 5, 6, 7, 8, `${extra}:100`, 9]);
+    assert.equal((await conns())[kind], 1);
+  });
+
   test(`${transport}: kick without reconnect stays down`, async () => {
     await waitFor(async () => (await conns())[kind] === 1, "connected again");
     const kicked = await call("POST", "/api/disconnect", { client_id: `page-${transport}`, reconnect: false });
@@ -192,10 +211,10 @@ for (const transport of ["ws", "sse"]) {
     await waitFor(() => page.evaluate((t) => window.clients[t].state === "closed", transport), "closed");
     const closed = (await events(transport, "state")).at(-1);
     assert.deepEqual([closed.state, closed.code, closed.fatal], ["closed", 4002, false]);
-    await publish(ch, 9);
+    await publish(ch, 10);
     await sleep(1000);
     assert.equal((await conns())[kind], 0, "no reconnect");
-    assert.deepEqual(await received(transport), [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert.deepEqual(await received(transport), [1, 2, 3, 4, 5, 6, 7, 8, `extra-${transport}:100`, 9]);
     await page.screenshot({ path: path.join(ROOT, `target/browser-sdk-${transport}.png`) });
   });
 }
