@@ -488,6 +488,8 @@ export class TetherClient {
     this.silenceMs = null;
     this.pinger = null;
     this.gen = 0;
+    this.queue = [];
+    this.feeding = false;
   }
 
   /** on("state"|"message"|"recovered"|"subscribed"|"direct"|"error", fn). */
@@ -520,10 +522,20 @@ export class TetherClient {
     return this.m.phase;
   }
 
+  /** Steps the machine; an input fed from inside a handler waits for the current step's actions. */
   feed(input) {
-    const [m, actions] = step(this.m, input);
-    this.m = m;
-    for (const a of actions) this.perform(a);
+    this.queue.push(input);
+    if (this.feeding) return;
+    this.feeding = true;
+    try {
+      while (this.queue.length > 0) {
+        const [m, actions] = step(this.m, this.queue.shift());
+        this.m = m;
+        for (const a of actions) this.perform(a);
+      }
+    } finally {
+      this.feeding = false;
+    }
   }
 
   perform(a) {

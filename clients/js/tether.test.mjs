@@ -319,3 +319,29 @@ test("SSE shell: asks heartbeat=event, reopens with the cursor on subscribe, sto
   assert.deepEqual(got, [1, 2]);
   assert.equal(c.stats().duplicates, 1);
 });
+
+test("a handler that closes the client from inside an event leaves no timer behind", async () => {
+  FakeWS.all = [];
+  const c = new TetherClient("ws://127.0.0.1:1/ws", { client: "h", WebSocket: FakeWS, seed: 3 });
+  const seen = [];
+  c.on("state", (s) => {
+    seen.push(s.state);
+    if (s.state === "connected") c.close();
+  });
+  c.connect();
+  const ws = FakeWS.all[0];
+  ws.serverOpen();
+  ws.serverSend({ type: "welcome", conn_id: "c", client_id: "h", node_id: "n", heartbeat_ms: 20, heartbeat_timeout_ms: 20 });
+  try {
+    assert.deepEqual(seen, ["connecting", "connected", "closed"]);
+    assert.equal(ws.closedWith, 1000);
+    assert.equal(c.pinger, null, "no ping interval left running");
+    await tick(100);
+    assert.equal(FakeWS.all.length, 1);
+    assert.deepEqual(ws.sent.filter((f) => f.type === "ping"), []);
+  } finally {
+    // So that a failure here fails the run instead of keeping it alive.
+    clearInterval(c.pinger);
+    clearTimeout(c.deadline);
+  }
+});
