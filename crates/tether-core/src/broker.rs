@@ -33,6 +33,12 @@ use crate::hub::{CatchUp, Hub, HubError, PublishResult, Published, Subscribed};
 /// A boxed, sendable future (the trait stays object-safe for `Arc<dyn Broker>`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Fan-outs to more subscribers than this run on a blocking thread instead of the
+/// caller's runtime worker: the API's own runtime stays responsive (`/api/stats`,
+/// health checks) while a large channel is written to, and a worker never waits on
+/// a channel's publishing lock for long.
+pub const INLINE_FANOUT: usize = 64;
+
 /// Why a broker call failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BrokerError {
@@ -40,6 +46,9 @@ pub enum BrokerError {
     Unavailable,
     /// A channel limit refused it.
     Hub(HubError),
+    /// The work failed inside this node (its thread panicked or was cancelled at
+    /// shutdown); nothing is known to have been published.
+    Internal,
 }
 
 impl BrokerError {
@@ -48,6 +57,7 @@ impl BrokerError {
         match self {
             BrokerError::Unavailable => "broker_unavailable",
             BrokerError::Hub(e) => e.code(),
+            BrokerError::Internal => "internal",
         }
     }
     /// A human sentence.
@@ -55,6 +65,7 @@ impl BrokerError {
         match self {
             BrokerError::Unavailable => "the broker is unreachable; nothing was published",
             BrokerError::Hub(e) => e.message(),
+            BrokerError::Internal => "the call failed inside the server",
         }
     }
 }
@@ -108,6 +119,9 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// A channel's clients and how many connections each has subscribed.
     fn presence<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Vec<(String, u32)>>;
 
+    /// Every channel with state: name, subscribers, distinct clients.
+    fn channels(&self) -> BoxFuture<'_, Vec<(String, usize, usize)>>;
+
     /// Whether the broker is reachable (`/readyz`, `tether_broker_up`).
     fn is_up(&self) -> bool {
         true
@@ -135,8 +149,18 @@ impl Broker for MemoryBroker {
         idempotency_key: Option<&'a str>,
     ) -> BoxFuture<'a, Result<PublishResult, BrokerError>> {
         Box::pin(async move {
-            self.hub
-                .publish(channel, data, idempotency_key)
+            if self.hub.fanout_size(channel) <= INLINE_FANOUT {
+                return self
+                    .hub
+                    .publish(channel, data, idempotency_key)
+                    .map_err(BrokerError::Hub);
+            }
+            let hub = self.hub.clone();
+            let (channel, data) = (channel.to_owned(), data.to_owned());
+            let key = idempotency_key.map(str::to_owned);
+            tokio::task::spawn_blocking(move || hub.publish(&channel, &data, key.as_deref()))
+                .await
+                .map_err(|_| BrokerError::Internal)?
                 .map_err(BrokerError::Hub)
         })
     }
@@ -170,9 +194,18 @@ impl Broker for MemoryBroker {
         channel: &'a str,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
-            self.hub
-                .unsubscribe(conn, channel)
-                .map_err(BrokerError::Hub)
+            // A channel being fanned out to holds its publishing lock for the whole
+            // write: wait for it on a blocking thread, not on this runtime worker.
+            let done = match self.hub.try_unsubscribe(conn, channel) {
+                Some(done) => done,
+                None => {
+                    let (hub, conn, channel) = (self.hub.clone(), conn.clone(), channel.to_owned());
+                    tokio::task::spawn_blocking(move || hub.unsubscribe(&conn, &channel))
+                        .await
+                        .map_err(|_| BrokerError::Internal)?
+                }
+            };
+            done.map_err(BrokerError::Hub)
         })
     }
 
@@ -182,5 +215,9 @@ impl Broker for MemoryBroker {
 
     fn presence<'a>(&'a self, channel: &'a str) -> BoxFuture<'a, Vec<(String, u32)>> {
         Box::pin(async move { self.hub.presence(channel) })
+    }
+
+    fn channels(&self) -> BoxFuture<'_, Vec<(String, usize, usize)>> {
+        Box::pin(async move { self.hub.channels() })
     }
 }

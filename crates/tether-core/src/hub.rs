@@ -546,9 +546,36 @@ impl Hub {
     /// after the `unsubscribed` reply. (A closing connection does not wait: nothing
     /// is read after its close.)
     pub fn unsubscribe(&self, conn: &Arc<Connection>, channel: &str) -> Result<(), HubError> {
+        self.unsubscribe_if(conn, channel, true)
+            .unwrap_or(Err(HubError::NotSubscribed))
+    }
+
+    /// [`unsubscribe`](Self::unsubscribe) unless the channel is being fanned out to
+    /// right now (its publishing lock is held): then `None`, and nothing changed. A
+    /// caller on a runtime worker tries this first and waits elsewhere on `None`.
+    pub fn try_unsubscribe(
+        &self,
+        conn: &Arc<Connection>,
+        channel: &str,
+    ) -> Option<Result<(), HubError>> {
+        self.unsubscribe_if(conn, channel, false)
+    }
+
+    /// Unsubscribes under the channel's publishing lock (so no message written
+    /// directly arrives after it), waiting for that lock only when `wait`.
+    fn unsubscribe_if(
+        &self,
+        conn: &Arc<Connection>,
+        channel: &str,
+        wait: bool,
+    ) -> Option<Result<(), HubError>> {
         let removed = match self.channel(channel, false) {
             Ok(Some(ch)) => {
-                let _publishing = ch.publishing.lock();
+                let _publishing = if wait {
+                    ch.publishing.lock()
+                } else {
+                    ch.publishing.try_lock()?
+                };
                 let mut st = ch.state.lock();
                 // A channel the cleanup removed had no subscriber left.
                 !st.removed && self.remove_sub(conn, &ch, &mut st)
@@ -556,11 +583,20 @@ impl Hub {
             _ => false,
         };
         if !removed {
-            return Err(HubError::NotSubscribed);
+            return Some(Err(HubError::NotSubscribed));
         }
         conn.channels.lock().retain(|c| &**c != channel);
         conn.catching.lock().retain(|c| &**c != channel);
-        Ok(())
+        Some(Ok(()))
+    }
+
+    /// How many connections a publish to `channel` would reach now (0 for a channel
+    /// with no state).
+    pub fn fanout_size(&self, channel: &str) -> usize {
+        self.with_channel(channel, false, |_, st| st.subs.len())
+            .ok()
+            .flatten()
+            .unwrap_or(0)
     }
 
     fn remove_sub(&self, conn: &Connection, ch: &Channel, st: &mut ChannelState) -> bool {

@@ -5,10 +5,10 @@
 
 use std::net::IpAddr;
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use tether_core::{IpSlot, Phase, Reservation, Transport};
-use tether_protocol::{CloseCode, Refusal};
+use tether_protocol::Refusal;
 
 use crate::auth::Identity;
 use crate::App;
@@ -17,12 +17,45 @@ use crate::App;
 pub const MAX_CLIENT_ID: usize = 200;
 
 /// Why a handshake did not get a reservation.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum AdmitError {
     /// One of SPEC section 2's refusals.
+    #[error("refused: {}", .0.error())]
     Refused(Refusal),
     /// The request itself is malformed (400).
-    BadRequest(String),
+    #[error(transparent)]
+    BadRequest(#[from] BadRequest),
+}
+
+/// A malformed handshake request (400 `bad_request`, naming what is wrong). Not a
+/// refusal: it is not counted as one.
+#[derive(Debug, thiserror::Error)]
+pub enum BadRequest {
+    /// `?client=` is not 1–200 printable ASCII without spaces.
+    #[error("client must be 1 to {MAX_CLIENT_ID} printable ASCII characters without spaces")]
+    ClientId,
+    /// A `channel` that is not a valid channel name.
+    #[error("bad channel {0:?}: names are 1-200 of A-Z a-z 0-9 _ . : / -")]
+    Channel(String),
+    /// More channels than one SSE stream may carry.
+    #[error("at most {max} channels per stream")]
+    TooManyChannels {
+        /// The bound.
+        max: usize,
+    },
+    /// A parameter with a value outside its set.
+    #[error("{name} must be {allowed}, not {value:?}")]
+    Value {
+        /// The parameter.
+        name: &'static str,
+        /// What it may be.
+        allowed: &'static str,
+        /// What it was.
+        value: String,
+    },
+    /// A query string that does not parse.
+    #[error("bad query: {0}")]
+    Query(String),
 }
 
 /// Who the client says it is.
@@ -73,7 +106,7 @@ pub fn identify(
 ) -> Result<(String, Option<Identity>), AdmitError> {
     match creds {
         Credentials::Client(Some(c)) => {
-            validate_client_id(c).map_err(AdmitError::BadRequest)?;
+            validate_client_id(c)?;
             Ok((c.to_owned(), None))
         }
         Credentials::Client(None) => Ok((format!("anon-{:016x}", fastrand::u64(..)), None)),
@@ -99,7 +132,7 @@ pub fn admit(
     channels: &[String],
 ) -> Result<Admitted, AdmitError> {
     if let Credentials::Client(Some(c)) = creds {
-        validate_client_id(c).map_err(AdmitError::BadRequest)?;
+        validate_client_id(c)?;
     }
     let slot = precheck(app, ip, origin_ok).map_err(|r| refused(app, r, ip))?;
     let (client_id, identity) = match identify(app, creds) {
@@ -137,56 +170,19 @@ pub fn request_token<'a>(
 }
 
 /// Client ids: 1–200 bytes of printable ASCII without spaces.
-pub fn validate_client_id(id: &str) -> Result<(), String> {
+pub fn validate_client_id(id: &str) -> Result<(), BadRequest> {
     if id.is_empty() || id.len() > MAX_CLIENT_ID || !id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "client must be 1 to {MAX_CLIENT_ID} printable ASCII characters without spaces"
-        ));
+        return Err(BadRequest::ClientId);
     }
     Ok(())
 }
 
-/// How long a refused client should wait before trying again.
-pub fn retry_ms(refusal: Refusal) -> u64 {
-    match refusal {
-        Refusal::RateLimited => 1000,
-        Refusal::IpLimit => 5000,
-        Refusal::Draining | Refusal::ServerFull | Refusal::UpstreamUnavailable => {
-            1000 + fastrand::u64(..4000)
-        }
-        _ => 0,
-    }
-}
-
-/// The JSON of a refusal's `closing` announcement (WebSocket `?refusal=close` and SSE).
-pub fn closing_json(refusal: Refusal, retry: u64) -> serde_json::Value {
-    let code: CloseCode = refusal.close_code();
-    serde_json::json!({
-        "type": "closing",
-        "code": code.0,
-        "reason": refusal.error(),
-        "reconnect": code.reconnect(),
-        "retry_ms": if code.reconnect() { Some(retry) } else { None },
-        "error": refusal.error(),
-        "message": refusal.message(),
-    })
-}
-
-/// The HTTP form: status, JSON body, `Retry-After` where it applies.
-pub fn http_refusal(refusal: Refusal) -> Response {
-    let status =
-        StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    let mut resp = crate::net::error_response(status, refusal.error(), refusal.message());
-    if refusal.has_retry_after() {
-        let secs = retry_ms(refusal).div_ceil(1000).max(1);
-        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-            resp.headers_mut().insert(http::header::RETRY_AFTER, v);
-        }
-    }
-    resp
-}
-
 /// The answer for a malformed request.
-pub fn bad_request(message: &str) -> Response {
-    crate::net::error_response(StatusCode::BAD_REQUEST, "bad_request", message)
+pub fn bad_request(message: impl std::fmt::Display) -> Response {
+    crate::net::error_response(StatusCode::BAD_REQUEST, "bad_request", &message.to_string())
+}
+
+/// The HTTP form of a refusal (see [`Refused`](crate::refusal::Refused)).
+pub(crate) fn http_refusal(refusal: Refusal) -> Response {
+    crate::refusal::Refused::new(refusal).http()
 }

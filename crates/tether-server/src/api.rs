@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
-use tether_core::{Filter, Outgoing, Phase, Selector, Transport};
+use tether_core::{BrokerError, Filter, Outgoing, Phase, Selector, Transport};
 use tether_protocol::{valid_channel, CloseCode, Closing, Position};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -425,7 +425,16 @@ async fn publish(State(s): State<ApiState>, body: Bytes) -> Response {
         .await
     {
         Ok(r) => json_response(StatusCode::OK, json!(r)),
-        Err(e) => error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.message()),
+        Err(e) => error_response(broker_status(e), e.code(), e.message()),
+    }
+}
+
+/// The status of a failed broker call: 503 when it may work later (unreachable, a
+/// limit), 500 when it failed inside this node.
+fn broker_status(e: BrokerError) -> StatusCode {
+    match e {
+        BrokerError::Unavailable | BrokerError::Hub(_) => StatusCode::SERVICE_UNAVAILABLE,
+        BrokerError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -466,9 +475,9 @@ async fn send(State(s): State<ApiState>, body: Bytes) -> Response {
 async fn channels(State(s): State<ApiState>) -> Response {
     let list: Vec<_> = s
         .app
-        .registry
-        .hub()
+        .broker
         .channels()
+        .await
         .into_iter()
         .map(|(name, subscribers, clients)| json!({"name": name, "subscribers": subscribers, "clients": clients}))
         .collect();
@@ -481,9 +490,9 @@ async fn presence(State(s): State<ApiState>, Path(name): Path<String>) -> Respon
     }
     let clients: Vec<_> = s
         .app
-        .registry
-        .hub()
+        .broker
         .presence(&name)
+        .await
         .into_iter()
         .map(|(client_id, connections)| json!({"client_id": client_id, "connections": connections}))
         .collect();
@@ -520,7 +529,7 @@ async fn history(
     };
     let (epoch, messages) = match s.app.broker.history(&name, since.as_ref(), limit).await {
         Ok(page) => page.unwrap_or_default(),
-        Err(e) => return error_response(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.message()),
+        Err(e) => return error_response(broker_status(e), e.code(), e.message()),
     };
     let page = HistoryPage {
         epoch: (!epoch.is_empty()).then_some(epoch.as_str()),

@@ -150,12 +150,24 @@ async fn answer(
 ) -> Result<axum::response::Response, Infallible> {
     authority_as_host(&mut req);
     let call = tower_service::Service::call(&mut router, req);
-    Ok(match tokio::time::timeout(deadline, call).await {
+    let mut resp = match tokio::time::timeout(deadline, call).await {
         Ok(resp) => resp.unwrap_or_else(|e| match e {}),
         Err(_) => crate::net::error_response(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             "the request was not complete within limits.handshake_timeout_ms",
         ),
-    })
+    };
+    // A request whose body was not read (too large, too slow) leaves the socket
+    // mid-request: say so, so that a keep-alive client does not reuse it.
+    if matches!(
+        resp.status(),
+        StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE
+    ) {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(resp)
 }

@@ -106,7 +106,7 @@ pub enum TokenError {
     Invalid(#[source] jsonwebtoken::errors::Error),
     /// `sub` is not a valid client id.
     #[error("sub: {0}")]
-    Sub(String),
+    Sub(#[source] crate::admission::BadRequest),
     /// `meta` is neither absent nor an object.
     #[error("meta must be an object")]
     Meta,
@@ -184,12 +184,6 @@ pub struct MintError(#[from] jsonwebtoken::errors::Error);
 pub const MAX_TOKEN: usize = 16 * 1024;
 
 impl Auth {
-    /// Builds the verifier, reading key files. The error is a sentence for the
-    /// startup refusal; [`Auth::load`] gives the typed error.
-    pub fn from_config(cfg: &AuthSection) -> Result<Auth, String> {
-        Auth::load(cfg).map_err(|e| e.to_string())
-    }
-
     /// Builds the verifier, reading key files.
     pub fn load(cfg: &AuthSection) -> Result<Auth, ConfigError> {
         if matches!(cfg.mode, AuthMode::None) {
@@ -621,7 +615,7 @@ mod tests {
     }
 
     fn jwt(secret: &str) -> Auth {
-        Auth::from_config(&AuthSection {
+        Auth::load(&AuthSection {
             mode: AuthMode::Jwt,
             hs256_secret: secret.into(),
             audience: "aud1".into(),
@@ -897,7 +891,7 @@ mod tests {
     #[test]
     fn issuer_is_checked_when_set() {
         let secret = "0123456789abcdef0123456789abcdef";
-        let a = Auth::from_config(&AuthSection {
+        let a = Auth::load(&AuthSection {
             mode: AuthMode::Jwt,
             hs256_secret: secret.into(),
             issuer: "https://issuer.example".into(),
@@ -919,18 +913,18 @@ mod tests {
 
     #[test]
     fn short_secrets_and_missing_keys_are_startup_errors() {
-        assert!(Auth::from_config(&AuthSection {
+        assert!(Auth::load(&AuthSection {
             mode: AuthMode::Jwt,
             hs256_secret: "short".into(),
             ..Default::default()
         })
         .is_err());
-        assert!(Auth::from_config(&AuthSection {
+        assert!(Auth::load(&AuthSection {
             mode: AuthMode::Jwt,
             ..Default::default()
         })
         .is_err());
-        assert!(Auth::from_config(&AuthSection {
+        assert!(Auth::load(&AuthSection {
             mode: AuthMode::Jwt,
             hs256_secret: "0123456789abcdef0123456789abcdef".into(),
             leeway_ms: u64::MAX,

@@ -23,9 +23,10 @@ mod driver;
 mod net;
 mod proxy;
 mod proxy_sse;
+mod refusal;
 pub mod sse;
 mod sweeps;
-mod tls;
+pub mod tls;
 mod ws;
 
 use std::net::SocketAddr;
@@ -165,31 +166,38 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
-    /// The configuration is refused at startup.
-    #[error("{0}")]
-    Refused(String),
+    /// The JWT keys could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] auth::ConfigError),
+    /// `[tls]` could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Auth `none` on a non-loopback client listener without `allow_insecure`.
+    #[error(
+        "auth mode \"none\" lets anyone pick any client id; refusing to listen on non-loopback {0} \
+         (set [auth] allow_insecure = true to accept that)"
+    )]
+    InsecureListener(SocketAddr),
+    /// A non-loopback API listener without a key.
+    #[error(
+        "the server API on non-loopback {0} has no key: set [api] key (the Host rule alone does not \
+         stop a client that connects directly)"
+    )]
+    KeylessApi(SocketAddr),
 }
 
 impl Server {
     /// Validates what needs the environment, binds both listeners and spawns
     /// everything. `nofile` is the open-file limit the ceiling derives from.
     pub async fn start(cfg: Config, nofile: u64) -> Result<Running, StartError> {
-        let auth = auth::Auth::from_config(&cfg.auth).map_err(StartError::Refused)?;
+        let auth = auth::Auth::load(&cfg.auth)?;
         if !auth.is_jwt() && !cfg.auth.allow_insecure && !cfg.listen.ip().is_loopback() {
-            return Err(StartError::Refused(format!(
-                "auth mode \"none\" lets anyone pick any client id; refusing to listen on non-loopback {} \
-                 (set [auth] allow_insecure = true to accept that)",
-                cfg.listen
-            )));
+            return Err(StartError::InsecureListener(cfg.listen));
         }
-        let tls = tls::Tls::from_config(&cfg.tls).map_err(StartError::Refused)?;
+        let tls = tls::Tls::from_config(&cfg.tls)?;
         // Port 0 means "any free port": two such listeners are two ports, not one.
         if cfg.api.key.is_empty() && !cfg.api.listen.ip().is_loopback() {
-            return Err(StartError::Refused(format!(
-                "the server API on non-loopback {} has no key: set [api] key (the Host rule alone does not \
-                 stop a client that connects directly)",
-                cfg.api.listen
-            )));
+            return Err(StartError::KeylessApi(cfg.api.listen));
         }
         let same = cfg.listen == cfg.api.listen && cfg.listen.port() != 0;
         let app = App::new(cfg, nofile, auth);
@@ -348,7 +356,7 @@ impl Running {
     /// Re-reads `[tls] cert_file` and `key_file` (what SIGHUP does): new handshakes
     /// present the new certificate, open connections stay as they are. `Ok(false)`
     /// when TLS is not configured; on an error the current certificate stays.
-    pub fn reload_tls(&self) -> Result<bool, String> {
+    pub fn reload_tls(&self) -> Result<bool, tls::TlsError> {
         match &self.tls {
             Some(tls) => tls.reload().map(|()| true),
             None => Ok(false),

@@ -175,7 +175,7 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
         let admitted = match admission::admit(&app, creds, ip, Kind::Proxy, origin_ok, &[]) {
             Ok(a) => a,
             Err(e) => {
-                let refused = crate::ws::Refused {
+                let refused = crate::ws::RefusedUpgrade {
                     error: e,
                     close: refusal_close,
                     pending: info.take_pending(),
@@ -202,7 +202,7 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
             Err(why) => {
                 tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
                 drop(admitted);
-                let refused = crate::ws::Refused {
+                let refused = crate::ws::RefusedUpgrade {
                     error: admission::refused(&app, Refusal::UpstreamUnavailable, ip),
                     close: refusal_close,
                     pending: info.take_pending(),

@@ -30,9 +30,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
-use crate::admission::{self, AdmitError, Credentials};
+use crate::admission::{self, AdmitError, BadRequest, Credentials};
 use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
 use crate::net::SocketInfo;
+use crate::refusal::Refused;
 use crate::App;
 
 /// Body chunks waiting between the connection task and hyper's writer. Each chunk is
@@ -102,7 +103,7 @@ struct SseQuery {
     heartbeat_event: bool,
 }
 
-fn parse_query(q: Option<&str>) -> Result<SseQuery, String> {
+fn parse_query(q: Option<&str>) -> Result<SseQuery, BadRequest> {
     let mut out = SseQuery {
         client: None,
         token: None,
@@ -120,17 +121,17 @@ fn parse_query(q: Option<&str>) -> Result<SseQuery, String> {
                     "event" => true,
                     "comment" => false,
                     other => {
-                        return Err(format!(
-                            "heartbeat must be \"event\" or \"comment\", not {other:?}"
-                        ))
+                        return Err(BadRequest::Value {
+                            name: "heartbeat",
+                            allowed: "\"event\" or \"comment\"",
+                            value: other.to_owned(),
+                        })
                     }
                 }
             }
             "channel" => {
                 if !valid_channel(&v) {
-                    return Err(format!(
-                        "bad channel {v:?}: names are 1-200 of A-Z a-z 0-9 _ . : / -"
-                    ));
+                    return Err(BadRequest::Channel(v.into_owned()));
                 }
                 out.channels.push(v.into_owned());
             }
@@ -140,7 +141,9 @@ fn parse_query(q: Option<&str>) -> Result<SseQuery, String> {
     out.channels.sort();
     out.channels.dedup();
     if out.channels.len() > MAX_STREAM_CHANNELS {
-        return Err(format!("at most {MAX_STREAM_CHANNELS} channels per stream"));
+        return Err(BadRequest::TooManyChannels {
+            max: MAX_STREAM_CHANNELS,
+        });
     }
     Ok(out)
 }
@@ -666,11 +669,7 @@ async fn write_pending(sock: &TcpStream, pending: &mut Option<Bytes>) -> std::io
 
 /// A transient refusal as a `200` stream: `retry:`, `event: closing`, end.
 fn transient_refusal(refusal: Refusal) -> Response {
-    let retry = admission::retry_ms(refusal);
-    let body = format!(
-        "retry: {retry}\n\nevent: closing\ndata: {}\n\n",
-        admission::closing_json(refusal, retry)
-    );
+    let body = Refused::new(refusal).sse_body();
     let (tx, rx) = mpsc::channel::<Bytes>(1);
     let _ = tx.try_send(Bytes::from(body));
     drop(tx);

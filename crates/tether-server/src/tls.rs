@@ -64,9 +64,52 @@ impl fmt::Debug for Tls {
     }
 }
 
+/// Why `[tls]` could not be loaded; every variant names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file could not be read or parsed.
+    #[error("tls.cert_file {file}: {}", pem_error(.source))]
+    Cert {
+        /// The file.
+        file: String,
+        /// Why.
+        source: pem::Error,
+    },
+    /// The certificate file holds no certificate.
+    #[error("tls.cert_file {0}: no certificate in it (expected PEM \"BEGIN CERTIFICATE\" blocks)")]
+    NoCert(String),
+    /// The key file holds no private key.
+    #[error(
+        "tls.key_file {0}: no private key in it (expected PEM \"BEGIN PRIVATE KEY\", \
+         \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\")"
+    )]
+    NoKey(String),
+    /// The key file could not be read or parsed.
+    #[error("tls.key_file {file}: {}", pem_error(.source))]
+    Key {
+        /// The file.
+        file: String,
+        /// Why.
+        source: pem::Error,
+    },
+    /// The key does not belong to the certificate (or rustls refused the pair).
+    #[error("tls.key_file {key_file} does not fit tls.cert_file {cert_file}: {source}")]
+    Mismatch {
+        /// The certificate file.
+        cert_file: String,
+        /// The key file.
+        key_file: String,
+        /// rustls's reason.
+        source: rustls::Error,
+    },
+    /// rustls could not be set up with the ring provider.
+    #[error("TLS: {0}")]
+    Provider(#[source] rustls::Error),
+}
+
 impl Tls {
     /// Loads `[tls]`; `None` when it is not configured. The error names the file.
-    pub(crate) fn from_config(cfg: &TlsSection) -> Result<Option<Arc<Tls>>, String> {
+    pub(crate) fn from_config(cfg: &TlsSection) -> Result<Option<Arc<Tls>>, TlsError> {
         if !cfg.enabled() {
             return Ok(None);
         }
@@ -80,7 +123,7 @@ impl Tls {
 
     /// Re-reads both files; on success new handshakes use them, on failure nothing
     /// changes. Open connections are not touched either way.
-    pub(crate) fn reload(&self) -> Result<(), String> {
+    pub(crate) fn reload(&self) -> Result<(), TlsError> {
         let config = server_config(&self.cert_file, &self.key_file)?;
         *self.current.write() = Arc::new(config);
         tracing::info!(cert_file = %self.cert_file, key_file = %self.key_file, "TLS certificate reloaded");
@@ -100,36 +143,39 @@ pub(crate) fn is_h2(stream: &TlsStream<TcpStream>) -> bool {
 }
 
 /// Builds the rustls config from the two PEM files; errors name the file at fault.
-fn server_config(cert_file: &str, key_file: &str) -> Result<ServerConfig, String> {
+fn server_config(cert_file: &str, key_file: &str) -> Result<ServerConfig, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("tls.cert_file {cert_file}: {}", pem_error(e)))?;
+        .map_err(|source| TlsError::Cert {
+            file: cert_file.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "tls.cert_file {cert_file}: no certificate in it (expected PEM \"BEGIN CERTIFICATE\" blocks)"
-        ));
+        return Err(TlsError::NoCert(cert_file.to_owned()));
     }
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| match e {
-        pem::Error::NoItemsFound => format!(
-            "tls.key_file {key_file}: no private key in it (expected PEM \"BEGIN PRIVATE KEY\", \
-             \"BEGIN RSA PRIVATE KEY\" or \"BEGIN EC PRIVATE KEY\")"
-        ),
-        e => format!("tls.key_file {key_file}: {}", pem_error(e)),
+        pem::Error::NoItemsFound => TlsError::NoKey(key_file.to_owned()),
+        source => TlsError::Key {
+            file: key_file.to_owned(),
+            source,
+        },
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?
+        .map_err(TlsError::Provider)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            format!("tls.key_file {key_file} does not fit tls.cert_file {cert_file}: {e}")
+        .map_err(|source| TlsError::Mismatch {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            source,
         })?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
 
-fn pem_error(e: pem::Error) -> String {
+fn pem_error(e: &pem::Error) -> String {
     match e {
         pem::Error::Io(io) => io.to_string(),
         e => format!("bad PEM: {e}"),

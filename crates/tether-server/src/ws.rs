@@ -28,12 +28,13 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::admission::{self, AdmitError, Credentials};
+use crate::admission::{self, AdmitError, BadRequest, Credentials};
 use crate::auth::Identity;
 use crate::commands;
 use crate::conn_io::ConnIo;
 use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
 use crate::net::{PendingSlot, SocketInfo};
+use crate::refusal::Refused;
 use crate::App;
 
 pub(crate) type Ws = WebSocketStream<ConnIo>;
@@ -90,13 +91,17 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     };
     let query = match Query::<WsQuery>::try_from_uri(req.uri()) {
         Ok(Query(q)) => q,
-        Err(e) => return admission::bad_request(&e.body_text()),
+        Err(e) => return admission::bad_request(BadRequest::Query(e.body_text())),
     };
     let refusal_close = match query.refusal.as_deref() {
         None => false,
         Some("close") => true,
         Some(other) => {
-            return admission::bad_request(&format!("refusal must be \"close\", not {other:?}"))
+            return admission::bad_request(&BadRequest::Value {
+                name: "refusal",
+                allowed: "\"close\"",
+                value: other.to_owned(),
+            })
         }
     };
     let protocol = offered_protocol(headers).then(|| HeaderValue::from_static(SUBPROTOCOL));
@@ -125,7 +130,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
             Ok(slot) => slot,
             Err(r) => {
                 let e = admission::refused(&app, r, ip);
-                let refusal = Refused {
+                let refusal = RefusedUpgrade {
                     error: e,
                     close: refusal_close,
                     pending,
@@ -192,7 +197,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     };
     match admission::admit(&app, creds, ip, Kind::Ws, origin_ok, &[]) {
         Err(e) => {
-            let refusal = Refused {
+            let refusal = RefusedUpgrade {
                 error: e,
                 close: refusal_close,
                 pending,
@@ -240,7 +245,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
 }
 
 /// A refused WebSocket handshake.
-pub(crate) struct Refused {
+pub(crate) struct RefusedUpgrade {
     /// Why.
     pub(crate) error: AdmitError,
     /// `?refusal=close`: upgrade, announce, close with the refusal's code.
@@ -254,13 +259,13 @@ pub(crate) struct Refused {
 /// announces the refusal and closes with its code.
 pub(crate) fn refusal_response(
     app: &Arc<App>,
-    refused: Refused,
+    refused: RefusedUpgrade,
     on_upgrade: hyper::upgrade::OnUpgrade,
     hs_timeout: Duration,
     key: &str,
     protocol: Option<HeaderValue>,
 ) -> Response {
-    let Refused {
+    let RefusedUpgrade {
         error,
         close,
         pending,
@@ -376,17 +381,10 @@ pub(crate) fn ws_config(app: &App) -> WebSocketConfig {
 
 /// `?refusal=close`: announce the refusal, then close with its code.
 pub(crate) async fn refuse_after_upgrade(mut ws: Ws, refusal: Refusal) {
-    let retry = admission::retry_ms(refusal);
-    let body = admission::closing_json(refusal, retry).to_string();
-    let code = refusal.close_code();
-    let closing = Closing {
-        code,
-        reason: refusal.error().into(),
-        reconnect: code.reconnect(),
-        retry_ms: Some(retry),
-    };
+    let refused = Refused::new(refusal);
+    let body = refused.closing_json().to_string();
     let _ = timeout(CLOSE_WAIT, ws.send(Message::text(body))).await;
-    close_handshake(&mut ws, &closing, CLOSE_WAIT).await;
+    close_handshake(&mut ws, &refused.closing(), CLOSE_WAIT).await;
 }
 
 /// What a connection task starts with; boxed so that it is not kept twice in the
