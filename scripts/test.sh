@@ -145,8 +145,10 @@ step_py() {
 }
 
 step_browser() {
-    section "browser tests: headless chromium, native EventSource (tests/browser)"
+    section "browser tests: headless chromium, native EventSource and the SDK (tests/browser, clients/js)"
     cargo build --quiet
+    # The browser SDK's own unit tests (Node's built-in runner, no browser needed).
+    node --test clients/js
     (cd "$ROOT/tests/browser" && TETHER_BIN="$ROOT/target/debug/tether" node --test)
 }
 

@@ -15,6 +15,7 @@ mod api;
 mod api_listener;
 mod app;
 pub mod auth;
+mod client_assets;
 mod commands;
 pub mod config;
 mod conn_io;

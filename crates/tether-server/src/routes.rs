@@ -24,6 +24,7 @@ pub(crate) fn client_router(app: Arc<App>, extra: Option<Router>) -> Router {
         )
         .with_state(app.clone())
         .merge(crate::proxy::router(app.clone()))
+        .merge(crate::client_assets::router(app.clone()))
         .merge(health_router(app));
     match extra {
         Some(extra) => router.merge(extra),

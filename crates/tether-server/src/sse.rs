@@ -298,11 +298,15 @@ async fn subscribe(
         positions,
         conn_id: conn.id().to_owned(),
     };
+    // The heartbeat settings let a client tell a silent server from a quiet one
+    // (with `&heartbeat=event`), as `welcome` does on WebSocket.
     let welcome = serde_json::json!({
         "conn_id": conn.id(),
         "client_id": conn.client_id(),
         "node_id": app.registry.node_id(),
         "recovered": recovered,
+        "heartbeat_ms": app.cfg.heartbeat.interval_ms.get(),
+        "heartbeat_timeout_ms": app.cfg.heartbeat.timeout_ms.get(),
     });
     let first = format!(
         "retry: {}\n\nid: {}\nevent: welcome\ndata: {welcome}\n\n{errors}",

@@ -3,6 +3,8 @@
 //! wait for SIGTERM/SIGINT, drain (a second signal stops hard), exit. SIGHUP reloads
 //! the TLS certificate.
 
+mod connect;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,6 +38,23 @@ enum Command {
         /// This node's id.
         #[arg(long)]
         node_id: Option<String>,
+    },
+    /// A resilient client (the SDK) that prints every event as one JSON line.
+    Connect {
+        /// The WebSocket URL, e.g. ws://127.0.0.1:7700/ws.
+        url: String,
+        /// The client id (auth mode none).
+        #[arg(long)]
+        client: Option<String>,
+        /// The token (auth mode jwt), sent as the first frame.
+        #[arg(long)]
+        token: Option<String>,
+        /// A channel to subscribe to (repeatable).
+        #[arg(long = "channel")]
+        channels: Vec<String>,
+        /// Print the client's stats as a last JSON line.
+        #[arg(long)]
+        stats: bool,
     },
     /// Validate a configuration or print the default one.
     Config {
@@ -147,6 +166,27 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+        Command::Connect {
+            url,
+            client,
+            token,
+            channels,
+            stats,
+        } => {
+            let args = connect::ConnectArgs {
+                url,
+                client,
+                token,
+                channels,
+                stats,
+            };
+            runtime()
+                .map(|rt| ExitCode::from(rt.block_on(connect::run(args))))
+                .unwrap_or_else(|e| {
+                    eprintln!("tether connect: {e}");
+                    ExitCode::FAILURE
+                })
         }
         Command::Bench(args) => runtime()
             .and_then(|rt| rt.block_on(tether_bench::run(args)))

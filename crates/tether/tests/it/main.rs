@@ -15,5 +15,6 @@ mod netns;
 mod openapi;
 mod protocol;
 mod proxy;
+mod sdk;
 mod sockets;
 mod tls;

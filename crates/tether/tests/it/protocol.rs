@@ -227,6 +227,8 @@ async fn sse_stream_welcome_heartbeat_and_kick() {
         serde_json::from_str(text.split("data: ").nth(1).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(welcome["client_id"], "ess");
     assert_eq!(welcome["recovered"], json!({}));
+    assert_eq!(welcome["heartbeat_ms"], 100);
+    assert_eq!(welcome["heartbeat_timeout_ms"], 10000);
     assert!(text.contains(": hb\n\n"));
     let (_, body) = s.post("/api/disconnect", json!({"client_id": "ess"})).await;
     assert_eq!(body["closed"], 1);
@@ -637,4 +639,36 @@ async fn metrics_count_opens_closes_and_clients() {
     assert!(!text.contains("client=\"m\""));
     assert!(text.contains("tether_broker_up 1"), "{text}");
     assert!(text.contains("tether_queue_bytes 0"), "{text}");
+}
+
+/// SPEC sections 5 and 13: `&heartbeat=event` turns the `: hb` comment (which
+/// `EventSource` hides) into an `event: heartbeat`; any other value is a 400 naming
+/// the parameter.
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_heartbeat_event_replaces_the_comment_when_asked() {
+    let s = start(|c| c.heartbeat.interval_ms = 100.try_into().unwrap()).await;
+    let mut resp = s
+        .http
+        .get(format!("http://{}/sse?client=hb&heartbeat=event", s.client))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = read_sse_until(&mut resp, |t| t.matches("event: heartbeat").count() >= 2).await;
+    assert!(text.contains("\nevent: heartbeat\ndata: {}\n\n"), "{text}");
+    assert!(!text.contains(": hb"), "no comment heartbeat: {text}");
+    drop(resp);
+    let r = s
+        .http
+        .get(format!("http://{}/sse?client=hb&heartbeat=loud", s.client))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("heartbeat"),
+        "{body}"
+    );
+    s.assert_clean().await;
 }
