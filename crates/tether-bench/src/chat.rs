@@ -57,7 +57,7 @@ pub struct ChatArgs {
     /// Connections (subscribers), connection i on channel i % channels.
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
-    /// Channels, named `{channel_prefix}-{k}`.
+    /// Channels, named `{channel_prefix}_{k}`.
     #[arg(long, default_value_t = 2_000)]
     channels: usize,
     /// Concurrent publishers (each has one publish in flight at a time).
@@ -76,7 +76,8 @@ pub struct ChatArgs {
     /// Payload bytes per message (padding included).
     #[arg(long, default_value_t = 100)]
     bytes: usize,
-    /// Channel name prefix (A-Z a-z 0-9 _ - .).
+    /// Channel name prefix (A-Z a-z 0-9 _; Nchan's `/sub/(\w+)` location takes no
+    /// `-` or `.`).
     #[arg(long, default_value = "chat")]
     channel_prefix: String,
     /// Seed of the publishers' channel picks (publisher w uses seed + w).
@@ -142,9 +143,9 @@ pub fn channel_of(i: usize, channels: usize) -> usize {
     i % channels.max(1)
 }
 
-/// The name of channel `k`.
+/// The name of channel `k` (`_`: a word character, as Nchan's `\w+` locations want).
 pub fn channel_name(prefix: &str, k: usize) -> String {
-    format!("{prefix}-{k}")
+    format!("{prefix}_{k}")
 }
 
 /// Deliveries due: for each ready receiver, the publishes its channel accepted.
@@ -645,6 +646,7 @@ mod tests {
             (10_000, 2_000, 8, 10.0)
         );
         assert_eq!(a.target, Target::Tether);
+        assert_eq!(channel_name(&a.channel_prefix, 17), "chat_17");
         // Rooms of five: every channel gets connections / channels subscribers.
         let mut per = vec![0usize; a.channels];
         for i in 0..a.connections {
