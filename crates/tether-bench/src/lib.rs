@@ -13,6 +13,10 @@
 //! `idle`: opens N connections (spread over source addresses in 127.0.0.0/8, bounded
 //! concurrency), holds them, and reads the server's memory from `/proc/PID/status`
 //! (RSS) and `/proc/PID/smaps_rollup` (PSS) before and after.
+//!
+//! `fanout --poll-stats-ms N` also times Tether's `GET /api/stats` during the burst
+//! (see `statspoll`); `chat` is a chat-like load of many small channels and several
+//! API publishers (see `chat`).
 #![warn(missing_docs)]
 
 mod bare;
