@@ -765,13 +765,18 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     // `--poll-stats-ms`: the API's stats latency from the first publish until every
     // receiver is done (Tether only).
     let (poll_stop, poll_rx) = watch::channel(false);
-    let poller = (a.poll_stats_ms > 0 && a.target == Target::Tether).then(|| {
-        tokio::spawn(statspoll::poll(
-            format!("{}/api/stats", api.trim_end_matches('/')),
-            Duration::from_millis(a.poll_stats_ms),
-            poll_rx,
-        ))
-    });
+    let poller = if a.poll_stats_ms > 0 && a.target == Target::Tether {
+        Some(
+            statspoll::spawn(
+                format!("{}/api/stats", api.trim_end_matches('/')),
+                Duration::from_millis(a.poll_stats_ms),
+                poll_rx,
+            )
+            .map_err(|e| format!("stats poller: {e}"))?,
+        )
+    } else {
+        None
+    };
     let started = Instant::now();
     let started_us = now_micros();
     let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
@@ -826,9 +831,10 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     }
     let _ = poll_stop.send(true);
     let stats_poll = match poller {
-        Some(p) => p
+        Some(p) => tokio::task::spawn_blocking(move || p.join())
             .await
             .map_err(|e| format!("stats poller: {e}"))?
+            .map_err(|_| "stats poller panicked".to_owned())?
             .to_json(a.poll_stats_ms),
         None if a.poll_stats_ms > 0 => {
             eprintln!("tether bench: --poll-stats-ms: Nchan has no stats endpoint, not polled");
