@@ -7,19 +7,36 @@
 #
 #   bash scripts/bench-compare.sh                            # the full comparison
 #   SUBSCRIBERS=1000 ROUNDS=1 bash scripts/bench-compare.sh  # a smoke run (< 2 min)
+#   SCENARIOS="chat statsp99" bash scripts/bench-compare.sh  # the optional ones
+#
+# Optional scenarios (not in the default set; name them in SCENARIOS):
+#   chat      CHAT_CONNECTIONS over CHAT_CHANNELS, CHAT_PUBLISHERS publishing through
+#             the API to random channels for CHAT_SECS (`tether bench chat`)
+#   statsp99  the back-to-back WS burst (SUBSCRIBERS x MESSAGES) with GET /api/stats
+#             polled every STATS_EVERY_MS ms (`fanout --poll-stats-ms`); Tether only,
+#             Nchan has no stats endpoint
+# A run of optional scenarios only writes its own section (SECTION) and chart (CHART),
+# so it does not replace the full comparison's.
 #
 # Environment (defaults in brackets):
 #   ROUNDS [2]             pairs of runs per scenario
-#   SCENARIOS ["idle idlesse fanout paced sse churn"]
+#   SCENARIOS ["idle idlesse fanout paced sse churn"]; optional: chat statsp99
 #   SUBSCRIBERS [10000]    fan-out subscribers; IDLE_CONNECTIONS [=SUBSCRIBERS]
 #   MESSAGES [200]         back-to-back messages (WS and SSE); BYTES [100]
 #   PUBLISHERS [1]         back-to-back publishes in flight at once
 #   PACED_MESSAGES [20]    paced messages at RATE [2] msg/s
 #   CHURN_SECS [10] CHURN_WORKERS [64]; HOLD_SECS [3] (idle)
+#   CHAT_CONNECTIONS [10000] CHAT_CHANNELS [2000] CHAT_PUBLISHERS [8] CHAT_SECS [10]
+#   CHAT_RATE [0]          chat publishes/s over all publishers (0: back-to-back)
+#   STATS_EVERY_MS [10]    statsp99: the GET /api/stats period
 #   PROCS [1]              subscriber processes per bench (needed above ~19k)
 #   SOURCES [127.0.0.1]    comma-separated loopback source addresses
 #   TETHER_PORT [18700]    (+1 for its API); NCHAN_PORT [18800]
-#   OUT [$CARGO_TARGET_DIR or target, /bench-compare]; CHART [docs/bench-compare.png]
+#   OUT [$CARGO_TARGET_DIR or target, /bench-compare]; CHART [docs/bench-compare.png;
+#                          docs/bench-compare-chat.png for optional scenarios only]
+#   SECTION [bench-compare; bench-compare-chat for optional scenarios only]: the
+#                          BENCHMARKS.md markers (<!-- $SECTION:begin/end -->) written
+#                          between, or appended at the end
 #   NO_BUILD [unset]       skip `cargo build --release`
 #   TETHER_BIN, BENCH_CHART_BIN [$CARGO_TARGET_DIR/release/…] (copied before use, so
 #                          a rebuild during the run does not change them)
@@ -31,7 +48,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 ROUNDS="${ROUNDS:-2}"
-SCENARIOS="${SCENARIOS:-idle idlesse fanout paced sse churn}"
+DEFAULT_SCENARIOS="idle idlesse fanout paced sse churn"
+OPTIONAL_SCENARIOS="chat statsp99"
+SCENARIOS="${SCENARIOS:-$DEFAULT_SCENARIOS}"
 SUBSCRIBERS="${SUBSCRIBERS:-10000}"
 IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-$SUBSCRIBERS}"
 MESSAGES="${MESSAGES:-200}"
@@ -41,6 +60,12 @@ PACED_MESSAGES="${PACED_MESSAGES:-20}"
 RATE="${RATE:-2}"
 CHURN_SECS="${CHURN_SECS:-10}"
 CHURN_WORKERS="${CHURN_WORKERS:-64}"
+CHAT_CONNECTIONS="${CHAT_CONNECTIONS:-10000}"
+CHAT_CHANNELS="${CHAT_CHANNELS:-2000}"
+CHAT_PUBLISHERS="${CHAT_PUBLISHERS:-8}"
+CHAT_SECS="${CHAT_SECS:-10}"
+CHAT_RATE="${CHAT_RATE:-0}"
+STATS_EVERY_MS="${STATS_EVERY_MS:-10}"
 HOLD_SECS="${HOLD_SECS:-3}"
 PROCS="${PROCS:-1}"
 SOURCES="${SOURCES:-127.0.0.1}"
@@ -49,7 +74,18 @@ TETHER_API_PORT=$((TETHER_PORT + 1))
 NCHAN_PORT="${NCHAN_PORT:-18800}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="${OUT:-$TARGET_DIR/bench-compare}"
-CHART="${CHART:-docs/bench-compare.png}"
+# Only optional scenarios: their own section and chart.
+only_optional=1
+for s in $SCENARIOS; do
+    case " $OPTIONAL_SCENARIOS " in *" $s "*) ;; *) only_optional=0 ;; esac
+done
+if [ "$only_optional" -eq 1 ]; then
+    SECTION="${SECTION:-bench-compare-chat}"
+    CHART="${CHART:-docs/bench-compare-chat.png}"
+else
+    SECTION="${SECTION:-bench-compare}"
+    CHART="${CHART:-docs/bench-compare.png}"
+fi
 FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 BIN="${TETHER_BIN:-$TARGET_DIR/release/tether}"
 CHART_BIN="${BENCH_CHART_BIN:-$TARGET_DIR/release/bench-chart}"
@@ -267,6 +303,8 @@ bench_args() { # scenario target -> the `tether bench` arguments (PIDs as $PIDS)
             [ "$target" = tether ] && c="$c --api $api"
             echo "$c"
             ;;
+        chat) echo "chat $common --api $api --connections $CHAT_CONNECTIONS --channels $CHAT_CHANNELS --publishers $CHAT_PUBLISHERS --secs $CHAT_SECS --rate $CHAT_RATE --bytes $BYTES" ;;
+        statsp99) echo "fanout $common --api $api --channel statsburst --subscribers $SUBSCRIBERS --messages $MESSAGES --bytes $BYTES --publishers $PUBLISHERS --poll-stats-ms $STATS_EVERY_MS" ;;
         *)
             echo "unknown scenario $scenario" >&2
             return 1
@@ -274,8 +312,17 @@ bench_args() { # scenario target -> the `tether bench` arguments (PIDs as $PIDS)
     esac
 }
 
+# Scenarios Nchan cannot run (statsp99: it has no stats endpoint).
+runs_on() { # scenario target
+    [ "$1" != statsp99 ] || [ "$2" = tether ]
+}
+
 run_one() { # round scenario target
     local round="$1" scenario="$2" target="$3" tag="r$1-$2-$3" args line rc=0
+    if ! runs_on "$scenario" "$target"; then
+        log "round $round $scenario $target: skipped (Nchan has no stats endpoint)"
+        return 0
+    fi
     args="$(bench_args "$scenario" "$target")"
     start_server "$target" "$tag-server"
     log "round $round $scenario $target (server pids $SERVER_PIDS)"
@@ -288,7 +335,7 @@ run_one() { # round scenario target
         [ "${line:0:1}" = "{" ] || return 0
     fi
     echo "{\"round\":$round,\"label\":\"$scenario\",${line:1}" >>"$RESULTS"
-    log "  $(echo "$line" | grep -o '"deliveries_per_sec":[0-9.]*\|"pss_bytes_per_connection":[-0-9.]*\|"cycles_per_sec":[0-9.]*\|"latency_ms_p99":[0-9.]*\|"deliveries":[0-9]*\|"opened":[0-9]*' | tr '\n' ' ')"
+    log "  $(echo "$line" | grep -o '"deliveries_per_sec":[0-9.]*\|"publishes_per_sec":[0-9.]*\|"pss_bytes_per_connection":[-0-9.]*\|"cycles_per_sec":[0-9.]*\|"latency_ms_p99":[0-9.]*\|"deliveries":[0-9]*\|"opened":[0-9]*' | tr '\n' ' ')"
 }
 
 # ---------------------------------------------------------------------------
@@ -301,8 +348,12 @@ write_section() {
     nchan_v="$(dpkg-query -W -f='${Version}' libnginx-mod-nchan 2>/dev/null || echo '?')"
     commit="$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
     {
-        echo "<!-- bench-compare:begin -->"
-        echo "## Tether vs Nchan ($(date -u +%F))"
+        echo "<!-- $SECTION:begin -->"
+        if [ "$SECTION" = bench-compare ]; then
+            echo "## Tether vs Nchan ($(date -u +%F))"
+        else
+            echo "## Tether vs Nchan: $SCENARIOS ($(date -u +%F))"
+        fi
         echo
         echo "Generated by \`scripts/bench-compare.sh\` at commit $commit: every run on a fresh"
         echo "server, Tether and Nchan alternating, $ROUNDS round(s); figures are the mean over"
@@ -313,6 +364,21 @@ write_section() {
         echo "fan-out connections are subscribed to a channel on both; a churn cycle is connect,"
         echo "welcome, subscribe, subscribed, close on Tether and connect (which subscribes), close"
         echo "on Nchan. Latency is measured by the receivers from the publish time in the payload."
+        case " $SCENARIOS " in
+            *" chat "*)
+                echo "Chat: connection i subscribes to channel i % channels; each publisher posts to a"
+                echo "random channel when its previous publish is answered (or at CHAT_RATE over all);"
+                echo "publishes/s counts 2xx answers over the publishing time, deliveries/s runs from the"
+                echo "first publish to the last delivery."
+                ;;
+        esac
+        case " $SCENARIOS " in
+            *" statsp99 "*)
+                echo "statsp99: the back-to-back burst with one \`GET /api/stats\` at a time every"
+                echo "$STATS_EVERY_MS ms from the first publish to the last delivery (Tether only: Nchan"
+                echo "has no stats endpoint)."
+                ;;
+        esac
         echo
         echo '```sh'
         echo "$RUN_CMD"
@@ -326,6 +392,7 @@ write_section() {
         local s t
         for s in $SCENARIOS; do
             for t in tether nchan; do
+                runs_on "$s" "$t" || continue
                 echo "./target/release/tether bench $(bench_args "$s" "$t")"
             done
         done
@@ -334,14 +401,15 @@ write_section() {
         cat "$tables"
         echo "![Tether vs Nchan]($CHART)"
         echo
-        echo "<!-- bench-compare:end -->"
+        echo "<!-- $SECTION:end -->"
     } >"$section"
     local md=BENCHMARKS.md tmp
     tmp="$(mktemp)"
-    if grep -q '<!-- bench-compare:begin -->' "$md" && grep -q '<!-- bench-compare:end -->' "$md"; then
-        awk -v f="$section" '
-            /<!-- bench-compare:begin -->/ { while ((getline l < f) > 0) print l; skip = 1; next }
-            /<!-- bench-compare:end -->/ { skip = 0; next }
+    local begin="<!-- $SECTION:begin -->" end="<!-- $SECTION:end -->"
+    if grep -qF "$begin" "$md" && grep -qF "$end" "$md"; then
+        awk -v f="$section" -v b="$begin" -v e="$end" '
+            $0 == b { while ((getline l < f) > 0) print l; skip = 1; next }
+            $0 == e { skip = 0; next }
             !skip { print }
         ' "$md" >"$tmp"
     else
@@ -353,7 +421,13 @@ write_section() {
 
 main() {
     local started=$SECONDS
-    RUN_CMD="$(for v in ROUNDS SUBSCRIBERS IDLE_CONNECTIONS MESSAGES PACED_MESSAGES RATE BYTES PUBLISHERS PROCS SOURCES; do printf '%s=%s ' "$v" "${!v}"; done)bash scripts/bench-compare.sh"
+    local vars="ROUNDS SUBSCRIBERS IDLE_CONNECTIONS MESSAGES PACED_MESSAGES RATE BYTES PUBLISHERS PROCS SOURCES"
+    case " $SCENARIOS " in *" chat "*) vars="$vars CHAT_CONNECTIONS CHAT_CHANNELS CHAT_PUBLISHERS CHAT_SECS CHAT_RATE" ;; esac
+    case " $SCENARIOS " in *" statsp99 "*) vars="$vars STATS_EVERY_MS" ;; esac
+    RUN_CMD="$(
+        [ "$SCENARIOS" = "$DEFAULT_SCENARIOS" ] || printf 'SCENARIOS="%s" ' "$SCENARIOS"
+        for v in $vars; do printf '%s=%s ' "$v" "${!v}"; done
+    )bash scripts/bench-compare.sh"
     install_deps
     NCHAN_MODULE="$(nchan_module)"
     if [ -z "${NO_BUILD:-}" ]; then

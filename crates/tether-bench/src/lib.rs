@@ -13,13 +13,19 @@
 //! `idle`: opens N connections (spread over source addresses in 127.0.0.0/8, bounded
 //! concurrency), holds them, and reads the server's memory from `/proc/PID/status`
 //! (RSS) and `/proc/PID/smaps_rollup` (PSS) before and after.
+//!
+//! `fanout --poll-stats-ms N` also times Tether's `GET /api/stats` during the burst
+//! (see `statspoll`); `chat` is a chat-like load of many small channels and several
+//! API publishers (see `chat`).
 #![warn(missing_docs)]
 
 mod bare;
+mod chat;
 mod hist;
 mod lean;
 mod procs;
 mod proxy;
+mod statspoll;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -76,6 +82,9 @@ enum Scenario {
     /// Connect + subscribe + close cycles per second; then (Tether) the registry must
     /// be empty.
     Churn(ChurnArgs),
+    /// A chat-like load: N connections over C channels, P publishers posting to random
+    /// channels for a bounded time; publishes/s accepted, deliveries/s and latency.
+    Chat(chat::ChatArgs),
     /// A bare coalescing fan-out server with Nchan's URLs, to measure this load
     /// generator's own ceiling (`fanout --target nchan` against it).
     BareServer(bare::BareArgs),
@@ -164,6 +173,11 @@ struct FanoutArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Tether: poll `GET {api}/api/stats` every this many ms from the first publish
+    /// until the last receiver is done, and report its latency (`stats_poll`); 0 = off.
+    /// Nchan has no such endpoint: the output says so and the burst runs alone.
+    #[arg(long, default_value_t = 0)]
+    poll_stats_ms: u64,
     /// Internal: this process is child K of `--procs`.
     #[arg(long, hide = true)]
     child: Option<usize>,
@@ -218,6 +232,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Scenario::Fanout(a) => fanout(a).await,
         Scenario::Proxy(a) => proxy::run(a).await,
         Scenario::Churn(a) => churn(a).await,
+        Scenario::Chat(a) => chat::run(a).await,
         Scenario::BareServer(a) => bare::run(a).await,
     }
 }
@@ -372,12 +387,12 @@ fn check_sources(sources: &[IpAddr]) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens the subscribers `indices` (client ids `{prefix}-{i}`, source address
-/// `sources[i % len]`), `concurrency` at a time, until each is ready or `deadline`;
-/// maps each opened one through `f`.
+/// Opens the subscribers `indices` (client ids `{prefix}-{i}`, endpoint
+/// `eps[i % eps.len()]`, source address `sources[i % len]`), `concurrency` at a time,
+/// until each is ready or `deadline`; maps each opened one through `f(i, conn)`.
 #[allow(clippy::too_many_arguments)]
 async fn open_all<T>(
-    ep: &Arc<Endpoint>,
+    eps: &[Arc<Endpoint>],
     indices: Vec<usize>,
     prefix: &str,
     sources: &[IpAddr],
@@ -385,16 +400,19 @@ async fn open_all<T>(
     buf: usize,
     want: usize,
     deadline: tokio::time::Instant,
-    f: impl Fn(Conn) -> T,
+    f: impl Fn(usize, Conn) -> T,
 ) -> (Vec<T>, BTreeMap<String, usize>) {
-    let results: Vec<Result<Conn, String>> = futures_util::stream::iter(indices)
+    if eps.is_empty() {
+        return (Vec::new(), BTreeMap::new());
+    }
+    let results: Vec<(usize, Result<Conn, String>)> = futures_util::stream::iter(indices)
         .map(|i| {
-            let ep = ep.clone();
+            let ep = eps[i % eps.len()].clone();
             let src = sources[i % sources.len()];
             let seq = i / sources.len();
             let client = format!("{prefix}-{i}");
             async move {
-                match tokio::time::timeout_at(
+                let r = match tokio::time::timeout_at(
                     deadline,
                     Conn::open(&ep, &client, src, seq, buf, want),
                 )
@@ -402,7 +420,8 @@ async fn open_all<T>(
                 {
                     Ok(r) => r,
                     Err(_) => Err("deadline".into()),
-                }
+                };
+                (i, r)
             }
         })
         .buffer_unordered(concurrency.max(1))
@@ -410,9 +429,9 @@ async fn open_all<T>(
         .await;
     let mut out = Vec::new();
     let mut errors = BTreeMap::<String, usize>::new();
-    for r in results {
+    for (i, r) in results {
         match r {
-            Ok(c) => out.push(f(c)),
+            Ok(c) => out.push(f(i, c)),
             Err(e) => *errors.entry(e).or_default() += 1,
         }
     }
@@ -442,7 +461,7 @@ async fn idle(a: IdleArgs) -> Result<(), String> {
     let (ep_ref, sources, concurrency) = (&ep, &a.sources, a.concurrency);
     let open = move |idx| {
         open_all(
-            ep_ref,
+            std::slice::from_ref(ep_ref),
             idx,
             "bench",
             sources,
@@ -450,7 +469,7 @@ async fn idle(a: IdleArgs) -> Result<(), String> {
             4096,
             0,
             deadline,
-            |c| c,
+            |_, c| c,
         )
     };
     if let Some(k) = a.child {
@@ -557,7 +576,7 @@ async fn start_local(
     let (stop, stop_rx) = watch::channel(false);
     let progress = Arc::new(AtomicU64::new(0));
     let (tasks, errors) = open_all(
-        ep,
+        std::slice::from_ref(ep),
         indices,
         "fan",
         sources,
@@ -565,7 +584,7 @@ async fn start_local(
         buf,
         messages,
         deadline,
-        |c| {
+        |_, c| {
             let (rx, p) = (stop_rx.clone(), progress.clone());
             tokio::spawn(c.receive(messages, rx, p))
         },
@@ -639,41 +658,49 @@ impl Local {
 /// Publishes one message to Tether's API or Nchan's publisher location.
 struct Publisher {
     http: reqwest::Client,
-    url: String,
+    /// The API's base URL, without a trailing `/`.
+    api: String,
     target: Target,
-    channel_json: String,
+    channel: String,
 }
 
 impl Publisher {
     fn new(target: Target, api: &str, channel: &str) -> Result<Publisher, String> {
-        let api = api.trim_end_matches('/');
-        let url = match target {
-            Target::Tether => format!("{api}/api/publish"),
-            Target::Nchan => format!("{api}/pub/{channel}"),
-        };
         Ok(Publisher {
             http: reqwest::Client::new(),
-            url,
+            api: api.trim_end_matches('/').to_owned(),
             target,
-            channel_json: serde_json::to_string(channel).map_err(|e| e.to_string())?,
+            channel: channel.to_owned(),
         })
     }
 
-    /// True when the server accepted it.
+    /// True when the server accepted it (to the channel given to `new`).
     async fn publish(&self, t: u64, pad: &str) -> bool {
+        self.publish_to(&self.channel, t, pad).await.is_ok()
+    }
+
+    /// Publishes `{"t":t,"p":pad}` to `channel` (a name `endpoint` accepts: nothing to
+    /// escape). Ok when the server answered 2xx; else the status or the error's kind.
+    async fn publish_to(&self, channel: &str, t: u64, pad: &str) -> Result<(), String> {
         let data = format!(r#"{{"t":{t},"p":"{pad}"}}"#);
         let req = match self.target {
             Target::Tether => self
                 .http
-                .post(&self.url)
+                .post(format!("{}/api/publish", self.api))
                 .header("content-type", "application/json")
-                .body(format!(
-                    r#"{{"channel":{},"data":{data}}}"#,
-                    self.channel_json
-                )),
-            Target::Nchan => self.http.post(&self.url).body(data),
+                .body(format!(r#"{{"channel":"{channel}","data":{data}}}"#)),
+            Target::Nchan => self
+                .http
+                .post(format!("{}/pub/{channel}", self.api))
+                .body(data),
         };
-        matches!(req.send().await, Ok(r) if r.status().is_success())
+        match req.send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("status {}", r.status().as_u16())),
+            Err(e) if e.is_timeout() => Err("timeout".into()),
+            Err(e) if e.is_connect() => Err("connect".into()),
+            Err(_) => Err("request".into()),
+        }
     }
 }
 
@@ -735,6 +762,21 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
     let pad = "x".repeat(a.bytes.saturating_sub(40));
     let cpu_before = processes_cpu_secs(&a.pid)?;
+    // `--poll-stats-ms`: the API's stats latency from the first publish until every
+    // receiver is done (Tether only).
+    let (poll_stop, poll_rx) = watch::channel(false);
+    let poller = if a.poll_stats_ms > 0 && a.target == Target::Tether {
+        Some(
+            statspoll::spawn(
+                format!("{}/api/stats", api.trim_end_matches('/')),
+                Duration::from_millis(a.poll_stats_ms),
+                poll_rx,
+            )
+            .map_err(|e| format!("stats poller: {e}"))?,
+        )
+    } else {
+        None
+    };
     let started = Instant::now();
     let started_us = now_micros();
     let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
@@ -787,6 +829,19 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
             parts.push(serde_json::from_value(v).map_err(|e| format!("child RESULT: {e}"))?);
         }
     }
+    let _ = poll_stop.send(true);
+    let stats_poll = match poller {
+        Some(p) => tokio::task::spawn_blocking(move || p.join())
+            .await
+            .map_err(|e| format!("stats poller: {e}"))?
+            .map_err(|_| "stats poller panicked".to_owned())?
+            .to_json(a.poll_stats_ms),
+        None if a.poll_stats_ms > 0 => {
+            eprintln!("tether bench: --poll-stats-ms: Nchan has no stats endpoint, not polled");
+            statspoll::unavailable(a.target)
+        }
+        None => serde_json::Value::Null,
+    };
     let cpu_after = processes_cpu_secs(&a.pid)?;
     let mem = processes_memory(&a.pid)?;
     if let Some(kids) = children {
@@ -811,7 +866,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     };
     let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
-    let out = json!({
+    let mut out = json!({
         "scenario": "fanout",
         "target": a.target,
         "transport": a.transport,
@@ -847,6 +902,9 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         "server_rss_kib": mem.map(|m| m.0),
         "server_pss_kib": mem.map(|m| m.1),
     });
+    if !stats_poll.is_null() {
+        out["stats_poll"] = stats_poll;
+    }
     println!("{out}");
     Ok(())
 }

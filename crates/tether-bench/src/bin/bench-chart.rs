@@ -74,6 +74,20 @@ impl Panel {
 }
 
 fn scenario_label(v: &serde_json::Value) -> Option<String> {
+    let k = |key: &str| v[key].as_u64().unwrap_or(0) as f64 / 1000.0;
+    if v["scenario"].as_str() == Some("chat") {
+        let rate = match v["rate"].as_f64() {
+            Some(r) if r > 0.0 => format!("{r} publishes/s"),
+            _ => "back-to-back".to_owned(),
+        };
+        return Some(format!(
+            "chat {}, {}k conns over {}k channels, {} publishers {rate}",
+            v["transport"].as_str().unwrap_or("ws").to_uppercase(),
+            k("connections"),
+            k("channels"),
+            v["publishers"].as_u64().unwrap_or(0),
+        ));
+    }
     if v["scenario"].as_str() == Some("churn") {
         return Some(format!(
             "churn WS, {} workers",
@@ -94,9 +108,15 @@ fn scenario_label(v: &serde_json::Value) -> Option<String> {
                     _ => "back-to-back".to_owned(),
                 },
             };
+            // A burst with `--poll-stats-ms` is its own scenario.
+            let polled = match v["stats_poll"]["every_ms"].as_u64() {
+                Some(ms) => format!(", GET /api/stats every {ms} ms"),
+                None if v["stats_poll"].is_object() => ", GET /api/stats (none)".to_owned(),
+                None => String::new(),
+            };
             Some(format!(
-                "{transport} {mode}, {}k subs",
-                v["subscribers"].as_u64().unwrap_or(0) as f64 / 1000.0
+                "{transport} {mode}, {}k subs{polled}",
+                k("subscribers")
             ))
         }
         _ => None,
@@ -244,6 +264,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 target,
                 v["pss_bytes_per_connection"].as_f64().map(|b| b / 1024.0),
             ),
+            // The same burst polled for its stats is in the tables only.
+            Some("fanout") if !v["stats_poll"].is_null() => {}
+            Some("chat") => {
+                rate.add(&label, target, v["deliveries_per_sec"].as_f64());
+                p99.add(&label, target, v["latency_ms_p99"].as_f64());
+                cpu.add(&label, target, v["server_cpu_us_per_delivery"].as_f64());
+            }
             Some("fanout") => {
                 if v["mode"].as_str() != Some("paced") {
                     rate.add(&label, target, v["deliveries_per_sec"].as_f64());
@@ -255,7 +282,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     if runs == 0 {
-        return Err(format!("{}: no idle or fanout results", cli.input.display()).into());
+        return Err(format!(
+            "{}: no idle, fanout, chat or churn results",
+            cli.input.display()
+        )
+        .into());
     }
     if let Some(md) = &cli.markdown {
         std::fs::write(md, markdown(&text)).map_err(|e| format!("{}: {e}", md.display()))?;
@@ -375,6 +406,78 @@ const FANOUT: &[Metric] = &[
         |v| f(v, "server_pss_kib").map(|k| k / 1024.0),
         Fmt::Num,
     ),
+    // `--poll-stats-ms` (Tether only; rows without figures are left out).
+    (
+        "GET /api/stats polls",
+        |v| v["stats_poll"]["polls"].as_f64(),
+        Fmt::Int,
+    ),
+    (
+        "GET /api/stats errors",
+        |v| v["stats_poll"]["errors"].as_f64(),
+        Fmt::Int,
+    ),
+    (
+        "GET /api/stats p50, ms",
+        |v| v["stats_poll"]["latency_ms_p50"].as_f64(),
+        Fmt::Num,
+    ),
+    (
+        "GET /api/stats p99, ms",
+        |v| v["stats_poll"]["latency_ms_p99"].as_f64(),
+        Fmt::Num,
+    ),
+    (
+        "GET /api/stats max, ms",
+        |v| v["stats_poll"]["latency_ms_max"].as_f64(),
+        Fmt::Num,
+    ),
+];
+
+const CHAT: &[Metric] = &[
+    ("connections ready", |v| f(v, "opened"), Fmt::Int),
+    (
+        "connect errors",
+        |v| v["errors"]["connect"].as_f64(),
+        Fmt::Int,
+    ),
+    (
+        "publishes accepted",
+        |v| f(v, "publishes_accepted"),
+        Fmt::Int,
+    ),
+    (
+        "publish errors",
+        |v| v["errors"]["publish"].as_f64(),
+        Fmt::Int,
+    ),
+    (
+        "publishes/s accepted",
+        |v| f(v, "publishes_per_sec"),
+        Fmt::Int,
+    ),
+    (
+        "deliveries expected",
+        |v| f(v, "expected_deliveries"),
+        Fmt::Int,
+    ),
+    ("deliveries", |v| f(v, "deliveries"), Fmt::Int),
+    ("deliveries/s", |v| f(v, "deliveries_per_sec"), Fmt::Int),
+    ("latency p50, ms", |v| f(v, "latency_ms_p50"), Fmt::Num),
+    ("latency p99, ms", |v| f(v, "latency_ms_p99"), Fmt::Num),
+    ("latency p99.9, ms", |v| f(v, "latency_ms_p999"), Fmt::Num),
+    ("latency max, ms", |v| f(v, "latency_ms_max"), Fmt::Num),
+    ("server CPU, s", |v| f(v, "server_cpu_secs"), Fmt::Num),
+    (
+        "server CPU per delivery, µs",
+        |v| f(v, "server_cpu_us_per_delivery"),
+        Fmt::Num,
+    ),
+    (
+        "server PSS after, MiB",
+        |v| f(v, "server_pss_kib").map(|k| k / 1024.0),
+        Fmt::Num,
+    ),
 ];
 
 const CHURN: &[Metric] = &[
@@ -451,6 +554,7 @@ fn markdown(text: &str) -> String {
         let metrics: &'static [Metric] = match v["scenario"].as_str() {
             Some("idle") => IDLE,
             Some("fanout") => FANOUT,
+            Some("chat") => CHAT,
             Some("churn") => CHURN,
             _ => continue,
         };
@@ -502,4 +606,52 @@ fn markdown(text: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_and_stats_poll_tables() {
+        let lines = [
+            r#"{"scenario":"chat","target":"tether","transport":"ws","connections":10000,"channels":2000,"publishers":8,"rate":0.0,"opened":10000,"errors":{"connect":0,"publish":0},"publishes_accepted":40000,"publishes_per_sec":4000.0,"expected_deliveries":200000,"deliveries":200000,"deliveries_per_sec":20000.0,"latency_ms_p99":4.0}"#,
+            r#"{"scenario":"chat","target":"tether","transport":"ws","connections":10000,"channels":2000,"publishers":8,"rate":0.0,"opened":10000,"errors":{"connect":0,"publish":0},"publishes_accepted":60000,"publishes_per_sec":6000.0,"expected_deliveries":300000,"deliveries":300000,"deliveries_per_sec":30000.0,"latency_ms_p99":6.0}"#,
+            r#"{"scenario":"chat","target":"nchan","transport":"ws","connections":10000,"channels":2000,"publishers":8,"rate":0.0,"opened":10000,"errors":{"connect":0,"publish":2},"publishes_accepted":25000,"publishes_per_sec":2500.0,"expected_deliveries":125000,"deliveries":125000,"deliveries_per_sec":12500.0,"latency_ms_p99":10.0}"#,
+            r#"{"scenario":"fanout","target":"tether","transport":"ws","mode":"back_to_back","publishers":1,"subscribers":10000,"opened":10000,"deliveries":2000000,"deliveries_per_sec":1500000.0,"stats_poll":{"every_ms":10,"polls":150,"errors":0,"latency_ms_p50":1.5,"latency_ms_p99":12.0,"latency_ms_max":20.0}}"#,
+            r#"{"scenario":"fanout","target":"tether","transport":"ws","mode":"back_to_back","publishers":1,"subscribers":10000,"opened":10000,"deliveries":2000000,"deliveries_per_sec":1700000.0}"#,
+        ]
+        .join("\n");
+        let md = markdown(&lines);
+        let chat = "### chat WS, 10k conns over 2k channels, 8 publishers back-to-back\n\n| | Tether (2 runs) | Nchan (1 run) | Tether/Nchan |";
+        assert!(md.contains(chat), "{md}");
+        // Mean with the range; the ratio of the means.
+        assert!(
+            md.contains("| publishes/s accepted | 5,000 (4,000–6,000) | 2,500 | 2.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| latency p99, ms | 5.00 (4.00–6.00) | 10.0 | 0.50 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| publish errors | 0 (0–0) | 2 | 0.00 |"),
+            "{md}"
+        );
+        // The polled burst is a table of its own, with the stats rows; the plain
+        // burst has none of them.
+        let polled = md
+            .split("### ")
+            .find(|t| t.starts_with("WS back-to-back, 10k subs, GET /api/stats every 10 ms"))
+            .expect("the polled burst's table");
+        assert!(
+            polled.contains("| GET /api/stats p99, ms | 12.0 | — | — |"),
+            "{polled}"
+        );
+        let plain = md
+            .split("### ")
+            .find(|t| t.starts_with("WS back-to-back, 10k subs\n"))
+            .expect("the plain burst's table");
+        assert!(!plain.contains("/api/stats"), "{plain}");
+    }
 }
