@@ -38,6 +38,8 @@
 #                          BENCHMARKS.md markers (<!-- $SECTION:begin/end -->) written
 #                          between, or appended at the end
 #   NO_BUILD [unset]       skip `cargo build --release`
+#   SERVER_BIN [=TETHER_BIN] the Tether that serves (an older build, for a before/after
+#                          run with today's load generator)
 #   TETHER_BIN, BENCH_CHART_BIN [$CARGO_TARGET_DIR/release/…] (copied before use, so
 #                          a rebuild during the run does not change them)
 #   NO_DOC [unset]         do not touch BENCHMARKS.md
@@ -88,6 +90,7 @@ else
 fi
 FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 BIN="${TETHER_BIN:-$TARGET_DIR/release/tether}"
+SERVER="${SERVER_BIN:-$BIN}"
 CHART_BIN="${BENCH_CHART_BIN:-$TARGET_DIR/release/bench-chart}"
 
 log() { printf '[bench-compare %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -231,7 +234,7 @@ start_server() { # target tag
     case "$target" in
         tether)
             port_busy "$TETHER_PORT" && { echo "port $TETHER_PORT is in use" >&2; return 1; }
-            "$BIN" serve --config "$TMP/tether.toml" --listen "127.0.0.1:$TETHER_PORT" \
+            "$SERVER" serve --config "$TMP/tether.toml" --listen "127.0.0.1:$TETHER_PORT" \
                 --api-listen "127.0.0.1:$TETHER_API_PORT" >"$OUT/logs/$tag.log" 2>&1 &
             SERVER_PID=$!
             WORKER_PIDS=""
@@ -439,6 +442,8 @@ main() {
     mkdir -p "$OUT/logs"
     OUT="$(cd "$OUT" && pwd)"
     TMP="$(mktemp -d /tmp/bench-compare.XXXXXX)"
+    cp "$SERVER" "$TMP/tether-server"
+    SERVER="$TMP/tether-server"
     cp "$BIN" "$TMP/tether"
     cp "$CHART_BIN" "$TMP/bench-chart"
     BIN="$TMP/tether"
