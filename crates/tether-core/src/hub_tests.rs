@@ -748,6 +748,29 @@ async fn quiet_and_queued_fan_outs_deliver_each_message_once_in_order() {
     );
 }
 
+/// Whatever the page size (the outbox's room) and however far behind, a replay
+/// goes live exactly at the head: every missed message once, then the live ones.
+#[test]
+fn a_replay_goes_live_exactly_at_the_head_whatever_the_page() {
+    for queue in 1..=9 {
+        for missed in 0..=20u64 {
+            let r = node(settings(), queue);
+            let hub = r.hub();
+            let head = publish_n(hub, "c", 20);
+            let g = connect(&r, "a");
+            let s = hub
+                .subscribe(g.conn(), "c", Some(&at(&head, 20 - missed)), None)
+                .unwrap();
+            assert_eq!((s.recovered, s.missed), (true, missed));
+            let mut seen = offsets(&drain(hub, g.conn()));
+            hub.publish("c", "21", None).unwrap();
+            seen.extend(offsets(&take(g.conn())));
+            let want: Vec<u64> = (21 - missed..=21).collect();
+            assert_eq!(seen, want, "queue {queue}, missed {missed}");
+        }
+    }
+}
+
 /// Whether the hub still feeds `conn` live messages of `channel` (a subscriber
 /// whose outbox overflowed is fed no more).
 fn is_fed(hub: &Hub, channel: &str, conn: &Connection) -> bool {
@@ -846,13 +869,16 @@ fn a_replay_of_large_messages_stays_within_the_byte_bound() {
     assert_eq!(offsets(&drain(hub, g.conn())), (1..=20).collect::<Vec<_>>());
 }
 
-/// Two publisher threads, a subscriber from the start and one that resumes while
-/// they publish: both subscribers see every offset once and in order (from the
-/// start, and from after `since`), and each publisher's messages in its order.
+/// Two publisher threads, a subscriber from the start, and one that resumes again
+/// and again while they publish (each time a little behind what it last saw, then
+/// unsubscribes once live): the first sees every offset once and in order, each
+/// publisher's messages in its order; each resumed stretch of the other is
+/// gapless and without repeats from its `since` on, and the last one reaches the
+/// final offset.
 #[test]
-fn publishers_racing_a_resume_lose_and_repeat_nothing() {
+fn publishers_racing_resumes_lose_and_repeat_nothing() {
     for _ in 0..10 {
-        racing_round(200);
+        racing_round(500);
     }
 }
 
@@ -860,49 +886,41 @@ fn racing_round(per: u64) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let r = node(
         HubSettings {
-            history_size: 1000,
+            history_size: 2000,
             ..settings()
         },
-        1000,
+        2000,
     );
     let hub = r.hub();
     let early = connect(&r, "early");
     hub.subscribe(early.conn(), "c", None, None).unwrap();
-    let late = connect(&r, "late");
     let (started_tx, started) = std::sync::mpsc::channel();
     let finished = AtomicUsize::new(0);
-    let mut seen = Vec::new();
-    let since = std::thread::scope(|s| {
+    let stretches = std::thread::scope(|s| {
         for t in 0..2u64 {
             let (started_tx, finished) = (started_tx.clone(), &finished);
             s.spawn(move || {
                 for i in 0..per {
                     hub.publish("c", &format!("[{t},{i}]"), None).unwrap();
-                    if i == per / 4 {
+                    if i == 10 {
                         started_tx.send(()).unwrap();
                     }
+                    // Let the subscriber in between publishes.
+                    std::thread::yield_now();
                 }
                 finished.fetch_add(1, Ordering::SeqCst);
             });
         }
         started.recv().unwrap();
-        let (epoch, held) = hub.history("c", None, usize::MAX).unwrap();
-        let since = held.last().unwrap().offset - 10;
-        let since = Position {
-            epoch,
-            offset: since,
-        };
-        let s = hub.subscribe(late.conn(), "c", Some(&since), None).unwrap();
-        assert!(s.recovered && s.missed >= 10);
-        // The connection task, while the publishers run.
-        while finished.load(Ordering::SeqCst) < 2 {
-            seen.extend(task_turn(hub, late.conn()));
-            std::thread::yield_now();
-        }
-        since.offset
+        resume_while(&r, || finished.load(Ordering::SeqCst) < 2)
     });
-    seen.extend(drain(hub, late.conn()));
-    assert_eq!(offsets(&seen), (since + 1..=2 * per).collect::<Vec<_>>());
+    let (since, last) = stretches.last().map(|(s, o)| (*s, o.last())).unwrap();
+    assert_eq!(last.copied().unwrap_or(since), 2 * per, "the last stretch");
+    for (since, got) in &stretches {
+        let want: Vec<u64> = (since + 1..=since + got.len() as u64).collect();
+        assert_eq!(got, &want, "the stretch after {since}");
+    }
+    assert!(stretches.len() > 1, "resumed more than once");
     let all = take(early.conn());
     assert_eq!(offsets(&all), (1..=2 * per).collect::<Vec<_>>());
     let mut next = [0u64; 2];
@@ -914,5 +932,44 @@ fn racing_round(per: u64) {
         let (t, i) = (v[0].as_u64().unwrap() as usize, v[1].as_u64().unwrap());
         assert_eq!(i, next[t], "publisher {t} in order");
         next[t] += 1;
+    }
+}
+
+/// The connection task of a subscriber that, while `running()`, resumes channel
+/// `c` a few messages behind what it last saw, catches up, takes what is queued,
+/// unsubscribes, and resumes again; then resumes once more and drains. Returns each
+/// stretch: its `since` and the offsets received.
+fn resume_while(r: &Registry, running: impl Fn() -> bool) -> Vec<(u64, Vec<u64>)> {
+    let hub = r.hub();
+    let g = connect(r, "late");
+    let (epoch, held) = hub.history("c", None, usize::MAX).unwrap();
+    let mut since = held.last().unwrap().offset.saturating_sub(5);
+    let mut stretches = Vec::new();
+    let mut last_round = false;
+    loop {
+        let at = Position {
+            epoch: epoch.clone(),
+            offset: since,
+        };
+        let s = hub.subscribe(g.conn(), "c", Some(&at), None).unwrap();
+        assert!(s.recovered, "since {since}");
+        let mut got = Vec::new();
+        if last_round {
+            got = offsets(&drain(hub, g.conn()));
+        } else {
+            while g.conn().is_catching_up() || got.is_empty() {
+                got.extend(offsets(&task_turn(hub, g.conn())));
+                std::thread::yield_now();
+            }
+            hub.unsubscribe(g.conn(), "c").unwrap();
+            got.extend(offsets(&take(g.conn())));
+        }
+        let next = got.last().map_or(since, |o| o.saturating_sub(3));
+        stretches.push((since, got));
+        if last_round {
+            return stretches;
+        }
+        last_round = !running();
+        since = next;
     }
 }
