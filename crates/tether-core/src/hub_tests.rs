@@ -957,7 +957,11 @@ fn resume_while(r: &Registry, running: impl Fn() -> bool) -> Vec<(u64, Vec<u64>)
         if last_round {
             got = offsets(&drain(hub, g.conn()));
         } else {
-            while g.conn().is_catching_up() || got.is_empty() {
+            for turn in 0.. {
+                if !g.conn().is_catching_up() && !got.is_empty() {
+                    break;
+                }
+                assert!(turn < 100_000, "no message since {since}");
                 got.extend(offsets(&task_turn(hub, g.conn())));
                 std::thread::yield_now();
             }
