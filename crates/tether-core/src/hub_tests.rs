@@ -977,3 +977,58 @@ fn resume_while(r: &Registry, running: impl Fn() -> bool) -> Vec<(u64, Vec<u64>)
         since = next;
     }
 }
+
+/// A socket whose first write waits until the test lets it go: it holds a publish
+/// in the middle of its direct fan-out (with the channel's publishing lock).
+#[derive(Debug)]
+struct Gate {
+    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl DirectSink for Gate {
+    fn try_write(&self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Some(entered) = self.entered.lock().take() {
+            entered.send(()).unwrap();
+            // Released, or the test failed and dropped the sender: go on.
+            let _ = self.release.lock().recv();
+        }
+        Ok(bytes.len())
+    }
+}
+
+/// `try_unsubscribe` steps back (`None`, nothing changed) while a publish is
+/// writing to the channel's subscribers, and unsubscribes once it is done;
+/// `fanout_size` counts the subscribers a publish would reach.
+#[test]
+fn try_unsubscribe_steps_back_while_a_fan_out_writes() {
+    let r = node(settings(), 10);
+    let hub = r.hub();
+    let a = connect(&r, "a");
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    a.conn().outbox().attach(Arc::new(Gate {
+        entered: Mutex::new(Some(entered_tx)),
+        release: Mutex::new(release_rx),
+    }));
+    take(a.conn()); // The welcome turn: now idle, direct writes may start.
+    hub.subscribe(a.conn(), "c", None, None).unwrap();
+    assert_eq!((hub.fanout_size("c"), hub.fanout_size("none")), (1, 0));
+    std::thread::scope(|s| {
+        // Owned here, so that a failed assertion below lets the publish go.
+        let release = release;
+        let publishing = s.spawn(|| hub.publish("c", "1", None).unwrap());
+        entered.recv().unwrap();
+        assert_eq!(hub.try_unsubscribe(a.conn(), "c"), None);
+        assert!(a.conn().has_channel("c"), "nothing changed");
+        assert_eq!(hub.presence("c"), [("a".to_string(), 1)]);
+        release.send(()).unwrap();
+        assert_eq!(publishing.join().unwrap().subscribers, 1);
+    });
+    assert_eq!(hub.try_unsubscribe(a.conn(), "c"), Some(Ok(())));
+    assert!(!a.conn().has_channel("c"));
+    assert_eq!(hub.fanout_size("c"), 0);
+    let not = Some(Err(HubError::NotSubscribed));
+    assert_eq!(hub.try_unsubscribe(a.conn(), "c"), not);
+    assert_eq!(hub.try_unsubscribe(a.conn(), "nowhere"), not);
+}
