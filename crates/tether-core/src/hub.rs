@@ -858,3 +858,7 @@ pub fn encode_direct(data: &str) -> Direct {
         sse: Bytes::from(format!("event: direct\ndata: {{{body}\n\n")),
     }
 }
+
+#[cfg(test)]
+#[path = "hub_tests.rs"]
+mod tests;
