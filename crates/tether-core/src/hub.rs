@@ -232,6 +232,30 @@ struct Offers {
 /// thread cannot start is written here.
 ///
 /// [`Outbox::offer`]: crate::Outbox::offer
+/// The next replay page from history (after `skip` messages): at most `slots`
+/// messages and no more bytes than the outbox has free, so a replay never overflows
+/// it (SPEC section 7: a long replay never trips the slow-consumer limit). `None`
+/// when even the first message cannot fit an empty outbox (it never will).
+fn page_within(
+    st: &ChannelState,
+    skip: usize,
+    slots: usize,
+    outbox: &crate::outbox::Outbox,
+) -> Option<Vec<Arc<Published>>> {
+    let mut room = outbox.room_bytes();
+    let mut page = Vec::new();
+    for p in st.history.iter().skip(skip).take(slots) {
+        let size = p.frame.len();
+        if size > room {
+            break;
+        }
+        room -= size;
+        page.push(p.clone());
+    }
+    let stuck = page.is_empty() && skip < st.history.len() && outbox.queued_bytes() == 0;
+    (!stuck).then_some(page)
+}
+
 fn offer_all(targets: &[Arc<Connection>], p: &Arc<Published>, direct_until: Instant) -> Offers {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -662,13 +686,10 @@ impl Hub {
                         return Step::Lost;
                     }
                     let skip = (next - oldest) as usize;
-                    let page: Vec<Arc<Published>> = st
-                        .history
-                        .iter()
-                        .skip(skip)
-                        .take(room.min(PAGE))
-                        .cloned()
-                        .collect();
+                    let Some(page) = page_within(st, skip, room.min(PAGE), conn.outbox()) else {
+                        // The next message is larger than an empty outbox holds.
+                        return Step::Lost;
+                    };
                     let sent = page.len() as u64;
                     if !page
                         .into_iter()

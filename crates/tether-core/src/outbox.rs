@@ -283,6 +283,16 @@ impl Outbox {
         }
     }
 
+    /// Free bytes (0 once overflowed).
+    pub fn room_bytes(&self) -> usize {
+        let s = self.state.lock();
+        if s.overflowed {
+            0
+        } else {
+            self.max_bytes.saturating_sub(s.bytes)
+        }
+    }
+
     /// The bound on messages.
     pub fn capacity(&self) -> usize {
         self.max_messages
