@@ -327,16 +327,16 @@ struct Start {
     beat_event: bool,
 }
 
-/// The stream's task. `start` comes boxed and is unboxed at once: an async fn keeps
-/// its arguments in its state beside the locals they move into (see `ws::run`).
-async fn run(app: Arc<App>, start: Box<Start>, out: Out) {
+/// The stream's task: the driver's future, with nothing of this function's kept
+/// beside it (not an `async fn`; see `ws::run`).
+fn run(app: Arc<App>, start: Box<Start>, out: Out) -> impl std::future::Future<Output = ()> + Send {
     let Start {
         guard,
         stream,
         first,
         expires_at,
         beat_event,
-    } = *{ start };
+    } = *start;
     let conn = SseConn {
         out,
         stream,
@@ -344,7 +344,7 @@ async fn run(app: Arc<App>, start: Box<Start>, out: Out) {
         wait: Duration::from_millis(app.cfg.heartbeat.timeout_ms.get()),
         beat_event,
     };
-    driver::drive(app, guard, conn, expires_at, None).await;
+    driver::drive(app, guard, conn, expires_at, None)
 }
 
 /// The stream's channels and the position it delivered last on each: its cursor.

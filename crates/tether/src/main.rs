@@ -223,7 +223,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(&cfg.log.level);
+            // Held until `serve` returns: dropping it flushes the log.
+            let _log = init_logging(&cfg.log.level);
             for w in report.warnings {
                 tracing::warn!("{w}");
             }
@@ -246,16 +247,26 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
-fn init_logging(level: &str) {
+/// Logs to stderr through a writer thread: a log line is a queue push, never a
+/// `write` syscall on the thread that logs. Lifecycle events are logged where they
+/// are emitted, under the registry's or a channel's lock, so that matters. The
+/// queue (tracing-appender's, 128k lines) is not lossy: when it is full a logging
+/// thread waits rather than a line being dropped. Dropping the guard flushes it.
+fn init_logging(level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("tether-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
+    guard
 }
 
 /// Raises the soft open-file limit to the hard one; returns the resulting limit.

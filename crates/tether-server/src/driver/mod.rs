@@ -104,15 +104,36 @@ pub(crate) trait Transport: Send {
 }
 
 /// Runs a committed connection until it ends, then releases it.
-pub(crate) async fn drive<T: Transport>(
+///
+/// Not an `async fn`: an async fn keeps its arguments in its state beside the locals
+/// they move into, and this future is what every connection holds for its whole
+/// life. The block below uses what it captured in place; the close sequence is a
+/// boxed future that exists only while it runs.
+#[allow(clippy::manual_async_fn)] // on purpose: see above (idle memory per connection)
+pub(crate) fn drive<T: Transport>(
     app: Arc<App>,
-    mut guard: ConnectionGuard,
+    guard: ConnectionGuard,
     mut transport: T,
     expires_at: Option<Instant>,
     upstream_idle: Option<Duration>,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let conn = guard.conn().clone();
+        let end = run(&app, &conn, &mut transport, expires_at, upstream_idle).await;
+        Box::pin(close(app, guard, transport, conn, end)).await;
+    }
+}
+
+/// The close sequence: seal the outbox, record the close, let the transport say
+/// goodbye (after the queue, unless the code drops it), bounded and cut short by
+/// the hard stop; then drop the transport (the sockets) and the guard (the release).
+async fn close<T: Transport>(
+    app: Arc<App>,
+    mut guard: ConnectionGuard,
+    transport: T,
+    conn: Arc<Connection>,
+    end: End,
 ) {
-    let conn = guard.conn().clone();
-    let end = Box::pin(run(&app, &conn, &mut transport, expires_at, upstream_idle)).await;
     conn.outbox().seal();
     let ending = settle(end, T::FAMILY);
     guard.set_close(ending.code, ending.reason.clone());
