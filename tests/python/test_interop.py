@@ -218,10 +218,13 @@ def test_welcome_frame_names_connection_client_and_node(server):
     async def go():
         async with ws_connect(server, "client=py1") as ws:
             welcome = await recv_welcome(ws)
-            assert set(welcome) == {"type", "conn_id", "client_id", "node_id", "heartbeat_ms"}, welcome
+            assert set(welcome) == {
+                "type", "conn_id", "client_id", "node_id", "heartbeat_ms", "heartbeat_timeout_ms"
+            }, welcome
             assert welcome["client_id"] == "py1"
             assert welcome["node_id"] == NODE_ID
             assert welcome["heartbeat_ms"] == HEARTBEAT_MS
+            assert welcome["heartbeat_timeout_ms"] == HEARTBEAT_TIMEOUT_MS
             # conn_id = <node_id>-<boot id>-<n>
             conn_id = welcome["conn_id"]
             assert isinstance(conn_id, str) and conn_id.startswith(NODE_ID + "-"), conn_id
