@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::driver::Ctx;
 use crate::pending::PendingCounter;
 use crate::sessions::Sessions;
 use crate::tombstones::Tombstones;
@@ -40,9 +41,11 @@ pub struct App {
     /// The effective connection ceiling.
     pub max_connections: usize,
     /// SSE connections closed for good, by conn id.
-    pub tombstones: Tombstones,
+    pub tombstones: Arc<Tombstones>,
     /// Token verification.
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
+    /// What every connection's driver uses of the server (and nothing else).
+    pub(crate) driving: Arc<Ctx>,
     /// Dashboard sessions.
     pub admin_sessions: Sessions,
     /// HTTP client for SSE proxy upstreams (`http://` and `https://`).
@@ -57,6 +60,7 @@ impl App {
         let ids = ConnIdGen::new(&cfg.node_id);
         let metrics = Metrics::new();
         let events = EventBus::new(ids.node_id().clone());
+        let node_id = ids.node_id().clone();
         let hub = Hub::new(
             HubSettings {
                 history_size: cfg.history.size.get() as usize,
@@ -81,14 +85,28 @@ impl App {
             metrics.clone(),
             hub.clone(),
         );
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(hub));
+        let drain = Drain::new();
+        let auth = Arc::new(auth);
+        let tombstones = Arc::new(Tombstones::new(Duration::from_millis(
+            cfg.clients.tombstone_ms,
+        )));
+        let driving = Ctx::new(
+            &cfg,
+            broker.clone(),
+            drain.hard_stop().clone(),
+            auth.clone(),
+            tombstones.clone(),
+            node_id,
+        );
         Arc::new(App {
-            broker: Arc::new(MemoryBroker::new(hub)),
+            broker: broker.clone(),
             ip_limits: IpLimits::new(
                 cfg.limits.max_connections_per_ip,
                 cfg.limits.handshakes_per_ip_per_sec,
             ),
             registry,
-            drain: Drain::new(),
+            drain,
             pending: PendingCounter::new(metrics.clone()),
             metrics,
             tasks: TaskTracker::new(),
@@ -106,7 +124,8 @@ impl App {
                 .any(|r| r.upstream.starts_with("wss://"))
                 .then(crate::upstream::upstream_client_config)
                 .flatten(),
-            tombstones: Tombstones::new(Duration::from_millis(cfg.clients.tombstone_ms)),
+            tombstones,
+            driving: Arc::new(driving),
             cfg,
         })
     }

@@ -90,7 +90,7 @@ async fn subscribe(
     }
     let since = since.and_then(Position::parse);
     let subscribed = cx
-        .app
+        .ctx
         .broker
         .subscribe(cx.conn, channel, since.as_ref(), Some(reference))
         .await;
@@ -101,7 +101,7 @@ async fn subscribe(
 
 /// `unsubscribe`: once the broker let go, nothing of the channel follows the reply.
 async fn unsubscribe(cx: &Cx<'_>, reference: Option<u64>, channel: &str) {
-    match cx.app.broker.unsubscribe(cx.conn, channel).await {
+    match cx.ctx.broker.unsubscribe(cx.conn, channel).await {
         Ok(()) => push(
             cx.conn,
             &ServerFrame::Unsubscribed { reference, channel }.encode(),
@@ -118,7 +118,7 @@ fn refresh(
     reference: Option<u64>,
     token: &str,
 ) -> Option<End> {
-    if !cx.app.auth.is_jwt() {
+    if !cx.ctx.auth.is_jwt() {
         reply_error(
             cx.conn,
             reference,
@@ -127,10 +127,10 @@ fn refresh(
         );
         return None;
     }
-    match cx.app.auth.verify(token) {
+    match cx.ctx.auth.verify(token) {
         Ok(id) if id.client_id != cx.conn.client_id() => Some(End::SessionError),
         Ok(id) => {
-            cx.deadlines.expire_at(Some(cx.app.auth.expires_at(&id)));
+            cx.deadlines.expire_at(Some(cx.ctx.auth.expires_at(&id)));
             *identity = Some(id);
             None
         }

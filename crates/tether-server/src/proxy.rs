@@ -29,7 +29,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::admission::{self, Credentials};
 use crate::app::App;
 use crate::config::ProxyRoute;
-use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, ToUpstream, Transport};
+use crate::driver::{
+    self, Ctx, Cx, End, Ending, Family, Heard, Leg, ToClient, ToUpstream, Transport,
+};
 use crate::net::SocketInfo;
 use crate::upstream::{upstream_headers, upstream_url};
 use crate::ws::Ws;
@@ -221,7 +223,7 @@ async fn handle_ws(
             upstream,
             wait: Duration::from_millis(task_app.cfg.heartbeat.timeout_ms.get()),
         };
-        driver::drive(task_app, guard, relay, expires_at, None).await;
+        driver::drive(task_app.driving.clone(), guard, relay, expires_at, None).await;
     });
     crate::ws::switching(&key, protocol)
 }
@@ -347,7 +349,7 @@ impl Transport for WsRelay {
 
     async fn finish(
         mut self,
-        _app: &App,
+        _ctx: &Ctx,
         _conn: &Connection,
         ending: &Ending,
         _queued: Vec<Outgoing>,

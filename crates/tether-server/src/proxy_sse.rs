@@ -25,7 +25,7 @@ use tokio::time::{timeout, Instant};
 use crate::admission::{self, AdmitError, Credentials};
 use crate::app::App;
 use crate::config::ProxyRoute;
-use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, Transport};
+use crate::driver::{self, Ctx, Cx, End, Ending, Family, Heard, Leg, Transport};
 use crate::net::SocketInfo;
 
 /// Chunks waiting between the relay task and hyper's writer.
@@ -100,8 +100,13 @@ pub(crate) async fn handle(
     };
     let idle = (route.upstream_idle_timeout_ms > 0)
         .then(|| Duration::from_millis(route.upstream_idle_timeout_ms));
-    app.tasks
-        .spawn(driver::drive(app.clone(), guard, relay, expires_at, idle));
+    app.tasks.spawn(driver::drive(
+        app.driving.clone(),
+        guard,
+        relay,
+        expires_at,
+        idle,
+    ));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
@@ -186,7 +191,7 @@ impl Transport for SseRelay {
     /// ends the client's stream.
     async fn finish(
         self,
-        _app: &App,
+        _ctx: &Ctx,
         _conn: &Connection,
         _ending: &Ending,
         _queued: Vec<Outgoing>,

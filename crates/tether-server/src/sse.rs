@@ -31,7 +31,7 @@ use tokio::time::{timeout, Instant};
 use crate::admission::{self, AdmitError, BadRequest, Credentials};
 use crate::app::App;
 use crate::cors::{cors, origin_refused};
-use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
+use crate::driver::{self, Ctx, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
 use crate::net::SocketInfo;
 use crate::refusal::Refused;
 pub use crate::tombstones::Tombstones;
@@ -344,7 +344,7 @@ fn run(app: Arc<App>, start: Box<Start>, out: Out) -> impl std::future::Future<O
         wait: Duration::from_millis(app.cfg.heartbeat.timeout_ms.get()),
         beat_event,
     };
-    driver::drive(app, guard, conn, expires_at, None)
+    driver::drive(app.driving.clone(), guard, conn, expires_at, None)
 }
 
 /// The stream's channels and the position it delivered last on each: its cursor.
@@ -641,7 +641,7 @@ impl Transport for SseConn {
     // One turn of the runtime's queue lets a burst catch up.
     const GATHER: u8 = 1;
 
-    async fn start(&mut self, _app: &App, conn: &Arc<Connection>) -> Result<(), End> {
+    async fn start(&mut self, _ctx: &Ctx, conn: &Arc<Connection>) -> Result<(), End> {
         let Some(first) = self.first.take() else {
             return Ok(());
         };
@@ -692,7 +692,7 @@ impl Transport for SseConn {
 
     async fn finish(
         mut self,
-        app: &App,
+        ctx: &Ctx,
         conn: &Connection,
         ending: &Ending,
         queued: Vec<Outgoing>,
@@ -701,7 +701,7 @@ impl Transport for SseConn {
             return;
         };
         if !closing.reconnect {
-            app.tombstones.add(conn.id());
+            ctx.tombstones.add(conn.id());
         }
         let goodbye = async {
             self.write(conn, &queued).await?;

@@ -34,7 +34,7 @@ use crate::app::App;
 use crate::auth::Identity;
 use crate::commands;
 use crate::conn_io::ConnIo;
-use crate::driver::{self, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
+use crate::driver::{self, Ctx, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
 use crate::net::{PendingSlot, SocketInfo};
 use crate::refusal::Refused;
 use hyper::upgrade::OnUpgrade;
@@ -503,7 +503,7 @@ fn run(app: Arc<App>, start: Box<Start>) -> impl std::future::Future<Output = ()
         wait: Duration::from_millis(app.cfg.heartbeat.timeout_ms.get()),
         interval: Duration::from_millis(app.cfg.heartbeat.interval_ms.get()),
     };
-    driver::drive(app, guard, conn, expires_at, None)
+    driver::drive(app.driving.clone(), guard, conn, expires_at, None)
 }
 
 /// A `/ws` connection: Tether's protocol over WebSocket.
@@ -529,7 +529,7 @@ impl Transport for WsConn {
     // Two turns of the runtime's queue: a burst's frames gather into fewer writes.
     const GATHER: u8 = 2;
 
-    async fn start(&mut self, app: &App, conn: &Arc<Connection>) -> Result<(), End> {
+    async fn start(&mut self, ctx: &Ctx, conn: &Arc<Connection>) -> Result<(), End> {
         // From here on the outbox may write published frames to a plain TCP socket
         // itself.
         self.ws.get_mut().attach(conn);
@@ -537,7 +537,7 @@ impl Transport for WsConn {
             &ServerFrame::Welcome {
                 conn_id: conn.id(),
                 client_id: conn.client_id(),
-                node_id: app.registry.node_id(),
+                node_id: &ctx.node_id,
                 heartbeat_ms: self.interval.as_millis() as u64,
                 heartbeat_timeout_ms: self.wait.as_millis() as u64,
             }
@@ -625,7 +625,7 @@ impl Transport for WsConn {
 
     async fn finish(
         mut self,
-        _app: &App,
+        _ctx: &Ctx,
         conn: &Connection,
         ending: &Ending,
         mut queued: Vec<Outgoing>,

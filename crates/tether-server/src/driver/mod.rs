@@ -11,6 +11,7 @@
 //! goodbye (bounded, and cut short by the hard stop), then drops the transport (the
 //! sockets) and the guard (the release), in that order.
 
+mod ctx;
 mod deadlines;
 mod ending;
 
@@ -21,10 +22,9 @@ use std::time::Duration;
 use tether_core::{CatchUp, Connection, ConnectionGuard, Outgoing};
 use tokio::time::Instant;
 
+pub(crate) use ctx::Ctx;
 pub(crate) use deadlines::{Deadlines, Due, InboundRate};
 pub(crate) use ending::{settle, End, Ending, Family, ToClient, ToUpstream};
-
-use crate::app::App;
 
 /// A connection's legs: the client, and for proxied connections the upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,8 +47,8 @@ pub(crate) struct Heard<I> {
 
 /// What the driver lends a transport while it acts on what it heard.
 pub(crate) struct Cx<'a> {
-    /// Shared server state.
-    pub(crate) app: &'a App,
+    /// What the driver uses of the server.
+    pub(crate) ctx: &'a Ctx,
     /// The connection.
     pub(crate) conn: &'a Arc<Connection>,
     /// Its deadlines (a `refresh` moves the expiry; a relay's wait pauses heartbeats).
@@ -71,7 +71,7 @@ pub(crate) trait Transport: Send {
     /// Sends what goes first (a welcome); the default sends nothing.
     fn start(
         &mut self,
-        _app: &App,
+        _ctx: &Ctx,
         _conn: &Arc<Connection>,
     ) -> impl Future<Output = Result<(), End>> + Send {
         async { Ok(()) }
@@ -96,7 +96,7 @@ pub(crate) trait Transport: Send {
     /// close follows the queue). Bounded in time by the transport itself.
     fn finish(
         self,
-        app: &App,
+        ctx: &Ctx,
         conn: &Connection,
         ending: &Ending,
         queued: Vec<Outgoing>,
@@ -111,7 +111,7 @@ pub(crate) trait Transport: Send {
 /// boxed future that exists only while it runs.
 #[allow(clippy::manual_async_fn)] // on purpose: see above (idle memory per connection)
 pub(crate) fn drive<T: Transport>(
-    app: Arc<App>,
+    ctx: Arc<Ctx>,
     guard: ConnectionGuard,
     mut transport: T,
     expires_at: Option<Instant>,
@@ -119,8 +119,8 @@ pub(crate) fn drive<T: Transport>(
 ) -> impl Future<Output = ()> + Send {
     async move {
         let conn = guard.conn().clone();
-        let end = run(&app, &conn, &mut transport, expires_at, upstream_idle).await;
-        Box::pin(close(app, guard, transport, conn, end)).await;
+        let end = run(&ctx, &conn, &mut transport, expires_at, upstream_idle).await;
+        Box::pin(close(ctx, guard, transport, conn, end)).await;
     }
 }
 
@@ -128,7 +128,7 @@ pub(crate) fn drive<T: Transport>(
 /// goodbye (after the queue, unless the code drops it), bounded and cut short by
 /// the hard stop; then drop the transport (the sockets) and the guard (the release).
 async fn close<T: Transport>(
-    app: Arc<App>,
+    ctx: Arc<Ctx>,
     mut guard: ConnectionGuard,
     transport: T,
     conn: Arc<Connection>,
@@ -145,50 +145,43 @@ async fn close<T: Transport>(
             conn.outbox().take(&mut queued);
         }
     }
-    let goodbye = transport.finish(&app, &conn, &ending, queued);
+    let goodbye = transport.finish(&ctx, &conn, &ending, queued);
     tokio::select! {
         _ = goodbye => {}
-        _ = app.drain.hard_stop().cancelled() => {}
+        _ = ctx.hard_stop.cancelled() => {}
     }
     drop(guard);
 }
 
 /// The loop: returns why it ended.
 async fn run<T: Transport>(
-    app: &App,
+    ctx: &Ctx,
     conn: &Arc<Connection>,
     t: &mut T,
     expires_at: Option<Instant>,
     upstream_idle: Option<Duration>,
 ) -> End {
-    let cfg = &app.cfg;
     let now = Instant::now();
-    let lifetime = match cfg.limits.max_connection_lifetime_ms {
+    let lifetime = match ctx.lifetime_ms {
         0 => None,
         ms => Some(deadlines::jittered(ms)),
     };
-    let mut deadlines = Deadlines::new(
-        now,
-        Duration::from_millis(cfg.heartbeat.interval_ms.get()),
-        Duration::from_millis(cfg.heartbeat.timeout_ms.get()),
-        T::ANSWERS_PINGS,
-        lifetime,
-    );
+    let mut deadlines = Deadlines::new(now, ctx.interval, ctx.timeout, T::ANSWERS_PINGS, lifetime);
     deadlines.expire_at(expires_at);
     deadlines.upstream_idle(now, upstream_idle);
-    let mut rate = InboundRate::new(now, cfg.limits.max_inbound_per_sec.get());
+    let mut rate = InboundRate::new(now, ctx.max_inbound_per_sec);
     let mut batch = Vec::new();
-    let mut end = Box::pin(t.start(app, conn)).await.err();
+    let mut end = Box::pin(t.start(ctx, conn)).await.err();
     // Replay what a resumed subscription missed.
     if end.is_none() && conn.is_catching_up() {
-        end = catch_up(app, conn).await;
+        end = catch_up(ctx, conn).await;
     }
     let timer = tokio::time::sleep_until(deadlines.next());
     tokio::pin!(timer);
     // Made once, not per turn: every connection's hard-stop waiter sits in the one
     // token's list, and re-registering it on each wake-up would take that list's
     // lock twice per delivery, from every worker.
-    let hard_stop = app.drain.hard_stop().cancelled();
+    let hard_stop = ctx.hard_stop.cancelled();
     tokio::pin!(hard_stop);
     let close_requested = conn.close_requested();
     tokio::pin!(close_requested);
@@ -207,7 +200,7 @@ async fn run<T: Transport>(
             _ = &mut hard_stop => return End::Hard,
             closing = &mut close_requested => return End::Requested(closing),
             _ = conn.outbox().ready() => {
-                end = Box::pin(flush(app, conn, t, &mut batch)).await;
+                end = Box::pin(flush(ctx, conn, t, &mut batch)).await;
             }
             _ = &mut timer => {
                 end = match deadlines.due(Instant::now()) {
@@ -225,7 +218,7 @@ async fn run<T: Transport>(
                 end = if heard.counts && rate.over(now) {
                     Some(End::RateLimited)
                 } else {
-                    let cx = Cx { app, conn, deadlines: &mut deadlines };
+                    let cx = Cx { ctx, conn, deadlines: &mut deadlines };
                     Box::pin(t.on_inbound(cx, heard.item)).await
                 };
             }
@@ -236,7 +229,7 @@ async fn run<T: Transport>(
 /// Writes everything queued, topping the queue up from history for any
 /// subscription still catching up.
 async fn flush<T: Transport>(
-    app: &App,
+    ctx: &Ctx,
     conn: &Arc<Connection>,
     t: &mut T,
     batch: &mut Vec<Outgoing>,
@@ -262,7 +255,7 @@ async fn flush<T: Transport>(
             Some(Ok(())) => {}
         }
         if conn.is_catching_up() {
-            if let Some(e) = catch_up(app, conn).await {
+            if let Some(e) = catch_up(ctx, conn).await {
                 return Some(e);
             }
         }
@@ -270,6 +263,6 @@ async fn flush<T: Transport>(
 }
 
 /// Moves the next page of history into the outbox of a catching-up connection.
-async fn catch_up(app: &App, conn: &Arc<Connection>) -> Option<End> {
-    (app.broker.catch_up(conn).await == CatchUp::Lost).then_some(End::FellBehind)
+async fn catch_up(ctx: &Ctx, conn: &Arc<Connection>) -> Option<End> {
+    (ctx.broker.catch_up(conn).await == CatchUp::Lost).then_some(End::FellBehind)
 }
