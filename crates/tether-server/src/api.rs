@@ -467,6 +467,9 @@ async fn send(State(s): State<ApiState>, body: Bytes) -> Response {
         .registry
         .select(&selector)
         .iter()
+        // A proxied connection carries its upstream's protocol: nothing of Tether's
+        // is injected into it, so it is neither sent to nor counted.
+        .filter(|c| c.transport() != Transport::Proxy)
         .filter(|c| c.outbox().push(Outgoing::Direct(direct.clone())))
         .count();
     json_response(StatusCode::OK, json!({"connections": n}))

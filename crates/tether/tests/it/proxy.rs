@@ -595,18 +595,11 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer() {
     let mut raw = raw_ws(s.client, "/chat?client=sloth").await;
     raw.write_all(&masked_text(b"flood")).await.unwrap();
     // Never read: the relay's writes to this client stall past the heartbeat timeout.
-    let mut closed = None;
-    for _ in 0..100 {
-        let ev = collect_events(&mut rx, Duration::from_millis(100)).await;
-        if let Some(e) = ev
-            .iter()
-            .find(|e| e.kind == tether_protocol::EventType::ConnectionClosed)
-        {
-            closed = Some(e.code);
-            break;
-        }
-    }
-    assert_eq!(closed, Some(Some(4008)), "closed as a slow consumer");
+    assert_eq!(
+        closed_code(&mut rx).await,
+        Some(4008),
+        "closed as a slow consumer"
+    );
     wait_upstream_idle(&seen).await;
     assert_eq!(
         seen.closes.lock().unwrap().clone(),
@@ -778,6 +771,33 @@ async fn headers_named_in_connection_do_not_reach_the_upstream() {
         );
     }
     drop(raw);
+    wait_upstream_idle(&seen).await;
+    s.assert_clean().await;
+}
+
+/// SPEC section 9: nothing of Tether's is injected into a proxied connection. A
+/// direct message to its client reaches none of its proxied connections, and the
+/// answer does not count them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_message_is_not_injected_into_a_proxied_connection() {
+    let (up, seen) = ws_upstream().await;
+    let s = start(|c| c.proxy.routes = vec![route("/chat", format!("ws://{up}/ws"))]).await;
+    let mut ws = proxied(&s, "?client=relayed", &[]).await;
+    let (status, body) = s
+        .post(
+            "/api/send",
+            json!({"client_id": "relayed", "data": {"x": 1}}),
+        )
+        .await;
+    assert_eq!((status, body), (200, json!({"connections": 0})));
+    ws.send(Message::text("echo me")).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next, Message::text("echo me"), "only the upstream's frames");
+    ws.close(None).await.unwrap();
     wait_upstream_idle(&seen).await;
     s.assert_clean().await;
 }
