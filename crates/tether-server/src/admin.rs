@@ -11,19 +11,28 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::app::App;
 use crate::respond::{error_response, json_response};
+use crate::sessions::Sessions;
 use crate::sessions::{COOKIE, SESSION_TTL};
+
+/// What the dashboard's login uses: the API key, whether the API is on TLS (the
+/// cookie is then `Secure`) and the sessions.
+#[derive(Debug)]
+pub(crate) struct Login {
+    pub(crate) key: String,
+    pub(crate) tls: bool,
+    pub(crate) sessions: Arc<Sessions>,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Login {
+struct Credentials {
     key: String,
 }
 
 /// `POST /admin/session` `{"key"}` → the session cookie.
-pub(crate) async fn session(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let key = app.cfg.api.key.as_bytes();
+pub(crate) async fn session(State(login): State<Arc<Login>>, body: Bytes) -> Response {
+    let key = login.key.as_bytes();
     if key.is_empty() {
         return error_response(
             StatusCode::BAD_REQUEST,
@@ -31,24 +40,20 @@ pub(crate) async fn session(State(app): State<Arc<App>>, body: Bytes) -> Respons
             "the API has no key: no session is needed",
         );
     }
-    let Ok(login) = serde_json::from_slice::<Login>(&body) else {
+    let Ok(given) = serde_json::from_slice::<Credentials>(&body) else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "body must be {\"key\": \"...\"}",
         );
     };
-    if !bool::from(login.key.as_bytes().ct_eq(key)) {
+    if !bool::from(given.key.as_bytes().ct_eq(key)) {
         return error_response(StatusCode::UNAUTHORIZED, "unauthorized", "wrong key");
     }
-    let token = app.admin_sessions.create();
+    let token = login.sessions.create();
     let mut r = json_response(StatusCode::OK, serde_json::json!({"session": "created"}));
     // Over TLS the cookie is also `Secure`: it never travels in clear text.
-    let secure = if app.cfg.tls.cert_file.is_empty() {
-        ""
-    } else {
-        "; Secure"
-    };
+    let secure = if login.tls { "; Secure" } else { "" };
     let cookie = format!(
         "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         SESSION_TTL.as_secs()

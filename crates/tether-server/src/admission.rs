@@ -4,14 +4,42 @@
 //! IP slot and the reservation are RAII values dropped with the error.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use axum::response::Response;
-use tether_core::{IpSlot, Phase, Reservation, Transport};
+use ipnet::IpNet;
+use tether_core::{Drain, IpLimits, IpSlot, Metrics, Phase, Registry, Reservation, Transport};
 use tether_protocol::Refusal;
 
-use crate::app::App;
-use crate::auth::Identity;
+use crate::auth::{Auth, Identity};
+use crate::cors::Origins;
 pub use crate::request::{bad_request, validate_client_id, BadRequest, MAX_CLIENT_ID};
+
+/// What admission uses of the server: the checks' state, in SPEC section 2's order.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    /// Shutdown state (`draining`).
+    pub(crate) drain: Drain,
+    /// Per-address rate and connection limits.
+    pub(crate) ip_limits: IpLimits,
+    /// `limits.allowed_origins`.
+    pub(crate) origins: Origins,
+    /// Token verification.
+    pub(crate) auth: Arc<Auth>,
+    /// Reservations (client limit, duplicate policy, node ceiling).
+    pub(crate) registry: Registry,
+    /// Refusals are counted by reason.
+    pub(crate) metrics: Metrics,
+    /// `server.trusted_proxies`: who may name the client's address.
+    pub(crate) trusted_proxies: Vec<IpNet>,
+}
+
+impl Gate {
+    /// The client's address: the TCP peer, or through trusted proxies.
+    pub(crate) fn client_ip(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+        crate::forwarded::client_ip(peer, headers, &self.trusted_proxies)
+    }
+}
 
 /// Why a handshake did not get a reservation.
 #[derive(Debug, thiserror::Error)]
@@ -45,20 +73,20 @@ pub struct Admitted {
 }
 
 /// Counts and logs a refusal.
-pub fn refused(app: &App, refusal: Refusal, ip: IpAddr) -> AdmitError {
-    app.metrics.refused(refusal.error());
+pub(crate) fn refused(gate: &Gate, refusal: Refusal, ip: IpAddr) -> AdmitError {
+    gate.metrics.refused(refusal.error());
     tracing::debug!(%ip, reason = refusal.error(), "handshake refused");
     AdmitError::Refused(refusal)
 }
 
 /// The node and address checks, in order: draining, handshake rate, connections per
 /// address, `Origin`. Returns the address slot the connection will hold.
-pub fn precheck(app: &App, ip: IpAddr, origin_ok: bool) -> Result<IpSlot, Refusal> {
-    if app.drain.phase() >= Phase::Draining {
+pub(crate) fn precheck(gate: &Gate, ip: IpAddr, origin_ok: bool) -> Result<IpSlot, Refusal> {
+    if gate.drain.phase() >= Phase::Draining {
         return Err(Refusal::Draining);
     }
-    app.ip_limits.check_rate(ip)?;
-    let slot = app.ip_limits.acquire(ip)?;
+    gate.ip_limits.check_rate(ip)?;
+    let slot = gate.ip_limits.acquire(ip)?;
     if !origin_ok {
         return Err(Refusal::OriginNotAllowed);
     }
@@ -66,8 +94,8 @@ pub fn precheck(app: &App, ip: IpAddr, origin_ok: bool) -> Result<IpSlot, Refusa
 }
 
 /// The client id (and token identity) from the credentials.
-pub fn identify(
-    app: &App,
+pub(crate) fn identify(
+    gate: &Gate,
     creds: Credentials<'_>,
 ) -> Result<(String, Option<Identity>), AdmitError> {
     match creds {
@@ -77,7 +105,7 @@ pub fn identify(
         }
         Credentials::Client(None) => Ok((format!("anon-{:016x}", fastrand::u64(..)), None)),
         Credentials::Token(None) => Err(AdmitError::Refused(Refusal::Unauthorized)),
-        Credentials::Token(Some(t)) => match app.auth.verify(t) {
+        Credentials::Token(Some(t)) => match gate.auth.verify(t) {
             Ok(id) => Ok((id.client_id.clone(), Some(id))),
             Err(e) => {
                 tracing::debug!(error = %e, "token refused");
@@ -89,8 +117,8 @@ pub fn identify(
 
 /// Runs every admission check in SPEC section 2's order and reserves the slot.
 /// `channels` are the SSE stream's channels, checked against the token.
-pub fn admit(
-    app: &App,
+pub(crate) fn admit(
+    gate: &Gate,
     creds: Credentials<'_>,
     ip: IpAddr,
     transport: Transport,
@@ -100,21 +128,21 @@ pub fn admit(
     if let Credentials::Client(Some(c)) = creds {
         validate_client_id(c)?;
     }
-    let slot = precheck(app, ip, origin_ok).map_err(|r| refused(app, r, ip))?;
-    let (client_id, identity) = match identify(app, creds) {
+    let slot = precheck(gate, ip, origin_ok).map_err(|r| refused(gate, r, ip))?;
+    let (client_id, identity) = match identify(gate, creds) {
         Ok(v) => v,
-        Err(AdmitError::Refused(r)) => return Err(refused(app, r, ip)),
+        Err(AdmitError::Refused(r)) => return Err(refused(gate, r, ip)),
         Err(e) => return Err(e),
     };
     if let Some(id) = &identity {
         if channels.iter().any(|c| !id.may_subscribe(c)) {
-            return Err(refused(app, Refusal::ForbiddenChannel, ip));
+            return Err(refused(gate, Refusal::ForbiddenChannel, ip));
         }
     }
-    let reservation = app
+    let reservation = gate
         .registry
         .reserve(&client_id, transport, Some(slot))
-        .map_err(|r| refused(app, r, ip))?;
+        .map_err(|r| refused(gate, r, ip))?;
     Ok(Admitted {
         reservation,
         client_id,

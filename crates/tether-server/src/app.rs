@@ -1,7 +1,7 @@
-//! `App`: the state every task of one server shares, built once by
-//! `Server::start` and handed out as an `Arc`. Its parts come from leaf modules
-//! (registry and broker from core; pending sockets, tombstones, sessions, auth), so
-//! nothing it holds depends on the handlers that use it.
+//! `App`: the state of one server, built once by `Server::start`. It is the
+//! composition root: its parts come from leaf modules (registry and broker from
+//! core; pending sockets, tombstones, sessions, auth), and each kind of handler is
+//! handed only its view of them ([`Edge`], [`Ctx`], [`Health`], the API's `Api`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,14 +12,19 @@ use tether_core::{
 };
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Gate;
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::cors::Origins;
 use crate::driver::Ctx;
+use crate::edge::Edge;
 use crate::pending::PendingCounter;
 use crate::sessions::Sessions;
 use crate::tombstones::Tombstones;
 
-/// State shared by every task of one server.
+/// State shared by the server's own tasks (accept loops, drain, sweeps), and the
+/// root the handlers' views are cut from: [`Edge`] for the client listener's
+/// handlers, [`Ctx`] for every connection's driver, `api::Api` for the API's.
 #[derive(Debug)]
 pub struct App {
     /// The configuration it was started with.
@@ -28,8 +33,6 @@ pub struct App {
     pub registry: Registry,
     /// Where publishes get their position and history lives.
     pub broker: Arc<dyn Broker>,
-    /// Per-address limits.
-    pub ip_limits: IpLimits,
     /// Shutdown state.
     pub drain: Drain,
     /// Metrics.
@@ -40,18 +43,12 @@ pub struct App {
     pub pending: PendingCounter,
     /// The effective connection ceiling.
     pub max_connections: usize,
-    /// SSE connections closed for good, by conn id.
-    pub tombstones: Arc<Tombstones>,
-    /// Token verification.
-    pub auth: Arc<Auth>,
     /// What every connection's driver uses of the server (and nothing else).
     pub(crate) driving: Arc<Ctx>,
+    /// What the client listener's handlers use.
+    pub(crate) edge: Arc<Edge>,
     /// Dashboard sessions.
-    pub admin_sessions: Sessions,
-    /// HTTP client for SSE proxy upstreams (`http://` and `https://`).
-    pub http: reqwest::Client,
-    /// TLS client config for `wss://` proxy upstreams (loaded only when a route needs it).
-    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    pub admin_sessions: Arc<Sessions>,
 }
 
 impl App {
@@ -61,25 +58,9 @@ impl App {
         let metrics = Metrics::new();
         let events = EventBus::new(ids.node_id().clone());
         let node_id = ids.node_id().clone();
-        let hub = Hub::new(
-            HubSettings {
-                history_size: cfg.history.size.get() as usize,
-                history_ttl: Duration::from_millis(cfg.history.ttl_ms.get()),
-                max_channels: cfg.limits.max_channels.get() as usize,
-                max_channels_per_connection: cfg.limits.max_channels_per_connection.get() as usize,
-            },
-            events.clone(),
-            metrics.clone(),
-        );
+        let hub = Hub::new(hub_settings(&cfg), events.clone(), metrics.clone());
         let registry = Registry::new(
-            RegistrySettings {
-                max_connections,
-                max_connections_per_client: cfg.clients.max_connections_per_client.get() as usize,
-                on_client_limit: cfg.clients.on_client_limit,
-                offline_grace: Duration::from_millis(cfg.clients.offline_grace_ms),
-                max_queue_messages: cfg.delivery.max_queue_messages.get() as usize,
-                max_queue_bytes: cfg.delivery.max_queue_bytes.get() as usize,
-            },
+            registry_settings(&cfg, max_connections),
             ids,
             events,
             metrics.clone(),
@@ -91,49 +72,107 @@ impl App {
         let tombstones = Arc::new(Tombstones::new(Duration::from_millis(
             cfg.clients.tombstone_ms,
         )));
-        let driving = Ctx::new(
+        let driving = Arc::new(Ctx::new(
             &cfg,
             broker.clone(),
             drain.hard_stop().clone(),
             auth.clone(),
-            tombstones.clone(),
+            tombstones,
             node_id,
-        );
-        Arc::new(App {
-            broker: broker.clone(),
+        ));
+        let gate = Gate {
+            drain: drain.clone(),
             ip_limits: IpLimits::new(
                 cfg.limits.max_connections_per_ip,
                 cfg.limits.handshakes_per_ip_per_sec,
             ),
+            origins: Origins::new(cfg.limits.allowed_origins.clone()),
+            auth,
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            trusted_proxies: cfg.server.trusted_proxies.clone(),
+        };
+        let tasks = TaskTracker::new();
+        let edge = Arc::new(Edge::new(&cfg, gate, driving.clone(), tasks.clone()));
+        Arc::new(App {
+            broker,
             registry,
             drain,
             pending: PendingCounter::new(metrics.clone()),
             metrics,
-            tasks: TaskTracker::new(),
+            tasks,
             max_connections,
-            auth,
-            admin_sessions: Sessions::default(),
-            http: reqwest::Client::builder()
-                .use_rustls_tls()
-                .build()
-                .unwrap_or_default(),
-            upstream_tls: cfg
-                .proxy
-                .routes
-                .iter()
-                .any(|r| r.upstream.starts_with("wss://"))
-                .then(crate::upstream::upstream_client_config)
-                .flatten(),
-            tombstones,
-            driving: Arc::new(driving),
+            admin_sessions: Arc::default(),
+            driving,
+            edge,
             cfg,
+        })
+    }
+
+    /// The per-address tables (the tests' leak check reads them).
+    pub fn ip_limits(&self) -> &tether_core::IpLimits {
+        &self.edge.gate.ip_limits
+    }
+
+    /// What `/healthz` and `/readyz` use.
+    pub(crate) fn health(&self) -> Arc<Health> {
+        Arc::new(Health {
+            drain: self.drain.clone(),
+            registry: self.registry.clone(),
+            broker: self.broker.clone(),
         })
     }
 
     /// Whether a handshake would be admitted now (`/readyz`).
     pub fn ready(&self) -> bool {
-        self.drain.phase() == tether_core::Phase::Running
-            && !self.registry.is_full()
-            && self.broker.is_up()
+        readiness(&self.drain, &self.registry, &*self.broker).is_ok()
+    }
+}
+
+/// What `/healthz` and `/readyz` use of the server.
+#[derive(Debug)]
+pub(crate) struct Health {
+    pub(crate) drain: Drain,
+    pub(crate) registry: Registry,
+    pub(crate) broker: Arc<dyn Broker>,
+}
+
+impl Health {
+    /// `Ok` when a handshake would be admitted now, else why not.
+    pub(crate) fn ready(&self) -> Result<(), &'static str> {
+        readiness(&self.drain, &self.registry, &*self.broker)
+    }
+}
+
+/// Whether a handshake would be admitted now: not draining, not full, broker up.
+fn readiness(drain: &Drain, registry: &Registry, broker: &dyn Broker) -> Result<(), &'static str> {
+    if drain.phase() != tether_core::Phase::Running {
+        Err("draining")
+    } else if !broker.is_up() {
+        Err("broker_unavailable")
+    } else if registry.is_full() {
+        Err("server_full")
+    } else {
+        Ok(())
+    }
+}
+
+fn hub_settings(cfg: &Config) -> HubSettings {
+    HubSettings {
+        history_size: cfg.history.size.get() as usize,
+        history_ttl: Duration::from_millis(cfg.history.ttl_ms.get()),
+        max_channels: cfg.limits.max_channels.get() as usize,
+        max_channels_per_connection: cfg.limits.max_channels_per_connection.get() as usize,
+    }
+}
+
+fn registry_settings(cfg: &Config, max_connections: usize) -> RegistrySettings {
+    RegistrySettings {
+        max_connections,
+        max_connections_per_client: cfg.clients.max_connections_per_client.get() as usize,
+        on_client_limit: cfg.clients.on_client_limit,
+        offline_grace: Duration::from_millis(cfg.clients.offline_grace_ms),
+        max_queue_messages: cfg.delivery.max_queue_messages.get() as usize,
+        max_queue_bytes: cfg.delivery.max_queue_bytes.get() as usize,
     }
 }

@@ -12,33 +12,33 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 
-use crate::app::App;
+use crate::edge::Edge;
 
 const TETHER_JS: &str = include_str!("../../../clients/js/tether.js");
 const TETHER_DTS: &str = include_str!("../../../clients/js/tether.d.ts");
 
 /// The two routes, with their state.
-pub(crate) fn router(app: Arc<App>) -> Router {
+pub(crate) fn router(edge: Arc<Edge>) -> Router {
     Router::new()
         .route("/client/tether.js", get(js))
         .route("/client/tether.d.ts", get(dts))
-        .with_state(app)
+        .with_state(edge)
 }
 
-async fn js(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    asset(&app, &headers, TETHER_JS, "text/javascript; charset=utf-8")
+async fn js(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
+    asset(&edge, &headers, TETHER_JS, "text/javascript; charset=utf-8")
 }
 
-async fn dts(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+async fn dts(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
     asset(
-        &app,
+        &edge,
         &headers,
         TETHER_DTS,
         "application/typescript; charset=utf-8",
     )
 }
 
-fn asset(app: &App, req: &HeaderMap, body: &'static str, content_type: &'static str) -> Response {
+fn asset(edge: &Edge, req: &HeaderMap, body: &'static str, content_type: &'static str) -> Response {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
@@ -47,6 +47,6 @@ fn asset(app: &App, req: &HeaderMap, body: &'static str, content_type: &'static 
         header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=300"),
     );
-    crate::cors::cors(app, req, &mut resp);
+    edge.gate.origins.cors(req, &mut resp);
     resp
 }

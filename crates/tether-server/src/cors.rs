@@ -5,23 +5,36 @@
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
 
-use crate::app::App;
+/// `limits.allowed_origins`: empty = any origin.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Origins(Vec<String>);
 
-/// Whether an `Origin` is present and not in `limits.allowed_origins` (when set).
-pub(crate) fn origin_refused(app: &App, headers: &HeaderMap) -> bool {
-    let allowed = &app.cfg.limits.allowed_origins;
-    match headers.get(header::ORIGIN) {
-        None => false,
-        Some(_) if allowed.is_empty() => false,
-        Some(o) => !o.to_str().is_ok_and(|o| allowed.iter().any(|a| a == o)),
+impl Origins {
+    pub(crate) fn new(allowed: Vec<String>) -> Self {
+        Self(allowed)
+    }
+
+    /// Whether an `Origin` is present and not allowed (when a list is set).
+    pub(crate) fn refused(&self, headers: &HeaderMap) -> bool {
+        let allowed = &self.0;
+        match headers.get(header::ORIGIN) {
+            None => false,
+            Some(_) if allowed.is_empty() => false,
+            Some(o) => !o.to_str().is_ok_and(|o| allowed.iter().any(|a| a == o)),
+        }
+    }
+
+    /// CORS for `/sse` and the client assets: see [`cors`].
+    pub(crate) fn cors(&self, req: &HeaderMap, resp: &mut Response) {
+        cors(self, req, resp)
     }
 }
 
 /// CORS for `/sse`: with `limits.allowed_origins` set, an allowed `Origin` is echoed
 /// with credentials; with none set, `*` and no credentials.
-pub(crate) fn cors(app: &App, req: &HeaderMap, resp: &mut Response) {
+fn cors(origins: &Origins, req: &HeaderMap, resp: &mut Response) {
     let h = resp.headers_mut();
-    if app.cfg.limits.allowed_origins.is_empty() {
+    if origins.0.is_empty() {
         h.insert(
             header::ACCESS_CONTROL_ALLOW_ORIGIN,
             HeaderValue::from_static("*"),
@@ -30,7 +43,7 @@ pub(crate) fn cors(app: &App, req: &HeaderMap, resp: &mut Response) {
     }
     h.insert(header::VARY, HeaderValue::from_static("Origin"));
     if let Some(o) = req.get(header::ORIGIN) {
-        if !origin_refused(app, req) {
+        if !origins.refused(req) {
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_CREDENTIALS,

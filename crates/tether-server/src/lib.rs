@@ -22,6 +22,8 @@ mod conn_io;
 mod cors;
 mod drain;
 mod driver;
+mod edge;
+mod forwarded;
 mod net;
 mod pending;
 mod proxy;
@@ -31,6 +33,7 @@ mod request;
 mod respond;
 mod routes;
 mod sessions;
+mod socket_info;
 pub mod sse;
 mod sweeps;
 pub mod tls;
@@ -169,8 +172,8 @@ async fn run(
     // serves the API's routes too, behind the API's own key and Host checks.
     let shared_api = api
         .is_none()
-        .then(|| api::shared(app.clone(), api_stop.clone()));
-    let client_router = routes::client_router(app.clone(), shared_api);
+        .then(|| api::shared(api::Api::of(&app, api_stop.clone())));
+    let client_router = routes::client_router(&app, shared_api);
     let mut background = tokio::task::JoinSet::new();
     background.spawn(net::accept_loop(
         app.clone(),
@@ -181,7 +184,7 @@ async fn run(
     ));
     if let Some(api) = api {
         let router =
-            api::router(app.clone(), api_stop.clone()).merge(routes::health_router(app.clone()));
+            api::router(api::Api::of(&app, api_stop.clone())).merge(routes::health_router(&app));
         let stop = api_stop.clone();
         let api_app = app.clone();
         let serve_api = api_listener::serve(api_app, api, router, tls, stop);
@@ -234,7 +237,7 @@ async fn hub_cleanup(app: Arc<App>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {
                 app.registry.hub().sweep();
-                app.tombstones.prune();
+                app.driving.tombstones.prune();
             }
         }
     }

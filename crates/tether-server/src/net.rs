@@ -11,16 +11,15 @@
 //! is served by [`crate::tls::serve_h2`] (many streams, same pending rule).
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use axum::response::Response;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use ipnet::IpNet;
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::either::Either;
@@ -28,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use crate::app::App;
-use crate::conn_io::{Accepted, Hijack, PlainTcp};
+use crate::conn_io::{Accepted, PlainTcp};
 pub(crate) use crate::pending::PendingSlot;
+pub(crate) use crate::socket_info::SocketInfo;
 
 /// Backlog of the listening sockets.
 const BACKLOG: u32 = 4096;
@@ -46,27 +46,6 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-/// What the accept loop knows about a request's socket, put in its extensions.
-#[derive(Clone, Debug)]
-pub(crate) struct SocketInfo {
-    /// The TCP peer.
-    pub peer: SocketAddr,
-    /// The socket's pending slot, taken by the transport that admits it.
-    pub pending: Arc<Mutex<Option<PendingSlot>>>,
-    /// Takes a plain HTTP/1 socket over from hyper (SSE); `None` under TLS.
-    pub hijack: Option<Arc<Hijack>>,
-}
-
-impl SocketInfo {
-    /// Takes the pending slot (the socket is being admitted).
-    pub fn take_pending(&self) -> Option<PendingSlot> {
-        self.pending.lock().take()
-    }
-    pub(crate) fn is_pending(&self) -> bool {
-        self.pending.lock().is_some()
-    }
-}
-
 /// Accepts until `stop`; never spins on errors (EMFILE and the like back off).
 pub(crate) async fn accept_loop(
     app: Arc<App>,
@@ -76,6 +55,7 @@ pub(crate) async fn accept_loop(
     stop: CancellationToken,
 ) {
     let max_pending = app.cfg.limits.max_pending_handshakes.get() as usize;
+    let handshake_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
     let user_timeout = Duration::from_millis(
         app.cfg.heartbeat.interval_ms.get() + app.cfg.heartbeat.timeout_ms.get(),
     );
@@ -105,6 +85,7 @@ pub(crate) async fn accept_loop(
             peer,
             pending: Arc::new(Mutex::new(Some(slot))),
             hijack: None,
+            handshake_until: tokio::time::Instant::now() + handshake_timeout,
         };
         app.tasks.spawn(serve_socket(
             app.clone(),
@@ -158,8 +139,7 @@ async fn serve_socket(
     router: Router,
     tls: Option<Arc<crate::tls::Tls>>,
 ) {
-    let deadline = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
-    let until = tokio::time::Instant::now() + deadline;
+    let until = info.handshake_until;
     let io: Accepted = match tls {
         None => {
             let (plain, hijack) = PlainTcp::new(socket);
@@ -226,88 +206,5 @@ async fn serve_socket(
             }
             _ = app.drain.hard_stop().cancelled() => break,
         }
-    }
-}
-
-/// The client's address: the TCP peer, unless the peer is a trusted proxy, in which
-/// case the right-most `X-Forwarded-For` (or `Forwarded: for=`) hop that is not a
-/// trusted proxy.
-pub(crate) fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
-    if !is_trusted(&peer) {
-        return peer;
-    }
-    let mut hops: Vec<IpAddr> = Vec::new();
-    for v in headers.get_all("forwarded") {
-        let Ok(s) = v.to_str() else { continue };
-        for element in s.split(',') {
-            for pair in element.split(';') {
-                let mut kv = pair.trim().splitn(2, '=');
-                if kv.next().is_some_and(|k| k.eq_ignore_ascii_case("for")) {
-                    if let Some(ip) = kv.next().and_then(parse_forwarded_node) {
-                        hops.push(ip);
-                    }
-                }
-            }
-        }
-    }
-    if hops.is_empty() {
-        for v in headers.get_all("x-forwarded-for") {
-            let Ok(s) = v.to_str() else { continue };
-            hops.extend(s.split(',').filter_map(|h| h.trim().parse::<IpAddr>().ok()));
-        }
-    }
-    hops.into_iter()
-        .rev()
-        .find(|ip| !is_trusted(ip))
-        .unwrap_or(peer)
-}
-
-fn parse_forwarded_node(raw: &str) -> Option<IpAddr> {
-    let s = raw.trim().trim_matches('"');
-    if let Some(v6) = s.strip_prefix('[') {
-        return v6.split(']').next()?.parse().ok();
-    }
-    s.split(':').next()?.parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(*k, v.parse().unwrap());
-        }
-        h
-    }
-
-    #[test]
-    fn untrusted_peer_cannot_set_the_address() {
-        let peer: IpAddr = "203.0.113.9".parse().unwrap();
-        let h = headers(&[("x-forwarded-for", "1.2.3.4")]);
-        assert_eq!(client_ip(peer, &h, &["10.0.0.0/8".parse().unwrap()]), peer);
-    }
-
-    #[test]
-    fn rightmost_untrusted_hop_wins() {
-        let peer: IpAddr = "10.0.0.2".parse().unwrap();
-        let trusted = ["10.0.0.0/8".parse().unwrap()];
-        let h = headers(&[("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.7")]);
-        assert_eq!(
-            client_ip(peer, &h, &trusted),
-            "1.2.3.4".parse::<IpAddr>().unwrap()
-        );
-        let h = headers(&[(
-            "forwarded",
-            "for=6.6.6.6, for=\"[2001:db8::1]:443\";proto=https",
-        )]);
-        assert_eq!(
-            client_ip(peer, &h, &trusted),
-            "2001:db8::1".parse::<IpAddr>().unwrap()
-        );
-        let h = headers(&[("x-forwarded-for", "10.1.1.1")]);
-        assert_eq!(client_ip(peer, &h, &trusted), peer);
     }
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use tether_core::Metrics;
 
-/// Counts sockets accepted and not yet admitted.
-#[derive(Debug)]
+/// Counts sockets accepted and not yet admitted: a cheap clone handle.
+#[derive(Clone, Debug)]
 pub struct PendingCounter {
     n: Arc<AtomicUsize>,
     metrics: Metrics,

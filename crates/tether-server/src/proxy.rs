@@ -27,11 +27,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::admission::{self, Credentials};
-use crate::app::App;
 use crate::config::ProxyRoute;
 use crate::driver::{
     self, Ctx, Cx, End, Ending, Family, Heard, Leg, ToClient, ToUpstream, Transport,
 };
+use crate::edge::Edge;
 use crate::net::SocketInfo;
 use crate::upstream::{upstream_headers, upstream_url};
 use crate::ws::Ws;
@@ -42,18 +42,18 @@ type Upstream = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// The routes of `[[proxy.routes]]`.
-pub(crate) fn router(app: Arc<App>) -> Router {
+pub(crate) fn router(edge: Arc<Edge>) -> Router {
     let mut r = Router::new();
-    for (i, route) in app.cfg.proxy.routes.iter().enumerate() {
-        let handler = move |State(app): State<Arc<App>>, req: Request<Body>| async move {
-            handle(app, i, req).await
+    for (i, route) in edge.routes.iter().enumerate() {
+        let handler = move |State(edge): State<Arc<Edge>>, req: Request<Body>| async move {
+            handle(edge, i, req).await
         };
         r = r.route(&route.path, get(handler));
     }
-    r.with_state(app)
+    r.with_state(edge)
 }
 
-async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response {
+async fn handle(edge: Arc<Edge>, index: usize, mut req: Request<Body>) -> Response {
     // HEAD reaches GET handlers in axum; it must not open a connection.
     if req.method() != http::Method::GET {
         return crate::respond::error_response(
@@ -62,20 +62,20 @@ async fn handle(app: Arc<App>, index: usize, mut req: Request<Body>) -> Response
             "use GET",
         );
     }
-    let Some(route) = app.cfg.proxy.routes.get(index).cloned() else {
+    let Some(route) = edge.routes.get(index).cloned() else {
         return crate::respond::error_response(StatusCode::NOT_FOUND, "not_found", "no such route");
     };
     let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
         return admission::bad_request("proxy routes are served on the client listener");
     };
-    let pr = ProxyRequest::read(&app, &req, &info);
+    let pr = ProxyRequest::read(&edge, &req, &info);
     if route.is_ws() {
         let on_upgrade = hyper::upgrade::on(&mut req);
-        return handle_ws(app, route, info, pr, on_upgrade).await;
+        return handle_ws(edge, route, info, pr, on_upgrade).await;
     }
-    let creds = pr.creds(&app);
+    let creds = pr.creds(&edge);
     crate::proxy_sse::handle(
-        app.clone(),
+        edge.clone(),
         route,
         info,
         &pr.headers,
@@ -101,7 +101,7 @@ struct ProxyRequest {
 }
 
 impl ProxyRequest {
-    fn read(app: &App, req: &Request<Body>, info: &SocketInfo) -> Self {
+    fn read(edge: &Edge, req: &Request<Body>, info: &SocketInfo) -> Self {
         let headers = req.headers().clone();
         let query = req.uri().query().map(str::to_owned);
         let param = |name: &str| {
@@ -111,8 +111,8 @@ impl ProxyRequest {
         };
         let (client, token) = (param("client"), param("token"));
         let refusal_close = param("refusal").as_deref() == Some("close");
-        let ip = crate::net::client_ip(info.peer.ip(), &headers, &app.cfg.server.trusted_proxies);
-        let origin_ok = !crate::cors::origin_refused(app, &headers);
+        let ip = edge.gate.client_ip(info.peer.ip(), &headers);
+        let origin_ok = !edge.gate.origins.refused(&headers);
         ProxyRequest {
             headers,
             query,
@@ -124,8 +124,8 @@ impl ProxyRequest {
         }
     }
 
-    fn creds(&self, app: &App) -> Credentials<'_> {
-        if app.auth.is_jwt() {
+    fn creds(&self, edge: &Edge) -> Credentials<'_> {
+        if edge.gate.auth.is_jwt() {
             Credentials::Token(admission::request_token(
                 &self.headers,
                 self.token.as_deref(),
@@ -139,7 +139,7 @@ impl ProxyRequest {
 /// A WebSocket route: admit, connect the upstream before answering the client, then
 /// answer `101` and run the relay in one tracked task.
 async fn handle_ws(
-    app: Arc<App>,
+    edge: Arc<Edge>,
     route: ProxyRoute,
     info: SocketInfo,
     pr: ProxyRequest,
@@ -149,25 +149,31 @@ async fn handle_ws(
         Ok(k) => k,
         Err(r) => return *r,
     };
-    let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
     let refuse = |error, on_upgrade| {
         let refused = crate::ws::RefusedUpgrade {
             error,
             close: pr.refusal_close,
             pending: info.take_pending(),
+            handshake_until: info.handshake_until,
         };
-        crate::ws::refusal_response(&app, refused, on_upgrade, hs_timeout, &key, None)
+        crate::ws::refusal_response(&edge, refused, on_upgrade, &key, None)
     };
-    let admitted =
-        match admission::admit(&app, pr.creds(&app), pr.ip, Kind::Proxy, pr.origin_ok, &[]) {
-            Ok(a) => a,
-            Err(e) => return refuse(e, on_upgrade),
-        };
+    let admitted = match admission::admit(
+        &edge.gate,
+        pr.creds(&edge),
+        pr.ip,
+        Kind::Proxy,
+        pr.origin_ok,
+        &[],
+    ) {
+        Ok(a) => a,
+        Err(e) => return refuse(e, on_upgrade),
+    };
     // Connect the upstream before answering the client.
     let url = upstream_url(&route, pr.query.as_deref());
     let conn_id = admitted.reservation.conn_id();
     let upstream = connect_ws(
-        &app,
+        &edge,
         &route,
         &url,
         &pr.headers,
@@ -182,7 +188,7 @@ async fn handle_ws(
             tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
             drop(admitted);
             return refuse(
-                admission::refused(&app, Refusal::UpstreamUnavailable, pr.ip),
+                admission::refused(&edge.gate, Refusal::UpstreamUnavailable, pr.ip),
                 on_upgrade,
             );
         }
@@ -204,16 +210,21 @@ async fn handle_ws(
         upstream: Some(route.upstream.clone()),
     };
     // A proxied connection's token expires like any other (1008 on both legs).
-    let expires_at = admitted.identity.as_ref().map(|i| app.auth.expires_at(i));
-    let task_app = app.clone();
-    app.tasks.spawn(async move {
-        let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await else {
+    let expires_at = admitted
+        .identity
+        .as_ref()
+        .map(|i| edge.gate.auth.expires_at(i));
+    let mut deadlines = edge.driving.deadlines::<WsRelay>(info.handshake_until);
+    deadlines.expire_at(expires_at);
+    let task_edge = edge.clone();
+    edge.tasks.spawn(async move {
+        let Some(Ok(up)) = deadlines.within_handshake(on_upgrade).await else {
             return;
         };
         let client = WebSocketStream::from_raw_socket(
             crate::conn_io::ConnIo::new(up),
             Role::Server,
-            Some(crate::ws::relay_config(&task_app)),
+            Some(crate::ws::relay_config(&task_edge)),
         )
         .await;
         let guard = admitted.reservation.commit(spec);
@@ -221,15 +232,15 @@ async fn handle_ws(
         let relay = WsRelay {
             client,
             upstream,
-            wait: Duration::from_millis(task_app.cfg.heartbeat.timeout_ms.get()),
+            wait: task_edge.driving.timeout,
         };
-        driver::drive(task_app.driving.clone(), guard, relay, expires_at, None).await;
+        driver::drive(task_edge.driving.clone(), guard, relay, deadlines).await;
     });
     crate::ws::switching(&key, protocol)
 }
 
 async fn connect_ws(
-    app: &App,
+    edge: &Edge,
     route: &ProxyRoute,
     url: &str,
     client_headers: &HeaderMap,
@@ -243,8 +254,8 @@ async fn connect_ws(
             request.headers_mut().append(k, v);
         }
     }
-    let cfg = crate::ws::relay_config(app);
-    let connector = match (url.starts_with("wss://"), &app.upstream_tls) {
+    let cfg = crate::ws::relay_config(edge);
+    let connector = match (url.starts_with("wss://"), &edge.upstreams.tls) {
         (true, Some(tls)) => Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
         (true, None) => {
             return Err("no trusted root certificates to verify a wss:// upstream".into())

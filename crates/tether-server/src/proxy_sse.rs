@@ -23,9 +23,9 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::admission::{self, AdmitError, Credentials};
-use crate::app::App;
 use crate::config::ProxyRoute;
 use crate::driver::{self, Ctx, Cx, End, Ending, Family, Heard, Leg, Transport};
+use crate::edge::Edge;
 use crate::net::SocketInfo;
 
 /// Chunks waiting between the relay task and hyper's writer.
@@ -33,7 +33,7 @@ const BODY_QUEUE: usize = 8;
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn handle(
-    app: Arc<App>,
+    edge: Arc<Edge>,
     route: ProxyRoute,
     info: SocketInfo,
     headers: &HeaderMap,
@@ -42,13 +42,17 @@ pub(crate) async fn handle(
     ip: IpAddr,
     origin_ok: bool,
 ) -> Response {
-    let admitted = match admission::admit(&app, creds, ip, Kind::Proxy, origin_ok, &[]) {
+    let admitted = match admission::admit(&edge.gate, creds, ip, Kind::Proxy, origin_ok, &[]) {
         Ok(a) => a,
         Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
         Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
     };
     let url = crate::upstream::upstream_url(&route, query.as_deref());
-    let mut req = app.http.get(&url).timeout(Duration::from_secs(24 * 3600));
+    let mut req = edge
+        .upstreams
+        .http
+        .get(&url)
+        .timeout(Duration::from_secs(24 * 3600));
     for (k, v) in crate::upstream::upstream_headers(
         headers,
         &admitted.client_id,
@@ -74,7 +78,7 @@ pub(crate) async fn handle(
             };
             tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
             drop(admitted);
-            let _ = admission::refused(&app, Refusal::UpstreamUnavailable, ip);
+            let _ = admission::refused(&edge.gate, Refusal::UpstreamUnavailable, ip);
             return admission::http_refusal(Refusal::UpstreamUnavailable);
         }
     };
@@ -83,7 +87,10 @@ pub(crate) async fn handle(
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let expires_at = admitted.identity.as_ref().map(|i| app.auth.expires_at(i));
+    let expires_at = admitted
+        .identity
+        .as_ref()
+        .map(|i| edge.gate.auth.expires_at(i));
     let guard = admitted.reservation.commit(ConnSpec {
         transport: Kind::Proxy,
         remote_addr: ip,
@@ -96,17 +103,18 @@ pub(crate) async fn handle(
     let relay = SseRelay {
         body: upstream.bytes_stream().boxed(),
         tx,
-        wait: Duration::from_millis(app.cfg.heartbeat.timeout_ms.get()),
+        wait: edge.driving.timeout,
     };
     let idle = (route.upstream_idle_timeout_ms > 0)
         .then(|| Duration::from_millis(route.upstream_idle_timeout_ms));
-    app.tasks.spawn(driver::drive(
-        app.driving.clone(),
-        guard,
-        relay,
-        expires_at,
-        idle,
-    ));
+    // The request and the upstream's answer were the handshake, and it is done.
+    let mut deadlines = edge
+        .driving
+        .deadlines::<SseRelay>(tokio::time::Instant::now());
+    deadlines.expire_at(expires_at);
+    deadlines.upstream_idle(idle);
+    edge.tasks
+        .spawn(driver::drive(edge.driving.clone(), guard, relay, deadlines));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await

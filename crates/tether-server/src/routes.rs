@@ -10,21 +10,21 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 
-use crate::app::App;
+use crate::app::{App, Health};
 use crate::respond::{error_response, json_response};
 
 /// `/ws`, `/sse`, `/healthz`, `/readyz`, the proxy routes, plus `extra` (the API's
 /// routes when both listeners are one), and a JSON 404 for anything else.
-pub(crate) fn client_router(app: Arc<App>, extra: Option<Router>) -> Router {
+pub(crate) fn client_router(app: &App, extra: Option<Router>) -> Router {
     let router = Router::new()
         .route("/ws", get(crate::ws::handler))
         .route(
             "/sse",
             get(crate::sse::handler).options(crate::sse::preflight),
         )
-        .with_state(app.clone())
-        .merge(crate::proxy::router(app.clone()))
-        .merge(crate::client_assets::router(app.clone()))
+        .with_state(app.edge.clone())
+        .merge(crate::proxy::router(app.edge.clone()))
+        .merge(crate::client_assets::router(app.edge.clone()))
         .merge(health_router(app));
     match extra {
         Some(extra) => router.merge(extra),
@@ -34,32 +34,24 @@ pub(crate) fn client_router(app: Arc<App>, extra: Option<Router>) -> Router {
 }
 
 /// `/healthz` and `/readyz`, on both listeners.
-pub(crate) fn health_router(app: Arc<App>) -> Router {
+pub(crate) fn health_router(app: &App) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(app)
+        .with_state(app.health())
 }
 
 async fn healthz() -> Response {
     json_response(StatusCode::OK, serde_json::json!({"status": "ok"}))
 }
 
-async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.ready() {
-        json_response(StatusCode::OK, serde_json::json!({"status": "ready"}))
-    } else {
-        let why = if app.drain.phase() != tether_core::Phase::Running {
-            "draining"
-        } else if !app.broker.is_up() {
-            "broker_unavailable"
-        } else {
-            "server_full"
-        };
-        json_response(
+async fn readyz(State(health): State<Arc<Health>>) -> Response {
+    match health.ready() {
+        Ok(()) => json_response(StatusCode::OK, serde_json::json!({"status": "ready"})),
+        Err(why) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"status": "unavailable", "reason": why}),
-        )
+        ),
     }
 }
 

@@ -29,9 +29,8 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::admission::{self, AdmitError, BadRequest, Credentials};
-use crate::app::App;
-use crate::cors::{cors, origin_refused};
 use crate::driver::{self, Ctx, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
+use crate::edge::Edge;
 use crate::net::SocketInfo;
 use crate::refusal::Refused;
 pub use crate::tombstones::Tombstones;
@@ -103,8 +102,8 @@ fn parse_query(q: Option<&str>) -> Result<SseQuery, BadRequest> {
 }
 
 /// `OPTIONS /sse`: the CORS preflight of fetch-based clients.
-pub(crate) async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if origin_refused(&app, &headers) {
+pub(crate) async fn preflight(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
+    if edge.gate.origins.refused(&headers) {
         return admission::http_refusal(Refusal::OriginNotAllowed);
     }
     let mut r = Response::builder()
@@ -117,12 +116,12 @@ pub(crate) async fn preflight(State(app): State<Arc<App>>, headers: HeaderMap) -
         .header(header::ACCESS_CONTROL_MAX_AGE, "600")
         .body(Body::empty())
         .unwrap_or_else(|_| Response::new(Body::empty()));
-    cors(&app, &headers, &mut r);
+    edge.gate.origins.cors(&headers, &mut r);
     r
 }
 
 /// `GET /sse`.
-pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
+pub(crate) async fn handler(State(edge): State<Arc<Edge>>, req: Request<Body>) -> Response {
     let headers = req.headers().clone();
     // A plain HTTP/1.1 socket is taken over from hyper once the stream starts.
     let hijack = req
@@ -130,22 +129,22 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
         .get::<SocketInfo>()
         .and_then(|i| i.hijack.clone())
         .filter(|_| req.version() == http::Version::HTTP_11);
-    let start = match answer(&app, req).await {
+    let start = match answer(&edge, req).await {
         Ok(start) => start,
         Err(mut resp) => {
-            cors(&app, &headers, &mut resp);
+            edge.gate.origins.cors(&headers, &mut resp);
             return resp;
         }
     };
     let mut resp = stream_head();
-    cors(&app, &headers, &mut resp);
+    edge.gate.origins.cors(&headers, &mut resp);
     // Taking the socket ends hyper's connection (and this future with it) at the
     // next poll of its task: nothing below awaits.
     match hijack.and_then(|h| h.take()) {
         Some(sock) => {
             let head = http1_head(&resp);
-            app.tasks.spawn(run(
-                app.clone(),
+            edge.tasks.spawn(run(
+                edge.clone(),
                 Box::new(start),
                 Out::Socket {
                     sock,
@@ -158,15 +157,15 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, req: Request<Body>) -> 
         }
         None => {
             let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
-            app.tasks
-                .spawn(run(app.clone(), Box::new(start), Out::Body(tx)));
+            edge.tasks
+                .spawn(run(edge.clone(), Box::new(start), Out::Body(tx)));
             with_body(resp, rx)
         }
     }
 }
 
 /// Admits, commits and subscribes a stream; or the answer that refuses it.
-async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
+async fn answer(edge: &Arc<Edge>, req: Request<Body>) -> Result<Start, Response> {
     // HEAD reaches GET handlers in axum; it must not open a connection.
     if req.method() != http::Method::GET {
         return Err(crate::respond::error_response(
@@ -190,15 +189,15 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
         .and_then(Cursor::parse);
     if cursor
         .as_ref()
-        .is_some_and(|c| app.tombstones.contains(&c.conn_id))
+        .is_some_and(|c| edge.driving.tombstones.contains(&c.conn_id))
     {
         return Err(Response::builder()
             .status(StatusCode::NO_CONTENT)
             .body(Body::empty())
             .unwrap_or_else(|_| Response::new(Body::empty())));
     }
-    let (guard, expires_at) = admit(app, headers, &info, &query).map_err(|r| *r)?;
-    let (stream, first) = subscribe(app, guard.conn(), &query.channels, cursor).await;
+    let (guard, expires_at) = admit(edge, headers, &info, &query).map_err(|r| *r)?;
+    let (stream, first) = subscribe(edge, guard.conn(), &query.channels, cursor).await;
     Ok(Start {
         guard,
         stream,
@@ -211,27 +210,31 @@ async fn answer(app: &Arc<App>, req: Request<Body>) -> Result<Start, Response> {
 /// Admission and commit: the guard, and when the token expires; or the refusal in
 /// its SSE form (a `200` stream for transient refusals, the HTTP status otherwise).
 fn admit(
-    app: &Arc<App>,
+    edge: &Arc<Edge>,
     headers: &HeaderMap,
     info: &SocketInfo,
     query: &SseQuery,
 ) -> Result<(ConnectionGuard, Option<Instant>), Box<Response>> {
-    let ip = crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies);
-    let creds = if app.auth.is_jwt() {
+    let ip = edge.gate.client_ip(info.peer.ip(), headers);
+    let creds = if edge.gate.auth.is_jwt() {
         Credentials::Token(admission::request_token(headers, query.token.as_deref()))
     } else {
         Credentials::Client(query.client.as_deref())
     };
-    let origin_ok = !origin_refused(app, headers);
-    let admitted = match admission::admit(app, creds, ip, Kind::Sse, origin_ok, &query.channels) {
-        Ok(a) => a,
-        Err(AdmitError::BadRequest(m)) => return Err(Box::new(admission::bad_request(&m))),
-        Err(AdmitError::Refused(r)) if r.is_transient() => {
-            return Err(Box::new(transient_refusal(r)))
-        }
-        Err(AdmitError::Refused(r)) => return Err(Box::new(admission::http_refusal(r))),
-    };
-    let expires_at = admitted.identity.as_ref().map(|id| app.auth.expires_at(id));
+    let origin_ok = !edge.gate.origins.refused(headers);
+    let admitted =
+        match admission::admit(&edge.gate, creds, ip, Kind::Sse, origin_ok, &query.channels) {
+            Ok(a) => a,
+            Err(AdmitError::BadRequest(m)) => return Err(Box::new(admission::bad_request(&m))),
+            Err(AdmitError::Refused(r)) if r.is_transient() => {
+                return Err(Box::new(transient_refusal(r)))
+            }
+            Err(AdmitError::Refused(r)) => return Err(Box::new(admission::http_refusal(r))),
+        };
+    let expires_at = admitted
+        .identity
+        .as_ref()
+        .map(|id| edge.gate.auth.expires_at(id));
     let guard = admitted.reservation.commit(ConnSpec {
         transport: Kind::Sse,
         remote_addr: ip,
@@ -254,7 +257,7 @@ fn admit(
 /// `recovered` per channel, and an `error` event per channel that could not be
 /// subscribed.
 async fn subscribe(
-    app: &App,
+    edge: &Edge,
     conn: &Arc<Connection>,
     channels: &[String],
     cursor: Option<Cursor>,
@@ -274,7 +277,12 @@ async fn subscribe(
     let mut recovered = serde_json::Map::new();
     let mut errors = String::new();
     for (ch, since) in channels.iter().zip(since) {
-        match app.broker.subscribe(conn, ch, since.as_ref(), None).await {
+        match edge
+            .driving
+            .broker
+            .subscribe(conn, ch, since.as_ref(), None)
+            .await
+        {
             Ok(s) => {
                 recovered.insert(ch.clone(), s.recovered.into());
                 let start = if s.recovered {
@@ -303,14 +311,14 @@ async fn subscribe(
     let welcome = serde_json::json!({
         "conn_id": conn.id(),
         "client_id": conn.client_id(),
-        "node_id": app.registry.node_id(),
+        "node_id": edge.gate.registry.node_id(),
         "recovered": recovered,
-        "heartbeat_ms": app.cfg.heartbeat.interval_ms.get(),
-        "heartbeat_timeout_ms": app.cfg.heartbeat.timeout_ms.get(),
+        "heartbeat_ms": edge.driving.interval.as_millis() as u64,
+        "heartbeat_timeout_ms": edge.driving.timeout.as_millis() as u64,
     });
     let first = format!(
         "retry: {}\n\nid: {}\nevent: welcome\ndata: {welcome}\n\n{errors}",
-        app.cfg.sse.retry_ms,
+        edge.sse_retry_ms,
         stream.cursor()
     );
     (stream, Bytes::from(first))
@@ -329,7 +337,11 @@ struct Start {
 
 /// The stream's task: the driver's future, with nothing of this function's kept
 /// beside it (not an `async fn`; see `ws::run`).
-fn run(app: Arc<App>, start: Box<Start>, out: Out) -> impl std::future::Future<Output = ()> + Send {
+fn run(
+    edge: Arc<Edge>,
+    start: Box<Start>,
+    out: Out,
+) -> impl std::future::Future<Output = ()> + Send {
     let Start {
         guard,
         stream,
@@ -341,10 +353,13 @@ fn run(app: Arc<App>, start: Box<Start>, out: Out) -> impl std::future::Future<O
         out,
         stream,
         first: Some(first),
-        wait: Duration::from_millis(app.cfg.heartbeat.timeout_ms.get()),
+        wait: edge.driving.timeout,
         beat_event,
     };
-    driver::drive(app.driving.clone(), guard, conn, expires_at, None)
+    // The request was the handshake, and it is done: the connection's clocks start.
+    let mut deadlines = edge.driving.deadlines::<SseConn>(Instant::now());
+    deadlines.expire_at(expires_at);
+    driver::drive(edge.driving.clone(), guard, conn, deadlines)
 }
 
 /// The stream's channels and the position it delivered last on each: its cursor.

@@ -42,7 +42,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
 use crate::config::TlsSection;
-use crate::net::SocketInfo;
+use crate::socket_info::SocketInfo;
 
 /// ALPN, in the server's order of preference.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];

@@ -30,11 +30,13 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::admission::{self, AdmitError, BadRequest, Credentials};
-use crate::app::App;
 use crate::auth::Identity;
 use crate::commands;
 use crate::conn_io::ConnIo;
-use crate::driver::{self, Ctx, Cx, End, Ending, Family, Heard, Leg, ToClient, Transport};
+use crate::driver::{
+    self, Ctx, Cx, Deadlines, End, Ending, Family, Heard, Leg, ToClient, Transport,
+};
+use crate::edge::Edge;
 use crate::net::{PendingSlot, SocketInfo};
 use crate::refusal::Refused;
 use hyper::upgrade::OnUpgrade;
@@ -91,11 +93,13 @@ struct Handshake {
     client: Option<String>,
     /// `User-Agent`.
     user_agent: Option<String>,
+    /// When the handshake must be done (from the socket's accept).
+    deadlines_until: Instant,
 }
 
 impl Handshake {
     /// Reads and checks the request: upgrade headers, query, address, origin.
-    fn read(app: &App, req: &Request<Body>, info: &SocketInfo) -> Result<Self, Box<Response>> {
+    fn read(edge: &Edge, req: &Request<Body>, info: &SocketInfo) -> Result<Self, Box<Response>> {
         let headers = req.headers();
         let accept = check_upgrade(headers)?;
         let query = Query::<WsQuery>::try_from_uri(req.uri())
@@ -116,14 +120,15 @@ impl Handshake {
             accept,
             protocol: offered_protocol(headers).then(|| HeaderValue::from_static(SUBPROTOCOL)),
             refusal_close,
-            ip: crate::net::client_ip(info.peer.ip(), headers, &app.cfg.server.trusted_proxies),
-            origin_ok: !crate::cors::origin_refused(app, headers),
+            ip: edge.gate.client_ip(info.peer.ip(), headers),
+            origin_ok: !edge.gate.origins.refused(headers),
             token: admission::request_token(headers, query.token.as_deref()).map(str::to_owned),
             client: query.client,
             user_agent: headers
                 .get(header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
+            deadlines_until: info.handshake_until,
         })
     }
 
@@ -142,7 +147,7 @@ impl Handshake {
     /// The answer to a refused handshake, in the form the client asked for.
     fn refuse(
         &self,
-        app: &Arc<App>,
+        edge: &Arc<Edge>,
         error: AdmitError,
         on_upgrade: OnUpgrade,
         pending: Option<PendingSlot>,
@@ -151,13 +156,12 @@ impl Handshake {
             error,
             close: self.refusal_close,
             pending,
+            handshake_until: self.deadlines_until,
         };
-        let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
         refusal_response(
-            app,
+            edge,
             refused,
             on_upgrade,
-            hs_timeout,
             &self.accept,
             self.protocol.clone(),
         )
@@ -165,7 +169,7 @@ impl Handshake {
 }
 
 /// `GET /ws`.
-pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>) -> Response {
+pub(crate) async fn handler(State(edge): State<Arc<Edge>>, mut req: Request<Body>) -> Response {
     // HEAD reaches GET handlers in axum; it must not open a connection.
     if req.method() != http::Method::GET {
         return crate::respond::error_response(
@@ -177,7 +181,7 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     let Some(info) = req.extensions().get::<SocketInfo>().cloned() else {
         return admission::bad_request("WebSocket is served on the client listener");
     };
-    let hs = match Handshake::read(&app, &req, &info) {
+    let hs = match Handshake::read(&edge, &req, &info) {
         Ok(hs) => hs,
         Err(resp) => return *resp,
     };
@@ -185,19 +189,19 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
     let pending = info.take_pending();
     // jwt mode without a token in the request: the token comes as the first frame,
     // so admission finishes after the upgrade and refusals become close codes.
-    if app.auth.is_jwt() && hs.token.is_none() {
-        return admit_by_first_frame(app, hs, on_upgrade, pending);
+    if edge.gate.auth.is_jwt() && hs.token.is_none() {
+        return admit_by_first_frame(edge, hs, on_upgrade, pending);
     }
-    let creds = if app.auth.is_jwt() {
+    let creds = if edge.gate.auth.is_jwt() {
         Credentials::Token(hs.token.as_deref())
     } else {
         Credentials::Client(hs.client.as_deref())
     };
-    match admission::admit(&app, creds, hs.ip, Kind::Ws, hs.origin_ok, &[]) {
-        Err(e) => hs.refuse(&app, e, on_upgrade, pending),
+    match admission::admit(&edge.gate, creds, hs.ip, Kind::Ws, hs.origin_ok, &[]) {
+        Err(e) => hs.refuse(&edge, e, on_upgrade, pending),
         Ok(admitted) => {
             let answer = switching(&hs.accept, hs.protocol.clone());
-            spawn_admitted(app, hs, on_upgrade, pending, admitted);
+            spawn_admitted(edge, hs, on_upgrade, pending, admitted);
             answer
         }
     }
@@ -206,41 +210,48 @@ pub(crate) async fn handler(State(app): State<Arc<App>>, mut req: Request<Body>)
 /// An admitted handshake: answers `101`, then upgrades, commits and runs the
 /// connection in one tracked task.
 fn spawn_admitted(
-    app: Arc<App>,
+    edge: Arc<Edge>,
     hs: Handshake,
     on_upgrade: OnUpgrade,
     pending: Option<PendingSlot>,
     admitted: admission::Admitted,
 ) {
-    let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
+    let deadlines = edge.driving.deadlines::<WsConn>(hs.deadlines_until);
     // One boxed capture: a task's captures stay in its state for its whole life.
-    let parts = Box::new((app.clone(), pending, on_upgrade, admitted, hs.spec()));
-    app.tasks.spawn(async move {
+    let parts = Box::new((
+        edge.clone(),
+        pending,
+        on_upgrade,
+        admitted,
+        hs.spec(),
+        deadlines,
+    ));
+    edge.tasks.spawn(async move {
         // Admission finishes in its own future, gone by the time `run` starts: only
         // `run`'s state is kept for the connection's life.
         let started = Box::pin(async move {
-            let (task_app, pending, on_upgrade, admitted, spec) = *parts;
-            let upgraded = match timeout(hs_timeout, on_upgrade).await {
-                Ok(Ok(up)) => up,
+            let (task_edge, pending, on_upgrade, admitted, spec, deadlines) = *parts;
+            let upgraded = match deadlines.within_handshake(on_upgrade).await {
+                Some(Ok(up)) => up,
                 _ => return None, // the reservation drops here: slot released, no event
             };
-            let ws = upgraded_ws(&task_app, upgraded).await;
+            let ws = upgraded_ws(&task_edge, upgraded).await;
             let admission::Admitted {
                 reservation,
                 client_id,
                 identity,
             } = admitted;
-            let start = Start::commit(ws, reservation, identity, spec);
+            let start = Start::commit(ws, reservation, identity, spec, deadlines);
             drop(pending);
             tracing::debug!(
                 client_id,
                 conn_id = start.guard.conn().id(),
                 "websocket admitted"
             );
-            Some((task_app, start))
+            Some((task_edge, start))
         });
-        if let Some((task_app, start)) = started.await {
-            run(task_app, start).await;
+        if let Some((task_edge, start)) = started.await {
+            run(task_edge, start).await;
         }
     });
 }
@@ -248,51 +259,55 @@ fn spawn_admitted(
 /// jwt mode with the token as the first frame: the address checks run now, the
 /// rest after the upgrade, where a refusal is always a `closing` and a close code.
 fn admit_by_first_frame(
-    app: Arc<App>,
+    edge: Arc<Edge>,
     hs: Handshake,
     on_upgrade: OnUpgrade,
     pending: Option<PendingSlot>,
 ) -> Response {
-    let slot = match admission::precheck(&app, hs.ip, hs.origin_ok) {
+    let slot = match admission::precheck(&edge.gate, hs.ip, hs.origin_ok) {
         Ok(slot) => slot,
         Err(r) => {
-            let e = admission::refused(&app, r, hs.ip);
-            return hs.refuse(&app, e, on_upgrade, pending);
+            let e = admission::refused(&edge.gate, r, hs.ip);
+            return hs.refuse(&edge, e, on_upgrade, pending);
         }
     };
-    let hs_timeout = Duration::from_millis(app.cfg.limits.handshake_timeout_ms.get());
+    let deadlines = edge.driving.deadlines::<WsConn>(hs.deadlines_until);
     // One boxed capture: a task's captures stay in its state for its whole life.
-    let parts = Box::new((app.clone(), pending, on_upgrade, hs.spec()));
-    app.tasks.spawn(async move {
+    let parts = Box::new((edge.clone(), pending, on_upgrade, hs.spec(), deadlines));
+    edge.tasks.spawn(async move {
         // As in `spawn_admitted`: only `run`'s state is kept for the connection's life.
         let started = Box::pin(async move {
-            let (task_app, pending, on_upgrade, spec) = *parts;
-            let deadline = Instant::now() + hs_timeout;
-            let Ok(Ok(up)) = tokio::time::timeout_at(deadline, on_upgrade).await else {
+            let (task_edge, pending, on_upgrade, spec, deadlines) = *parts;
+            let Some(Ok(up)) = deadlines.within_handshake(on_upgrade).await else {
                 return None;
             };
-            let mut ws = upgraded_ws(&task_app, up).await;
-            let first = tokio::time::timeout_at(deadline, first_token(&mut ws))
+            let mut ws = upgraded_ws(&task_edge, up).await;
+            let first = deadlines
+                .within_handshake(first_token(&mut ws))
                 .await
-                .ok()
                 .flatten();
-            let admitted = admission::identify(&task_app, Credentials::Token(first.as_deref()))
-                .and_then(|(client_id, id)| {
-                    match task_app.registry.reserve(&client_id, Kind::Ws, Some(slot)) {
-                        Ok(r) => Ok((r, id)),
-                        Err(r) => Err(AdmitError::Refused(r)),
-                    }
-                });
+            let admitted =
+                admission::identify(&task_edge.gate, Credentials::Token(first.as_deref()))
+                    .and_then(|(client_id, id)| {
+                        match task_edge
+                            .gate
+                            .registry
+                            .reserve(&client_id, Kind::Ws, Some(slot))
+                        {
+                            Ok(r) => Ok((r, id)),
+                            Err(r) => Err(AdmitError::Refused(r)),
+                        }
+                    });
             // The pending slot is held until the connection is committed or refused
             // (close handshake included).
             let refusal = match admitted {
                 Ok((reservation, identity)) => {
-                    let start = Start::commit(ws, reservation, identity, spec);
+                    let start = Start::commit(ws, reservation, identity, spec, deadlines);
                     drop(pending);
-                    return Some((task_app, start));
+                    return Some((task_edge, start));
                 }
                 Err(AdmitError::Refused(r)) => {
-                    task_app.metrics.refused(r.error());
+                    task_edge.gate.metrics.refused(r.error());
                     r
                 }
                 Err(AdmitError::BadRequest(_)) => Refusal::Unauthorized,
@@ -301,16 +316,16 @@ fn admit_by_first_frame(
             drop(pending);
             None
         });
-        if let Some((task_app, start)) = started.await {
-            run(task_app, start).await;
+        if let Some((task_edge, start)) = started.await {
+            run(task_edge, start).await;
         }
     });
     switching(&hs.accept, hs.protocol)
 }
 
 /// The server's side of an upgraded socket, as tungstenite speaks it.
-async fn upgraded_ws(app: &App, up: hyper::upgrade::Upgraded) -> Ws {
-    WebSocketStream::from_raw_socket(ConnIo::new(up), Role::Server, Some(ws_config(app))).await
+async fn upgraded_ws(edge: &Edge, up: hyper::upgrade::Upgraded) -> Ws {
+    WebSocketStream::from_raw_socket(ConnIo::new(up), Role::Server, Some(ws_config(edge))).await
 }
 
 /// A refused WebSocket handshake.
@@ -322,15 +337,16 @@ pub(crate) struct RefusedUpgrade {
     /// The socket's pending slot: a refused socket counts against
     /// `limits.max_pending_handshakes` until it is gone, close handshake included.
     pub(crate) pending: Option<PendingSlot>,
+    /// When the upgrade must be done (from the socket's accept).
+    pub(crate) handshake_until: Instant,
 }
 
 /// A refused handshake: the HTTP form, or with `?refusal=close` an upgrade that
 /// announces the refusal and closes with its code.
 pub(crate) fn refusal_response(
-    app: &Arc<App>,
+    edge: &Arc<Edge>,
     refused: RefusedUpgrade,
     on_upgrade: hyper::upgrade::OnUpgrade,
-    hs_timeout: Duration,
     key: &str,
     protocol: Option<HeaderValue>,
 ) -> Response {
@@ -338,15 +354,16 @@ pub(crate) fn refusal_response(
         error,
         close,
         pending,
+        handshake_until,
     } = refused;
     let refusal = match error {
         AdmitError::BadRequest(m) => return admission::bad_request(&m),
         AdmitError::Refused(r) if !close => return admission::http_refusal(r),
         AdmitError::Refused(r) => r,
     };
-    let cfg = ws_config(app);
-    app.tasks.spawn(async move {
-        if let Ok(Ok(up)) = timeout(hs_timeout, on_upgrade).await {
+    let cfg = ws_config(edge);
+    edge.tasks.spawn(async move {
+        if let Ok(Ok(up)) = tokio::time::timeout_at(handshake_until, on_upgrade).await {
             let ws =
                 WebSocketStream::from_raw_socket(ConnIo::new(up), Role::Server, Some(cfg)).await;
             refuse_after_upgrade(ws, refusal).await;
@@ -433,14 +450,14 @@ pub(crate) fn switching(accept: &str, protocol: Option<HeaderValue>) -> Response
 }
 
 /// [`ws_config`] for a proxy route's legs.
-pub(crate) fn relay_config(app: &App) -> WebSocketConfig {
-    ws_config(app)
+pub(crate) fn relay_config(edge: &Edge) -> WebSocketConfig {
+    ws_config(edge)
         .read_buffer_size(RELAY_READ_BUFFER)
         .write_buffer_size(RELAY_WRITE_BUFFER)
 }
 
-pub(crate) fn ws_config(app: &App) -> WebSocketConfig {
-    let max = app.cfg.limits.max_message_bytes.get() as usize;
+pub(crate) fn ws_config(edge: &Edge) -> WebSocketConfig {
+    let max = edge.max_message_bytes;
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -462,6 +479,8 @@ struct Start {
     ws: Ws,
     guard: ConnectionGuard,
     identity: Option<Identity>,
+    /// The handshake's deadline, and from the commit on the connection's.
+    deadlines: Deadlines,
 }
 
 impl Start {
@@ -472,6 +491,7 @@ impl Start {
         reservation: tether_core::Reservation,
         identity: Option<Identity>,
         spec: impl FnOnce(serde_json::Value) -> ConnSpec,
+        deadlines: Deadlines,
     ) -> Box<Self> {
         let meta = identity
             .as_ref()
@@ -482,6 +502,7 @@ impl Start {
             ws,
             guard,
             identity,
+            deadlines,
         })
     }
 }
@@ -489,21 +510,22 @@ impl Start {
 /// Runs a committed `/ws` connection through the driver. Not an `async fn`: the
 /// driver's future is what the task holds, with nothing of this function's kept
 /// beside it.
-fn run(app: Arc<App>, start: Box<Start>) -> impl std::future::Future<Output = ()> + Send {
+fn run(edge: Arc<Edge>, start: Box<Start>) -> impl std::future::Future<Output = ()> + Send {
     let Start {
         ws,
         guard,
         identity,
+        mut deadlines,
     } = *start;
-    let expires_at = identity.as_ref().map(|i| app.auth.expires_at(i));
+    deadlines.expire_at(identity.as_ref().map(|i| edge.gate.auth.expires_at(i)));
     let conn = WsConn {
         ws,
         identity,
         torn: None,
-        wait: Duration::from_millis(app.cfg.heartbeat.timeout_ms.get()),
-        interval: Duration::from_millis(app.cfg.heartbeat.interval_ms.get()),
+        wait: edge.driving.timeout,
+        interval: edge.driving.interval,
     };
-    driver::drive(app.driving.clone(), guard, conn, expires_at, None)
+    driver::drive(edge.driving.clone(), guard, conn, deadlines)
 }
 
 /// A `/ws` connection: Tether's protocol over WebSocket.

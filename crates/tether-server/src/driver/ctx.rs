@@ -7,11 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_core::Broker;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::tombstones::Tombstones;
+
+use super::{Deadlines, Transport};
 
 /// The driver's view of the server.
 #[derive(Debug)]
@@ -37,6 +40,17 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The deadlines of a connection carried by `T` whose handshake must be done by
+    /// `handshake_until` (`limits.handshake_timeout_ms` after its socket's accept).
+    pub(crate) fn deadlines<T: Transport>(&self, handshake_until: Instant) -> Deadlines {
+        Deadlines::handshake(
+            handshake_until,
+            self.interval,
+            self.timeout,
+            T::ANSWERS_PINGS,
+        )
+    }
+
     /// The driver's view of a server configured by `cfg`.
     pub(crate) fn new(
         cfg: &Config,

@@ -1,8 +1,13 @@
-//! Every timer of one connection in one value: the next ping, the answer each leg
-//! owes to it, the lifetime, the token's expiry and an upstream's idle limit. The
-//! driver sleeps until [`Deadlines::next`] and asks [`Deadlines::due`] what came due;
-//! nothing here touches a socket, so it is tested with plain instants.
+//! Every timer of one connection in one value, from the socket's accept to its
+//! close: the handshake's deadline (`limits.handshake_timeout_ms`, counted from the
+//! accept, covering the request, the upgrade and a first-frame token), then — once
+//! [`Deadlines::committed`] — the next ping, the answer each leg owes to it, the
+//! lifetime, the token's expiry and an upstream's idle limit. Admission awaits
+//! [`Deadlines::within_handshake`]; the driver sleeps until [`Deadlines::next`] and
+//! asks [`Deadlines::due`] what came due. Nothing here touches a socket, so it is
+//! tested with plain instants.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -43,10 +48,34 @@ pub(crate) struct Deadlines {
     expires_at: Option<Instant>,
     /// An upstream's idle limit and when it runs out.
     idle: Option<(Duration, Instant)>,
+    /// The handshake's end, until the connection is committed.
+    handshake_at: Option<Instant>,
 }
 
 impl Deadlines {
-    /// Deadlines starting `now`. `lifetime` is already jittered.
+    /// A connection's deadlines from its accept: only the handshake's, which ends
+    /// at `handshake_until`, runs until [`Deadlines::committed`].
+    pub(crate) fn handshake(
+        handshake_until: Instant,
+        interval: Duration,
+        timeout: Duration,
+        answers: [bool; 2],
+    ) -> Self {
+        Self {
+            interval,
+            timeout,
+            answers,
+            next_ping: handshake_until + interval,
+            owed: [None; 2],
+            lifetime_at: None,
+            expires_at: None,
+            idle: None,
+            handshake_at: Some(handshake_until),
+        }
+    }
+
+    /// Deadlines of a connection committed `now`. `lifetime` is already jittered.
+    #[cfg(test)]
     pub(crate) fn new(
         now: Instant,
         interval: Duration,
@@ -54,15 +83,29 @@ impl Deadlines {
         answers: [bool; 2],
         lifetime: Option<Duration>,
     ) -> Self {
-        Self {
-            interval,
-            timeout,
-            answers,
-            next_ping: now + interval,
-            owed: [None; 2],
-            lifetime_at: lifetime.map(|l| now + l),
-            expires_at: None,
-            idle: None,
+        let mut d = Self::handshake(now, interval, timeout, answers);
+        d.committed(now, lifetime);
+        d
+    }
+
+    /// `step`, unless the handshake's deadline comes first (`None`: drop the
+    /// socket). A committed connection has no handshake deadline.
+    pub(crate) async fn within_handshake<F: Future>(&self, step: F) -> Option<F::Output> {
+        match self.handshake_at {
+            Some(at) => tokio::time::timeout_at(at, step).await.ok(),
+            None => Some(step.await),
+        }
+    }
+
+    /// The handshake is over: the connection's clocks start `now` (the first ping,
+    /// the lifetime, an upstream's idle limit). `lifetime` is already jittered.
+    pub(crate) fn committed(&mut self, now: Instant, lifetime: Option<Duration>) {
+        self.handshake_at = None;
+        self.next_ping = now + self.interval;
+        self.owed = [None; 2];
+        self.lifetime_at = lifetime.map(|l| now + l);
+        if let Some((d, at)) = &mut self.idle {
+            *at = now + *d;
         }
     }
 
@@ -71,9 +114,10 @@ impl Deadlines {
         self.expires_at = at;
     }
 
-    /// Closes the upstream when it is silent for `idle` (from `now`).
-    pub(crate) fn upstream_idle(&mut self, now: Instant, idle: Option<Duration>) {
-        self.idle = idle.map(|d| (d, now + d));
+    /// Closes the upstream when it is silent for `idle` (counted from the commit).
+    pub(crate) fn upstream_idle(&mut self, idle: Option<Duration>) {
+        let from = self.handshake_at.unwrap_or(self.next_ping - self.interval);
+        self.idle = idle.map(|d| (d, from + d));
     }
 
     /// The earliest deadline: when the driver's timer must wake.
@@ -239,7 +283,7 @@ mod tests {
         let t0 = Instant::now();
         let mut d = Deadlines::new(t0, 100 * S, 3 * S, [false, false], Some(5 * S));
         d.expire_at(Some(t0 + 5 * S));
-        d.upstream_idle(t0, Some(5 * S));
+        d.upstream_idle(Some(5 * S));
         assert_eq!(d.next(), t0 + 5 * S);
         assert_eq!(d.due(t0 + 5 * S), Some(Due::UpstreamIdle));
         d.heard(Leg::Upstream, t0 + 5 * S);
@@ -273,5 +317,44 @@ mod tests {
             5,
             "below 10 ms there is nothing to spread"
         );
+    }
+
+    #[test]
+    fn the_connection_clocks_start_at_the_commit_not_the_accept() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::handshake(t0 + 2 * S, 10 * S, 3 * S, [true, false]);
+        d.expire_at(Some(t0 + 100 * S));
+        d.upstream_idle(Some(4 * S));
+        d.committed(t0 + S, Some(50 * S));
+        assert_eq!(
+            d.next(),
+            t0 + 5 * S,
+            "the idle limit counts from the commit"
+        );
+        assert_eq!(d.due(t0 + 5 * S), Some(Due::UpstreamIdle));
+        let mut d = Deadlines::handshake(t0 + 2 * S, 10 * S, 3 * S, [true, false]);
+        d.committed(t0 + S, Some(50 * S));
+        assert_eq!(
+            d.next(),
+            t0 + 11 * S,
+            "the first ping is an interval after the commit"
+        );
+        assert_eq!(d.due(t0 + 51 * S), Some(Due::Lifetime));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_past_the_handshake_deadline_is_cut_and_a_committed_one_is_not() {
+        let t0 = Instant::now();
+        let slow = || tokio::time::sleep(2 * S);
+        let mut d = Deadlines::handshake(t0 + S, 10 * S, 3 * S, [true, false]);
+        assert_eq!(d.within_handshake(async { 7 }).await, Some(7));
+        assert_eq!(d.within_handshake(slow()).await, None);
+        assert_eq!(
+            Instant::now(),
+            t0 + S,
+            "cut at the deadline, counted from the accept"
+        );
+        d.committed(Instant::now(), None);
+        assert_eq!(d.within_handshake(slow()).await, Some(()));
     }
 }

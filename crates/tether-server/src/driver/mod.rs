@@ -17,7 +17,6 @@ mod ending;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tether_core::{CatchUp, Connection, ConnectionGuard, Outgoing};
 use tokio::time::Instant;
@@ -114,12 +113,11 @@ pub(crate) fn drive<T: Transport>(
     ctx: Arc<Ctx>,
     guard: ConnectionGuard,
     mut transport: T,
-    expires_at: Option<Instant>,
-    upstream_idle: Option<Duration>,
+    mut deadlines: Deadlines,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let conn = guard.conn().clone();
-        let end = run(&ctx, &conn, &mut transport, expires_at, upstream_idle).await;
+        let end = run(&ctx, &conn, &mut transport, &mut deadlines).await;
         Box::pin(close(ctx, guard, transport, conn, end)).await;
     }
 }
@@ -158,17 +156,14 @@ async fn run<T: Transport>(
     ctx: &Ctx,
     conn: &Arc<Connection>,
     t: &mut T,
-    expires_at: Option<Instant>,
-    upstream_idle: Option<Duration>,
+    deadlines: &mut Deadlines,
 ) -> End {
     let now = Instant::now();
     let lifetime = match ctx.lifetime_ms {
         0 => None,
         ms => Some(deadlines::jittered(ms)),
     };
-    let mut deadlines = Deadlines::new(now, ctx.interval, ctx.timeout, T::ANSWERS_PINGS, lifetime);
-    deadlines.expire_at(expires_at);
-    deadlines.upstream_idle(now, upstream_idle);
+    deadlines.committed(now, lifetime);
     let mut rate = InboundRate::new(now, ctx.max_inbound_per_sec);
     let mut batch = Vec::new();
     let mut end = Box::pin(t.start(ctx, conn)).await.err();
@@ -218,7 +213,7 @@ async fn run<T: Transport>(
                 end = if heard.counts && rate.over(now) {
                     Some(End::RateLimited)
                 } else {
-                    let cx = Cx { ctx, conn, deadlines: &mut deadlines };
+                    let cx = Cx { ctx, conn, deadlines: &mut *deadlines };
                     Box::pin(t.on_inbound(cx, heard.item)).await
                 };
             }

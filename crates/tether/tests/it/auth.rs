@@ -188,6 +188,54 @@ async fn first_frame_connect_admits_after_the_upgrade() {
     s.assert_clean().await;
 }
 
+/// One handshake deadline, counted from the socket's accept: the request, the
+/// upgrade and the first-frame token share `limits.handshake_timeout_ms` (1000 ms
+/// here). Headers finished at ~700 ms and a valid token at ~1300 ms is too late;
+/// the upgrade used to start a fresh timer (the token was then in time until
+/// ~1700 ms and the client was welcomed).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_handshake_deadline_counts_from_the_accept_not_from_the_upgrade() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = jwt_server(|c| c.limits.handshake_timeout_ms = 1000.try_into().unwrap()).await;
+    let mut raw = tokio::net::TcpStream::connect(s.client).await.unwrap();
+    raw.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    raw.write_all(
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = raw_read_until(&mut raw, b"\r\n\r\n", Duration::from_secs(2)).await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let t = token("late", 60, &["**"]);
+    let connect = json!({"type": "connect", "token": t}).to_string();
+    // The server may have closed already: a failed write is the point, not an error.
+    let _ = raw.write_all(&masked_text_long(connect.as_bytes())).await;
+    let mut rest = head[head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..].to_vec();
+    let _ = tokio::time::timeout(Duration::from_secs(3), raw.read_to_end(&mut rest)).await;
+    assert!(has_close(&rest, 4401), "{}", String::from_utf8_lossy(&rest));
+    assert!(!String::from_utf8_lossy(&rest).contains("welcome"));
+    s.assert_clean().await;
+}
+
+/// A masked client text frame with a 16-bit length (126 to 65535 bytes).
+fn masked_text_long(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5au8, 0xa5, 0x3c, 0xc3];
+    let mut f = vec![0x81u8, 0x80 | 126];
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_checks_channels_against_the_token() {
     let s = jwt_server(|_| {}).await;

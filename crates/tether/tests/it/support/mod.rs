@@ -141,7 +141,7 @@ impl TestServer {
                 && last["pending_handshakes"] == 0
                 && self.app.registry.entries() == 0
                 && self.app.registry.admitted() == 0
-                && self.app.ip_limits.tracked_addresses() == 0;
+                && self.app.ip_limits().tracked_addresses() == 0;
             if zero {
                 return;
             }
@@ -151,7 +151,7 @@ impl TestServer {
             "not clean: {last} entries={} admitted={} ips={}",
             self.app.registry.entries(),
             self.app.registry.admitted(),
-            self.app.ip_limits.tracked_addresses()
+            self.app.ip_limits().tracked_addresses()
         );
     }
 
