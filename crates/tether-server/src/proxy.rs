@@ -33,7 +33,7 @@ use crate::driver::{
 };
 use crate::edge::Edge;
 use crate::net::SocketInfo;
-use crate::upstream::{upstream_headers, upstream_url};
+use crate::upstream::{upstream_headers, upstream_url, UpstreamError};
 use crate::ws::Ws;
 
 type Upstream = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
@@ -247,8 +247,10 @@ async fn connect_ws(
     client_id: &str,
     conn_id: &str,
     ip: std::net::IpAddr,
-) -> Result<(Upstream, Option<HeaderValue>), String> {
-    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+) -> Result<(Upstream, Option<HeaderValue>), UpstreamError> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| UpstreamError::Request(Box::new(e)))?;
     for (k, v) in upstream_headers(client_headers, client_id, conn_id, ip) {
         if let Some(k) = k {
             request.headers_mut().append(k, v);
@@ -257,9 +259,7 @@ async fn connect_ws(
     let cfg = crate::ws::relay_config(edge);
     let connector = match (url.starts_with("wss://"), &edge.upstreams.tls) {
         (true, Some(tls)) => Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
-        (true, None) => {
-            return Err("no trusted root certificates to verify a wss:// upstream".into())
-        }
+        (true, None) => return Err(UpstreamError::NoTrustRoots),
         (false, _) => None,
     };
     let connect =
@@ -270,8 +270,8 @@ async fn connect_ws(
     )
     .await
     {
-        Err(_) => Err(format!("no answer within {} ms", route.connect_timeout_ms)),
-        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(UpstreamError::Timeout(route.connect_timeout_ms.get())),
+        Ok(Err(e)) => Err(UpstreamError::WebSocket(Box::new(e))),
         Ok(Ok((ws, resp))) => Ok((
             ws,
             resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).cloned(),

@@ -27,6 +27,7 @@ use crate::config::ProxyRoute;
 use crate::driver::{self, Ctx, Cx, End, Ending, Family, Heard, Leg, Transport};
 use crate::edge::Edge;
 use crate::net::SocketInfo;
+use crate::upstream::UpstreamError;
 
 /// Chunks waiting between the relay task and hyper's writer.
 const BODY_QUEUE: usize = 8;
@@ -72,9 +73,9 @@ pub(crate) async fn handle(
         Ok(Ok(r)) if r.status().is_success() => r,
         other => {
             let why = match other {
-                Err(_) => "no answer in time".to_owned(),
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(r)) => format!("status {}", r.status()),
+                Err(_) => UpstreamError::Timeout(route.connect_timeout_ms.get()),
+                Ok(Err(e)) => UpstreamError::Http(e),
+                Ok(Ok(r)) => UpstreamError::Status(r.status()),
             };
             tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
             drop(admitted);

@@ -208,3 +208,27 @@ mod tests {
         assert_eq!(upstream_url(&r, None), "ws://127.0.0.1:9/ws");
     }
 }
+
+/// Why a proxy route's upstream could not be reached (the client gets 502
+/// `upstream_unavailable`; this goes to the log).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    /// The route's URL, with the client's query, is not a valid request.
+    #[error("bad upstream request: {0}")]
+    Request(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    /// A `wss://` upstream and no root certificates to verify it.
+    #[error("no trusted root certificates to verify a wss:// upstream")]
+    NoTrustRoots,
+    /// Nothing within the route's `connect_timeout_ms`.
+    #[error("no answer within {0} ms")]
+    Timeout(u64),
+    /// The WebSocket handshake with the upstream failed.
+    #[error("websocket: {0}")]
+    WebSocket(#[source] Box<tokio_tungstenite::tungstenite::Error>),
+    /// The SSE request failed.
+    #[error("http: {0}")]
+    Http(#[source] reqwest::Error),
+    /// The SSE upstream answered, but not with a success.
+    #[error("status {0}")]
+    Status(reqwest::StatusCode),
+}
