@@ -104,7 +104,18 @@ setup_netns() {
     apt_install iproute2 nftables
 }
 
-# >>> EXTENSION POINT: more setup steps go here (Redis server for cluster tests).
+setup_redis() {
+    section "setup: redis-server + redis-tools (cluster-mode tests start their own, on free ports)"
+    apt_install redis-server redis-tools
+    # Debian's package starts a service on 6379; the tests never use it. Stop it so it
+    # holds no port and no memory (no-op without systemd).
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
+        as_root systemctl stop redis-server || true
+    fi
+    redis-server --version
+}
+
+# >>> EXTENSION POINT: more setup steps go here.
 # >>> Write each as a setup_* function using apt_install, and add it to SETUP_FOR
 # >>> below next to the steps that need it.
 
@@ -167,7 +178,7 @@ STEPS=(fmt clippy build rust py browser autobahn)
 # The setup functions each step needs (space-separated).
 declare -A SETUP_FOR=(
     [py]="setup_python"
-    [rust]="setup_netns"
+    [rust]="setup_netns setup_redis"
     [browser]="setup_browser"
     [autobahn]="setup_python setup_autobahn"
 )

@@ -1,5 +1,7 @@
 //! Connection ids: `<node_id>-<boot id>-<n>`, unique in the cluster (node ids are
-//! unique) and across restarts (the boot id is random per process start).
+//! unique) and across restarts (the boot id is random per process start). A node id
+//! may hold `-` (a pod's hostname); the boot id and `n` never do, so an id is read
+//! from the right ([`parse_conn_id`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,5 +46,34 @@ impl ConnIdGen {
             format!("{}-{}-{}", self.inner.node_id, self.inner.boot_id, n),
             n,
         )
+    }
+}
+
+/// The parts of a connection id, read from the right: node id, boot id, `n`.
+/// `None` for anything that is not one.
+pub fn parse_conn_id(id: &str) -> Option<(&str, &str, u64)> {
+    let mut parts = id.rsplitn(3, '-');
+    let n = parts.next()?.parse().ok()?;
+    let boot = parts.next().filter(|b| !b.is_empty())?;
+    let node = parts.next().filter(|n| !n.is_empty())?;
+    Some((node, boot, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_read_from_the_right_so_node_ids_may_hold_hyphens() {
+        for node in ["n1", "tether-0", "web-7f9c-abcde.pod"] {
+            let g = ConnIdGen::new(node);
+            let (id, n) = g.next();
+            let (got_node, boot, got_n) = parse_conn_id(&id).unwrap();
+            assert_eq!((got_node, got_n), (node, n));
+            assert_eq!(boot.len(), 8);
+        }
+        for bad in ["", "x", "a-b", "-b-1", "a--1", "a-b-x", "a-b-"] {
+            assert_eq!(parse_conn_id(bad), None, "{bad}");
+        }
     }
 }

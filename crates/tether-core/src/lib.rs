@@ -26,7 +26,7 @@ pub use connection::{ConnSnapshot, ConnSpec, Connection, Transport};
 pub use drain::{Drain, Phase};
 pub use events::EventBus;
 pub use hub::{CatchUp, Hub, HubError, HubSettings, PublishResult, Published, Subscribed};
-pub use ids::ConnIdGen;
+pub use ids::{parse_conn_id, ConnIdGen};
 pub use ip_limits::{IpLimits, IpSlot};
 pub use metrics::Metrics;
 pub use outbox::{DirectSink, Offered, Outbox, Outgoing};

@@ -10,6 +10,7 @@ use tether_core::{
     Broker, ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, MemoryBroker, Metrics,
     Registry, RegistrySettings,
 };
+use tether_redis::Link;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Gate;
@@ -49,10 +50,12 @@ pub struct App {
     pub(crate) edge: Arc<Edge>,
     /// Dashboard sessions.
     pub admin_sessions: Arc<Sessions>,
+    /// Cluster mode's connections to Redis (`None` with the in-memory broker).
+    pub link: Option<Arc<Link>>,
 }
 
 impl App {
-    pub(crate) fn new(cfg: Config, nofile: u64, auth: Auth) -> Arc<App> {
+    pub(crate) fn new(cfg: Config, nofile: u64, auth: Auth, link: Option<Arc<Link>>) -> Arc<App> {
         let max_connections = cfg.max_connections(nofile);
         let ids = ConnIdGen::new(&cfg.node_id);
         let metrics = Metrics::new();
@@ -105,6 +108,7 @@ impl App {
             admin_sessions: Arc::default(),
             driving,
             edge,
+            link,
             cfg,
         })
     }

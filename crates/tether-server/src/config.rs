@@ -52,6 +52,121 @@ pub struct Config {
     pub proxy: ProxySection,
     /// `[[sweeps]]`.
     pub sweeps: Vec<Sweep>,
+    /// `[broker]`.
+    pub broker: BrokerSection,
+}
+
+/// Where channels and the client registry live (SPEC section 10).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerKind {
+    /// One node, in memory (the default).
+    #[default]
+    Memory,
+    /// Several nodes sharing one Redis.
+    Redis,
+    /// Several nodes sharing one Redis Cluster.
+    RedisCluster,
+}
+
+/// What admission does while the broker is unreachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    /// Refuse: 503 `broker_unavailable` / close 4503.
+    #[default]
+    Reject,
+    /// Admit on this node's own view; reconciled when Redis is back.
+    AdmitLocal,
+}
+
+/// `[broker]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSection {
+    /// `memory`, `redis` or `redis-cluster`.
+    pub kind: BrokerKind,
+    /// `redis://host:port[/db]` (or `rediss://`); for a cluster, one or more seed
+    /// nodes, comma-separated.
+    pub url: String,
+    /// A node whose heartbeat key is not renewed for this long is removed by a survivor.
+    pub node_ttl_ms: NonZeroU64,
+    /// Admission while Redis is unreachable.
+    pub on_unavailable: OnUnavailable,
+    /// Every Redis command's timeout: a hung Redis never freezes a node.
+    pub command_timeout_ms: NonZeroU64,
+    /// Prefix of every key and pub/sub channel (several clusters can share a Redis).
+    pub prefix: String,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        Self {
+            kind: BrokerKind::Memory,
+            url: String::new(),
+            node_ttl_ms: nz(30_000),
+            on_unavailable: OnUnavailable::Reject,
+            command_timeout_ms: nz(1_000),
+            prefix: "tether".into(),
+        }
+    }
+}
+
+impl BrokerSection {
+    /// The Redis URLs (one, or a cluster's seeds).
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    /// Checks the section: a Redis kind needs `redis://` URLs (one for `redis`), a
+    /// prefix of `[A-Za-z0-9_.-]`, and a node TTL of at least 3 s (it is renewed a
+    /// third of the way through).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.kind == BrokerKind::Memory {
+            return Ok(());
+        }
+        let urls = self.urls();
+        if urls.is_empty() {
+            return bad("broker.url must be set when broker.kind is redis or redis-cluster".into());
+        }
+        if let Some(u) = urls
+            .iter()
+            .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+        {
+            return bad(format!(
+                "broker.url {u:?} must be a redis:// or rediss:// URL"
+            ));
+        }
+        if self.kind == BrokerKind::Redis && urls.len() > 1 {
+            return bad(
+                "broker.url names one Redis for kind = \"redis\" (seeds are for redis-cluster)"
+                    .into(),
+            );
+        }
+        if self.prefix.is_empty() || !self.prefix.chars().all(node_id_char) {
+            return bad(format!(
+                "broker.prefix {:?} must be non-empty and made of letters, digits, '_', '.' and '-'",
+                self.prefix
+            ));
+        }
+        if self.node_ttl_ms.get() < 3_000 {
+            return bad(format!(
+                "broker.node_ttl_ms ({}) must be at least 3000",
+                self.node_ttl_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A character of a node id (SPEC section 10: `[A-Za-z0-9_.-]`).
+fn node_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-'
 }
 
 /// `[proxy]`.
@@ -342,6 +457,7 @@ impl Default for Config {
             log: LogSection::default(),
             proxy: ProxySection::default(),
             sweeps: Vec::new(),
+            broker: BrokerSection::default(),
         }
     }
 }
@@ -549,16 +665,15 @@ impl Config {
     /// Checks what single values cannot: relations between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_id.is_empty()
-            || !self
-                .node_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            || self.node_id.len() > 64
+            || !self.node_id.chars().all(node_id_char)
         {
             return Err(ConfigError::Invalid(format!(
-                "node_id {:?} must be non-empty and made of letters, digits, '_' and '.'",
+                "node_id {:?} must be 1 to 64 letters, digits, '_', '.' and '-'",
                 self.node_id
             )));
         }
+        self.broker.validate()?;
         if self.delivery.max_queue_messages >= self.history.size {
             return Err(ConfigError::Invalid(format!(
                 "delivery.max_queue_messages ({}) must be below history.size ({}) so a client closed \
@@ -802,5 +917,55 @@ mod tests {
             "[[sweeps]]\nevery_ms = 10\nwhere = { idle_ms_gt = 5, transport = \"sse\" }\n",
         );
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    fn check(toml: &str) -> Result<Config, String> {
+        Config::from_toml("t.toml", toml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn node_ids_are_what_orchestrators_make() {
+        for ok in ["tether-0", "web-7f9c-abcde", "n.1_a", &"x".repeat(64)] {
+            assert!(check(&format!("node_id = {ok:?}\n")).is_ok(), "{ok}");
+        }
+        for bad in ["", "a/b", "a b", "ünï", &"x".repeat(65)] {
+            let e = check(&format!("node_id = {bad:?}\n")).unwrap_err();
+            assert!(e.contains("node_id"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_redis_broker_needs_a_redis_url_and_names_what_is_wrong() {
+        let ok = check("[broker]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n").unwrap();
+        assert_eq!(ok.broker.kind, BrokerKind::Redis);
+        let seeds = "[broker]\nkind = \"redis-cluster\"\nurl = \"redis://a:1, redis://b:2\"\n";
+        assert_eq!(
+            check(seeds).unwrap().broker.urls(),
+            ["redis://a:1", "redis://b:2"]
+        );
+        for (toml, names) in [
+            ("[broker]\nkind = \"redis\"\n", "broker.url must be set"),
+            (
+                "[broker]\nkind = \"redis\"\nurl = \"http://x\"\n",
+                "broker.url \"http://x\"",
+            ),
+            (
+                "[broker]\nkind = \"redis\"\nurl = \"redis://a,redis://b\"\n",
+                "names one Redis",
+            ),
+            (
+                "[broker]\nkind = \"redis\"\nurl = \"redis://a\"\nnode_ttl_ms = 100\n",
+                "broker.node_ttl_ms",
+            ),
+            (
+                "[broker]\nkind = \"redis\"\nurl = \"redis://a\"\nprefix = \"a b\"\n",
+                "broker.prefix",
+            ),
+            ("[broker]\nkind = \"etcd\"\n", "kind"),
+            ("[broker]\non_unavailable = \"maybe\"\n", "on_unavailable"),
+        ] {
+            let e = check(toml).unwrap_err();
+            assert!(e.contains(names), "{toml}: {e}");
+        }
     }
 }

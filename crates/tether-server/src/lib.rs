@@ -16,6 +16,7 @@ mod api_listener;
 mod app;
 pub mod auth;
 mod client_assets;
+mod cluster;
 mod commands;
 pub mod config;
 mod conn_io;
@@ -85,6 +86,9 @@ pub enum StartError {
          (set [auth] allow_insecure = true to accept that)"
     )]
     InsecureListener(SocketAddr),
+    /// `[broker]` names a Redis that cannot be used (a bad URL).
+    #[error(transparent)]
+    Broker(#[from] tether_redis::LinkError),
     /// A non-loopback API listener without a key.
     #[error(
         "the server API on non-loopback {0} has no key: set [api] key (the Host rule alone does not \
@@ -107,7 +111,8 @@ impl Server {
             return Err(StartError::KeylessApi(cfg.api.listen));
         }
         let same = cfg.listen == cfg.api.listen && cfg.listen.port() != 0;
-        let app = App::new(cfg, nofile, auth);
+        let link = cluster::link(&cfg.broker)?;
+        let app = App::new(cfg, nofile, auth, link);
         let client = net::bind(app.cfg.listen).map_err(|source| StartError::Bind {
             addr: app.cfg.listen,
             source,
@@ -221,12 +226,40 @@ async fn run(
     for rule in app.cfg.sweeps.clone() {
         background.spawn(sweeps::run(app.clone(), rule, sweeps_stop.clone()));
     }
+    let link = LinkRun::start(&app);
     begin.cancelled().await;
     drain::run(&app).await;
     sweeps_stop.cancel();
     stop_accepting.cancel();
     api_stop.cancel();
     while background.join_next().await.is_some() {}
+    link.stop().await;
+}
+
+/// Cluster mode's link to Redis while the server runs: it stays up through the
+/// drain (the drain's events and releases still reach Redis) and stops last.
+struct LinkRun {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl LinkRun {
+    fn start(app: &App) -> Self {
+        let stop = CancellationToken::new();
+        let tasks = app
+            .link
+            .as_ref()
+            .map(|l| l.start(stop.clone()))
+            .unwrap_or_default();
+        Self { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 /// Removes channels with neither subscribers nor history, once a second.

@@ -1,0 +1,16 @@
+//! Cluster mode (SPEC section 10): Tether's broker and client registry on Redis or a
+//! Redis Cluster, so that several `tether serve` nodes act as one gateway.
+//!
+//! - [`link`]: the node's connections to Redis (a command client with per-command
+//!   timeouts and a reconnect policy, a subscriber client that re-subscribes after a
+//!   reconnect) and whether Redis is reachable now.
+//! - [`keys`]: every key and pub/sub channel name, with the hash tags that keep a
+//!   channel's keys (and a client's) on one Redis Cluster shard.
+
+pub mod keys;
+pub mod link;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use keys::Keys;
+pub use link::{Link, LinkConfig, LinkError, Topology};

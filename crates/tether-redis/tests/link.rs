@@ -1,0 +1,92 @@
+//! The link against a real `redis-server`: up when Redis answers, down at once when
+//! it is killed, up again when it comes back, with no restart of the node.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use fred::interfaces::KeysInterface;
+use tether_redis::testing::RedisServer;
+use tether_redis::{Link, LinkConfig, Topology};
+use tokio_util::sync::CancellationToken;
+
+async fn until(rx: &mut tokio::sync::watch::Receiver<bool>, want: bool) {
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|up| *up == want))
+        .await
+        .expect("in time")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_link_follows_redis_down_and_back_up() {
+    let mut redis = RedisServer::start().unwrap();
+    let link = Link::new(&LinkConfig {
+        topology: Topology::Single(redis.url()),
+        command_timeout: Duration::from_millis(300),
+        prefix: "t".into(),
+    })
+    .unwrap();
+    let stop = CancellationToken::new();
+    let tasks = link.start(stop.clone());
+    let mut up = link.watch_up();
+    until(&mut up, true).await;
+    let _: () = link
+        .commands()
+        .set("k", "v", None, None, false)
+        .await
+        .unwrap();
+    redis.kill();
+    until(&mut up, false).await;
+    // A command while Redis is away fails within its timeout, it does not hang.
+    let started = tokio::time::Instant::now();
+    let r: Result<Option<String>, _> = link.commands().get("k").await;
+    assert!(r.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    redis.restart_empty().unwrap();
+    until(&mut up, true).await;
+    let v: Option<String> = link.commands().get("k").await.unwrap();
+    assert_eq!(v, None, "a Redis that came back empty");
+    stop.cancel();
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .expect("every link task ends after stop")
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_link_reaches_every_shard() {
+    let cluster = tether_redis::testing::RedisCluster::start(3).unwrap();
+    let link = Link::new(&LinkConfig {
+        topology: Topology::Cluster(vec![cluster.shards[0].url()]),
+        command_timeout: Duration::from_millis(500),
+        prefix: "t".into(),
+    })
+    .unwrap();
+    assert!(link.is_cluster());
+    let stop = CancellationToken::new();
+    let _tasks = link.start(stop.clone());
+    until(&mut link.watch_up(), true).await;
+    // Keys with different hash tags land on different shards; all are reachable.
+    for ch in ["a", "b", "c", "d", "e", "f"] {
+        let key = link.keys().channel_key(ch, "meta");
+        let _: () = link
+            .commands()
+            .set(&key, ch, None, None, false)
+            .await
+            .unwrap();
+        let v: Option<String> = link.commands().get(&key).await.unwrap();
+        assert_eq!(v.as_deref(), Some(ch));
+    }
+    let used = cluster
+        .shards
+        .iter()
+        .filter(|s| s.cli(&["dbsize"]).unwrap() != "0")
+        .count();
+    assert!(used >= 2, "keys spread over the shards ({used} used)");
+    stop.cancel();
+}
