@@ -77,11 +77,7 @@ fn routes(app: Arc<App>, stop: CancellationToken) -> Router {
         .route("/api/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .with_state(state)
-        .route("/admin", get(crate::admin::page))
-        .route(
-            "/admin/session",
-            post(crate::admin::session).with_state(app),
-        )
+        .merge(crate::admin::router(app))
 }
 
 async fn not_found() -> Response {
@@ -130,8 +126,8 @@ async fn doors(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     }
     let key = app.cfg.api.key.as_bytes();
     if !key.is_empty() {
-        // The dashboard page and the key-for-cookie exchange check for themselves.
-        if matches!(req.uri().path(), "/admin" | "/admin/session") {
+        // The dashboard's page and files, and the key-for-cookie exchange.
+        if crate::admin::opens_without_key(req.uri().path()) {
             return next.run(req).await;
         }
         let given = req
