@@ -334,16 +334,17 @@ const conns = {
 
 function connRow(c) {
   const chans = c.channels.join(", ");
-  return h("tr", { dataset: { row: c.conn_id, conn: c.conn_id, client: c.client_id } },
-    h("td", {}, h("span", { class: "id", text: c.client_id })),
-    h("td", {}, h("span", { class: "id", title: c.conn_id, text: c.conn_id })),
-    h("td", {}, h("span", { class: `tag ${c.transport}`, text: c.transport })),
-    h("td", { class: "chans", title: chans, text: chans || "—" }),
-    h("td", { class: "n", text: fmtIdle(c.idle_ms) }),
-    h("td", { class: "n", text: fmtBytes(c.bytes_in) }),
-    h("td", { class: "n", text: fmtBytes(c.bytes_out) }),
-    h("td", { class: "n", text: fmtBytes(c.queued_bytes) }),
-    h("td", { class: "actions" },
+  // Explicit roles: at phone width the table is laid out as blocks (see admin.css).
+  return h("tr", { role: "row", dataset: { row: c.conn_id, conn: c.conn_id, client: c.client_id } },
+    h("td", { role: "cell", "data-label": "Client" }, h("span", { class: "id", text: c.client_id })),
+    h("td", { role: "cell", "data-label": "Conn" }, h("span", { class: "id", title: c.conn_id, text: c.conn_id })),
+    h("td", { role: "cell", "data-label": "Transport" }, h("span", { class: `tag ${c.transport}`, text: c.transport })),
+    h("td", { class: "chans", role: "cell", "data-label": "Channels", title: chans, text: chans || "—" }),
+    h("td", { class: "n", role: "cell", "data-label": "Idle", text: fmtIdle(c.idle_ms) }),
+    h("td", { class: "n", role: "cell", "data-label": "In", text: fmtBytes(c.bytes_in) }),
+    h("td", { class: "n", role: "cell", "data-label": "Out", text: fmtBytes(c.bytes_out) }),
+    h("td", { class: "n", role: "cell", "data-label": "Queued", text: fmtBytes(c.queued_bytes) }),
+    h("td", { class: "actions", role: "cell" },
       h("button", {
         type: "button", class: "kick", text: "Kick",
         "aria-label": `Disconnect connection ${c.conn_id}`,
