@@ -195,6 +195,10 @@ test("screenshots at 1400x900 and 390x844, no horizontal scroll on a phone", asy
   await admin.getByRole("button", { name: "Details of channel chat.general" }).click();
   await waitFor(async () => (await admin.locator("#history li").count()) === 20, "chat history");
   await sleep(5000); // five seconds of rates on the chart
+  // The rates come from the /metrics counters: while publishing, both are above 0.
+  for (const id of ["#t-pub", "#t-del"]) {
+    await waitFor(async () => Number(await admin.locator(id).textContent()) > 0, `${id} above 0`);
+  }
   await admin.evaluate(() => window.scrollTo(0, 0));
   await admin.screenshot({ path: path.join(ROOT, "docs/admin-desktop.png") });
 

@@ -222,7 +222,17 @@ const charts = {
   },
 };
 
-async function fast() {
+/** `fn`, but a call made while the previous one is still running is skipped. */
+function single(fn) {
+  let busy = false;
+  return async () => {
+    if (busy) return;
+    busy = true;
+    try { await fn(); } finally { busy = false; }
+  };
+}
+
+const fast = single(async () => {
   let stats, metrics;
   try {
     [stats, metrics] = await Promise.all([api("/api/stats"), api("/metrics", { text: true })]);
@@ -249,11 +259,11 @@ async function fast() {
   state.textContent = stats.draining ? "draining" : "serving";
   state.className = `pill ${stats.draining ? "bad" : "good"}`;
   $("#updated").textContent = `updated ${new Date().toLocaleTimeString("en-GB")}`;
-}
+});
 
-async function slow() {
+const slow = single(async () => {
   await Promise.allSettled([conns.load(), channels.load(), clients.load(), webhooks.load()]);
-}
+});
 
 // ---------------------------------------------------------------- keyed table updates
 
