@@ -59,7 +59,10 @@ macro_rules! asset {
 
 static PAGE: Asset = asset!("index.html", "text/html; charset=utf-8", Cache::NoStore);
 
-/// The files under `/admin/assets/`, by name.
+/// The files under `/admin/assets/`, by name. The chart library is uPlot 1.6.32 (MIT,
+/// its LICENSE beside it), from `npm pack uplot`: `dist/uPlot.iife.min.js` and
+/// `dist/uPlot.min.css`. Another version goes in a folder named for it (the path is
+/// what lets browsers cache it for a year), here and in `index.html`.
 static FILES: &[(&str, Asset)] = &[
     (
         "admin.js",
