@@ -156,7 +156,7 @@ step_py() {
 }
 
 step_browser() {
-    section "browser tests: headless chromium, native EventSource and the SDK (tests/browser, clients/js)"
+    section "browser tests: headless chromium, native EventSource, the SDK and the /admin dashboard (tests/browser, clients/js)"
     cargo build --quiet
     # The browser SDK's own unit tests (Node's built-in runner, no browser needed).
     node --test clients/js

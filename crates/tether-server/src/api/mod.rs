@@ -108,6 +108,11 @@ fn guarded(routes: Router, api: Arc<Api>) -> Router {
 }
 
 fn routes(api: Arc<Api>) -> Router {
+    let login = Arc::new(Login {
+        key: api.key.clone(),
+        tls: api.tls,
+        sessions: api.sessions.clone(),
+    });
     Router::new()
         .route("/api/stats", get(stats::stats))
         .route("/api/clients/{id}", get(clients::client))
@@ -121,16 +126,8 @@ fn routes(api: Arc<Api>) -> Router {
         .route("/api/events", get(events::events))
         .route("/api/openapi.json", get(openapi))
         .route("/metrics", get(stats::metrics))
-        .route("/admin", get(crate::admin::page))
-        .route(
-            "/admin/session",
-            post(crate::admin::session).with_state(Arc::new(Login {
-                key: api.key.clone(),
-                tls: api.tls,
-                sessions: api.sessions.clone(),
-            })),
-        )
         .with_state(api)
+        .merge(crate::admin::router(login))
 }
 
 async fn not_found() -> Response {
