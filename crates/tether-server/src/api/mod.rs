@@ -14,6 +14,7 @@ mod disconnect;
 mod doors;
 mod events;
 mod publish;
+mod scrape;
 mod send;
 mod stats;
 
@@ -110,6 +111,7 @@ fn guarded(routes: Router, api: Arc<Api>) -> Router {
 fn routes(api: Arc<Api>) -> Router {
     Router::new()
         .route("/api/stats", get(stats::stats))
+        .route("/api/clients", get(clients::list))
         .route("/api/clients/{id}", get(clients::client))
         .route("/api/connections", get(connections::connections))
         .route("/api/disconnect", post(disconnect::disconnect))
