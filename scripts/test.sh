@@ -179,6 +179,8 @@ step_autobahn() {
 step_alerts() {
     section "alert rules and a live scrape: promtool (docs/alerts.yml)"
     promtool check rules docs/alerts.yml
+    # Each alert fires over its threshold after its `for:`, and not under it.
+    promtool test rules docs/alerts_test.yml
     # `promtool check metrics` on a live /metrics scrape, in the integration test
     # that requires promtool here rather than skipping without it.
     if cargo nextest --version >/dev/null 2>&1; then
