@@ -41,6 +41,10 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::select::{Filter, Selector};
 
+mod clients_page;
+
+pub use clients_page::ClientSummary;
+
 const SHARDS: usize = 64;
 
 /// One shard of the client table.
@@ -167,6 +171,10 @@ impl ConnectionGuard {
     /// The connection.
     pub fn conn(&self) -> &Arc<Connection> {
         &self.conn
+    }
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        self.registry.metrics()
     }
     /// Records how the connection ended, for `connection.closed` and the metrics.
     /// The first record wins.

@@ -14,6 +14,7 @@ mod disconnect;
 mod doors;
 mod events;
 mod publish;
+mod scrape;
 mod send;
 mod stats;
 
@@ -115,6 +116,7 @@ fn routes(api: Arc<Api>) -> Router {
     });
     Router::new()
         .route("/api/stats", get(stats::stats))
+        .route("/api/clients", get(clients::list))
         .route("/api/clients/{id}", get(clients::client))
         .route("/api/connections", get(connections::connections))
         .route("/api/disconnect", post(disconnect::disconnect))

@@ -11,6 +11,7 @@ mod binary;
 mod delivery;
 mod hardening;
 mod lifecycle;
+mod metrics;
 mod netns;
 mod openapi;
 mod protocol;

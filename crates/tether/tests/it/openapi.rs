@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// live no-key server answers in [`every_documented_call_is_served`].
 const CALLS: &[(&str, &str, u16)] = &[
     ("get", "/api/stats", 200),
+    ("get", "/api/clients", 200),
     ("get", "/api/clients/{id}", 200),
     ("get", "/api/connections", 200),
     ("post", "/api/disconnect", 200),
@@ -244,6 +245,12 @@ async fn every_documented_call_is_served() {
     let conns = client["connections"].as_array().unwrap();
     assert_eq!(conns.len(), 1, "{client}");
     assert_eq!(keys(&conns[0]), prop_keys("Connection"), "{client}");
+    let (_, clients) = s.get("/api/clients").await;
+    assert_eq!(
+        clients["clients"],
+        json!([{"client_id": CLIENT, "state": "online", "connections": 1}])
+    );
+    assert_eq!(keys(&clients["clients"][0]), prop_keys("ClientSummary"));
     let (_, page) = s.get("/api/connections?limit=1").await;
     assert_eq!(keys(&page["connections"][0]), prop_keys("Connection"));
     let stats = s.stats().await;
