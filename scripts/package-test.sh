@@ -3,15 +3,17 @@
 # checks what it put where, verifies the systemd unit, runs the installed binary on
 # the installed config, removes and purges it, and checks nothing is left.
 #
-#   bash scripts/package-test.sh       # scripts/test.sh runs it as step `package`
+#   bash scripts/package-test.sh           # scripts/test.sh runs it as step `package`
+#   bash scripts/package-test.sh --setup   # only install the tools (cargo-deb, ...)
 #
 # What it checks, in order (any mismatch fails the run, exit 1):
-#   - `cargo deb -p tether` builds target/debian/tether_*.deb (release; an up-to-date
-#     target/release is reused, so a rerun does not rebuild)
+#   - `cargo deb -p tether --fast` builds target/debian/tether_*.deb (release; an
+#     up-to-date target/release is reused, so a rerun does not rebuild)
 #   - dpkg -i: /usr/bin/tether, /etc/tether/tether.toml (a conffile, byte-equal to
 #     `tether config default`), /usr/lib/systemd/system/tether.service with its
 #     hardening lines, the unit enabled (multi-user.target.wants) but not started
-#   - systemd-analyze verify on the installed unit; its offline security exposure
+#   - systemd-analyze verify on the installed unit (no warning), and its offline
+#     security exposure at most 2.0
 #   - /usr/bin/tether serve on /etc/tether/tether.toml as an unprivileged user (like
 #     the unit's DynamicUser), on free loopback ports: /healthz and /readyz answer,
 #     an SSE subscriber gets a message published with `tether publish`, SIGTERM
@@ -111,7 +113,10 @@ build_deb() {
     rm -f "$out"/tether_*.deb "$out"/tether-dbgsym_*.ddeb
     local start end
     start="$(date +%s)"
-    cargo deb -p tether
+    # --fast: lighter xz compression (same files; 4.4 instead of 3.7 MiB, and seconds
+    # instead of a minute of CPU for the 80 MiB of debug symbols). A release is
+    # built with plain `cargo deb -p tether`.
+    cargo deb -p tether --fast
     end="$(date +%s)"
     DEB="$(ls "$out"/tether_*.deb)"
     [ -f "$DEB" ] || die "no target/debian/tether_*.deb after cargo deb"
@@ -194,7 +199,12 @@ verify_unit() {
         die "systemd-analyze verify $UNIT warned about the unit"
     fi
     log "systemd-analyze verify: clean"
-    systemd-analyze security --offline=yes "$UNIT" 2>/dev/null | tail -n 1 >&2 || true
+    # The unit scores 1.5 ("OK"); weakening its hardening past 2.0 fails here.
+    if ! out="$(systemd-analyze security --offline=yes --threshold=20 "$UNIT" 2>&1)"; then
+        printf '%s\n' "$out" >&2
+        die "systemd-analyze security: exposure above 2.0"
+    fi
+    tail -n 1 <<<"$out" >&2
 }
 
 # ---------------------------------------------------------------------------
@@ -306,6 +316,9 @@ check_purge() {
 
 main() {
     setup_tools
+    if [ "${1:-}" = "--setup" ]; then
+        return 0
+    fi
     build_deb
     purge_leftover
     install_deb

@@ -115,6 +115,12 @@ setup_redis() {
     redis-server --version
 }
 
+setup_package() {
+    section "setup: cargo-deb, binutils, systemd-analyze (scripts/package-test.sh)"
+    bash "$ROOT/scripts/package-test.sh" --setup
+    cargo deb --version
+}
+
 # >>> EXTENSION POINT: more setup steps go here.
 # >>> Write each as a setup_* function using apt_install, and add it to SETUP_FOR
 # >>> below next to the steps that need it.
@@ -170,10 +176,15 @@ step_autobahn() {
         bash "$ROOT/scripts/autobahn.sh"
 }
 
+step_package() {
+    section "Debian package: cargo deb, dpkg -i, systemd-analyze verify, run, drain, purge (scripts/package-test.sh)"
+    bash "$ROOT/scripts/package-test.sh"
+}
+
 # >>> EXTENSION POINT: more check steps go here (cluster tests against Redis).
 # >>> Add each to STEPS, and its setup to SETUP_FOR.
 
-STEPS=(fmt clippy build rust py browser autobahn)
+STEPS=(fmt clippy build rust py browser autobahn package)
 
 # The setup functions each step needs (space-separated).
 declare -A SETUP_FOR=(
@@ -181,6 +192,7 @@ declare -A SETUP_FOR=(
     [rust]="setup_netns setup_redis"
     [browser]="setup_browser"
     [autobahn]="setup_python setup_autobahn"
+    [package]="setup_package"
 )
 
 main() {
