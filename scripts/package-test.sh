@@ -122,7 +122,9 @@ build_deb() {
     cargo deb -p tether --fast --output "$out/"
     end="$(date +%s)"
     DEB="$(find "$out" -maxdepth 1 -name 'tether_*.deb' | head -n 1)"
-    [ -n "$DEB" ] && [ -f "$DEB" ] || die "no target/debian/tether_*.deb after cargo deb"
+    if [ -z "$DEB" ] || [ ! -f "$DEB" ]; then
+        die "no target/debian/tether_*.deb after cargo deb"
+    fi
     log "built $(basename "$DEB"): $(du -k "$DEB" | cut -f1) KiB in $((end - start)) s"
 }
 
@@ -172,6 +174,7 @@ check_files() {
 
 check_unit_lines() {
     local want
+    # shellcheck disable=SC2016 # $MAINPID is systemd's, literal here.
     for want in \
         'ExecStart=/usr/bin/tether serve --config /etc/tether/tether.toml' \
         'ExecReload=/bin/kill -HUP $MAINPID' \
