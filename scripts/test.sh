@@ -121,6 +121,12 @@ setup_promtool() {
     promtool --version | head -n 1
 }
 
+setup_package() {
+    section "setup: cargo-deb, binutils, systemd-analyze (scripts/package-test.sh)"
+    bash "$ROOT/scripts/package-test.sh" --setup
+    cargo deb --version
+}
+
 # >>> EXTENSION POINT: more setup steps go here.
 # >>> Write each as a setup_* function using apt_install, and add it to SETUP_FOR
 # >>> below next to the steps that need it.
@@ -190,10 +196,15 @@ step_alerts() {
     fi
 }
 
+step_package() {
+    section "Debian package: cargo deb, dpkg -i, systemd-analyze verify, run, drain, purge (scripts/package-test.sh)"
+    bash "$ROOT/scripts/package-test.sh"
+}
+
 # >>> EXTENSION POINT: more check steps go here (cluster tests against Redis).
 # >>> Add each to STEPS, and its setup to SETUP_FOR.
 
-STEPS=(fmt clippy build rust alerts py browser autobahn)
+STEPS=(fmt clippy build rust alerts py browser autobahn package)
 
 # The setup functions each step needs (space-separated).
 declare -A SETUP_FOR=(
@@ -202,6 +213,7 @@ declare -A SETUP_FOR=(
     [alerts]="setup_promtool"
     [browser]="setup_browser"
     [autobahn]="setup_python setup_autobahn"
+    [package]="setup_package"
 )
 
 main() {
