@@ -240,7 +240,7 @@ async fn run(
     drain_connections(&app).await;
     sweeps_stop.cancel();
     stop_accepting.cancel();
-    flush_webhooks(webhooks, deadline).await;
+    flush_webhooks(&app, webhooks, deadline).await;
     close_event_streams(&events_stop);
     stop_api(&api_stop, background).await;
     link.stop().await;
@@ -253,10 +253,14 @@ async fn drain_connections(app: &Arc<App>) {
 }
 
 /// Shutdown, step 2: the webhook queue is delivered until `deadline` (the signal
-/// plus `shutdown.timeout_ms`); what is left is counted and logged.
-async fn flush_webhooks(sender: Option<webhooks::SenderTask>, deadline: tokio::time::Instant) {
+/// plus `shutdown.timeout_ms`) or a hard stop; what is left is counted and logged.
+async fn flush_webhooks(
+    app: &App,
+    sender: Option<webhooks::SenderTask>,
+    deadline: tokio::time::Instant,
+) {
     if let Some(sender) = sender {
-        sender.flush(deadline).await;
+        sender.flush(deadline, app.drain.hard_stop()).await;
     }
 }
 

@@ -87,6 +87,9 @@ impl Webhooks {
             .connect_timeout(Duration::from_millis(self.cfg.timeout_ms.get()))
             .pool_max_idle_per_host(POOL_IDLE)
             .tcp_nodelay(true)
+            // A redirect is an answer that is not 2xx: retried, never followed (a
+            // followed 302 would turn the POST into a GET elsewhere).
+            .redirect(reqwest::redirect::Policy::none())
             .build();
         let http = match http {
             Ok(c) => c,
@@ -117,21 +120,28 @@ impl Webhooks {
 }
 
 impl SenderTask {
-    /// Lets the sender deliver what is queued until `deadline`, then stops it; what
-    /// could not be delivered is counted as dropped and logged by the sender.
-    pub(crate) async fn flush(self, deadline: Instant) {
+    /// Lets the sender deliver what is queued until `deadline` (or `hard`, a second
+    /// signal), then stops it; what could not be delivered is counted as dropped and
+    /// logged by the sender.
+    pub(crate) async fn flush(self, deadline: Instant, hard: &CancellationToken) {
         let (queued, in_flight) = self.queue.pending();
         tracing::info!(events = queued + in_flight, "shutdown: flushing webhooks");
         self.queue.close();
         let mut handle = self.handle;
-        if tokio::time::timeout_at(deadline, &mut handle)
-            .await
-            .is_err()
-        {
-            self.stop.cancel();
-            if let Err(e) = handle.await {
-                tracing::error!(error = %e, "webhook sender failed");
+        let finished = tokio::select! {
+            r = &mut handle => Some(r),
+            _ = tokio::time::sleep_until(deadline) => None,
+            _ = hard.cancelled() => None,
+        };
+        let result = match finished {
+            Some(r) => r,
+            None => {
+                self.stop.cancel();
+                handle.await
             }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "webhook sender failed");
         }
     }
 }

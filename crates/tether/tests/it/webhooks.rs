@@ -559,6 +559,43 @@ async fn shutdown_flushes_webhooks_and_api_events_sees_the_whole_drain() {
     assert_eq!(app.tasks.len(), 0);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_flush_cannot_deliver_by_the_deadline_is_counted() {
+    let r = Receiver::start().await;
+    r.set_stalled(true);
+    let mut s = start(|c| {
+        hooks(c, &r.url());
+        c.webhooks.timeout_ms = std::num::NonZeroU64::new(30_000).unwrap();
+        c.shutdown.timeout_ms = std::num::NonZeroU64::new(1000).unwrap();
+    })
+    .await;
+    for c in ["s0", "s1"] {
+        visit(&s, c).await;
+    }
+    let held = |st: &Value| st["queued"].as_u64().unwrap() + st["in_flight"].as_u64().unwrap();
+    let mut n = 0;
+    while held(&status(&s).await) < 4 && n < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        n += 1;
+    }
+    assert_eq!(held(&status(&s).await), 4);
+    s.assert_clean().await;
+    let app = s.app.clone();
+    let running = s.running.take().unwrap();
+    running.begin_drain();
+    tokio::time::timeout(Duration::from_secs(10), running.wait())
+        .await
+        .expect("server stops at its deadline");
+    let m = app.metrics.render();
+    for line in [
+        "tether_webhook_events_dropped_total 4",
+        "tether_webhook_queue_events 0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} missing:\n{m}");
+    }
+    assert!(r.delivered().is_empty());
+}
+
 #[test]
 fn bad_webhook_config_is_a_startup_error_naming_the_field() {
     let dir = std::env::temp_dir().join(format!("tether-webhooks-{}", std::process::id()));
