@@ -177,8 +177,9 @@ async fn run(
 ) {
     let stop_accepting = CancellationToken::new();
     let api_stop = CancellationToken::new();
-    // Ends the `/api/events` streams: after the drain's last event, before the API.
-    let events_stop = CancellationToken::new();
+    // Ends the `/api/events` streams: after the drain's last event, before the API
+    // (and with it, however the API stops).
+    let events_stop = api_stop.child_token();
     // One listener for both (`[api] listen` equal to `listen`): the client router
     // serves the API's routes too, behind the API's own key and Host checks.
     let shared_api = api
