@@ -560,6 +560,9 @@ pub enum ConfigError {
     /// The values are individually valid but do not fit together.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A `[webhooks]` value is invalid.
+    #[error("invalid configuration: {0}")]
+    Webhooks(#[from] crate::webhooks::config::InvalidWebhooks),
 }
 
 /// One override of a key path (from the environment or a flag).

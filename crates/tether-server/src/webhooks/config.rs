@@ -6,7 +6,10 @@ use std::num::NonZeroU64;
 use serde::{Deserialize, Serialize};
 use tether_protocol::EventType;
 
-use crate::config::ConfigError;
+/// A `[webhooks]` value that does not fit (the message names the key).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidWebhooks(String);
 
 /// `[webhooks]`. An empty `url` turns webhooks off.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,8 +62,8 @@ impl WebhooksSection {
     }
 
     /// Checks the values serde cannot: the URL, the secret, the bounds.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
+    pub fn validate(&self) -> Result<(), InvalidWebhooks> {
+        let invalid = |m: String| Err(InvalidWebhooks(m));
         if !self.enabled() {
             return Ok(());
         }
