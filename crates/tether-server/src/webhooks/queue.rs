@@ -39,6 +39,8 @@ struct State {
     last_warn: Option<Instant>,
     /// Shutdown: the sender stops waiting for more and ends once empty.
     closing: bool,
+    /// The sender is gone: every event offered from now on is dropped and counted.
+    abandoned: bool,
 }
 
 /// The bounded queue (see the module docs).
@@ -135,6 +137,7 @@ impl Queue {
         let n = s.queued.len() + s.in_flight;
         s.queued.clear();
         s.in_flight = 0;
+        s.abandoned = true;
         self.stats.set_pending(0);
         self.warn_overflow(&mut s, true);
         n
@@ -162,7 +165,7 @@ impl EventSink for Queue {
 
     fn offer(&self, event: Event) {
         let mut s = self.state.lock();
-        if s.queued.len() + s.in_flight >= self.max_pending {
+        if s.abandoned || s.queued.len() + s.in_flight >= self.max_pending {
             s.unwarned += 1;
             self.stats.dropped(1);
             self.warn_overflow(&mut s, false);
@@ -172,5 +175,73 @@ impl EventSink for Queue {
         self.stats.set_pending(s.queued.len() + s.in_flight);
         drop(s);
         self.notify.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_core::Metrics;
+
+    fn event(n: usize) -> Event {
+        Arc::new(LifecycleEvent {
+            id: n.to_string(),
+            kind: EventType::ClientOnline,
+            at: String::new(),
+            node_id: "n1".into(),
+            client_id: Some(format!("c{n}")),
+            conn_id: None,
+            channel: None,
+            code: None,
+            reason: None,
+            duration_ms: None,
+            upstream: None,
+        })
+    }
+
+    fn queue(max_pending: usize) -> (Queue, Arc<Stats>) {
+        let stats = Arc::new(Stats::new(Metrics::new().webhooks().clone()));
+        let q = Queue::new(vec![EventType::ClientOnline], max_pending, stats.clone());
+        (q, stats)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_keep_order_and_the_batch_in_flight_counts_against_the_bound() {
+        let (q, stats) = queue(3);
+        let stop = CancellationToken::new();
+        for n in 0..2 {
+            q.offer(event(n));
+        }
+        let first = q.next_batch(2, Duration::from_millis(50), &stop).await;
+        let ids: Vec<_> = first.iter().flatten().map(|e| e.id.clone()).collect();
+        assert_eq!(ids, ["0", "1"]);
+        // Two in flight, one slot left.
+        for n in 2..5 {
+            q.offer(event(n));
+        }
+        assert_eq!(q.pending(), (1, 2));
+        assert_eq!(stats.snapshot().dropped, 2);
+        q.done();
+        let next = q.next_batch(2, Duration::from_millis(50), &stop).await;
+        assert_eq!(next.map(|b| b[0].id.clone()), Some("2".into()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_and_empty_ends_and_abandoned_drops_what_comes_after() {
+        let (q, stats) = queue(10);
+        let stop = CancellationToken::new();
+        q.offer(event(0));
+        q.close();
+        // Closing: no waiting for `batch_ms` (an hour here).
+        let b = q.next_batch(5, Duration::from_secs(3600), &stop).await;
+        assert_eq!(b.map(|b| b.len()), Some(1));
+        q.done();
+        assert!(q
+            .next_batch(5, Duration::from_secs(1), &stop)
+            .await
+            .is_none());
+        assert_eq!(q.abandon(), 0);
+        q.offer(event(1));
+        assert_eq!((q.pending(), stats.snapshot().dropped), ((0, 0), 1));
     }
 }
