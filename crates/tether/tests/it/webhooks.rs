@@ -299,8 +299,17 @@ async fn webhooks_off_by_default_with_metrics_present() {
     assert_eq!(st["url"], Value::Null);
     assert_eq!(st["last_error"], Value::Null);
     let m = metrics(&s).await;
+    // HELP and TYPE (named with `_total` or without, by the text format served).
+    for family in ["tether_webhook_deliveries", "tether_webhook_events_dropped"] {
+        for kind in ["HELP", "TYPE"] {
+            let head = format!("# {kind} {family}");
+            assert!(
+                m.lines().any(|l| l.starts_with(&head)),
+                "{head} missing:\n{m}"
+            );
+        }
+    }
     for line in [
-        "# TYPE tether_webhook_deliveries counter",
         "tether_webhook_deliveries_total{result=\"ok\"} 0",
         "tether_webhook_deliveries_total{result=\"failed\"} 0",
         "tether_webhook_deliveries_total{result=\"retried\"} 0",
