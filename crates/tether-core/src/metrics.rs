@@ -88,6 +88,7 @@ struct Inner {
     queue_bytes: Gauge,
     broker_up: Gauge,
     ops: Ops,
+    webhooks: WebhookMetrics,
 }
 
 /// Heartbeats, slow consumers, sweeps and publish latency.
@@ -207,6 +208,7 @@ impl Metrics {
             pending_handshakes.clone(),
         );
         let ops = Ops::register(registry);
+        let webhooks = WebhookMetrics::register(registry);
         prefill(&connections, &opened, &closed, &refused);
         Self {
             inner: Arc::new(Inner {
@@ -222,6 +224,7 @@ impl Metrics {
                 queue_bytes,
                 broker_up,
                 ops,
+                webhooks,
             }),
         }
     }
@@ -352,6 +355,75 @@ fn prefill(
     let reasons = Refusal::ALL.iter().map(|r| r.error());
     for reason in reasons.chain(EXTRA_REFUSAL_REASONS) {
         let _ = refused.get_or_create(&ReasonLabel { reason });
+    }
+}
+
+// --- Webhooks -------------------------------------------------------------------
+
+/// `result` label of `tether_webhook_deliveries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok`, `failed` or `retried`.
+    pub result: &'static str,
+}
+
+/// The webhook sender's metrics (registered even when webhooks are off, so HELP
+/// and TYPE are there from the start): a cheap clone handle.
+#[derive(Clone, Debug, Default)]
+pub struct WebhookMetrics {
+    /// POSTs by outcome: `ok` (2xx), `retried` (failed, will be sent again),
+    /// `failed` (failed for the last time: the batch is dropped).
+    deliveries: Family<ResultLabel, Counter>,
+    /// Events that never reached the receiver (overflow, given up, shutdown).
+    dropped: Counter,
+    /// Events waiting for delivery, the batch in flight included.
+    queue: Gauge,
+}
+
+impl WebhookMetrics {
+    fn register(registry: &mut PromRegistry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook POSTs, by result (ok, retried, failed)",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "webhook_events_dropped",
+            "Events never delivered to the webhook: queue overflow, attempts exhausted, shutdown",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "webhook_queue_events",
+            "Events waiting for webhook delivery (the batch in flight included)",
+            m.queue.clone(),
+        );
+        for result in ["ok", "failed", "retried"] {
+            let _ = m.deliveries.get_or_create(&ResultLabel { result });
+        }
+        m
+    }
+
+    /// One POST ended with `result` (`ok`, `failed` or `retried`).
+    pub fn delivery(&self, result: &'static str) {
+        self.deliveries.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// `n` events were dropped.
+    pub fn dropped(&self, n: u64) {
+        self.dropped.inc_by(n);
+    }
+
+    /// Sets the number of events waiting (the batch in flight included).
+    pub fn set_queue(&self, n: u64) {
+        self.queue.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+impl Metrics {
+    /// The webhook sender's metrics.
+    pub fn webhooks(&self) -> &WebhookMetrics {
+        &self.inner.webhooks
     }
 }
 

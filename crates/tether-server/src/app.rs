@@ -22,6 +22,7 @@ use crate::edge::Edge;
 use crate::pending::PendingCounter;
 use crate::sessions::Sessions;
 use crate::tombstones::Tombstones;
+use crate::webhooks::Webhooks;
 
 /// State shared by the server's own tasks (accept loops, drain, sweeps), and the
 /// root the handlers' views are cut from: [`Edge`] for the client listener's
@@ -52,6 +53,8 @@ pub struct App {
     pub admin_sessions: Arc<Sessions>,
     /// Cluster mode's connections to Redis (`None` with the in-memory broker).
     pub link: Option<Arc<Link>>,
+    /// The webhook queue and counters (the sender task is the run task's).
+    pub webhooks: Arc<Webhooks>,
 }
 
 impl App {
@@ -59,7 +62,11 @@ impl App {
         let max_connections = cfg.max_connections(nofile);
         let ids = ConnIdGen::new(&cfg.node_id);
         let metrics = Metrics::new();
-        let events = EventBus::new(ids.node_id().clone());
+        let webhooks = Webhooks::new(&cfg.webhooks, metrics.webhooks().clone());
+        let mut events = EventBus::new(ids.node_id().clone());
+        if let Some(sink) = webhooks.sink() {
+            events = events.with_sink(sink);
+        }
         let node_id = ids.node_id().clone();
         let hub = Hub::new(hub_settings(&cfg), events.clone(), metrics.clone());
         let registry = Registry::new(
@@ -106,6 +113,7 @@ impl App {
             tasks,
             max_connections,
             admin_sessions: Arc::default(),
+            webhooks,
             driving,
             edge,
             link,

@@ -4,7 +4,8 @@
 //!
 //! Doors ([`doors`]): with `[api] key`, every call needs `Authorization: Bearer KEY`;
 //! with no key, only `Host` localhost/127.0.0.1/[::1] is served and POSTs must be
-//! `application/json`. `/api/events` streams end when the API shuts down.
+//! `application/json`. `/api/events` streams end when `stop` says so (after the
+//! drain's last event, see `lib.rs`), or with the API.
 
 mod body;
 mod channels;
@@ -65,8 +66,10 @@ pub(crate) struct Api {
     pub(crate) shares_client_listener: bool,
     /// Dashboard sessions.
     pub(crate) sessions: Arc<Sessions>,
-    /// Cancelled when the API shuts down.
+    /// Ends the `/api/events` streams (after the drain's last event).
     pub(crate) stop: CancellationToken,
+    /// `GET /api/webhooks`.
+    pub(crate) webhooks: Arc<crate::webhooks::Webhooks>,
 }
 
 impl Api {
@@ -83,9 +86,12 @@ impl Api {
             max_publish_bytes: app.cfg.limits.max_publish_bytes.get(),
             key: app.cfg.api.key.clone(),
             tls: !app.cfg.tls.cert_file.is_empty(),
-            shares_client_listener: app.cfg.listen == app.cfg.api.listen,
+            // Port 0 twice is two listeners, as `Server::start` binds them.
+            shares_client_listener: app.cfg.listen == app.cfg.api.listen
+                && app.cfg.listen.port() != 0,
             sessions: app.admin_sessions.clone(),
             stop,
+            webhooks: app.webhooks.clone(),
         })
     }
 }
@@ -126,6 +132,10 @@ fn routes(api: Arc<Api>) -> Router {
         .route("/api/channels/{name}/presence", get(channels::presence))
         .route("/api/channels/{name}/history", get(channels::history))
         .route("/api/events", get(events::events))
+        .route(
+            "/api/webhooks",
+            get(crate::webhooks::status).with_state(api.webhooks.clone()),
+        )
         .route("/api/openapi.json", get(openapi))
         .route("/metrics", get(stats::metrics))
         .with_state(api)

@@ -19,3 +19,4 @@ mod proxy;
 mod sdk;
 mod sockets;
 mod tls;
+mod webhooks;

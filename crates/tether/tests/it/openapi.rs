@@ -26,6 +26,7 @@ const CALLS: &[(&str, &str, u16)] = &[
     ("get", "/api/channels/{name}/presence", 200),
     ("get", "/api/channels/{name}/history", 200),
     ("get", "/api/events", 200),
+    ("get", "/api/webhooks", 200),
     ("get", "/api/openapi.json", 200),
     ("get", "/metrics", 200),
     ("get", "/healthz", 200),
