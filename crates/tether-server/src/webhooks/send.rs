@@ -27,9 +27,22 @@ pub(crate) enum SendError {
     /// The receiver answered, but not 2xx.
     #[error("receiver answered {0}")]
     Status(u16),
-    /// No answer: connection refused or reset, timeout, TLS.
+    /// No answer within `webhooks.timeout_ms`.
+    #[error("no answer within webhooks.timeout_ms")]
+    Timeout(#[source] reqwest::Error),
+    /// No answer: connection refused or reset, TLS.
     #[error("POST failed: {0}")]
-    Http(#[from] reqwest::Error),
+    Http(#[source] reqwest::Error),
+}
+
+impl From<reqwest::Error> for SendError {
+    fn from(e: reqwest::Error) -> Self {
+        if e.is_timeout() {
+            SendError::Timeout(e)
+        } else {
+            SendError::Http(e)
+        }
+    }
 }
 
 /// How a batch ended.

@@ -389,6 +389,134 @@ async fn a_failing_receiver_gets_the_same_batch_again_then_everything_in_order()
     s.stop().await;
 }
 
+/// `batch_max`: no POST carries more events than it, and together they carry all.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_batch_is_larger_than_batch_max() {
+    let r = Receiver::start().await;
+    let s = start(|c| {
+        hooks(c, &r.url());
+        c.webhooks.batch_max = std::num::NonZeroU64::new(3).unwrap();
+        c.webhooks.batch_ms = 500;
+    })
+    .await;
+    for i in 0..5 {
+        visit(&s, &format!("b{i}")).await;
+    }
+    let got = r.wait_events(10, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 10);
+    let sizes: Vec<usize> = r
+        .hits()
+        .iter()
+        .map(|h| {
+            let v: Value = serde_json::from_slice(&h.body).unwrap();
+            v["events"].as_array().unwrap().len()
+        })
+        .collect();
+    assert!(sizes.iter().all(|&n| (1..=3).contains(&n)), "{sizes:?}");
+    assert!(
+        sizes.contains(&3),
+        "a full batch goes at batch_max: {sizes:?}"
+    );
+    s.assert_clean().await;
+    s.stop().await;
+}
+
+/// `timeout_ms`: a receiver that does not answer in time is a failed attempt; the
+/// same batch (same id, same bytes) goes again, and once it answers in time it is
+/// delivered once acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_slower_than_timeout_ms_gets_the_same_batch_again() {
+    let r = Receiver::start().await;
+    r.set_stalled(true);
+    let s = start(|c| {
+        hooks(c, &r.url());
+        c.webhooks.timeout_ms = std::num::NonZeroU64::new(300).unwrap();
+        c.webhooks.batch_ms = 0;
+    })
+    .await;
+    visit(&s, "slowhook").await;
+    // Two attempts time out while the receiver stalls (it records a POST only when
+    // it answers, so the attempts are counted by the server).
+    let start_wait = Instant::now();
+    while status(&s).await["retries"].as_u64().unwrap() < 2 {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(10),
+            "{}",
+            status(&s).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        status(&s).await["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("timeout_ms"),
+        "{}",
+        status(&s).await
+    );
+    r.set_stalled(false);
+    let got = r.wait_events(2, Duration::from_secs(40)).await;
+    assert_eq!(
+        brief(&got),
+        [
+            ("client.online".to_owned(), "slowhook".to_owned()),
+            ("client.offline".to_owned(), "slowhook".to_owned())
+        ]
+    );
+    // Whatever reached the receiver: one batch id is always the same bytes, and the
+    // first batch (the one that timed out) is the one delivered first.
+    let hits = r.hits();
+    for h in &hits {
+        let same_id: Vec<_> = hits.iter().filter(|o| o.batch_id == h.batch_id).collect();
+        assert!(same_id.iter().all(|o| o.body == h.body), "{hits:?}");
+    }
+    let first: Value = serde_json::from_slice(&hits[0].body).unwrap();
+    assert_eq!(first["events"][0]["type"], "client.online");
+    s.assert_clean().await;
+    s.stop().await;
+}
+
+/// `max_attempts`: a batch that fails that many times is given up, counted as
+/// dropped events and failed deliveries, and the queue moves on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_is_given_up_after_max_attempts() {
+    let r = Receiver::start().await;
+    r.answer_first(&[500, 500]);
+    let s = start(|c| {
+        hooks(c, &r.url());
+        c.webhooks.max_attempts = std::num::NonZeroU64::new(2).unwrap();
+        c.webhooks.batch_ms = 0;
+    })
+    .await;
+    let (ws, _) = s.ws("?client=doomed").await;
+    let start_wait = Instant::now();
+    while status(&s).await["dropped"] != 1 {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(10),
+            "{}",
+            status(&s).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hits = r.hits();
+    assert_eq!(
+        hits.iter().map(|h| h.status).collect::<Vec<_>>(),
+        [500, 500]
+    );
+    assert_eq!(status(&s).await["failed"], 1);
+    // The next event is sent (the receiver now answers 200).
+    client_close(ws).await;
+    let got = r.wait_events(1, Duration::from_secs(10)).await;
+    assert_eq!(
+        brief(&got),
+        [("client.offline".to_owned(), "doomed".to_owned())]
+    );
+    let m = metrics(&s).await;
+    assert!(m.contains("tether_webhook_events_dropped_total 1"), "{m}");
+    s.assert_clean().await;
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_receiver_down_for_five_seconds_gets_everything_once_up() {
     // A port with nothing listening: connections are refused.
