@@ -51,6 +51,8 @@ struct Inner {
     delivered: Counter,
     queue_bytes: Gauge,
     broker_up: Gauge,
+    gaps_filled: Counter,
+    epoch_resets: Counter,
 }
 
 impl Default for Metrics {
@@ -73,6 +75,18 @@ impl Metrics {
         let delivered = Counter::default();
         let queue_bytes = Gauge::default();
         let broker_up = Gauge::default();
+        let gaps_filled = Counter::default();
+        let epoch_resets = Counter::default();
+        registry.register(
+            "broker_gaps_filled",
+            "Messages missed on pub/sub and read back from the broker's history",
+            gaps_filled.clone(),
+        );
+        registry.register(
+            "broker_epoch_resets",
+            "Channels moved to a new epoch because the broker lost their history",
+            epoch_resets.clone(),
+        );
         registry.register(
             "broker_up",
             "1 while the broker is reachable",
@@ -136,6 +150,8 @@ impl Metrics {
                 delivered,
                 queue_bytes,
                 broker_up,
+                gaps_filled,
+                epoch_resets,
             }),
         }
     }
@@ -200,6 +216,16 @@ impl Metrics {
     /// Records whether the broker is reachable.
     pub fn set_broker_up(&self, up: bool) {
         self.inner.broker_up.set(i64::from(up));
+    }
+
+    /// `n` messages missed on the broker's pub/sub were read back from its history.
+    pub fn gaps_filled(&self, n: u64) {
+        self.inner.gaps_filled.inc_by(n);
+    }
+
+    /// A channel moved to a new epoch (its history was lost in the broker).
+    pub fn epoch_reset(&self) {
+        self.inner.epoch_resets.inc();
     }
 
     /// The number of pending handshakes changed by `delta`.
