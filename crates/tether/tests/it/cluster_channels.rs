@@ -79,6 +79,15 @@ async fn message(ws: &mut Ws, channel: &str) -> Value {
     m
 }
 
+/// A counter or gauge from `s`'s `/metrics` (0 if absent).
+async fn metric(s: &TestServer, name: &str) -> u64 {
+    let text = s.http.get(s.api_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Subscribers of `channel`'s pub/sub across `servers` (NUMSUB on one Redis,
 /// SHARDNUMSUB summed over a cluster's shards; a shard that does not own the
 /// channel answers MOVED, which counts nothing).
@@ -233,6 +242,8 @@ async fn redis_killed_then_restarted_empty_starts_a_new_epoch() {
     // The subscriber that stayed connected gets it, in the new epoch.
     let m = message(&mut ws, "live").await;
     assert_eq!(m["position"], after["position"]);
+    assert!(metric(&b, "tether_broker_epoch_resets_total").await >= 1);
+    assert_eq!(metric(&a, "tether_broker_up").await, 1);
     // A resume from the old epoch cannot recover.
     let (mut ws2, _) = a.ws("?client=k2").await;
     let sub = subscribe(&mut ws2, "live", before["position"].as_str()).await;
@@ -269,6 +280,8 @@ async fn messages_pubsub_lost_are_filled_from_history_and_a_pause_loses_nothing(
         let m = message(&mut ws, "gap").await;
         assert_eq!((&m["position"], &m["id"]), (&p["position"], &p["id"]));
     }
+    // They came back from the stream, not from pub/sub.
+    assert!(metric(&b, "tether_broker_gaps_filled_total").await >= 1);
 
     // Paused, then continued with its data: same epoch, positions continue.
     let pid = redis.pid().unwrap().to_string();
