@@ -35,20 +35,47 @@ fn deliver_takes_only_the_next_offset_and_says_what_is_missing() {
     let a = connect(&r, "a");
     let s = hub.subscribe(a.conn(), "ch", None, None).unwrap();
     assert_eq!(s.position, "e1:0");
-    assert_eq!(hub.deliver("ch", &msg("e1", 1, "1"), false), Ok(Delivery::Delivered(1)));
-    assert_eq!(hub.deliver("ch", &msg("e1", 2, "2"), false), Ok(Delivery::Delivered(1)));
-    assert_eq!(hub.deliver("ch", &msg("e1", 2, "2"), false), Ok(Delivery::Stale));
-    assert_eq!(hub.deliver("ch", &msg("e1", 4, "4"), false), Ok(Delivery::Gap { from: 3 }));
+    assert_eq!(
+        hub.deliver("ch", &msg("e1", 1, "1"), false),
+        Ok(Delivery::Delivered(1))
+    );
+    assert_eq!(
+        hub.deliver("ch", &msg("e1", 2, "2"), false),
+        Ok(Delivery::Delivered(1))
+    );
+    assert_eq!(
+        hub.deliver("ch", &msg("e1", 2, "2"), false),
+        Ok(Delivery::Stale)
+    );
+    assert_eq!(
+        hub.deliver("ch", &msg("e1", 4, "4"), false),
+        Ok(Delivery::Gap { from: 3 })
+    );
     assert_eq!(positions(&take(a.conn())), ["e1:1", "e1:2"]);
-    assert_eq!(hub.deliver("ch", &msg("e1", 3, "3"), false), Ok(Delivery::Delivered(1)));
-    assert_eq!(hub.deliver("ch", &msg("e1", 4, "4"), false), Ok(Delivery::Delivered(1)));
+    assert_eq!(
+        hub.deliver("ch", &msg("e1", 3, "3"), false),
+        Ok(Delivery::Delivered(1))
+    );
+    assert_eq!(
+        hub.deliver("ch", &msg("e1", 4, "4"), false),
+        Ok(Delivery::Delivered(1))
+    );
     let got = take(a.conn());
     assert_eq!(positions(&got), ["e1:3", "e1:4"]);
     assert_eq!(json_of(got[1].ws_frame())["data"], 4);
     // A channel without state here: nothing, unless asked to start it.
-    assert_eq!(hub.deliver("new", &msg("e9", 7, "7"), false), Ok(Delivery::Absent));
-    assert_eq!(hub.deliver("new", &msg("e9", 7, "7"), true), Ok(Delivery::Delivered(0)));
-    assert_eq!(hub.head("new").map(|h| (h.epoch, h.oldest, h.last)), Some(("e9".into(), 7, 7)));
+    assert_eq!(
+        hub.deliver("new", &msg("e9", 7, "7"), false),
+        Ok(Delivery::Absent)
+    );
+    assert_eq!(
+        hub.deliver("new", &msg("e9", 7, "7"), true),
+        Ok(Delivery::Delivered(0))
+    );
+    assert_eq!(
+        hub.head("new").map(|h| (h.epoch, h.oldest, h.last)),
+        Some(("e9".into(), 7, 7))
+    );
 }
 
 #[test]
@@ -57,9 +84,15 @@ fn follow_seeds_a_new_channel_and_finds_holes() {
     let hub = r.hub();
     assert_eq!(hub.follow("ch", "e1", 5), Ok(Followed::Current));
     let a = connect(&r, "a");
-    assert_eq!(hub.subscribe(a.conn(), "ch", None, None).unwrap().position, "e1:5");
+    assert_eq!(
+        hub.subscribe(a.conn(), "ch", None, None).unwrap().position,
+        "e1:5"
+    );
     assert_eq!(hub.follow("ch", "e1", 5), Ok(Followed::Current));
-    assert_eq!(hub.follow("ch", "e1", 7), Ok(Followed::Gap { from: 6, to: 7 }));
+    assert_eq!(
+        hub.follow("ch", "e1", 7),
+        Ok(Followed::Gap { from: 6, to: 7 })
+    );
     // A channel nobody here needs moves to the head without a fill.
     assert_eq!(hub.follow("idle", "e1", 3), Ok(Followed::Current));
     assert_eq!(hub.follow("idle", "e1", 9), Ok(Followed::Current));
@@ -77,14 +110,28 @@ fn another_epoch_resets_the_channel_and_old_positions_do_not_recover() {
         hub.deliver("ch", &msg("e1", i, "1"), false).unwrap();
     }
     // Redis came back without its data: the new epoch's first message.
-    assert_eq!(hub.deliver("ch", &msg("e2", 1, "9"), false), Ok(Delivery::Delivered(1)));
+    assert_eq!(
+        hub.deliver("ch", &msg("e2", 1, "9"), false),
+        Ok(Delivery::Delivered(1))
+    );
     assert_eq!(positions(&take(a.conn())), ["e1:1", "e1:2", "e1:3", "e2:1"]);
     let b = connect(&r, "b");
-    let s = hub.subscribe(b.conn(), "ch", Some(&pos("e1:2")), None).unwrap();
-    assert_eq!((s.position.as_str(), s.recovered, s.missed), ("e2:1", false, 0));
+    let s = hub
+        .subscribe(b.conn(), "ch", Some(&pos("e1:2")), None)
+        .unwrap();
+    assert_eq!(
+        (s.position.as_str(), s.recovered, s.missed),
+        ("e2:1", false, 0)
+    );
     // A new epoch whose first messages this node missed: a hole from 1.
-    assert_eq!(hub.deliver("ch", &msg("e3", 3, "3"), false), Ok(Delivery::Gap { from: 1 }));
-    assert_eq!(hub.follow("ch", "e4", 2), Ok(Followed::Gap { from: 1, to: 2 }));
+    assert_eq!(
+        hub.deliver("ch", &msg("e3", 3, "3"), false),
+        Ok(Delivery::Gap { from: 1 })
+    );
+    assert_eq!(
+        hub.follow("ch", "e4", 2),
+        Ok(Followed::Gap { from: 1, to: 2 })
+    );
 }
 
 #[test]
@@ -93,19 +140,25 @@ fn backfill_lets_a_resume_recover_from_before_the_node_followed() {
     let hub = r.hub();
     hub.follow("ch", "e1", 10).unwrap();
     let data: Vec<String> = (1..=10).map(|i| i.to_string()).collect();
-    let older: Vec<Incoming<'_>> = (6..=10).map(|i| msg("e1", i, &data[i as usize - 1])).collect();
+    let older: Vec<Incoming<'_>> = (6..=10)
+        .map(|i| msg("e1", i, &data[i as usize - 1]))
+        .collect();
     // Not joining the history (a hole before offset 11): nothing added.
     assert_eq!(hub.backfill("ch", "e1", &older[..4]), 0);
     assert_eq!(hub.backfill("ch", "e2", &older), 0, "another epoch");
     assert_eq!(hub.backfill("ch", "e1", &older), 5);
     let a = connect(&r, "a");
-    let s = hub.subscribe(a.conn(), "ch", Some(&pos("e1:5")), None).unwrap();
+    let s = hub
+        .subscribe(a.conn(), "ch", Some(&pos("e1:5")), None)
+        .unwrap();
     assert_eq!((s.recovered, s.missed), (true, 5));
-    let got = drain(&hub, a.conn());
+    let got = drain(hub, a.conn());
     assert_eq!(offsets(&got), [6, 7, 8, 9, 10]);
     assert_eq!(json_of(got[0].ws_frame())["data"], 6);
     let b = connect(&r, "b");
-    let s = hub.subscribe(b.conn(), "ch", Some(&pos("e1:4")), None).unwrap();
+    let s = hub
+        .subscribe(b.conn(), "ch", Some(&pos("e1:4")), None)
+        .unwrap();
     assert!(!s.recovered, "offset 5 is in no history");
 }
 
@@ -121,9 +174,14 @@ fn jump_closes_the_subscribers_that_needed_lost_messages() {
     hub.jump("ch", "e1", 5);
     assert!(a.conn().is_closing(), "never a silent skip");
     let b = connect(&r, "b");
-    let s = hub.subscribe(b.conn(), "ch", Some(&pos("e1:1")), None).unwrap();
+    let s = hub
+        .subscribe(b.conn(), "ch", Some(&pos("e1:1")), None)
+        .unwrap();
     assert_eq!((s.position.as_str(), s.recovered), ("e1:5", false));
-    assert_eq!(hub.deliver("ch", &msg("e1", 6, "6"), false), Ok(Delivery::Delivered(2)));
+    assert_eq!(
+        hub.deliver("ch", &msg("e1", 6, "6"), false),
+        Ok(Delivery::Delivered(2))
+    );
     // A jump to where the channel already is changes nothing.
     hub.jump("ch", "e1", 6);
     assert!(!b.conn().is_closing());
@@ -138,11 +196,14 @@ fn the_watcher_hears_every_subscription_change_and_forget_drops_idle_history() {
     assert!(!hub.watch(tx), "set once");
     let a = connect(&r, "a");
     hub.subscribe(a.conn(), "ch", None, None).unwrap();
-    hub.deliver("ch", &msg(&hub.head("ch").unwrap().epoch, 1, "1"), false).unwrap();
+    hub.deliver("ch", &msg(&hub.head("ch").unwrap().epoch, 1, "1"), false)
+        .unwrap();
     hub.forget("ch");
     assert_eq!(hub.head("ch").unwrap().oldest, 1, "kept while subscribed");
     hub.unsubscribe(a.conn(), "ch").unwrap();
-    let heard: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok()).map(|c| c.to_string()).collect();
+    let heard: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|c| c.to_string())
+        .collect();
     assert_eq!(heard, ["ch", "ch"]);
     hub.forget("ch");
     assert_eq!(hub.head("ch").unwrap().oldest, 2, "history dropped");

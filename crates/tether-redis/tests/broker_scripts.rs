@@ -100,7 +100,12 @@ async fn an_idempotency_key_repeated_returns_the_first_result_and_adds_nothing()
         .await
         .unwrap();
     assert_eq!(split(&other.position).1, 2);
-    assert_eq!(redis.cli(&["XLEN", &k.channel_key("room", "stream")]).unwrap(), "2");
+    assert_eq!(
+        redis
+            .cli(&["XLEN", &k.channel_key("room", "stream")])
+            .unwrap(),
+        "2"
+    );
     stop.cancel();
 }
 
@@ -132,7 +137,10 @@ async fn the_stream_keeps_history_size_messages_and_expires() {
         .parse()
         .unwrap();
     assert!(stream_ttl > 0 && stream_ttl <= 60_000, "{stream_ttl}");
-    assert!(meta_ttl > 60_000, "the meta outlives the stream: {meta_ttl}");
+    assert!(
+        meta_ttl > 60_000,
+        "the meta outlives the stream: {meta_ttl}"
+    );
     stop.cancel();
 }
 
@@ -172,14 +180,19 @@ async fn range_of_a_channel_without_history_is_none_unless_asked_to_start_it() {
     let redis = RedisServer::start().unwrap();
     let (link, stop) = link(&redis).await;
     let (c, k) = (link.commands(), link.keys());
-    assert_eq!(scripts::range(c, k, "new", Want::default()).await.unwrap(), None);
+    assert_eq!(
+        scripts::range(c, k, "new", Want::default()).await.unwrap(),
+        None
+    );
     let start = Want {
         create: Some(Duration::from_secs(3600)),
         ..Want::default()
     };
     let r = scripts::range(c, k, "new", start).await.unwrap().unwrap();
     assert_eq!(r.last, 0);
-    let p = scripts::publish(c, k, "new", args("1", None, 10)).await.unwrap();
+    let p = scripts::publish(c, k, "new", args("1", None, 10))
+        .await
+        .unwrap();
     assert_eq!(p.position, format!("{}:1", r.epoch));
     stop.cancel();
 }

@@ -112,7 +112,10 @@ async fn on_message(s: &Shared, m: &Message) {
         return;
     };
     let Some(p) = m.value.as_str().and_then(|t| Payload::parse(&t)) else {
-        tracing::warn!(channel, "redis broker: a pub/sub message not in Tether's form");
+        tracing::warn!(
+            channel,
+            "redis broker: a pub/sub message not in Tether's form"
+        );
         return;
     };
     deliver(s, channel, &p).await;
@@ -126,13 +129,14 @@ async fn deliver(s: &Shared, channel: &str, p: &Payload) {
     for _ in 0..3 {
         let create = s.follower.is_followed(channel);
         match hub_deliver(s, channel, p, create).await {
-            Some(Delivery::Gap { from }) => match fill(s, channel, m.epoch, from, m.offset - 1).await
-            {
-                Fill::Done => {}
-                Fill::Missing => s.hub.jump(channel, m.epoch, m.offset - 1),
-                // Redis is unreachable: the resync once it is back fills it.
-                Fill::Failed => return,
-            },
+            Some(Delivery::Gap { from }) => {
+                match fill(s, channel, m.epoch, from, m.offset - 1).await {
+                    Fill::Done => {}
+                    Fill::Missing => s.hub.jump(channel, m.epoch, m.offset - 1),
+                    // Redis is unreachable: the resync once it is back fills it.
+                    Fill::Failed => return,
+                }
+            }
             _ => return,
         }
     }
@@ -209,7 +213,11 @@ pub(super) async fn catch_up_head(
     epoch: &str,
     last: u64,
 ) -> Result<(), BrokerError> {
-    match s.hub.follow(channel, epoch, last).map_err(BrokerError::Hub)? {
+    match s
+        .hub
+        .follow(channel, epoch, last)
+        .map_err(BrokerError::Hub)?
+    {
         Followed::Current => Ok(()),
         Followed::Gap { from, to } => match fill(s, channel, epoch, from, to).await {
             Fill::Done => Ok(()),

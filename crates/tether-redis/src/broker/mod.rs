@@ -22,9 +22,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tether_core::broker::{BoxFuture, HistoryPage};
 use tether_core::hub::one_line;
-use tether_core::{
-    Broker, BrokerError, CatchUp, Connection, Hub, PublishResult, Subscribed,
-};
+use tether_core::{Broker, BrokerError, CatchUp, Connection, Hub, PublishResult, Subscribed};
 use tether_protocol::Position;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

@@ -124,7 +124,10 @@ async fn write(
     let keys = s.link.keys();
     let node = &*s.node_id;
     let field = |client: &str| format!("{node}/{client}");
-    let (pkey, nkey) = (keys.channel_key(ch, "presence"), keys.channel_key(ch, "nodes"));
+    let (pkey, nkey) = (
+        keys.channel_key(ch, "presence"),
+        keys.channel_key(ch, "nodes"),
+    );
     let set = keys.node_key(node, "channels");
     let pipe = s.link.commands().pipeline();
     let gone: Vec<String> = prev
@@ -210,8 +213,7 @@ async fn all_channels(s: &Shared) -> Result<Vec<(String, usize, usize)>, fred::e
     }
     let mut out = Vec::new();
     for name in names {
-        let fields: HashMap<String, u64> =
-            c.hgetall(keys.channel_key(&name, "presence")).await?;
+        let fields: HashMap<String, u64> = c.hgetall(keys.channel_key(&name, "presence")).await?;
         let clients = by_client(fields);
         let subs: usize = clients.values().map(|n| *n as usize).sum();
         if subs > 0 {

@@ -189,9 +189,7 @@ pub async fn range(
         want.create.map(|_| new_epoch()).unwrap_or_default(),
         want.create.map_or(0, |t| t.as_millis()).to_string(),
     ];
-    let reply: Vec<Value> = range_script()
-        .evalsha_with_reload(client, ks, args)
-        .await?;
+    let reply: Vec<Value> = range_script().evalsha_with_reload(client, ks, args).await?;
     parse_range(reply)
 }
 

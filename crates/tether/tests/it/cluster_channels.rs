@@ -75,13 +75,25 @@ fn split(position: &Value) -> (String, u64) {
 /// The next `message` frame, checked to be `channel`'s.
 async fn message(ws: &mut Ws, channel: &str) -> Value {
     let m = next_json(ws).await;
-    assert_eq!((m["type"].as_str(), m["channel"].as_str()), (Some("message"), Some(channel)), "{m}");
+    assert_eq!(
+        (m["type"].as_str(), m["channel"].as_str()),
+        (Some("message"), Some(channel)),
+        "{m}"
+    );
     m
 }
 
 /// A counter or gauge from `s`'s `/metrics` (0 if absent).
 async fn metric(s: &TestServer, name: &str) -> u64 {
-    let text = s.http.get(s.api_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = s
+        .http
+        .get(s.api_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|n| n.trim().parse().ok())
@@ -98,7 +110,10 @@ fn followers(servers: &[&RedisServer], channel: &str, sharded: bool) -> u64 {
         .iter()
         .map(|r| {
             let out = r.cli(&["PUBSUB", cmd, &name]).unwrap();
-            out.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0)
+            out.lines()
+                .last()
+                .and_then(|l| l.trim().parse().ok())
+                .unwrap_or(0)
         })
         .sum()
 }
@@ -111,7 +126,10 @@ async fn followers_become(servers: &[&RedisServer], channel: &str, sharded: bool
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("{channel}: {} followers, not {n}", followers(servers, channel, sharded));
+    panic!(
+        "{channel}: {} followers, not {n}",
+        followers(servers, channel, sharded)
+    );
 }
 
 /// Waits (≤ 10 s) until `s`'s `/api/channels` lists `channel` with `subs`.
@@ -144,20 +162,36 @@ async fn a_publish_on_one_node_reaches_subscribers_on_another_once() {
     // Presence and the channel list are cluster-wide (written a moment later).
     channel_listed(&a, "room", 1).await;
     let presence = a.get("/api/channels/room/presence").await.1;
-    assert_eq!(presence, json!({"clients": [{"client_id": "bob", "connections": 1}]}));
+    assert_eq!(
+        presence,
+        json!({"clients": [{"client_id": "bob", "connections": 1}]})
+    );
 
     let (st, first) = publish(&a, "room", json!({"n": 1}), Some("k1")).await;
     assert_eq!(st, 200, "{first}");
-    assert_eq!((first["duplicate"].as_bool(), first["subscribers"].as_u64()), (Some(false), Some(1)));
+    assert_eq!(
+        (first["duplicate"].as_bool(), first["subscribers"].as_u64()),
+        (Some(false), Some(1))
+    );
     let m = message(&mut ws, "room").await;
-    assert_eq!((&m["position"], &m["id"], &m["data"]), (&first["position"], &first["id"], &json!({"n": 1})));
-    assert_eq!(split(&first["position"]).0, split(&sub["position"]).0, "one epoch");
+    assert_eq!(
+        (&m["position"], &m["id"], &m["data"]),
+        (&first["position"], &first["id"], &json!({"n": 1}))
+    );
+    assert_eq!(
+        split(&first["position"]).0,
+        split(&sub["position"]).0,
+        "one epoch"
+    );
 
     // The same key on the other node: the first result, nothing delivered.
     let (st, again) = publish(&b, "room", json!({"n": 2}), Some("k1")).await;
     assert_eq!(st, 200, "{again}");
     assert_eq!(again["duplicate"], true);
-    assert_eq!((&again["position"], &again["id"]), (&first["position"], &first["id"]));
+    assert_eq!(
+        (&again["position"], &again["id"]),
+        (&first["position"], &first["id"])
+    );
     assert_alive(&mut ws).await; // no message came before the pong
     let next = published(&a, "room", json!({"n": 3})).await;
     assert_eq!(split(&next["position"]).1, 2);
@@ -194,7 +228,11 @@ async fn a_resume_on_another_node_recovers_exactly_what_was_missed() {
     }
     let (mut ws, _) = b.ws("?client=r").await;
     let sub = subscribe(&mut ws, "feed", last.as_str()).await;
-    assert_eq!((sub["recovered"].as_bool(), sub["missed"].as_u64()), (Some(true), Some(5)), "{sub}");
+    assert_eq!(
+        (sub["recovered"].as_bool(), sub["missed"].as_u64()),
+        (Some(true), Some(5)),
+        "{sub}"
+    );
     for p in &missed {
         let m = message(&mut ws, "feed").await;
         assert_eq!((&m["position"], &m["id"]), (&p["position"], &p["id"]));
@@ -202,9 +240,14 @@ async fn a_resume_on_another_node_recovers_exactly_what_was_missed() {
     let live = published(&a, "feed", json!(9)).await;
     assert_eq!(message(&mut ws, "feed").await["position"], live["position"]);
     assert_alive(&mut ws).await; // nothing twice
-    // History reads the stream on any node.
+                                 // History reads the stream on any node.
     let h = a.get("/api/channels/feed/history?limit=100").await.1;
-    let offsets: Vec<u64> = h["messages"].as_array().unwrap().iter().map(|m| split(&m["position"]).1).collect();
+    let offsets: Vec<u64> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| split(&m["position"]).1)
+        .collect();
     assert_eq!(offsets, (1..=9).collect::<Vec<_>>(), "{h}");
     client_close(ws).await;
     followers_become(&[&redis], "feed", false, 0).await;
@@ -223,18 +266,35 @@ async fn redis_killed_then_restarted_empty_starts_a_new_epoch() {
     let (mut ws, _) = b.ws("?client=k").await;
     subscribe(&mut ws, "live", None).await;
     let before = published(&a, "live", json!(1)).await;
-    assert_eq!(message(&mut ws, "live").await["position"], before["position"]);
+    assert_eq!(
+        message(&mut ws, "live").await["position"],
+        before["position"]
+    );
 
     redis.kill();
-    assert!(ready_within(&a, false).await, "/readyz 503 while Redis is down");
+    assert!(
+        ready_within(&a, false).await,
+        "/readyz 503 while Redis is down"
+    );
     let (st, body) = publish(&a, "live", json!(2), None).await;
-    assert_eq!((st, body["error"].as_str()), (503, Some("broker_unavailable")), "{body}");
+    assert_eq!(
+        (st, body["error"].as_str()),
+        (503, Some("broker_unavailable")),
+        "{body}"
+    );
     assert_alive(&mut ws).await; // the connection stays open
     let err = subscribe(&mut ws, "other", None).await;
-    assert_eq!((err["type"].as_str(), err["code"].as_str()), (Some("error"), Some("broker_unavailable")), "{err}");
+    assert_eq!(
+        (err["type"].as_str(), err["code"].as_str()),
+        (Some("error"), Some("broker_unavailable")),
+        "{err}"
+    );
 
     redis.restart_empty().unwrap();
-    assert!(ready_within(&a, true).await && ready_within(&b, true).await, "ready again");
+    assert!(
+        ready_within(&a, true).await && ready_within(&b, true).await,
+        "ready again"
+    );
     let after = published(&a, "live", json!(3)).await;
     let (old, new) = (split(&before["position"]), split(&after["position"]));
     assert_ne!(old.0, new.0, "a new epoch");
@@ -247,7 +307,11 @@ async fn redis_killed_then_restarted_empty_starts_a_new_epoch() {
     // A resume from the old epoch cannot recover.
     let (mut ws2, _) = a.ws("?client=k2").await;
     let sub = subscribe(&mut ws2, "live", before["position"].as_str()).await;
-    assert_eq!((sub["recovered"].as_bool(), split(&sub["position"])), (Some(false), new.clone()), "{sub}");
+    assert_eq!(
+        (sub["recovered"].as_bool(), split(&sub["position"])),
+        (Some(false), new.clone()),
+        "{sub}"
+    );
     client_close(ws).await;
     client_close(ws2).await;
     followers_become(&[&redis], "live", false, 0).await;
@@ -286,13 +350,20 @@ async fn messages_pubsub_lost_are_filled_from_history_and_a_pause_loses_nothing(
     // Paused, then continued with its data: same epoch, positions continue.
     let pid = redis.pid().unwrap().to_string();
     let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill").args([sig, &pid]).status().unwrap();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
         assert!(ok.success());
     };
     signal("-STOP");
     let (st, body) = publish(&a, "gap", json!("paused"), None).await;
     signal("-CONT");
-    assert_eq!((st, body["error"].as_str()), (503, Some("broker_unavailable")), "{body}");
+    assert_eq!(
+        (st, body["error"].as_str()),
+        (503, Some("broker_unavailable")),
+        "{body}"
+    );
     assert!(ready_within(&a, true).await, "ready after the pause");
     let after = published(&a, "gap", json!(6)).await;
     let (e0, o0) = split(&sent[4]["position"]);
@@ -358,7 +429,11 @@ async fn a_redis_cluster_carries_channels_on_every_shard() {
     let (mut ws, _) = a.ws("?client=cl").await;
     for (c, last) in channels.iter().zip(&lasts) {
         let sub = subscribe(&mut ws, c, last.as_str()).await;
-        assert_eq!((sub["recovered"].as_bool(), sub["missed"].as_u64()), (Some(true), Some(1)), "{sub}");
+        assert_eq!(
+            (sub["recovered"].as_bool(), sub["missed"].as_u64()),
+            (Some(true), Some(1)),
+            "{sub}"
+        );
         let m = message(&mut ws, c).await;
         assert_eq!(split(&m["position"]).1, 2);
     }
