@@ -13,7 +13,8 @@
 //! subscribers ([`Follower::release_if`](super::follow::Follower::release_if)).
 //! While Redis is unreachable the changes wait; once it is back every channel is
 //! written again in full (it may have come back empty). A dead node's part is
-//! removed by [`forget_node`].
+//! removed by [`forget_node`], and a node clears its own before it first writes (a
+//! restart under the same id).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub(super) async fn run(
     let mut up = s.link.watch_up();
     let mut retry = tokio::time::interval(RETRY);
     let mut full = false;
+    let mut cleared = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -70,6 +72,17 @@ pub(super) async fn run(
                     continue;
                 }
             }
+        }
+        // A node that restarts under the same id left its previous life's part
+        // behind: cleared before this life writes anything.
+        if !cleared && s.link.is_up() {
+            match forget_node(&s, &s.node_id).await {
+                Ok(_) => cleared = true,
+                Err(e) => tracing::debug!(error = %e, "stale presence not cleared; retried"),
+            }
+        }
+        if !cleared {
+            continue;
         }
         let batch: Vec<Arc<str>> = dirty.drain().collect();
         for ch in batch {

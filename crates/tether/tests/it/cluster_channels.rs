@@ -447,3 +447,76 @@ async fn a_redis_cluster_carries_channels_on_every_shard() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_restarted_under_its_id_clears_what_its_previous_life_left() {
+    let redis = RedisServer::start().unwrap();
+    // What a node that died without cleaning up leaves behind.
+    redis
+        .cli(&["HSET", "tether:{room}:presence", "node-a/ghost", "1"])
+        .unwrap();
+    redis
+        .cli(&["HSET", "tether:{room}:nodes", "node-a", "1"])
+        .unwrap();
+    redis
+        .cli(&["SADD", "tether:{n:node-a}:channels", "room"])
+        .unwrap();
+    redis
+        .cli(&["SADD", "tether:{global}:channel-nodes", "node-a"])
+        .unwrap();
+    let a = node(BrokerKind::Redis, &redis.url(), "node-a").await;
+    let (mut ws, _) = a.ws("?client=real").await;
+    subscribe(&mut ws, "room", None).await;
+    channel_listed(&a, "room", 1).await;
+    let presence = a.get("/api/channels/room/presence").await.1;
+    assert_eq!(
+        presence,
+        json!({"clients": [{"client_id": "real", "connections": 1}]})
+    );
+    let r = published(&a, "room", json!(1)).await;
+    assert_eq!(r["subscribers"], 1);
+    client_close(ws).await;
+    followers_become(&[&redis], "room", false, 0).await;
+    // Nothing of node-a is left once its last subscriber went.
+    assert_eq!(redis.cli(&["HLEN", "tether:{room}:presence"]).unwrap(), "0");
+    assert_eq!(redis.cli(&["HLEN", "tether:{room}:nodes"]).unwrap(), "0");
+    a.assert_clean().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forget_node_removes_a_nodes_presence_from_every_channel() {
+    let redis = RedisServer::start().unwrap();
+    let a = node(BrokerKind::Redis, &redis.url(), "node-a").await;
+    let b = node(BrokerKind::Redis, &redis.url(), "node-b").await;
+    let (mut wa, _) = a.ws("?client=ann").await;
+    let (mut wb, _) = b.ws("?client=ben").await;
+    for ch in ["x", "y"] {
+        subscribe(&mut wa, ch, None).await;
+        subscribe(&mut wb, ch, None).await;
+    }
+    channel_listed(&a, "x", 2).await;
+    channel_listed(&a, "y", 2).await;
+    // What the registry's reaper does once node-b's heartbeat expired.
+    let broker = a.app.redis_broker.clone().unwrap();
+    assert_eq!(broker.forget_node("node-b").await, Ok(2));
+    for ch in ["x", "y"] {
+        let p = a.get(&format!("/api/channels/{ch}/presence")).await.1;
+        assert_eq!(
+            p,
+            json!({"clients": [{"client_id": "ann", "connections": 1}]})
+        );
+    }
+    assert_eq!(published(&a, "x", json!(1)).await["subscribers"], 1);
+    assert_eq!(broker.forget_node("node-b").await, Ok(0), "nothing left");
+    client_close(wa).await;
+    client_close(wb).await;
+    for ch in ["x", "y"] {
+        followers_become(&[&redis], ch, false, 0).await;
+    }
+    for s in [&a, &b] {
+        s.assert_clean().await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
