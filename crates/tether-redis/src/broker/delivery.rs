@@ -6,6 +6,7 @@
 //! a reconnect, and whenever it may have missed something, the task compares every
 //! followed channel's head in Redis with the hub's and fills the difference.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,31 +15,51 @@ use fred::types::Message;
 use tether_core::broker::INLINE_FANOUT;
 use tether_core::{BrokerError, Delivery, Followed, Incoming};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::scripts::{self, Range, Want};
 use super::Shared;
 
-/// The delivery task: runs until `stop`.
+/// Messages waiting for one delivery worker; a full queue holds the reader back,
+/// and a reader held back long enough lags (see [`run`]).
+const WORKER_QUEUE: usize = 1024;
+
+/// The delivery task: reads pub/sub until `stop` and hands each message to one of
+/// a few workers, always the same for a channel (its messages stay in order; a
+/// busy channel's fan-out or a hole being filled does not hold up the others).
 pub(super) async fn run(s: Arc<Shared>, stop: CancellationToken) {
     let sub = s.link.subscriber().clone();
     let mut messages = sub.message_rx();
     let mut reconnects = sub.reconnect_rx();
     let mut up = s.link.watch_up();
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let (queues, workers): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| {
+            let (tx, rx) = mpsc::channel::<Message>(WORKER_QUEUE);
+            (tx, tokio::spawn(worker(s.clone(), rx)))
+        })
+        .unzip();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             m = messages.recv() => match m {
-                Ok(m) => on_message(&s, &m).await,
-                Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "redis broker: pub/sub reader fell behind");
+                Ok(m) => {
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    m.channel.hash(&mut h);
+                    if queues[h.finish() as usize % n].send(m).await.is_err() {
+                        break;
+                    }
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "redis broker: pub/sub reader fell behind");
                     resync_all(&s).await;
                 }
-                Err(RecvError::Closed) => return,
+                Err(RecvError::Closed) => break,
             },
             r = reconnects.recv() => {
                 if matches!(r, Err(RecvError::Closed)) {
-                    return;
+                    break;
                 }
                 // Subscribed again before the heads are read: nothing falls between.
                 if let Err(e) = sub.resubscribe_all().await {
@@ -48,13 +69,24 @@ pub(super) async fn run(s: Arc<Shared>, stop: CancellationToken) {
             }
             c = up.changed() => {
                 if c.is_err() {
-                    return;
+                    break;
                 }
                 if *up.borrow_and_update() {
                     resync_all(&s).await;
                 }
             }
         }
+    }
+    drop(queues);
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
+/// Delivers the messages of its channels, in the order they arrive.
+async fn worker(s: Arc<Shared>, mut rx: mpsc::Receiver<Message>) {
+    while let Some(m) = rx.recv().await {
+        on_message(&s, &m).await;
     }
 }
 
