@@ -89,6 +89,34 @@ struct Inner {
     broker_up: Gauge,
     ops: Ops,
     webhooks: WebhookMetrics,
+    cluster: ClusterMetrics,
+}
+
+/// Cluster mode's broker: what pub/sub lost and history gave back, and epochs.
+#[derive(Debug)]
+struct ClusterMetrics {
+    gaps_filled: Counter,
+    epoch_resets: Counter,
+}
+
+impl ClusterMetrics {
+    fn register(registry: &mut PromRegistry) -> Self {
+        let m = Self {
+            gaps_filled: Counter::default(),
+            epoch_resets: Counter::default(),
+        };
+        registry.register(
+            "broker_gaps_filled",
+            "Messages missed on pub/sub and read back from the broker's history",
+            m.gaps_filled.clone(),
+        );
+        registry.register(
+            "broker_epoch_resets",
+            "Channels moved to a new epoch because the broker lost their history",
+            m.epoch_resets.clone(),
+        );
+        m
+    }
 }
 
 /// Heartbeats, slow consumers, sweeps and publish latency.
@@ -209,6 +237,7 @@ impl Metrics {
         );
         let ops = Ops::register(registry);
         let webhooks = WebhookMetrics::register(registry);
+        let cluster = ClusterMetrics::register(registry);
         prefill(&connections, &opened, &closed, &refused);
         Self {
             inner: Arc::new(Inner {
@@ -225,6 +254,7 @@ impl Metrics {
                 broker_up,
                 ops,
                 webhooks,
+                cluster,
             }),
         }
     }
@@ -324,6 +354,16 @@ impl Metrics {
     /// Records whether the broker is reachable.
     pub fn set_broker_up(&self, up: bool) {
         self.inner.broker_up.set(i64::from(up));
+    }
+
+    /// `n` messages missed on the broker's pub/sub were read back from its history.
+    pub fn gaps_filled(&self, n: u64) {
+        self.inner.cluster.gaps_filled.inc_by(n);
+    }
+
+    /// A channel moved to a new epoch (its history was lost in the broker).
+    pub fn epoch_reset(&self) {
+        self.inner.cluster.epoch_resets.inc();
     }
 
     /// The number of pending handshakes changed by `delta`.

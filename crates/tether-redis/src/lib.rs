@@ -7,10 +7,12 @@
 //! - [`keys`]: every key and pub/sub channel name, with the hash tags that keep a
 //!   channel's keys (and a client's) on one Redis Cluster shard.
 
+pub mod broker;
 pub mod keys;
 pub mod link;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use broker::RedisBroker;
 pub use keys::Keys;
 pub use link::{Link, LinkConfig, LinkError, Topology};

@@ -10,7 +10,7 @@ use tether_core::{
     Broker, ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, MemoryBroker, Metrics,
     Registry, RegistrySettings,
 };
-use tether_redis::Link;
+use tether_redis::{Link, RedisBroker};
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Gate;
@@ -55,6 +55,8 @@ pub struct App {
     pub link: Option<Arc<Link>>,
     /// The webhook queue and counters (the sender task is the run task's).
     pub webhooks: Arc<Webhooks>,
+    /// Cluster mode's broker (the same as `broker`), for what only it does.
+    pub redis_broker: Option<RedisBroker>,
 }
 
 impl App {
@@ -76,7 +78,13 @@ impl App {
             metrics.clone(),
             hub.clone(),
         );
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(hub));
+        let redis_broker = link
+            .as_ref()
+            .map(|l| RedisBroker::new(l.clone(), hub.clone(), &node_id));
+        let broker: Arc<dyn Broker> = match &redis_broker {
+            Some(b) => Arc::new(b.clone()),
+            None => Arc::new(MemoryBroker::new(hub)),
+        };
         let drain = Drain::new();
         let auth = Arc::new(auth);
         let tombstones = Arc::new(Tombstones::new(Duration::from_millis(
@@ -117,6 +125,7 @@ impl App {
             driving,
             edge,
             link,
+            redis_broker,
             cfg,
         })
     }

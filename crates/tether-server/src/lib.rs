@@ -287,11 +287,14 @@ struct LinkRun {
 impl LinkRun {
     fn start(app: &App) -> Self {
         let stop = CancellationToken::new();
-        let tasks = app
+        let mut tasks = app
             .link
             .as_ref()
             .map(|l| l.start(stop.clone()))
             .unwrap_or_default();
+        if let Some(b) = &app.redis_broker {
+            tasks.extend(b.start(stop.clone()));
+        }
         Self { stop, tasks }
     }
 
