@@ -8,6 +8,7 @@ mod admin;
 mod admission;
 mod auth;
 mod binary;
+mod chaos;
 mod cluster_channels;
 mod delivery;
 mod hardening;
