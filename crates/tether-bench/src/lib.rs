@@ -346,7 +346,7 @@ fn split_url(url: &str) -> Result<(&str, &str, &str), String> {
 /// subscribers are spread evenly over the nodes (`--procs` a multiple of their number).
 fn node_url(urls: &str, child: Option<usize>, procs: usize) -> Result<&str, String> {
     let all: Vec<&str> = urls.split(',').map(str::trim).collect();
-    if all.len() > 1 && (procs < all.len() || procs % all.len() != 0) {
+    if all.len() > 1 && (procs < all.len() || !procs.is_multiple_of(all.len())) {
         return Err(format!(
             "{} subscriber URLs need --procs a multiple of {} (one process per node or more)",
             all.len(),
