@@ -188,7 +188,8 @@ struct FanoutArgs {
 #[derive(Args, Debug)]
 struct IdleArgs {
     /// Subscriber URL [default: tether ws://127.0.0.1:7700/ws, nchan
-    /// ws://127.0.0.1:80/sub]; as for `fanout`.
+    /// ws://127.0.0.1:80/sub]; as for `fanout` (several, comma-separated: spread over
+    /// a cluster's nodes by process).
     #[arg(long)]
     url: Option<String>,
     /// The server under test.
@@ -472,7 +473,8 @@ async fn idle(a: IdleArgs) -> Result<(), String> {
     let channel = a.channel.clone().or_else(|| {
         (a.target == Target::Nchan || a.transport == Transport::Sse).then(|| "idle".into())
     });
-    let ep = Arc::new(endpoint(a.target, a.transport, &url, channel.clone()).await?);
+    let node = node_url(&url, a.child, a.procs)?;
+    let ep = Arc::new(endpoint(a.target, a.transport, node, channel.clone()).await?);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
     let procs = a.procs.max(1);
     let (ep_ref, sources, concurrency) = (&ep, &a.sources, a.concurrency);
