@@ -31,7 +31,8 @@ pub use ip_limits::{IpLimits, IpSlot};
 pub use metrics::Metrics;
 pub use outbox::{DirectSink, Offered, Outbox, Outgoing};
 pub use registry::{
-    ClientLimitPolicy, ClientSnapshot, ConnectionGuard, Registry, RegistrySettings, Reservation,
+    ClientLimitPolicy, ClientSnapshot, ClusterSeam, ConnectionGuard, Registry, RegistrySettings,
+    Reservation,
 };
 pub use select::{Filter, Selector};
 

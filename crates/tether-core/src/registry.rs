@@ -23,7 +23,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -42,6 +42,18 @@ use crate::outbox::Outbox;
 use crate::select::{Filter, Selector};
 
 const SHARDS: usize = 64;
+
+/// Cluster mode's hold on the registry (SPEC section 10). With a seam set, the
+/// cluster, not this node, decides the per-client limit, the duplicate policy and
+/// the client's `client.online`/`client.offline`: [`Registry::reserve`] checks only
+/// the node's ceiling, [`Reservation::commit`] fires `client.online` only when
+/// [`Reservation::set_cluster_first`] said so, and a release tells the seam instead of
+/// firing `client.offline` or lingering. Memory mode has no seam and is unchanged.
+pub trait ClusterSeam: Send + Sync + std::fmt::Debug {
+    /// A connection of `client_id` left this node: `committed` is false for a
+    /// reservation dropped before its commit. Called under no lock; must not block.
+    fn released(&self, client_id: &Arc<str>, conn_id: &str, committed: bool);
+}
 
 /// One shard of the client table.
 type Shard = Mutex<HashMap<Arc<str>, ClientEntry>>;
@@ -135,6 +147,8 @@ struct Inner {
     lingers: TaskTracker,
     /// Cancels the grace timers at shutdown.
     lingers_cancel: CancellationToken,
+    /// Cluster mode's seam (set once, before the first handshake).
+    cluster: OnceLock<Arc<dyn ClusterSeam>>,
 }
 
 /// A reserved slot for one client's connection. Commit it once the upgrade is done;
@@ -150,6 +164,8 @@ pub struct Reservation {
     seq: u64,
     ip_slot: Option<IpSlot>,
     committed: bool,
+    /// Cluster mode: whether this commit is the client's first connection cluster-wide.
+    cluster_first: bool,
 }
 
 /// The committed connection's hold on the registry. Dropping it releases the
@@ -211,8 +227,19 @@ impl Registry {
                 clients: AtomicUsize::new(0),
                 lingers: TaskTracker::new(),
                 lingers_cancel: CancellationToken::new(),
+                cluster: OnceLock::new(),
             }),
         }
+    }
+
+    /// Puts the registry in cluster mode (see [`ClusterSeam`]); only the first call
+    /// counts. Call it before the first handshake.
+    pub fn set_cluster(&self, seam: Arc<dyn ClusterSeam>) {
+        let _ = self.inner.cluster.set(seam);
+    }
+
+    fn cluster(&self) -> Option<&Arc<dyn ClusterSeam>> {
+        self.inner.cluster.get()
     }
 
     /// The node id.
@@ -265,7 +292,8 @@ impl Registry {
             epoch: 0,
         });
         let live = entry.conns.iter().filter(|c| !c.is_closing()).count() + entry.reserved as usize;
-        let replacing = live >= s.max_connections_per_client;
+        // In cluster mode the cluster checks the client's limit.
+        let replacing = live >= s.max_connections_per_client && self.cluster().is_none();
         let refusal = if replacing && s.on_client_limit == ClientLimitPolicy::Reject {
             Some(Refusal::ClientLimit)
         } else if replacing {
@@ -297,6 +325,7 @@ impl Registry {
             seq,
             ip_slot,
             committed: false,
+            cluster_first: false,
         })
     }
 
@@ -307,6 +336,17 @@ impl Registry {
             return;
         };
         if !entry.conns.is_empty() || entry.reserved > 0 {
+            return;
+        }
+        if self.cluster().is_some() {
+            // The cluster decides the offline; locally the client is simply gone.
+            if map
+                .remove(client_id)
+                .is_some_and(|e| e.state != ClientState::Fresh)
+            {
+                self.inner.clients.fetch_sub(1, Ordering::AcqRel);
+                self.inner.metrics.clients_delta(-1);
+            }
             return;
         }
         match entry.state {
@@ -384,6 +424,9 @@ impl Registry {
         self.inner
             .admitted
             .fetch_sub(transport.weight(), Ordering::AcqRel);
+        if let Some(seam) = self.cluster() {
+            seam.released(conn.client_id_arc(), conn.id(), true);
+        }
     }
 
     /// The client as the API shows it.
@@ -481,6 +524,44 @@ impl Registry {
         [0, 1, 2].map(|i| t[i].load(Ordering::Acquire))
     }
 
+    /// Clients online or lingering with an id after `after`, in id order, at most
+    /// `limit`: `(client_id, state, connections)`, and the id the next page starts after.
+    pub fn client_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(String, &'static str, usize)>, Option<String>) {
+        let mut rows: Vec<(String, &'static str, usize)> = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let map = shard.lock();
+            rows.extend(
+                map.iter()
+                    .filter(|(id, _)| after.is_none_or(|a| &***id > a))
+                    .filter_map(|(id, e)| {
+                        let state = match e.state {
+                            ClientState::Fresh => return None,
+                            ClientState::Online => "online",
+                            ClientState::Lingering => "lingering",
+                        };
+                        Some((id.to_string(), state, e.conns.len()))
+                    }),
+            );
+        }
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let next = (rows.len() > limit).then(|| rows[limit - 1].0.clone());
+        rows.truncate(limit);
+        (rows, next)
+    }
+
+    /// A client's committed connections (not closing) and reservations on this node.
+    pub fn local_count(&self, client_id: &str) -> (usize, usize) {
+        let map = self.shard(client_id).lock();
+        map.get(client_id).map_or((0, 0), |e| {
+            let live = e.conns.iter().filter(|c| !c.is_closing()).count();
+            (live, e.reserved as usize)
+        })
+    }
+
     /// Clients online or lingering.
     pub fn clients(&self) -> usize {
         self.inner.clients.load(Ordering::Acquire)
@@ -543,6 +624,22 @@ impl Reservation {
         &self.id
     }
 
+    /// The client id.
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Cluster mode: the cluster decided this commit is the client's first
+    /// connection anywhere, so [`Reservation::commit`] fires `client.online`.
+    pub fn set_cluster_first(&mut self, first: bool) {
+        self.cluster_first = first;
+    }
+
     /// Registers the connection: fires `client.online` (first connection) and
     /// `connection.opened`, and under `replace_oldest` closes the oldest connection
     /// with 4001 once this one is in.
@@ -573,29 +670,37 @@ impl Reservation {
                     epoch: 0,
                 });
             entry.reserved = entry.reserved.saturating_sub(1);
-            match entry.state {
+            let clustered = reg.cluster().is_some();
+            let was = entry.state;
+            entry.state = ClientState::Online;
+            match was {
                 ClientState::Fresh => {
-                    entry.state = ClientState::Online;
                     inner.clients.fetch_add(1, Ordering::AcqRel);
                     inner.metrics.clients_delta(1);
-                    inner.events.emit(
-                        EventType::ClientOnline,
-                        EventFields {
-                            client_id: Some(&self.client_id),
-                            ..Default::default()
-                        },
-                    );
                 }
-                ClientState::Lingering => {
-                    entry.state = ClientState::Online;
-                    entry.epoch += 1;
-                }
+                ClientState::Lingering => entry.epoch += 1,
                 ClientState::Online => {}
+            }
+            // In cluster mode the cluster said whether this is the first connection.
+            let fire_online = if clustered {
+                self.cluster_first
+            } else {
+                was == ClientState::Fresh
+            };
+            if fire_online {
+                inner.events.emit(
+                    EventType::ClientOnline,
+                    EventFields {
+                        client_id: Some(&self.client_id),
+                        ..Default::default()
+                    },
+                );
             }
             let live: Vec<&Arc<Connection>> =
                 entry.conns.iter().filter(|c| !c.is_closing()).collect();
             let victim = (live.len() >= inner.settings.max_connections_per_client
-                && inner.settings.on_client_limit == ClientLimitPolicy::ReplaceOldest)
+                && inner.settings.on_client_limit == ClientLimitPolicy::ReplaceOldest
+                && !clustered)
                 .then(|| live.first().map(|c| (*c).clone()))
                 .flatten();
             if let Some(v) = &victim {
@@ -649,6 +754,9 @@ impl Drop for Reservation {
         reg.inner
             .admitted
             .fetch_sub(self.transport.weight(), Ordering::AcqRel);
+        if let Some(seam) = reg.cluster() {
+            seam.released(&self.client_id, &self.id, false);
+        }
     }
 }
 

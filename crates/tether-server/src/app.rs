@@ -10,7 +10,7 @@ use tether_core::{
     Broker, ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, MemoryBroker, Metrics,
     Registry, RegistrySettings,
 };
-use tether_redis::Link;
+use tether_redis::{ClusterRegistry, Link};
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Gate;
@@ -52,6 +52,8 @@ pub struct App {
     pub admin_sessions: Arc<Sessions>,
     /// Cluster mode's connections to Redis (`None` with the in-memory broker).
     pub link: Option<Arc<Link>>,
+    /// Cluster mode's client registry (`None` with the in-memory broker).
+    pub cluster: Option<Arc<ClusterRegistry>>,
 }
 
 impl App {
@@ -69,6 +71,9 @@ impl App {
             metrics.clone(),
             hub.clone(),
         );
+        let cluster = link
+            .as_ref()
+            .map(|l| crate::cluster::registry(&cfg, l, &registry));
         let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(hub));
         let drain = Drain::new();
         let auth = Arc::new(auth);
@@ -92,6 +97,7 @@ impl App {
             origins: Origins::new(cfg.limits.allowed_origins.clone()),
             auth,
             registry: registry.clone(),
+            cluster: cluster.clone(),
             metrics: metrics.clone(),
             trusted_proxies: cfg.server.trusted_proxies.clone(),
         };
@@ -109,6 +115,7 @@ impl App {
             driving,
             edge,
             link,
+            cluster,
             cfg,
         })
     }
@@ -124,12 +131,19 @@ impl App {
             drain: self.drain.clone(),
             registry: self.registry.clone(),
             broker: self.broker.clone(),
+            cluster: self.cluster.clone(),
         })
     }
 
     /// Whether a handshake would be admitted now (`/readyz`).
     pub fn ready(&self) -> bool {
-        readiness(&self.drain, &self.registry, &*self.broker).is_ok()
+        readiness(
+            &self.drain,
+            &self.registry,
+            &*self.broker,
+            self.cluster.as_deref(),
+        )
+        .is_ok()
     }
 }
 
@@ -139,20 +153,33 @@ pub(crate) struct Health {
     pub(crate) drain: Drain,
     pub(crate) registry: Registry,
     pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) cluster: Option<Arc<ClusterRegistry>>,
 }
 
 impl Health {
     /// `Ok` when a handshake would be admitted now, else why not.
     pub(crate) fn ready(&self) -> Result<(), &'static str> {
-        readiness(&self.drain, &self.registry, &*self.broker)
+        readiness(
+            &self.drain,
+            &self.registry,
+            &*self.broker,
+            self.cluster.as_deref(),
+        )
     }
 }
 
-/// Whether a handshake would be admitted now: not draining, not full, broker up.
-fn readiness(drain: &Drain, registry: &Registry, broker: &dyn Broker) -> Result<(), &'static str> {
+/// Whether a handshake would be admitted now: not draining, not full, broker up
+/// (in cluster mode: Redis reachable, unless `on_unavailable = "admit_local"`).
+fn readiness(
+    drain: &Drain,
+    registry: &Registry,
+    broker: &dyn Broker,
+    cluster: Option<&ClusterRegistry>,
+) -> Result<(), &'static str> {
+    let registry_down = cluster.is_some_and(|c| !c.is_up() && !c.admits_local());
     if drain.phase() != tether_core::Phase::Running {
         Err("draining")
-    } else if !broker.is_up() {
+    } else if !broker.is_up() || registry_down {
         Err("broker_unavailable")
     } else if registry.is_full() {
         Err("server_full")

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_redis::{Link, LinkConfig, LinkError, Topology};
+use tether_core::{ClientLimitPolicy, Registry};
+use tether_redis::{ClusterRegistry, ClusterSettings, Link, LinkConfig, LinkError, Topology};
 
-use crate::config::{BrokerKind, BrokerSection};
+use crate::config::{BrokerKind, BrokerSection, Config, OnUnavailable};
 
 /// The link `[broker]` asks for: `None` for the in-memory broker. Built, not yet
 /// connected (the server starts it, and it connects in the background).
@@ -28,4 +29,25 @@ pub(crate) fn link(cfg: &BrokerSection) -> Result<Option<Arc<Link>>, LinkError> 
         prefix: cfg.prefix.clone(),
     })
     .map(Some)
+}
+
+/// The cluster registry over `link`: puts `registry` in cluster mode.
+pub(crate) fn registry(
+    cfg: &Config,
+    link: &Arc<Link>,
+    registry: &Registry,
+) -> Arc<ClusterRegistry> {
+    let command_timeout = Duration::from_millis(cfg.broker.command_timeout_ms.get());
+    ClusterRegistry::new(
+        link.clone(),
+        registry.clone(),
+        ClusterSettings {
+            max_connections_per_client: cfg.clients.max_connections_per_client.get() as usize,
+            replace_oldest: cfg.clients.on_client_limit == ClientLimitPolicy::ReplaceOldest,
+            offline_grace: Duration::from_millis(cfg.clients.offline_grace_ms),
+            node_ttl: Duration::from_millis(cfg.broker.node_ttl_ms.get()),
+            admit_local: cfg.broker.on_unavailable == OnUnavailable::AdmitLocal,
+            reply_timeout: command_timeout * 2,
+        },
+    )
 }

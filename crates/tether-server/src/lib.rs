@@ -241,6 +241,7 @@ async fn run(
 struct LinkRun {
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    cluster: Option<Arc<tether_redis::ClusterRegistry>>,
 }
 
 impl LinkRun {
@@ -251,10 +252,21 @@ impl LinkRun {
             .as_ref()
             .map(|l| l.start(stop.clone()))
             .unwrap_or_default();
-        Self { stop, tasks }
+        if let Some(c) = &app.cluster {
+            c.start();
+        }
+        Self {
+            stop,
+            tasks,
+            cluster: app.cluster.clone(),
+        }
     }
 
     async fn stop(self) {
+        // The registry first: its graces end (offlines fire) while Redis is reachable.
+        if let Some(c) = &self.cluster {
+            c.stop().await;
+        }
         self.stop.cancel();
         for t in self.tasks {
             let _ = t.await;

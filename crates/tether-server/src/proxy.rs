@@ -169,6 +169,13 @@ async fn handle_ws(
         Ok(a) => a,
         Err(e) => return refuse(e, on_upgrade),
     };
+    let admitted = match &edge.gate.cluster {
+        None => admitted,
+        Some(c) => match admission::admit_cluster(&edge.gate, c, admitted, pr.ip).await {
+            Ok(a) => a,
+            Err(e) => return refuse(e, on_upgrade),
+        },
+    };
     // Connect the upstream before answering the client.
     let url = upstream_url(&route, pr.query.as_deref());
     let conn_id = admitted.reservation.conn_id();
@@ -227,7 +234,7 @@ async fn handle_ws(
             Some(crate::ws::relay_config(&task_edge)),
         )
         .await;
-        let guard = admitted.reservation.commit(spec);
+        let guard = admission::commit(&task_edge.gate, admitted.reservation, spec).await;
         drop(pending);
         let relay = WsRelay {
             client,

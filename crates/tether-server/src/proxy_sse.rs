@@ -48,6 +48,14 @@ pub(crate) async fn handle(
         Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
         Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
     };
+    let admitted = match &edge.gate.cluster {
+        None => admitted,
+        Some(c) => match admission::admit_cluster(&edge.gate, c, admitted, ip).await {
+            Ok(a) => a,
+            Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
+            Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
+        },
+    };
     let url = crate::upstream::upstream_url(&route, query.as_deref());
     let mut req = edge
         .upstreams
@@ -92,13 +100,14 @@ pub(crate) async fn handle(
         .identity
         .as_ref()
         .map(|i| edge.gate.auth.expires_at(i));
-    let guard = admitted.reservation.commit(ConnSpec {
+    let spec = ConnSpec {
         transport: Kind::Proxy,
         remote_addr: ip,
         user_agent,
         meta: admitted.identity.map(|i| i.meta).unwrap_or_default(),
         upstream: Some(route.upstream.clone()),
-    });
+    };
+    let guard = admission::commit(&edge.gate, admitted.reservation, spec).await;
     drop(info.take_pending());
     let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
     let relay = SseRelay {

@@ -66,6 +66,8 @@ pub(crate) struct Api {
     pub(crate) sessions: Arc<Sessions>,
     /// Cancelled when the API shuts down.
     pub(crate) stop: CancellationToken,
+    /// Cluster mode: the registry that sees every node.
+    pub(crate) cluster: Option<Arc<tether_redis::ClusterRegistry>>,
 }
 
 impl Api {
@@ -85,6 +87,7 @@ impl Api {
             shares_client_listener: app.cfg.listen == app.cfg.api.listen,
             sessions: app.admin_sessions.clone(),
             stop,
+            cluster: app.cluster.clone(),
         })
     }
 }
@@ -110,6 +113,7 @@ fn guarded(routes: Router, api: Arc<Api>) -> Router {
 fn routes(api: Arc<Api>) -> Router {
     Router::new()
         .route("/api/stats", get(stats::stats))
+        .route("/api/clients", get(clients::clients))
         .route("/api/clients/{id}", get(clients::client))
         .route("/api/connections", get(connections::connections))
         .route("/api/disconnect", post(disconnect::disconnect))
@@ -131,6 +135,16 @@ fn routes(api: Arc<Api>) -> Router {
             })),
         )
         .with_state(api)
+}
+
+/// The answer when the cluster registry cannot reach Redis: 503 `broker_unavailable`.
+fn cluster_error(e: &tether_redis::RegistryError) -> Response {
+    tracing::warn!(error = %e, "cluster registry unavailable");
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        "the cluster's registry is unreachable; try again shortly",
+    )
 }
 
 async fn not_found() -> Response {

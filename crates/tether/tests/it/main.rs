@@ -8,6 +8,7 @@ mod admin;
 mod admission;
 mod auth;
 mod binary;
+mod cluster_registry;
 mod delivery;
 mod hardening;
 mod lifecycle;

@@ -1,0 +1,374 @@
+//! The cluster registry (SPEC sections 2, 3 and 10): several nodes on one real
+//! Redis share the per-client limit, the duplicate policy, online/offline, and the
+//! API's view; a dead node is removed by one survivor; a Redis outage refuses new
+//! handshakes and the node re-registers its connections once Redis is back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether_core::ClientLimitPolicy;
+use tether_protocol::LifecycleEvent;
+use tether_redis::testing::RedisServer;
+use tether_server::config::{BrokerKind, Config};
+use tokio::sync::broadcast::Receiver;
+
+use crate::support::{self, assert_alive, client_close, collect_events, expect_close, TestServer};
+
+/// A node called `id` on `redis`.
+async fn node(redis: &RedisServer, id: &str, f: impl FnOnce(&mut Config)) -> TestServer {
+    let url = redis.url();
+    let srv = support::start(|c| {
+        c.node_id = id.into();
+        c.broker.kind = BrokerKind::Redis;
+        c.broker.url = url;
+        f(c);
+    })
+    .await;
+    wait_joined(redis, &srv, id).await;
+    srv
+}
+
+/// Waits until the node is ready and listens on its control channel.
+async fn wait_joined(redis: &RedisServer, srv: &TestServer, id: &str) {
+    let channel = format!("tether:{{n:{id}}}:control");
+    for _ in 0..200 {
+        let subs = redis.cli(&["pubsub", "numsub", &channel]).unwrap();
+        if readyz(srv).await == 200 && subs.ends_with('1') {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("node {id} never joined");
+}
+
+async fn readyz(srv: &TestServer) -> u16 {
+    match srv.http.get(srv.api_url("/readyz")).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// A handshake that must be refused: its HTTP status and JSON body.
+async fn refused(srv: &TestServer, query: &str) -> (u16, Value) {
+    match tokio_tungstenite::connect_async(srv.ws_url(query)).await {
+        Ok(_) => panic!("{query} was admitted"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            (resp.status().as_u16(), body)
+        }
+        Err(e) => panic!("{query}: {e}"),
+    }
+}
+
+/// The client keys left in Redis, eventually none.
+async fn assert_no_client_keys(redis: &RedisServer) {
+    let mut left = String::new();
+    for _ in 0..100 {
+        left = redis.cli(&["--scan", "--pattern", "tether:{c:*"]).unwrap();
+        let index = redis.cli(&["zcard", "tether:{global}:clients"]).unwrap();
+        if left.is_empty() && index == "0" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("client keys left in redis: {left}");
+}
+
+/// How many events of `kind` for `client` are in `events`.
+fn count(events: &[Arc<LifecycleEvent>], kind: &str, client: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e.kind.as_str() == kind && e.client_id.as_deref() == Some(client))
+        .count()
+}
+
+async fn events_of(
+    rxs: &mut [&mut Receiver<Arc<LifecycleEvent>>],
+    quiet: Duration,
+) -> Vec<Arc<LifecycleEvent>> {
+    let mut all = Vec::new();
+    for rx in rxs.iter_mut() {
+        all.extend(collect_events(rx, quiet).await);
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_limit_holds_across_nodes_also_for_concurrent_handshakes() {
+    let redis = RedisServer::start().unwrap();
+    let limit = |c: &mut Config| {
+        c.clients.max_connections_per_client = 2.try_into().unwrap();
+    };
+    let a = node(&redis, "a", limit).await;
+    let b = node(&redis, "b", limit).await;
+    let (wa, _) = a.ws("?client=x").await;
+    let (wb, _) = b.ws("?client=x").await;
+    for srv in [&a, &b] {
+        let (status, body) = refused(srv, "?client=x").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (409, Some("client_limit"))
+        );
+    }
+    // Six handshakes at once for one client, three per node: two admitted.
+    let tries = (0..6).map(|i| {
+        let url = if i % 2 == 0 { &a } else { &b }.ws_url("?client=y");
+        tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.ok() })
+    });
+    let mut admitted = Vec::new();
+    for t in tries {
+        if let Some((ws, _)) = t.await.unwrap() {
+            admitted.push(ws);
+        }
+    }
+    assert_eq!(admitted.len(), 2);
+    let (_, y) = a.get("/api/clients/y").await;
+    assert_eq!(y["connections"].as_array().map(Vec::len), Some(2), "{y}");
+    for ws in admitted.into_iter().chain([wa, wb]) {
+        client_close(ws).await;
+    }
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replace_oldest_evicts_on_the_other_node_and_a_kick_reaches_every_node() {
+    let redis = RedisServer::start().unwrap();
+    let replace = |c: &mut Config| {
+        c.clients.max_connections_per_client = 2.try_into().unwrap();
+        c.clients.on_client_limit = ClientLimitPolicy::ReplaceOldest;
+    };
+    let a = node(&redis, "a", replace).await;
+    let b = node(&redis, "b", replace).await;
+    let (mut old, _) = a.ws("?client=r").await;
+    let (mut mid, _) = a.ws("?client=r").await;
+    let (new, _) = b.ws("?client=r").await;
+    let (closing, code) = expect_close(&mut old).await;
+    assert_eq!(code, 4001);
+    assert_eq!(closing.unwrap()["code"], 4001);
+    assert_alive(&mut mid).await;
+    let (_, r) = b.get("/api/clients/r").await;
+    assert_eq!(r["connections"].as_array().map(Vec::len), Some(2), "{r}");
+
+    // A kick by client id on node b closes its connections on a and b.
+    let (mut ka, _) = a.ws("?client=k").await;
+    let (mut kb, _) = b.ws("?client=k").await;
+    let (status, body) = b.post("/api/disconnect", json!({"client_id": "k"})).await;
+    assert_eq!((status, body), (200, json!({"closed": 2})));
+    assert_eq!(expect_close(&mut ka).await.1, 4002);
+    assert_eq!(expect_close(&mut kb).await.1, 4002);
+    client_close(new).await;
+    client_close(mid).await;
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn online_and_offline_fire_once_cluster_wide() {
+    let redis = RedisServer::start().unwrap();
+    let a = node(&redis, "a", |_| {}).await;
+    let b = node(&redis, "b", |_| {}).await;
+    let mut ra = a.app.registry.events().subscribe();
+    let mut rb = b.app.registry.events().subscribe();
+    let (wa, _) = a.ws("?client=o").await;
+    let (wb, _) = b.ws("?client=o").await;
+    client_close(wa).await;
+    client_close(wb).await;
+    let events = events_of(&mut [&mut ra, &mut rb], Duration::from_millis(500)).await;
+    assert_eq!(count(&events, "client.online", "o"), 1, "{events:?}");
+    assert_eq!(count(&events, "client.offline", "o"), 1, "{events:?}");
+    assert_eq!(count(&events, "connection.opened", "o"), 2);
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_on_another_node_within_the_grace_fires_no_pair() {
+    let redis = RedisServer::start().unwrap();
+    let grace = |c: &mut Config| c.clients.offline_grace_ms = 1500;
+    let a = node(&redis, "a", grace).await;
+    let b = node(&redis, "b", grace).await;
+    let mut ra = a.app.registry.events().subscribe();
+    let mut rb = b.app.registry.events().subscribe();
+    let (wa, _) = a.ws("?client=g").await;
+    client_close(wa).await;
+    let (_, g) = b.get("/api/clients/g").await;
+    assert_eq!(g["state"], "lingering", "{g}");
+    let (wb, _) = b.ws("?client=g").await;
+    // Past a's grace: nothing fires, the client is online on b.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let (_, g) = a.get("/api/clients/g").await;
+    assert_eq!(g["state"], "online", "{g}");
+    client_close(wb).await;
+    let events = events_of(&mut [&mut ra, &mut rb], Duration::from_millis(2500)).await;
+    assert_eq!(count(&events, "client.online", "g"), 1, "{events:?}");
+    assert_eq!(count(&events, "client.offline", "g"), 1, "{events:?}");
+    let offline_on_b = collect_kinds_on(&events, "client.offline", "b");
+    assert_eq!(
+        offline_on_b, 1,
+        "the node that made the transition fires it"
+    );
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+fn collect_kinds_on(events: &[Arc<LifecycleEvent>], kind: &str, node: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e.kind.as_str() == kind && e.node_id == node)
+        .count()
+}
+
+/// The real binary as node `id` (so that it can be SIGKILLed).
+struct Binary {
+    child: std::process::Child,
+    listen: String,
+    api: String,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn binary(redis: &RedisServer, id: &str) -> Binary {
+    let port = || tether_redis::testing::free_port();
+    let (listen, api) = (
+        format!("127.0.0.1:{}", port()),
+        format!("127.0.0.1:{}", port()),
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--listen", &listen, "--api-listen", &api])
+        .env("TETHER_NODE_ID", id)
+        .env("TETHER_BROKER__KIND", "redis")
+        .env("TETHER_BROKER__URL", redis.url())
+        .env("TETHER_BROKER__NODE_TTL_MS", "3000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Binary { child, listen, api }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_nodes_clients_go_offline_once_from_one_survivor() {
+    let redis = RedisServer::start().unwrap();
+    let ttl = |c: &mut Config| c.broker.node_ttl_ms = 3000.try_into().unwrap();
+    let b = node(&redis, "b", ttl).await;
+    let c = node(&redis, "c", ttl).await;
+    let mut dead = binary(&redis, "dead");
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        let ready = http.get(format!("http://{}/readyz", dead.api)).send().await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut rb = b.app.registry.events().subscribe();
+    let mut rc = c.app.registry.events().subscribe();
+    let (d, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?client=d", dead.listen))
+        .await
+        .unwrap();
+    let (e_dead, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?client=e", dead.listen))
+        .await
+        .unwrap();
+    let (e_live, _) = b.ws("?client=e").await;
+    let (_, d_seen) = c.get("/api/clients/d").await;
+    assert_eq!(d_seen["state"], "online", "{d_seen}");
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    // node_ttl_ms, then a reaper tick (node_ttl / 3), then some slack.
+    let events = events_of(&mut [&mut rb, &mut rc], Duration::from_millis(6000)).await;
+    assert_eq!(count(&events, "client.offline", "d"), 1, "{events:?}");
+    assert_eq!(count(&events, "client.offline", "e"), 0, "{events:?}");
+    let (status, _) = b.get("/api/clients/d").await;
+    assert_eq!(status, 404);
+    let (_, e) = c.get("/api/clients/e").await;
+    assert_eq!(e["connections"].as_array().map(Vec::len), Some(1), "{e}");
+    let (_, list) = c.get("/api/clients").await;
+    let ids: Vec<&str> = list["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["client_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["e"], "{list}");
+    drop((d, e_dead));
+    client_close(e_live).await;
+    b.assert_clean().await;
+    c.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    let nodes = redis.cli(&["smembers", "tether:{global}:nodes"]).unwrap();
+    assert!(!nodes.contains("dead"), "{nodes}");
+    b.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_refuses_handshakes_and_a_restarted_redis_gets_every_connection_back() {
+    let mut redis = RedisServer::start().unwrap();
+    let a = node(&redis, "a", |_| {}).await;
+    let b = node(&redis, "b", |_| {}).await;
+    let (mut r, _) = a.ws("?client=r").await;
+    redis.kill();
+    for _ in 0..200 {
+        if readyz(&a).await == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(readyz(&a).await, 503);
+    let (status, body) = refused(&a, "?client=s").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("broker_unavailable"))
+    );
+    assert_alive(&mut r).await;
+
+    redis.restart_empty().unwrap();
+    wait_joined(&redis, &a, "a").await;
+    wait_joined(&redis, &b, "b").await;
+    let mut seen = Value::Null;
+    for _ in 0..100 {
+        seen = b.get("/api/clients").await.1;
+        if seen["clients"] == json!([{"client_id": "r", "state": "online", "connections": 1}]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen["clients"],
+        json!([{"client_id": "r", "state": "online", "connections": 1}])
+    );
+    let (_, stats) = b.get("/api/stats").await;
+    assert_eq!(stats["cluster"]["connections"], 1, "{stats}");
+    assert_alive(&mut r).await;
+    client_close(r).await;
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
