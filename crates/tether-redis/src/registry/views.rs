@@ -52,7 +52,8 @@ pub struct ConnPage {
     pub connections: Vec<Value>,
     /// The token of the next page.
     pub next_page: Option<String>,
-    /// Nodes that did not answer in time.
+    /// Nodes that did not answer in time (absent when every node answered).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unreachable: Vec<String>,
 }
 
