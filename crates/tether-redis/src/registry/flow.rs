@@ -182,20 +182,36 @@ impl ClusterRegistry {
     }
 
     /// Starts the offline grace's timer (cancelled by a reconnect anywhere: the
-    /// token no longer matches when it fires).
+    /// token no longer matches when it fires). The grace is also recorded under the
+    /// node (`lingering`: client → token), so that if this node dies the reaper ends it.
     fn linger(self: &Arc<Self>, client: Arc<str>, token: String) {
         self.lingers.lock().insert(client.clone(), token.clone());
         let grace = self.settings.offline_grace;
         let stop = self.stop.clone();
         let me = self.clone();
         self.tasks.spawn(async move {
+            let key = me.link.keys().node_key(&me.node_id, "lingering");
+            let recorded: Result<(), _> = me
+                .link
+                .commands()
+                .hset(key, (&*client, token.as_str()))
+                .await;
+            if let Err(e) = recorded {
+                tracing::debug!(error = %e, "grace not recorded under the node");
+            }
             tokio::select! {
                 _ = tokio::time::sleep(grace) => {}
                 _ = stop.cancelled() => return,
             }
-            let mine = me.lingers.lock().get(&client).is_some_and(|t| *t == token);
+            let mine = {
+                let mut lingers = me.lingers.lock();
+                let mine = lingers.get(&client).is_some_and(|t| *t == token);
+                if mine {
+                    lingers.remove(&client);
+                }
+                mine
+            };
             if mine {
-                me.lingers.lock().remove(&client);
                 me.expire(&client, &token).await;
             }
         });
@@ -209,6 +225,8 @@ impl ClusterRegistry {
             Ok(false) => {}
             Err(e) => tracing::warn!(client, error = %e, "offline grace: redis unreachable"),
         }
+        let key = self.link.keys().node_key(&self.node_id, "lingering");
+        let _: Result<(), _> = c.hdel(key, client).await;
     }
 
     /// Fires `client.offline` on this node (the one that made the transition).

@@ -83,16 +83,22 @@ impl ClusterRegistry {
         let c = self.link.commands();
         let keys = self.link.keys();
         let ttl = self.settings.node_ttl.as_millis() as i64;
-        let _: () = c
+        let before: Option<String> = c
             .set(
                 keys.node_key(&self.node_id, "alive"),
                 "1",
                 Some(Expiration::PX(ttl)),
                 None,
-                false,
+                true,
             )
             .await?;
         let _: () = c.sadd(keys.global("nodes"), &self.node_id).await?;
+        // Our alive key had lapsed although the link stayed up (a stalled process, a
+        // Redis that lost its data): another node may have removed our connections.
+        if before.is_none() && self.beaten.swap(true, Ordering::AcqRel) {
+            tracing::warn!("heartbeat had lapsed: re-registering");
+            self.dirty.store(true, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -139,6 +145,15 @@ impl ClusterRegistry {
             let _: () = c.hdel(&conns_key, conn_id).await?;
         }
         let _: () = c.del(&conns_key).await?;
+        // Graces that were running on the dead node end now.
+        let lingering_key = keys.node_key(node, "lingering");
+        let lingering: HashMap<String, String> = c.hgetall(&lingering_key).await?;
+        for (client, token) in &lingering {
+            if scripts::expire(c, keys, client, token).await? {
+                self.went_offline(client);
+            }
+        }
+        let _: () = c.del(&lingering_key).await?;
         let _: () = c.srem(keys.global("nodes"), node).await?;
         if let Some(forget) = self.forget.get() {
             forget.forget_node(node.to_owned()).await;

@@ -96,6 +96,8 @@ pub struct ClusterRegistry {
     connected_since: Mutex<Option<Instant>>,
     /// Something could not reach Redis: re-register at the next chance.
     dirty: AtomicBool,
+    /// Whether a heartbeat has been written yet.
+    beaten: AtomicBool,
     /// Running offline graces: client id → token.
     lingers: Mutex<HashMap<Arc<str>, String>>,
     /// The last `/api/stats` cluster figures and when they were read.
@@ -139,6 +141,7 @@ impl ClusterRegistry {
             stop: CancellationToken::new(),
             connected_since: Mutex::new(None),
             dirty: AtomicBool::new(false),
+            beaten: AtomicBool::new(false),
             lingers: Mutex::new(HashMap::new()),
             stats: Mutex::new(None),
         });

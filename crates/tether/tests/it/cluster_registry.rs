@@ -31,12 +31,14 @@ async fn node(redis: &RedisServer, id: &str, f: impl FnOnce(&mut Config)) -> Tes
     srv
 }
 
-/// Waits until the node is ready and listens on its control channel.
+/// Waits until the node is ready, linked to Redis and listens on its control channel.
 async fn wait_joined(redis: &RedisServer, srv: &TestServer, id: &str) {
     let channel = format!("tether:{{n:{id}}}:control");
     for _ in 0..200 {
         let subs = redis.cli(&["pubsub", "numsub", &channel]).unwrap();
-        if readyz(srv).await == 200 && subs.ends_with('1') {
+        // `cluster` is null while the node's link to Redis is down.
+        let linked = !srv.stats().await["cluster"].is_null();
+        if readyz(srv).await == 200 && subs.ends_with('1') && linked {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -252,7 +254,7 @@ impl Drop for Binary {
     }
 }
 
-fn binary(redis: &RedisServer, id: &str) -> Binary {
+fn binary(redis: &RedisServer, id: &str, grace_ms: u64) -> Binary {
     let port = || tether_redis::testing::free_port();
     let (listen, api) = (
         format!("127.0.0.1:{}", port()),
@@ -264,6 +266,7 @@ fn binary(redis: &RedisServer, id: &str) -> Binary {
         .env("TETHER_BROKER__KIND", "redis")
         .env("TETHER_BROKER__URL", redis.url())
         .env("TETHER_BROKER__NODE_TTL_MS", "3000")
+        .env("TETHER_CLIENTS__OFFLINE_GRACE_MS", grace_ms.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -277,7 +280,9 @@ async fn a_killed_nodes_clients_go_offline_once_from_one_survivor() {
     let ttl = |c: &mut Config| c.broker.node_ttl_ms = 3000.try_into().unwrap();
     let b = node(&redis, "b", ttl).await;
     let c = node(&redis, "c", ttl).await;
-    let mut dead = binary(&redis, "dead");
+    // A long grace on the node that dies: a client lingering there (`l`) goes offline
+    // when the node is removed, not never.
+    let mut dead = binary(&redis, "dead", 60_000);
     let http = reqwest::Client::new();
     for _ in 0..200 {
         let ready = http.get(format!("http://{}/readyz", dead.api)).send().await;
@@ -295,14 +300,34 @@ async fn a_killed_nodes_clients_go_offline_once_from_one_survivor() {
         .await
         .unwrap();
     let (e_live, _) = b.ws("?client=e").await;
+    let (l, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?client=l", dead.listen))
+        .await
+        .unwrap();
+    client_close(l).await;
     let (_, d_seen) = c.get("/api/clients/d").await;
     assert_eq!(d_seen["state"], "online", "{d_seen}");
+    let mut l_seen = Value::Null;
+    for _ in 0..100 {
+        l_seen = c.get("/api/clients/l").await.1;
+        if l_seen["state"] == "lingering" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(l_seen["state"], "lingering", "{l_seen}");
     dead.child.kill().unwrap();
     dead.child.wait().unwrap();
     // node_ttl_ms, then a reaper tick (node_ttl / 3), then some slack.
     let events = events_of(&mut [&mut rb, &mut rc], Duration::from_millis(6000)).await;
     assert_eq!(count(&events, "client.offline", "d"), 1, "{events:?}");
+    assert_eq!(count(&events, "client.offline", "l"), 1, "{events:?}");
     assert_eq!(count(&events, "client.offline", "e"), 0, "{events:?}");
+    let firing: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e.kind.as_str() == "client.offline")
+        .map(|e| e.node_id.as_str())
+        .collect();
+    assert_eq!(firing.len(), 1, "one survivor fires them: {events:?}");
     let (status, _) = b.get("/api/clients/d").await;
     assert_eq!(status, 404);
     let (_, e) = c.get("/api/clients/e").await;
@@ -362,8 +387,17 @@ async fn redis_down_refuses_handshakes_and_a_restarted_redis_gets_every_connecti
         seen["clients"],
         json!([{"client_id": "r", "state": "online", "connections": 1}])
     );
-    let (_, stats) = b.get("/api/stats").await;
-    assert_eq!(stats["cluster"]["connections"], 1, "{stats}");
+    // `cluster` is at most two seconds old.
+    let want = json!({"nodes": 2, "connections": 1, "clients": 1});
+    let mut stats = Value::Null;
+    for _ in 0..60 {
+        stats = b.stats().await;
+        if stats["cluster"] == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stats["cluster"], want, "{stats}");
     assert_alive(&mut r).await;
     client_close(r).await;
     a.assert_clean().await;
@@ -401,4 +435,44 @@ async fn clients_are_listed_in_pages_by_id_on_one_node() {
     }
     s.assert_clean().await;
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admit_local_admits_during_an_outage_and_settles_the_limit_after_it() {
+    let redis = RedisServer::start().unwrap();
+    let local = |c: &mut Config| {
+        c.clients.max_connections_per_client = 1.try_into().unwrap();
+        c.broker.on_unavailable = tether_server::config::OnUnavailable::AdmitLocal;
+        c.broker.command_timeout_ms = 300.try_into().unwrap();
+    };
+    let a = node(&redis, "a", local).await;
+    let b = node(&redis, "b", local).await;
+    let (mut first, _) = a.ws("?client=x").await;
+    // Redis stops answering (its data kept) for 4 s.
+    redis.cli(&["client", "pause", "4000", "all"]).unwrap();
+    let mut down = false;
+    for _ in 0..100 {
+        if b.stats().await["cluster"].is_null() {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(down, "b never saw redis unreachable");
+    assert_eq!(readyz(&b).await, 200, "admit_local keeps the node ready");
+    // b's own view has no connection of x: admitted.
+    let (mut second, _) = b.ws("?client=x").await;
+    // Once Redis answers again, b re-registers: x is over its limit of 1, and the
+    // connection b admitted on its own view is closed 4409.
+    let (closing, code) = expect_close(&mut second).await;
+    assert_eq!(code, 4409, "{closing:?}");
+    assert_alive(&mut first).await;
+    let (_, x) = b.get("/api/clients/x").await;
+    assert_eq!(x["connections"].as_array().map(Vec::len), Some(1), "{x}");
+    client_close(first).await;
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
 }
