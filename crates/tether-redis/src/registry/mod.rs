@@ -73,6 +73,9 @@ pub enum RegistryError {
     /// A control request got no reply in time.
     #[error("node {0} did not answer in time")]
     NoReply(String),
+    /// A `page` token that no page of `/api/connections` gave.
+    #[error("page is not a page token from next_page")]
+    BadPage,
     /// A control message could not be encoded.
     #[error("control message: {0}")]
     Encode(#[from] serde_json::Error),

@@ -180,9 +180,13 @@ impl ClusterRegistry {
         limit: usize,
     ) -> Result<ConnPage, RegistryError> {
         self.reachable()?;
-        let (start, mut after) = match page.and_then(|p| p.rsplit_once('~')) {
-            Some((node, seq)) => (Some(node.to_owned()), seq.parse().unwrap_or(0)),
+        let (start, mut after) = match page.map(|p| p.rsplit_once('~')) {
             None => (None, 0),
+            Some(Some((node, seq))) if !node.is_empty() => {
+                let seq = seq.parse().map_err(|_| RegistryError::BadPage)?;
+                (Some(node.to_owned()), seq)
+            }
+            Some(_) => return Err(RegistryError::BadPage),
         };
         let c = self.link.commands();
         let mut nodes: Vec<String> = c.smembers(self.link.keys().global("nodes")).await?;

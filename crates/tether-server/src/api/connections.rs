@@ -49,6 +49,9 @@ pub(super) async fn connections(
             .await;
         return match page {
             Ok(p) => json_response(StatusCode::OK, json!(p)),
+            Err(tether_redis::RegistryError::BadPage) => {
+                bad("page is not a page token from next_page")
+            }
             Err(e) => super::cluster_error(&e),
         };
     }

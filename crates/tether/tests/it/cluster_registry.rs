@@ -133,6 +133,27 @@ async fn client_limit_holds_across_nodes_also_for_concurrent_handshakes() {
     assert_eq!(admitted.len(), 2);
     let (_, y) = a.get("/api/clients/y").await;
     assert_eq!(y["connections"].as_array().map(Vec::len), Some(2), "{y}");
+    // `/api/connections` pages through both nodes, with each node's live fields.
+    let (_, first) = a.get("/api/connections?limit=3").await;
+    let page = first["next_page"].as_str().expect("a next page").to_owned();
+    let (_, rest) = a
+        .get(&format!("/api/connections?limit=3&page={page}"))
+        .await;
+    assert_eq!(rest["next_page"], Value::Null, "{rest}");
+    let all: Vec<&Value> = first["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest["connections"].as_array().unwrap())
+        .collect();
+    assert_eq!(all.len(), 4, "{first} {rest}");
+    let on_b = all.iter().filter(|c| c["node_id"] == "b").count();
+    assert_eq!(on_b, 2, "{first} {rest}");
+    assert!(all
+        .iter()
+        .all(|c| c["state"] == "open" && c["idle_ms"].is_u64()));
+    let (status, _) = a.get("/api/connections?page=nonsense").await;
+    assert_eq!(status, 400);
     for ws in admitted.into_iter().chain([wa, wb]) {
         client_close(ws).await;
     }
@@ -162,6 +183,12 @@ async fn replace_oldest_evicts_on_the_other_node_and_a_kick_reaches_every_node()
     let (_, r) = b.get("/api/clients/r").await;
     assert_eq!(r["connections"].as_array().map(Vec::len), Some(2), "{r}");
 
+    // A kick by conn id from b reaches the connection on a.
+    let (mut one, welcome) = a.ws("?client=one").await;
+    let id = welcome["conn_id"].as_str().unwrap().to_owned();
+    let (status, body) = b.post("/api/disconnect", json!({"conn_id": id})).await;
+    assert_eq!((status, body), (200, json!({"closed": 1})));
+    assert_eq!(expect_close(&mut one).await.1, 4002);
     // A kick by client id on node b closes its connections on a and b.
     let (mut ka, _) = a.ws("?client=k").await;
     let (mut kb, _) = b.ws("?client=k").await;
@@ -210,7 +237,15 @@ async fn a_reconnect_on_another_node_within_the_grace_fires_no_pair() {
     let mut rb = b.app.registry.events().subscribe();
     let (wa, _) = a.ws("?client=g").await;
     client_close(wa).await;
-    let (_, g) = b.get("/api/clients/g").await;
+    // The release reaches Redis just after the close.
+    let mut g = Value::Null;
+    for _ in 0..100 {
+        g = b.get("/api/clients/g").await.1;
+        if g["state"] == "lingering" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(g["state"], "lingering", "{g}");
     let (wb, _) = b.ws("?client=g").await;
     // Past a's grace: nothing fires, the client is online on b.
