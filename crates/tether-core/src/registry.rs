@@ -384,6 +384,32 @@ impl Registry {
         }
     }
 
+    /// A commit makes its client online: counted when it was new, its grace ended
+    /// when it lingered, and `client.online` fired when this is its first connection
+    /// (in cluster mode, `cluster_first`: the cluster decided). Under the shard lock.
+    fn enter_online(&self, entry: &mut ClientEntry, client_id: &str, cluster_first: Option<bool>) {
+        let inner = &self.inner;
+        let was = entry.state;
+        entry.state = ClientState::Online;
+        match was {
+            ClientState::Fresh => {
+                inner.clients.fetch_add(1, Ordering::AcqRel);
+                inner.metrics.clients_delta(1);
+            }
+            ClientState::Lingering => entry.epoch += 1,
+            ClientState::Online => {}
+        }
+        if cluster_first.unwrap_or(was == ClientState::Fresh) {
+            inner.events.emit(
+                EventType::ClientOnline,
+                EventFields {
+                    client_id: Some(client_id),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+
     fn went_offline(&self, client_id: &str) {
         self.inner.clients.fetch_sub(1, Ordering::AcqRel);
         self.inner.metrics.clients_delta(-1);
@@ -671,31 +697,11 @@ impl Reservation {
                 });
             entry.reserved = entry.reserved.saturating_sub(1);
             let clustered = reg.cluster().is_some();
-            let was = entry.state;
-            entry.state = ClientState::Online;
-            match was {
-                ClientState::Fresh => {
-                    inner.clients.fetch_add(1, Ordering::AcqRel);
-                    inner.metrics.clients_delta(1);
-                }
-                ClientState::Lingering => entry.epoch += 1,
-                ClientState::Online => {}
-            }
-            // In cluster mode the cluster said whether this is the first connection.
-            let fire_online = if clustered {
-                self.cluster_first
-            } else {
-                was == ClientState::Fresh
-            };
-            if fire_online {
-                inner.events.emit(
-                    EventType::ClientOnline,
-                    EventFields {
-                        client_id: Some(&self.client_id),
-                        ..Default::default()
-                    },
-                );
-            }
+            reg.enter_online(
+                entry,
+                &self.client_id,
+                clustered.then_some(self.cluster_first),
+            );
             let live: Vec<&Arc<Connection>> =
                 entry.conns.iter().filter(|c| !c.is_closing()).collect();
             let victim = (live.len() >= inner.settings.max_connections_per_client

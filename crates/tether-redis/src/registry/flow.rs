@@ -119,7 +119,7 @@ impl ClusterRegistry {
 
     /// Closes a connection the cluster evicted: here, or through its node's control
     /// channel (acknowledged, or logged when no answer comes in time).
-    pub(crate) fn evict(self: &ClusterRegistry, conn_id: String, node: String, closing: Closing) {
+    pub(crate) fn evict(&self, conn_id: String, node: String, closing: Closing) {
         let selector = Selector {
             conn_id: Some(conn_id.clone()),
             ..Default::default()
@@ -151,7 +151,7 @@ impl ClusterRegistry {
         conn_id: String,
         committed: bool,
     ) {
-        let token = format!("{:016x}", fastrand_u64());
+        let token = format!("{:016x}", fastrand::u64(..));
         let grace = self.settings.offline_grace.as_millis() as u64;
         let keys = self.link.keys();
         let c = self.link.commands();
@@ -267,16 +267,4 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-fn fastrand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::UNIX_EPOCH
-            .elapsed()
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
 }
