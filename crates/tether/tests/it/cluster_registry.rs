@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tether_core::ClientLimitPolicy;
 use tether_protocol::LifecycleEvent;
-use tether_redis::testing::RedisServer;
+use tether_redis::testing::{RedisCluster, RedisServer};
 use tether_server::config::{BrokerKind, Config};
 use tokio::sync::broadcast::Receiver;
 
@@ -31,14 +31,40 @@ async fn node(redis: &RedisServer, id: &str, f: impl FnOnce(&mut Config)) -> Tes
     srv
 }
 
+/// A node called `id` on a Redis Cluster.
+async fn cluster_node(redis: &RedisCluster, id: &str, f: impl FnOnce(&mut Config)) -> TestServer {
+    let url = redis.url();
+    let srv = support::start(|c| {
+        c.node_id = id.into();
+        c.broker.kind = BrokerKind::RedisCluster;
+        c.broker.url = url;
+        f(c);
+    })
+    .await;
+    let shards: Vec<&RedisServer> = redis.shards.iter().collect();
+    wait_joined_on(&shards, &srv, id).await;
+    srv
+}
+
 /// Waits until the node is ready, linked to Redis and listens on its control channel.
 async fn wait_joined(redis: &RedisServer, srv: &TestServer, id: &str) {
+    wait_joined_on(&[redis], srv, id).await;
+}
+
+/// As [`wait_joined`], the subscription found on any of `shards`.
+async fn wait_joined_on(shards: &[&RedisServer], srv: &TestServer, id: &str) {
     let channel = format!("tether:{{n:{id}}}:control");
     for _ in 0..200 {
-        let subs = redis.cli(&["pubsub", "numsub", &channel]).unwrap();
+        let subs = shards
+            .iter()
+            .filter(|r| {
+                r.cli(&["pubsub", "numsub", &channel])
+                    .is_ok_and(|s| s.ends_with('1'))
+            })
+            .count();
         // `cluster` is null while the node's link to Redis is down.
         let linked = !srv.stats().await["cluster"].is_null();
-        if readyz(srv).await == 200 && subs.ends_with('1') && linked {
+        if readyz(srv).await == 200 && subs == 1 && linked {
             return;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -508,6 +534,48 @@ async fn admit_local_admits_during_an_outage_and_settles_the_limit_after_it() {
     a.assert_clean().await;
     b.assert_clean().await;
     assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_redis_cluster_the_limit_the_replace_and_online_offline_hold() {
+    let redis = RedisCluster::start(3).unwrap();
+    let replace = |c: &mut Config| {
+        c.clients.max_connections_per_client = 2.try_into().unwrap();
+        c.clients.on_client_limit = ClientLimitPolicy::ReplaceOldest;
+    };
+    let a = cluster_node(&redis, "a", replace).await;
+    let b = cluster_node(&redis, "b", replace).await;
+    let mut ra = a.app.registry.events().subscribe();
+    let mut rb = b.app.registry.events().subscribe();
+    // Several clients, so that their keys land on different shards.
+    let mut kept = Vec::new();
+    for id in ["p", "q", "r", "s"] {
+        let (mut old, _) = a.ws(&format!("?client={id}")).await;
+        let (mid, _) = b.ws(&format!("?client={id}")).await;
+        let (new, _) = b.ws(&format!("?client={id}")).await;
+        assert_eq!(expect_close(&mut old).await.1, 4001, "{id}");
+        kept.extend([mid, new]);
+    }
+    let (_, list) = a.get("/api/clients").await;
+    assert_eq!(list["clients"].as_array().map(Vec::len), Some(4), "{list}");
+    let (status, body) = a.post("/api/disconnect", json!({"client_id": "p"})).await;
+    assert_eq!((status, body), (200, json!({"closed": 2})));
+    for ws in kept {
+        client_close(ws).await;
+    }
+    let events = events_of(&mut [&mut ra, &mut rb], Duration::from_millis(500)).await;
+    for id in ["p", "q", "r", "s"] {
+        assert_eq!(count(&events, "client.online", id), 1, "{id}: {events:?}");
+        assert_eq!(count(&events, "client.offline", id), 1, "{id}: {events:?}");
+    }
+    a.assert_clean().await;
+    b.assert_clean().await;
+    for shard in &redis.shards {
+        let left = shard.cli(&["--scan", "--pattern", "tether:{c:*"]).unwrap();
+        assert_eq!(left, "", "client keys left on a shard");
+    }
     a.stop().await;
     b.stop().await;
 }
