@@ -138,7 +138,9 @@ impl Pending {
             .publish(link.keys().node_control(node), text)
             .await;
         let answer = match sent {
-            Ok(0) => Err(RegistryError::NoReply(node.to_owned())),
+            // No subscriber: the node is not listening. (In a Redis Cluster the count
+            // covers only the shard that took the PUBLISH, so it proves nothing.)
+            Ok(0) if !link.is_cluster() => Err(RegistryError::NoReply(node.to_owned())),
             Ok(_) => match tokio::time::timeout(wait, rx).await {
                 Ok(Ok(reply)) => Ok(reply),
                 _ => Err(RegistryError::NoReply(node.to_owned())),
