@@ -25,6 +25,11 @@ pub(super) async fn run(cluster: Arc<ClusterRegistry>) {
     let every = cluster.settings.node_ttl / 3;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Up already (before this task subscribed): no change will announce it.
+    if *up.borrow_and_update() {
+        *cluster.connected_since.lock() = Some(Instant::now());
+        cluster.dirty.store(true, Ordering::Release);
+    }
     loop {
         tokio::select! {
             _ = cluster.stop.cancelled() => return,

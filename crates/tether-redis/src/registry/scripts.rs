@@ -209,3 +209,115 @@ pub(crate) async fn expire(
         .await?;
     Ok(n == 1)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::testing::RedisServer;
+    use fred::interfaces::ClientLike;
+    use fred::types::config::Config;
+    use fred::types::Builder;
+
+    async fn client(redis: &RedisServer) -> Client {
+        let c = Builder::from_config(Config::from_url(&redis.url()).unwrap())
+            .build()
+            .unwrap();
+        c.init().await.unwrap();
+        c
+    }
+
+    fn args<'a>(conn: &'a str, policy: &'a str) -> [&'a str; 6] {
+        [conn, "n1", "ws", "1000", "2", policy]
+    }
+
+    fn commit_args<'a>(conn: &'a str, node: &'a str, policy: &'a str) -> [&'a str; 7] {
+        [conn, node, "ws", "1000", "2", policy, "0"]
+    }
+
+    #[tokio::test]
+    async fn admit_counts_reservations_against_the_limit_under_reject_only() {
+        let redis = RedisServer::start().unwrap();
+        let (c, k) = (client(&redis).await, Keys::new("t"));
+        assert!(admit(&c, &k, "x", args("c1", "reject")).await.unwrap());
+        assert!(admit(&c, &k, "x", args("c2", "reject")).await.unwrap());
+        assert!(!admit(&c, &k, "x", args("c3", "reject")).await.unwrap());
+        assert!(admit(&c, &k, "x", args("c3", "replace")).await.unwrap());
+        // A refused reservation is not recorded.
+        let n: i64 = c
+            .eval(
+                "return redis.call('ZCARD', KEYS[1])",
+                vec![k.client_key("x", "conns")],
+                Vec::<String>::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 3);
+    }
+
+    #[tokio::test]
+    async fn commit_says_first_once_and_evicts_the_oldest_other_committed() {
+        let redis = RedisServer::start().unwrap();
+        let (c, k) = (client(&redis).await, Keys::new("t"));
+        for id in ["c1", "c2", "c3"] {
+            assert!(admit(&c, &k, "x", args(id, "replace")).await.unwrap());
+        }
+        let one = commit(&c, &k, "x", commit_args("c1", "na", "replace"))
+            .await
+            .unwrap();
+        assert_eq!(
+            one,
+            Committed {
+                first: true,
+                victim: None,
+                over: false
+            }
+        );
+        let two = commit(&c, &k, "x", commit_args("c2", "nb", "replace"))
+            .await
+            .unwrap();
+        assert_eq!(two, Committed::default());
+        let three = commit(&c, &k, "x", commit_args("c3", "nb", "replace"))
+            .await
+            .unwrap();
+        assert_eq!(three.victim, Some(("c1".into(), "na".into())));
+        assert!(!three.first);
+    }
+
+    #[tokio::test]
+    async fn offline_fires_once_after_the_grace_unless_the_client_came_back() {
+        let redis = RedisServer::start().unwrap();
+        let (c, k) = (client(&redis).await, Keys::new("t"));
+        admit(&c, &k, "x", args("c1", "reject")).await.unwrap();
+        commit(&c, &k, "x", commit_args("c1", "n1", "reject"))
+            .await
+            .unwrap();
+        let r = release(&c, &k, "x", "c1", 5000, "tok1").await.unwrap();
+        assert_eq!(r, Released::Lingering);
+        // Back within the grace (another node): the old grace ends in nothing.
+        admit(&c, &k, "x", args("c2", "reject")).await.unwrap();
+        let back = commit(&c, &k, "x", commit_args("c2", "n2", "reject"))
+            .await
+            .unwrap();
+        assert!(!back.first);
+        assert!(!expire(&c, &k, "x", "tok1").await.unwrap());
+        // Gone again, no grace: offline now, and only once.
+        assert_eq!(
+            release(&c, &k, "x", "c2", 0, "tok2").await.unwrap(),
+            Released::Offline
+        );
+        assert_eq!(
+            release(&c, &k, "x", "c2", 0, "tok3").await.unwrap(),
+            Released::Nothing
+        );
+        let left: Vec<String> = c
+            .eval(
+                "return redis.call('KEYS', 't:*')",
+                Vec::<String>::new(),
+                Vec::<String>::new(),
+            )
+            .await
+            .unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
