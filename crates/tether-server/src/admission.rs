@@ -121,9 +121,27 @@ pub(crate) fn identify(
     }
 }
 
-/// Runs every admission check in SPEC section 2's order and reserves the slot.
-/// `channels` are the SSE stream's channels, checked against the token.
-pub(crate) fn admit(
+/// Runs every admission check in SPEC section 2's order and reserves the slot: this
+/// node's checks, then in cluster mode the cluster's (the per-client limit across
+/// nodes, then Redis reachable). `channels` are the SSE stream's channels, checked
+/// against the token. Memory mode never suspends here.
+pub(crate) async fn admit(
+    gate: &Gate,
+    creds: Credentials<'_>,
+    ip: IpAddr,
+    transport: Transport,
+    origin_ok: bool,
+    channels: &[String],
+) -> Result<Admitted, AdmitError> {
+    let admitted = admit_here(gate, creds, ip, transport, origin_ok, channels)?;
+    match &gate.cluster {
+        None => Ok(admitted),
+        Some(c) => admit_cluster(gate, c, admitted, ip).await,
+    }
+}
+
+/// This node's admission checks, in order, and the local reservation.
+fn admit_here(
     gate: &Gate,
     creds: Credentials<'_>,
     ip: IpAddr,
@@ -158,7 +176,7 @@ pub(crate) fn admit(
 
 /// Cluster mode's part of admission, after [`admit`]: the per-client limit across
 /// nodes, then (last) whether Redis is reachable. A refusal drops the reservation.
-pub(crate) async fn admit_cluster(
+async fn admit_cluster(
     gate: &Gate,
     cluster: &ClusterRegistry,
     admitted: Admitted,

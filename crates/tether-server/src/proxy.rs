@@ -165,16 +165,11 @@ async fn handle_ws(
         Kind::Proxy,
         pr.origin_ok,
         &[],
-    ) {
+    )
+    .await
+    {
         Ok(a) => a,
         Err(e) => return refuse(e, on_upgrade),
-    };
-    let admitted = match &edge.gate.cluster {
-        None => admitted,
-        Some(c) => match admission::admit_cluster(&edge.gate, c, admitted, pr.ip).await {
-            Ok(a) => a,
-            Err(e) => return refuse(e, on_upgrade),
-        },
     };
     // Connect the upstream before answering the client.
     let url = upstream_url(&route, pr.query.as_deref());

@@ -43,18 +43,11 @@ pub(crate) async fn handle(
     ip: IpAddr,
     origin_ok: bool,
 ) -> Response {
-    let admitted = match admission::admit(&edge.gate, creds, ip, Kind::Proxy, origin_ok, &[]) {
+    let admitted = match admission::admit(&edge.gate, creds, ip, Kind::Proxy, origin_ok, &[]).await
+    {
         Ok(a) => a,
         Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
         Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
-    };
-    let admitted = match &edge.gate.cluster {
-        None => admitted,
-        Some(c) => match admission::admit_cluster(&edge.gate, c, admitted, ip).await {
-            Ok(a) => a,
-            Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
-            Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
-        },
     };
     let url = crate::upstream::upstream_url(&route, query.as_deref());
     let mut req = edge

@@ -222,25 +222,22 @@ async fn admit(
         Credentials::Client(query.client.as_deref())
     };
     let origin_ok = !edge.gate.origins.refused(headers);
-    let admitted =
-        match admission::admit(&edge.gate, creds, ip, Kind::Sse, origin_ok, &query.channels) {
-            Ok(a) => a,
-            Err(AdmitError::BadRequest(m)) => return Err(Box::new(admission::bad_request(&m))),
-            Err(AdmitError::Refused(r)) if r.is_transient() => {
-                return Err(Box::new(transient_refusal(r)))
-            }
-            Err(AdmitError::Refused(r)) => return Err(Box::new(admission::http_refusal(r))),
-        };
-    let admitted = match &edge.gate.cluster {
-        None => admitted,
-        Some(c) => match admission::admit_cluster(&edge.gate, c, admitted, ip).await {
-            Ok(a) => a,
-            Err(AdmitError::Refused(r)) if r.is_transient() => {
-                return Err(Box::new(transient_refusal(r)))
-            }
-            Err(AdmitError::Refused(r)) => return Err(Box::new(admission::http_refusal(r))),
-            Err(AdmitError::BadRequest(m)) => return Err(Box::new(admission::bad_request(&m))),
-        },
+    let admitted = match admission::admit(
+        &edge.gate,
+        creds,
+        ip,
+        Kind::Sse,
+        origin_ok,
+        &query.channels,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(AdmitError::BadRequest(m)) => return Err(Box::new(admission::bad_request(&m))),
+        Err(AdmitError::Refused(r)) if r.is_transient() => {
+            return Err(Box::new(transient_refusal(r)))
+        }
+        Err(AdmitError::Refused(r)) => return Err(Box::new(admission::http_refusal(r))),
     };
     let expires_at = admitted
         .identity

@@ -197,17 +197,11 @@ pub(crate) async fn handler(State(edge): State<Arc<Edge>>, mut req: Request<Body
     } else {
         Credentials::Client(hs.client.as_deref())
     };
-    let admitted = match admission::admit(&edge.gate, creds, hs.ip, Kind::Ws, hs.origin_ok, &[]) {
-        Err(e) => return hs.refuse(&edge, e, on_upgrade, pending),
-        Ok(admitted) => admitted,
-    };
-    let admitted = match &edge.gate.cluster {
-        None => admitted,
-        Some(c) => match admission::admit_cluster(&edge.gate, c, admitted, hs.ip).await {
-            Ok(a) => a,
+    let admitted =
+        match admission::admit(&edge.gate, creds, hs.ip, Kind::Ws, hs.origin_ok, &[]).await {
             Err(e) => return hs.refuse(&edge, e, on_upgrade, pending),
-        },
-    };
+            Ok(admitted) => admitted,
+        };
     let answer = switching(&hs.accept, hs.protocol.clone());
     spawn_admitted(edge, hs, on_upgrade, pending, admitted);
     answer
