@@ -378,6 +378,12 @@ async fn a_killed_nodes_clients_go_offline_once_from_one_survivor() {
     assert_eq!(l_seen["state"], "lingering", "{l_seen}");
     dead.child.kill().unwrap();
     dead.child.wait().unwrap();
+    // Before it is removed, what the API shows of a node that does not answer.
+    let (_, d_now) = c.get("/api/clients/d").await;
+    assert_eq!(d_now["connections"][0]["state"], "unknown", "{d_now}");
+    assert_eq!(d_now["connections"][0]["node_id"], "dead", "{d_now}");
+    let (_, conns) = c.get("/api/connections").await;
+    assert_eq!(conns["unreachable"], json!(["dead"]), "{conns}");
     // node_ttl_ms, then a reaper tick (node_ttl / 3), then some slack.
     let events = events_of(&mut [&mut rb, &mut rc], Duration::from_millis(6000)).await;
     assert_eq!(count(&events, "client.offline", "d"), 1, "{events:?}");
