@@ -15,7 +15,9 @@ use tether_redis::testing::{RedisCluster, RedisServer};
 use tether_server::config::{BrokerKind, Config};
 use tokio::sync::broadcast::Receiver;
 
-use crate::support::{self, assert_alive, client_close, collect_events, expect_close, TestServer};
+use crate::support::{
+    self, assert_alive, client_close, collect_events, expect_close, read_sse_until, TestServer,
+};
 
 /// A node called `id` on `redis`.
 async fn node(redis: &RedisServer, id: &str, f: impl FnOnce(&mut Config)) -> TestServer {
@@ -215,6 +217,17 @@ async fn replace_oldest_evicts_on_the_other_node_and_a_kick_reaches_every_node()
     let (status, body) = b.post("/api/disconnect", json!({"conn_id": id})).await;
     assert_eq!((status, body), (200, json!({"closed": 1})));
     assert_eq!(expect_close(&mut one).await.1, 4002);
+    // `all` from a reaches b's connections too.
+    let (mut aa, _) = a.ws("?client=all1").await;
+    let (mut ab, _) = b.ws("?client=all2").await;
+    let (status, body) = a
+        .post("/api/disconnect", json!({"all": true, "code": 4100}))
+        .await;
+    assert_eq!(status, 200);
+    // `mid` and `new` of client r are open too: everything closes.
+    assert_eq!(body, json!({"closed": 4}));
+    assert_eq!(expect_close(&mut aa).await.1, 4100);
+    assert_eq!(expect_close(&mut ab).await.1, 4100);
     // A kick by client id on node b closes its connections on a and b.
     let (mut ka, _) = a.ws("?client=k").await;
     let (mut kb, _) = b.ws("?client=k").await;
@@ -437,6 +450,20 @@ async fn redis_down_refuses_handshakes_and_a_restarted_redis_gets_every_connecti
         (status, body["error"].as_str()),
         (503, Some("broker_unavailable"))
     );
+    // SSE: a transient refusal, a `200` stream that says `closing` with 4503.
+    let mut sse = a
+        .http
+        .get(format!("http://{}/sse?channel=x&client=s", a.client))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    let text = read_sse_until(&mut sse, |t| t.contains("event: closing")).await;
+    assert!(
+        text.contains("broker_unavailable") && text.contains("4503"),
+        "{text}"
+    );
+    drop(sse);
     assert_alive(&mut r).await;
 
     redis.restart_empty().unwrap();
