@@ -115,6 +115,18 @@ setup_redis() {
     redis-server --version
 }
 
+setup_promtool() {
+    section "setup: promtool (Debian package prometheus)"
+    command -v promtool >/dev/null 2>&1 || apt_install prometheus
+    promtool --version | head -n 1
+}
+
+setup_package() {
+    section "setup: cargo-deb, binutils, systemd-analyze (scripts/package-test.sh)"
+    bash "$ROOT/scripts/package-test.sh" --setup
+    cargo deb --version
+}
+
 # >>> EXTENSION POINT: more setup steps go here.
 # >>> Write each as a setup_* function using apt_install, and add it to SETUP_FOR
 # >>> below next to the steps that need it.
@@ -156,7 +168,7 @@ step_py() {
 }
 
 step_browser() {
-    section "browser tests: headless chromium, native EventSource and the SDK (tests/browser, clients/js)"
+    section "browser tests: headless chromium, native EventSource, the SDK and the /admin dashboard (tests/browser, clients/js)"
     cargo build --quiet
     # The browser SDK's own unit tests (Node's built-in runner, no browser needed).
     node --test clients/js
@@ -170,17 +182,38 @@ step_autobahn() {
         bash "$ROOT/scripts/autobahn.sh"
 }
 
+step_alerts() {
+    section "alert rules and a live scrape: promtool (docs/alerts.yml)"
+    promtool check rules docs/alerts.yml
+    # Each alert fires over its threshold after its `for:`, and not under it.
+    promtool test rules docs/alerts_test.yml
+    # `promtool check metrics` on a live /metrics scrape, in the integration test
+    # that requires promtool here rather than skipping without it.
+    if cargo nextest --version >/dev/null 2>&1; then
+        TETHER_REQUIRE_PROMTOOL=1 cargo nextest run -p tether --test it metrics::promtool_accepts_a_scrape
+    else
+        TETHER_REQUIRE_PROMTOOL=1 cargo test -p tether --test it metrics::promtool_accepts_a_scrape
+    fi
+}
+
+step_package() {
+    section "Debian package: cargo deb, dpkg -i, systemd-analyze verify, run, drain, purge (scripts/package-test.sh)"
+    bash "$ROOT/scripts/package-test.sh"
+}
+
 # >>> EXTENSION POINT: more check steps go here (cluster tests against Redis).
 # >>> Add each to STEPS, and its setup to SETUP_FOR.
 
-STEPS=(fmt clippy build rust py browser autobahn)
+STEPS=(fmt clippy build rust alerts py browser autobahn package)
 
 # The setup functions each step needs (space-separated).
 declare -A SETUP_FOR=(
     [py]="setup_python"
-    [rust]="setup_netns setup_redis"
+    [rust]="setup_netns setup_redis setup_promtool"
+    [alerts]="setup_promtool"
     [browser]="setup_browser"
     [autobahn]="setup_python setup_autobahn"
+    [package]="setup_package"
 )
 
 main() {

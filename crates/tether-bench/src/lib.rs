@@ -117,7 +117,9 @@ struct ChurnArgs {
 struct FanoutArgs {
     /// Subscriber URL [default: tether ws://127.0.0.1:7700/ws, nchan
     /// ws://127.0.0.1:80/sub]. Tether SSE uses `/sse` on the same address (or the path
-    /// of an http:// URL); Nchan subscribers go to `{url}/{channel}`.
+    /// of an http:// URL); Nchan subscribers go to `{url}/{channel}`. Several,
+    /// comma-separated (a cluster's nodes): subscriber process K connects to the K-th,
+    /// round-robin (`--procs` a multiple of their number).
     #[arg(long)]
     url: Option<String>,
     /// Publish base URL: Tether `{api}/api/publish` [default http://127.0.0.1:7701],
@@ -337,6 +339,21 @@ fn split_url(url: &str) -> Result<(&str, &str, &str), String> {
         Some(i) => (scheme, &rest[..i], &rest[i..]),
         None => (scheme, rest, ""),
     })
+}
+
+/// The subscriber URL of subscriber process `child`: with several comma-separated
+/// URLs (the nodes of a cluster), process K takes the K-th (round-robin), so the
+/// subscribers are spread evenly over the nodes (`--procs` a multiple of their number).
+fn node_url(urls: &str, child: Option<usize>, procs: usize) -> Result<&str, String> {
+    let all: Vec<&str> = urls.split(',').map(str::trim).collect();
+    if all.len() > 1 && (procs < all.len() || !procs.is_multiple_of(all.len())) {
+        return Err(format!(
+            "{} subscriber URLs need --procs a multiple of {} (one process per node or more)",
+            all.len(),
+            all.len()
+        ));
+    }
+    Ok(all[child.unwrap_or(0) % all.len()])
 }
 
 /// Where and how subscribers connect.
@@ -707,7 +724,15 @@ impl Publisher {
 async fn fanout(a: FanoutArgs) -> Result<(), String> {
     check_sources(&a.sources)?;
     let url = a.url.clone().unwrap_or(default_url(a.target).into());
-    let ep = Arc::new(endpoint(a.target, a.transport, &url, Some(a.channel.clone())).await?);
+    let ep = Arc::new(
+        endpoint(
+            a.target,
+            a.transport,
+            node_url(&url, a.child, a.procs)?,
+            Some(a.channel.clone()),
+        )
+        .await?,
+    );
     let api = match (&a.api, a.target) {
         (Some(api), _) => api.clone(),
         (None, Target::Tether) => "http://127.0.0.1:7701".into(),
@@ -1024,5 +1049,27 @@ async fn churn(a: ChurnArgs) -> Result<(), String> {
         Err("the registry did not return to zero".into())
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_url;
+
+    #[test]
+    fn subscriber_processes_are_spread_round_robin_over_the_nodes() {
+        let urls = "ws://127.0.0.1:1/ws,ws://127.0.0.1:2/ws,ws://127.0.0.1:3/ws";
+        let got: Vec<_> = (0..6).map(|k| node_url(urls, Some(k), 6).ok()).collect();
+        assert_eq!(got[0], got[3]);
+        assert_eq!(got[1], Some("ws://127.0.0.1:2/ws"));
+        assert_eq!(node_url("ws://a/ws", None, 1), Ok("ws://a/ws"));
+        assert!(
+            node_url(urls, Some(0), 1).is_err(),
+            "one process cannot cover three nodes"
+        );
+        assert!(
+            node_url(urls, Some(0), 4).is_err(),
+            "4 processes over 3 nodes is uneven"
+        );
     }
 }

@@ -2,6 +2,10 @@
 //! event (one `tracing` line per transition) and hands it to a bounded broadcast
 //! channel. A subscriber that falls more than the channel's capacity behind loses
 //! the oldest events and is told how many (`RecvError::Lagged`).
+//!
+//! A bus may also have one [`EventSink`] (the webhook queue): unlike the broadcast it
+//! is offered every event of the types it wants, in emission order, and decides
+//! itself what happens when it is full (it counts and logs; it never blocks).
 
 use std::sync::Arc;
 
@@ -16,6 +20,18 @@ pub const EVENT_BUFFER: usize = 4096;
 pub struct EventBus {
     node_id: Arc<str>,
     tx: broadcast::Sender<Arc<LifecycleEvent>>,
+    /// The one non-lossy consumer, if any (the webhook queue).
+    sink: Option<Arc<dyn EventSink>>,
+}
+
+/// A consumer that is offered every event of the types it wants, in the order they
+/// are emitted. `offer` is called under the registry's and the channels' locks: it
+/// must not block, await or make a syscall (a bounded queue push, at most).
+pub trait EventSink: Send + Sync + std::fmt::Debug {
+    /// Whether events of `kind` are wanted (the others are not even built for it).
+    fn wants(&self, kind: EventType) -> bool;
+    /// Takes one event; when full, the sink drops and counts it itself.
+    fn offer(&self, event: Arc<LifecycleEvent>);
 }
 
 /// The details of an event other than its type.
@@ -41,7 +57,17 @@ impl EventBus {
     /// A bus for `node_id`.
     pub fn new(node_id: Arc<str>) -> Self {
         let (tx, _) = broadcast::channel(EVENT_BUFFER);
-        Self { node_id, tx }
+        Self {
+            node_id,
+            tx,
+            sink: None,
+        }
+    }
+
+    /// The same bus, also offering every event `sink` wants to it.
+    pub fn with_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.sink = Some(sink);
+        self
     }
 
     /// A new receiver of every event emitted from now on.
@@ -62,9 +88,10 @@ impl EventBus {
             duration_ms = f.duration_ms,
             upstream = f.upstream,
         );
-        // Nobody listening (no `/api/events` stream): nothing to build. A receiver
-        // that subscribes meanwhile gets the events emitted after it did.
-        if self.tx.receiver_count() == 0 {
+        // Nobody listening (no `/api/events` stream, no sink for this type): nothing
+        // to build. A receiver that subscribes meanwhile gets the events emitted after.
+        let sink = self.sink.as_ref().filter(|s| s.wants(kind));
+        if self.tx.receiver_count() == 0 && sink.is_none() {
             return;
         }
         let event = LifecycleEvent {
@@ -80,7 +107,11 @@ impl EventBus {
             duration_ms: f.duration_ms,
             upstream: f.upstream.map(str::to_owned),
         };
+        let event = Arc::new(event);
+        if let Some(sink) = sink {
+            sink.offer(event.clone());
+        }
         // A receiver may have gone since: not an error, the event was logged.
-        let _ = self.tx.send(Arc::new(event));
+        let _ = self.tx.send(event);
     }
 }

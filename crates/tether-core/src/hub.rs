@@ -31,6 +31,10 @@ use tokio::time::Instant;
 use crate::connection::Connection;
 use crate::events::{EventBus, EventFields};
 pub use crate::message::{Direct, Published};
+pub use external::{published, Delivery, Followed, Head, Incoming};
+
+#[path = "hub_external.rs"]
+mod external;
 use crate::metrics::Metrics;
 use crate::outbox::{Offered, Outgoing};
 
@@ -168,6 +172,9 @@ struct Inner {
     events: EventBus,
     metrics: Metrics,
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
+    /// Told the name of every channel whose subscriptions on this node changed
+    /// (see [`Hub::watch`]); unset for the in-memory broker.
+    watcher: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Arc<str>>>,
 }
 
 enum Step {
@@ -318,6 +325,50 @@ fn offer_part(targets: &[Arc<Connection>], p: &Arc<Published>, direct_until: Ins
     out
 }
 
+/// Hands `p` (at `offset`) to every live, in-sync subscriber of `ch`: straight to
+/// idle sockets after a quiet gap (without the state lock, which it lets go), else
+/// queued under it. The caller holds the channel's publishing lock (`fanned_out`)
+/// and sets it when this returns; returns how many took it.
+#[inline]
+fn fan_out(
+    ch: &Channel,
+    mut st: parking_lot::MutexGuard<'_, ChannelState>,
+    fanned_out: &mut Option<Instant>,
+    offset: u64,
+    p: &Arc<Published>,
+    now: Instant,
+) -> u64 {
+    let quiet = fanned_out.is_none_or(|t| now.duration_since(t) >= QUIET);
+    if quiet {
+        // Straight to the sockets, which takes long enough (~10 µs per
+        // subscriber) that it must not hold the state lock: the subscribers
+        // that get it are fixed here, and the lock is let go.
+        let mut targets = Vec::new();
+        for sub in st.subs.values_mut() {
+            if sub.live && sub.next == offset {
+                sub.next += 1;
+                targets.push(sub.conn.clone());
+            }
+        }
+        drop(st);
+        let offers = offer_all(&targets, p, now + DIRECT_BUDGET);
+        drop(targets);
+        if !offers.refused.is_empty() {
+            let mut st = ch.state.lock();
+            for seq in offers.refused {
+                if let Some(sub) = st.subs.get_mut(&seq) {
+                    sub.live = false;
+                }
+            }
+        }
+        offers.delivered
+    } else {
+        let delivered = queue_all(&mut st.subs, offset, p);
+        drop(st);
+        delivered
+    }
+}
+
 impl Hub {
     /// An empty hub.
     pub fn new(settings: HubSettings, events: EventBus, metrics: Metrics) -> Self {
@@ -327,8 +378,19 @@ impl Hub {
                 events,
                 metrics,
                 channels: Mutex::new(HashMap::new()),
+                watcher: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Its settings.
+    pub fn settings(&self) -> &HubSettings {
+        &self.inner.settings
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Channels in the table (with subscribers or retained history).
@@ -337,13 +399,23 @@ impl Hub {
     }
 
     fn channel(&self, name: &str, create: bool) -> Result<Option<Arc<Channel>>, HubError> {
+        self.channel_at(name, create.then_some(None))
+    }
+
+    /// The channel `name`; with `create`, made if absent, starting at the given
+    /// `(epoch, last offset)` or else at a new epoch's offset 0.
+    fn channel_at(
+        &self,
+        name: &str,
+        create: Option<Option<(&str, u64)>>,
+    ) -> Result<Option<Arc<Channel>>, HubError> {
         let mut map = self.inner.channels.lock();
         if let Some(c) = map.get(name) {
             return Ok(Some(c.clone()));
         }
-        if !create {
+        let Some(seed) = create else {
             return Ok(None);
-        }
+        };
         if map.len() >= self.inner.settings.max_channels {
             return Err(HubError::ChannelLimit);
         }
@@ -352,8 +424,8 @@ impl Hub {
             name: name.clone(),
             publishing: Mutex::new(None),
             state: Mutex::new(ChannelState {
-                epoch: new_epoch(),
-                last: 0,
+                epoch: seed.map_or_else(new_epoch, |(e, _)| e.to_owned()),
+                last: seed.map_or(0, |(_, last)| last),
                 history: VecDeque::new(),
                 subs: HashMap::new(),
                 clients: HashMap::new(),
@@ -372,10 +444,21 @@ impl Hub {
         &self,
         name: &str,
         create: bool,
+        f: impl FnMut(&Channel, &mut ChannelState) -> R,
+    ) -> Result<Option<R>, HubError> {
+        self.with_channel_at(name, create.then_some(None), f)
+    }
+
+    /// [`with_channel`](Self::with_channel), creating the channel at `create`'s
+    /// position (see [`channel_at`](Self::channel_at)).
+    fn with_channel_at<R>(
+        &self,
+        name: &str,
+        create: Option<Option<(&str, u64)>>,
         mut f: impl FnMut(&Channel, &mut ChannelState) -> R,
     ) -> Result<Option<R>, HubError> {
         loop {
-            let Some(ch) = self.channel(name, create)? else {
+            let Some(ch) = self.channel_at(name, create)? else {
                 return Ok(None);
             };
             let mut st = ch.state.lock();
@@ -445,35 +528,7 @@ impl Hub {
                     }
                 }
             }
-            let quiet = fanned_out.is_none_or(|t| now.duration_since(t) >= QUIET);
-            let delivered = if quiet {
-                // Straight to the sockets, which takes long enough (~10 µs per
-                // subscriber) that it must not hold the state lock: the subscribers
-                // that get it are fixed here, and the lock is let go.
-                let mut targets = Vec::new();
-                for sub in st.subs.values_mut() {
-                    if sub.live && sub.next == offset {
-                        sub.next += 1;
-                        targets.push(sub.conn.clone());
-                    }
-                }
-                drop(st);
-                let offers = offer_all(&targets, &p, now + DIRECT_BUDGET);
-                drop(targets);
-                if !offers.refused.is_empty() {
-                    let mut st = ch.state.lock();
-                    for seq in offers.refused {
-                        if let Some(sub) = st.subs.get_mut(&seq) {
-                            sub.live = false;
-                        }
-                    }
-                }
-                offers.delivered
-            } else {
-                let delivered = queue_all(&mut st.subs, offset, &p);
-                drop(st);
-                delivered
-            };
+            let delivered = fan_out(&ch, st, &mut fanned_out, offset, &p, now);
             *fanned_out = Some(Instant::now());
             drop(fanned_out);
             self.inner.metrics.delivered(delivered);
@@ -492,6 +547,19 @@ impl Hub {
         since: Option<&Position>,
         announce: Option<Option<u64>>,
     ) -> Result<Subscribed, HubError> {
+        self.subscribe_at(conn, channel, since, announce, None)
+    }
+
+    /// [`subscribe`](Self::subscribe); a channel this creates starts at `seed`
+    /// (`(epoch, last offset)`, from an external broker) instead of a new epoch.
+    pub fn subscribe_at(
+        &self,
+        conn: &Arc<Connection>,
+        channel: &str,
+        since: Option<&Position>,
+        announce: Option<Option<u64>>,
+        seed: Option<(&str, u64)>,
+    ) -> Result<Subscribed, HubError> {
         {
             let chans = conn.channels.lock();
             if chans.iter().any(|c| &**c == channel) {
@@ -503,7 +571,7 @@ impl Hub {
         }
         let settings = &self.inner.settings;
         let events = &self.inner.events;
-        let r = self.with_channel(channel, true, |ch, st| {
+        let r = self.with_channel_at(channel, Some(seed), |ch, st| {
             expire(st, settings, Instant::now());
             let latest = st.last;
             let oldest = st.history.front().map_or(latest + 1, |p| p.offset);
@@ -560,6 +628,7 @@ impl Hub {
                 );
             }
             events.emit(EventType::SubscriptionAdded, f);
+            self.changed(&ch.name);
             out
         })?;
         r.ok_or(HubError::ChannelLimit)
@@ -642,6 +711,7 @@ impl Hub {
         self.inner
             .events
             .emit(EventType::SubscriptionRemoved, f.clone());
+        self.changed(&ch.name);
         if st.subs.is_empty() {
             self.inner.events.emit(
                 EventType::ChannelVacated,
@@ -824,7 +894,7 @@ fn expire(st: &mut ChannelState, settings: &HubSettings, now: Instant) {
 /// JSON text on one line: an SSE `data:` line must not contain a line break, and
 /// whitespace between JSON tokens may. Valid JSON has line breaks only there, so
 /// re-serializing it compactly changes nothing else.
-fn one_line(data: &str) -> std::borrow::Cow<'_, str> {
+pub fn one_line(data: &str) -> std::borrow::Cow<'_, str> {
     if !data.contains(['\n', '\r']) {
         return std::borrow::Cow::Borrowed(data);
     }

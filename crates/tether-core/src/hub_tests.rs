@@ -1031,3 +1031,6 @@ fn try_unsubscribe_steps_back_while_a_fan_out_writes() {
     assert_eq!(hub.try_unsubscribe(a.conn(), "c"), not);
     assert_eq!(hub.try_unsubscribe(a.conn(), "nowhere"), not);
 }
+
+#[path = "hub_external_tests.rs"]
+mod external;

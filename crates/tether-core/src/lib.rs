@@ -24,15 +24,18 @@ pub mod select;
 pub use broker::{Broker, BrokerError, MemoryBroker};
 pub use connection::{ConnSnapshot, ConnSpec, Connection, Transport};
 pub use drain::{Drain, Phase};
-pub use events::EventBus;
-pub use hub::{CatchUp, Hub, HubError, HubSettings, PublishResult, Published, Subscribed};
+pub use events::{EventBus, EventSink};
+pub use hub::{
+    CatchUp, Delivery, Followed, Head, Hub, HubError, HubSettings, Incoming, PublishResult,
+    Published, Subscribed,
+};
 pub use ids::{parse_conn_id, ConnIdGen};
 pub use ip_limits::{IpLimits, IpSlot};
-pub use metrics::Metrics;
+pub use metrics::{Metrics, WebhookMetrics};
 pub use outbox::{DirectSink, Offered, Outbox, Outgoing};
 pub use registry::{
-    ClientLimitPolicy, ClientSnapshot, ClusterSeam, ConnectionGuard, Registry, RegistrySettings,
-    Reservation,
+    ClientLimitPolicy, ClientSnapshot, ClientSummary, ClusterSeam, ConnectionGuard, Registry,
+    RegistrySettings, Reservation,
 };
 pub use select::{Filter, Selector};
 

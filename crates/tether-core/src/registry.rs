@@ -41,6 +41,10 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::select::{Filter, Selector};
 
+mod clients_page;
+
+pub use clients_page::ClientSummary;
+
 const SHARDS: usize = 64;
 
 /// Cluster mode's hold on the registry (SPEC section 10). With a seam set, the
@@ -183,6 +187,10 @@ impl ConnectionGuard {
     /// The connection.
     pub fn conn(&self) -> &Arc<Connection> {
         &self.conn
+    }
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        self.registry.metrics()
     }
     /// Records how the connection ended, for `connection.closed` and the metrics.
     /// The first record wins.
@@ -548,35 +556,6 @@ impl Registry {
     pub fn counts(&self) -> [usize; 3] {
         let t = &self.inner.by_transport;
         [0, 1, 2].map(|i| t[i].load(Ordering::Acquire))
-    }
-
-    /// Clients online or lingering with an id after `after`, in id order, at most
-    /// `limit`: `(client_id, state, connections)`, and the id the next page starts after.
-    pub fn client_page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> (Vec<(String, &'static str, usize)>, Option<String>) {
-        let mut rows: Vec<(String, &'static str, usize)> = Vec::new();
-        for shard in self.inner.shards.iter() {
-            let map = shard.lock();
-            rows.extend(
-                map.iter()
-                    .filter(|(id, _)| after.is_none_or(|a| &***id > a))
-                    .filter_map(|(id, e)| {
-                        let state = match e.state {
-                            ClientState::Fresh => return None,
-                            ClientState::Online => "online",
-                            ClientState::Lingering => "lingering",
-                        };
-                        Some((id.to_string(), state, e.conns.len()))
-                    }),
-            );
-        }
-        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let next = (rows.len() > limit).then(|| rows[limit - 1].0.clone());
-        rows.truncate(limit);
-        (rows, next)
     }
 
     /// A client's committed connections (not closing) and reservations on this node.

@@ -44,6 +44,36 @@ impl CloseCode {
     /// More inbound frames per second than allowed.
     pub const RATE_LIMITED: Self = Self(4029);
 
+    /// Every code Tether gives a meaning to: the ones it records or sends (SPEC section
+    /// 4's table, plus 1005/1006/1008/1014, which a connection can end with) and the
+    /// refusal codes. `tether_connections_closed_total` exports each from the start.
+    pub const KNOWN: [CloseCode; 24] = [
+        Self(1000),
+        Self(1001),
+        Self(1002),
+        Self(1005),
+        Self(1006),
+        Self(1007),
+        Self(1008),
+        Self(1009),
+        Self(1011),
+        Self(1014),
+        Self(4000),
+        Self(4001),
+        Self(4002),
+        Self(4003),
+        Self(4004),
+        Self(4005),
+        Self(4008),
+        Self(4029),
+        Self(4401),
+        Self(4403),
+        Self(4409),
+        Self(4429),
+        Self(4502),
+        Self(4503),
+    ];
+
     /// The code's short name, as used in metrics labels and logs.
     pub fn name(self) -> &'static str {
         match self.0 {
@@ -138,6 +168,14 @@ mod tests {
         for c in [1001, 1011, 4000, 4003, 4005, 4008, 4029, 4429, 4502, 4503] {
             assert!(CloseCode(c).reconnect(), "{c}");
         }
+    }
+
+    #[test]
+    fn every_known_code_has_a_name() {
+        for c in CloseCode::KNOWN {
+            assert_ne!(c.name(), "other", "{}", c.0);
+        }
+        assert_eq!(CloseCode(3000).name(), "other");
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! Lifecycle events (SPEC section 3): the same JSON goes to webhooks, to
 //! `GET /api/events` and to the log.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The kind of a lifecycle event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventType {
     /// A connection was committed.
     #[serde(rename = "connection.opened")]

@@ -9,12 +9,14 @@
 //! - [`registry`]: the cluster's client registry (limits, duplicate policy,
 //!   online/offline, node liveness, control channel, the API's cluster views).
 
+pub mod broker;
 pub mod keys;
 pub mod link;
 pub mod registry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use broker::RedisBroker;
 pub use keys::Keys;
 pub use link::{Link, LinkConfig, LinkError, Topology};
 pub use registry::{ClusterRegistry, ClusterSettings, ForgetNode, RegistryError};

@@ -24,6 +24,9 @@ use crate::keys::Keys;
 /// How often the health task pings Redis.
 const HEALTH_EVERY: Duration = Duration::from_millis(500);
 
+/// Pub/sub messages (and connection events) buffered for a slow reader.
+const PUBSUB_BUFFER: usize = 4096;
+
 /// Reconnect backoff: from this …
 const RECONNECT_MIN_MS: u32 = 100;
 /// … doubling up to this (plus fred's jitter).
@@ -82,7 +85,12 @@ impl Link {
         let mut builder = Builder::from_config(config);
         builder
             .with_config(|c| c.fail_fast = false)
-            .with_performance_config(|p| p.default_command_timeout = cfg.command_timeout)
+            .with_performance_config(|p| {
+                p.default_command_timeout = cfg.command_timeout;
+                // Pub/sub messages wait here for the broker's delivery task; one that
+                // falls further behind re-reads what it missed from the streams.
+                p.broadcast_channel_capacity = PUBSUB_BUFFER;
+            })
             .with_connection_config(|c| {
                 c.connection_timeout = cfg.command_timeout;
                 c.internal_command_timeout = cfg.command_timeout;

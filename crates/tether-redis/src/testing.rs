@@ -75,6 +75,11 @@ impl RedisServer {
         wait_ping(self.port)
     }
 
+    /// Its process id while it runs (to pause it with SIGSTOP in a test).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Its port.
     pub fn port(&self) -> u16 {
         self.port

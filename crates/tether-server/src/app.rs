@@ -10,7 +10,7 @@ use tether_core::{
     Broker, ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, MemoryBroker, Metrics,
     Registry, RegistrySettings,
 };
-use tether_redis::{ClusterRegistry, Link};
+use tether_redis::{ClusterRegistry, Link, RedisBroker};
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Gate;
@@ -22,6 +22,7 @@ use crate::edge::Edge;
 use crate::pending::PendingCounter;
 use crate::sessions::Sessions;
 use crate::tombstones::Tombstones;
+use crate::webhooks::Webhooks;
 
 /// State shared by the server's own tasks (accept loops, drain, sweeps), and the
 /// root the handlers' views are cut from: [`Edge`] for the client listener's
@@ -54,6 +55,10 @@ pub struct App {
     pub link: Option<Arc<Link>>,
     /// Cluster mode's client registry (`None` with the in-memory broker).
     pub cluster: Option<Arc<ClusterRegistry>>,
+    /// The webhook queue and counters (the sender task is the run task's).
+    pub webhooks: Arc<Webhooks>,
+    /// Cluster mode's broker (the same as `broker`), for what only it does.
+    pub redis_broker: Option<RedisBroker>,
 }
 
 impl App {
@@ -61,7 +66,11 @@ impl App {
         let max_connections = cfg.max_connections(nofile);
         let ids = ConnIdGen::new(&cfg.node_id);
         let metrics = Metrics::new();
-        let events = EventBus::new(ids.node_id().clone());
+        let webhooks = Webhooks::new(&cfg.webhooks, metrics.webhooks().clone());
+        let mut events = EventBus::new(ids.node_id().clone());
+        if let Some(sink) = webhooks.sink() {
+            events = events.with_sink(sink);
+        }
         let node_id = ids.node_id().clone();
         let hub = Hub::new(hub_settings(&cfg), events.clone(), metrics.clone());
         let registry = Registry::new(
@@ -71,10 +80,16 @@ impl App {
             metrics.clone(),
             hub.clone(),
         );
+        let redis_broker = link
+            .as_ref()
+            .map(|l| RedisBroker::new(l.clone(), hub.clone(), &node_id));
+        let broker: Arc<dyn Broker> = match &redis_broker {
+            Some(b) => Arc::new(b.clone()),
+            None => Arc::new(MemoryBroker::new(hub)),
+        };
         let cluster = link
             .as_ref()
-            .map(|l| crate::cluster::registry(&cfg, l, &registry));
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(hub));
+            .map(|l| crate::cluster::registry(&cfg, l, &registry, redis_broker.as_ref()));
         let drain = Drain::new();
         let auth = Arc::new(auth);
         let tombstones = Arc::new(Tombstones::new(Duration::from_millis(
@@ -112,10 +127,12 @@ impl App {
             tasks,
             max_connections,
             admin_sessions: Arc::default(),
+            webhooks,
             driving,
             edge,
             link,
             cluster,
+            redis_broker,
             cfg,
         })
     }
@@ -176,10 +193,12 @@ fn readiness(
     broker: &dyn Broker,
     cluster: Option<&ClusterRegistry>,
 ) -> Result<(), &'static str> {
-    let registry_down = cluster.is_some_and(|c| !c.is_up() && !c.admits_local());
+    // Cluster mode under `on_unavailable = "admit_local"` stays ready without Redis.
+    let redis_down = !broker.is_up() || cluster.is_some_and(|c| !c.is_up());
+    let admit_local = cluster.is_some_and(ClusterRegistry::admits_local);
     if drain.phase() != tether_core::Phase::Running {
         Err("draining")
-    } else if !broker.is_up() || registry_down {
+    } else if redis_down && !admit_local {
         Err("broker_unavailable")
     } else if registry.is_full() {
         Err("server_full")

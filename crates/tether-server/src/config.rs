@@ -54,6 +54,8 @@ pub struct Config {
     pub sweeps: Vec<Sweep>,
     /// `[broker]`.
     pub broker: BrokerSection,
+    /// `[webhooks]`.
+    pub webhooks: crate::webhooks::config::WebhooksSection,
 }
 
 /// Where channels and the client registry live (SPEC section 10).
@@ -458,6 +460,7 @@ impl Default for Config {
             proxy: ProxySection::default(),
             sweeps: Vec::new(),
             broker: BrokerSection::default(),
+            webhooks: Default::default(),
         }
     }
 }
@@ -557,6 +560,9 @@ pub enum ConfigError {
     /// The values are individually valid but do not fit together.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A `[webhooks]` value is invalid.
+    #[error("invalid configuration: {0}")]
+    Webhooks(#[from] crate::webhooks::config::InvalidWebhooks),
 }
 
 /// One override of a key path (from the environment or a flag).
@@ -712,6 +718,7 @@ impl Config {
                 "tls.cert_file and tls.key_file must be set together".into(),
             ));
         }
+        self.webhooks.validate()?;
         for (i, s) in self.sweeps.iter().enumerate() {
             if s.filter.is_empty() {
                 return Err(ConfigError::Invalid(format!(

@@ -6,7 +6,9 @@
 //! coordinator. Every per-socket task and every connection task is spawned on the
 //! app's [`TaskTracker`] (`tasks` in `/api/stats`), so drain can wait for them.
 //! [`Running::begin_drain`] starts the shutdown; [`Running::wait`] resolves once
-//! every connection is closed and the listeners are gone.
+//! every connection is closed and the listeners are gone. The shutdown runs in this
+//! order: drain the connections, flush the webhooks, close the `/api/events`
+//! streams (after the drain's last event), stop the API.
 #![warn(missing_docs)]
 
 mod admin;
@@ -24,6 +26,7 @@ mod cors;
 mod drain;
 mod driver;
 mod edge;
+mod events_tail;
 mod forwarded;
 mod net;
 mod pending;
@@ -40,6 +43,7 @@ mod sweeps;
 pub mod tls;
 mod tombstones;
 mod upstream;
+pub mod webhooks;
 mod ws;
 
 use std::net::SocketAddr;
@@ -173,11 +177,14 @@ async fn run(
 ) {
     let stop_accepting = CancellationToken::new();
     let api_stop = CancellationToken::new();
+    // Ends the `/api/events` streams: after the drain's last event, before the API
+    // (and with it, however the API stops).
+    let events_stop = api_stop.child_token();
     // One listener for both (`[api] listen` equal to `listen`): the client router
     // serves the API's routes too, behind the API's own key and Host checks.
     let shared_api = api
         .is_none()
-        .then(|| api::shared(api::Api::of(&app, api_stop.clone())));
+        .then(|| api::shared(api::Api::of(&app, events_stop.clone())));
     let client_router = routes::client_router(&app, shared_api);
     let mut background = tokio::task::JoinSet::new();
     background.spawn(net::accept_loop(
@@ -189,7 +196,7 @@ async fn run(
     ));
     if let Some(api) = api {
         let router =
-            api::router(api::Api::of(&app, api_stop.clone())).merge(routes::health_router(&app));
+            api::router(api::Api::of(&app, events_stop.clone())).merge(routes::health_router(&app));
         let stop = api_stop.clone();
         let api_app = app.clone();
         let serve_api = api_listener::serve(api_app, api, router, tls, stop);
@@ -227,13 +234,47 @@ async fn run(
         background.spawn(sweeps::run(app.clone(), rule, sweeps_stop.clone()));
     }
     let link = LinkRun::start(&app);
+    let webhooks = app.webhooks.start();
     begin.cancelled().await;
-    drain::run(&app).await;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(app.cfg.shutdown.timeout_ms.get());
+    drain_connections(&app).await;
     sweeps_stop.cancel();
     stop_accepting.cancel();
+    flush_webhooks(&app, webhooks, deadline).await;
+    close_event_streams(&events_stop);
+    stop_api(&api_stop, background).await;
+    link.stop().await;
+}
+
+/// Shutdown, step 1: the drain (SPEC section 4): every connection closed, spread,
+/// and the lingering clients' `client.offline` fired. The API keeps answering.
+async fn drain_connections(app: &Arc<App>) {
+    drain::run(app).await;
+}
+
+/// Shutdown, step 2: the webhook queue is delivered until `deadline` (the signal
+/// plus `shutdown.timeout_ms`) or a hard stop; what is left is counted and logged.
+async fn flush_webhooks(
+    app: &App,
+    sender: Option<webhooks::SenderTask>,
+    deadline: tokio::time::Instant,
+) {
+    if let Some(sender) = sender {
+        sender.flush(deadline, app.drain.hard_stop()).await;
+    }
+}
+
+/// Shutdown, step 3: `/api/events` streams send what the drain emitted, then end.
+fn close_event_streams(events_stop: &CancellationToken) {
+    events_stop.cancel();
+}
+
+/// Shutdown, step 4: the API listener stops (its open requests finish) and every
+/// background task is awaited.
+async fn stop_api(api_stop: &CancellationToken, mut background: tokio::task::JoinSet<()>) {
     api_stop.cancel();
     while background.join_next().await.is_some() {}
-    link.stop().await;
 }
 
 /// Cluster mode's link to Redis while the server runs: it stays up through the
@@ -247,11 +288,14 @@ struct LinkRun {
 impl LinkRun {
     fn start(app: &App) -> Self {
         let stop = CancellationToken::new();
-        let tasks = app
+        let mut tasks = app
             .link
             .as_ref()
             .map(|l| l.start(stop.clone()))
             .unwrap_or_default();
+        if let Some(b) = &app.redis_broker {
+            tasks.extend(b.start(stop.clone()));
+        }
         if let Some(c) = &app.cluster {
             c.start();
         }

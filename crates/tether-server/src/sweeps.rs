@@ -29,6 +29,7 @@ pub(crate) async fn run(app: Arc<App>, rule: Sweep, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {
                 let n = app.registry.disconnect(&selector, &closing);
+                app.metrics.swept(n);
                 if n > 0 {
                     tracing::info!(closed = n, code = rule.code, reason = %rule.reason, "sweep closed connections");
                 }

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fred::interfaces::{EventInterface, PubsubInterface};
+use fred::clients::SubscriberClient;
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tether_core::{Filter, Selector};
@@ -158,36 +159,64 @@ impl Pending {
     }
 }
 
-/// Listens on this node's control channel until the registry stops.
+/// Listens on this node's control channel until the registry stops, on a subscriber
+/// connection of its own: a blip on it does not make the node's link (and so its
+/// broker) look down, and the broker's channel traffic does not queue control
+/// messages behind it.
 pub(super) async fn listen(cluster: Arc<ClusterRegistry>) {
     let channel = cluster.link.keys().node_control(&cluster.node_id);
-    let sub = cluster.link.subscriber();
+    let sub = cluster.link.subscriber().clone_new();
+    let connection = sub.connect();
+    let resubscribe = sub.manage_subscriptions();
     let mut rx = sub.message_rx();
+    if subscribe(&cluster, &sub, &channel).await {
+        serve(&cluster, &mut rx, &channel).await;
+    }
+    let _ = sub.quit().await;
+    resubscribe.abort();
+    let _ = connection.await;
+}
+
+/// Subscribes `channel` alone (the clone may carry the broker's channels), retrying
+/// until it takes; false when the registry stopped first.
+async fn subscribe(cluster: &ClusterRegistry, sub: &SubscriberClient, channel: &str) -> bool {
     loop {
+        let attempt = async {
+            sub.wait_for_connect().await?;
+            sub.unsubscribe_all().await?;
+            sub.subscribe(channel.to_owned()).await
+        };
         tokio::select! {
-            _ = cluster.stop.cancelled() => return,
-            r = sub.subscribe(channel.clone()) => match r {
-                Ok(()) => break,
+            _ = cluster.stop.cancelled() => return false,
+            r = attempt => match r {
+                Ok(()) => return true,
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             },
         }
     }
+}
+
+/// Answers requests and takes replies until the registry stops.
+async fn serve(
+    cluster: &ClusterRegistry,
+    rx: &mut broadcast::Receiver<fred::types::Message>,
+    channel: &str,
+) {
     loop {
         let msg = tokio::select! {
-            _ = cluster.stop.cancelled() => break,
+            _ = cluster.stop.cancelled() => return,
             m = rx.recv() => m,
         };
         match msg {
             Ok(m) if *m.channel == *channel => {
                 if let Some(text) = m.value.as_string() {
-                    on_message(&cluster, &text).await;
+                    on_message(cluster, &text).await;
                 }
             }
             Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-            Err(broadcast::error::RecvError::Closed) => break,
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
-    let _ = sub.unsubscribe(channel).await;
 }
 
 async fn on_message(cluster: &ClusterRegistry, text: &str) {

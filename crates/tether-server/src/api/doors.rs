@@ -23,8 +23,8 @@ pub(super) async fn doors(State(api): State<Arc<Api>>, req: Request, next: Next)
     }
     let key = api.key.as_bytes();
     if !key.is_empty() {
-        // The dashboard page and the key-for-cookie exchange check for themselves.
-        if matches!(req.uri().path(), "/admin" | "/admin/session") {
+        // The dashboard's page and files, and the key-for-cookie exchange.
+        if crate::admin::opens_without_key(req.uri().path()) {
             return next.run(req).await;
         }
         let given = req

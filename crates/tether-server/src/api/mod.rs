@@ -4,7 +4,8 @@
 //!
 //! Doors ([`doors`]): with `[api] key`, every call needs `Authorization: Bearer KEY`;
 //! with no key, only `Host` localhost/127.0.0.1/[::1] is served and POSTs must be
-//! `application/json`. `/api/events` streams end when the API shuts down.
+//! `application/json`. `/api/events` streams end when `stop` says so (after the
+//! drain's last event, see `lib.rs`), or with the API.
 
 mod body;
 mod channels;
@@ -14,6 +15,7 @@ mod disconnect;
 mod doors;
 mod events;
 mod publish;
+mod scrape;
 mod send;
 mod stats;
 
@@ -64,10 +66,12 @@ pub(crate) struct Api {
     pub(crate) shares_client_listener: bool,
     /// Dashboard sessions.
     pub(crate) sessions: Arc<Sessions>,
-    /// Cancelled when the API shuts down.
+    /// Ends the `/api/events` streams (after the drain's last event).
     pub(crate) stop: CancellationToken,
     /// Cluster mode: the registry that sees every node.
     pub(crate) cluster: Option<Arc<tether_redis::ClusterRegistry>>,
+    /// `GET /api/webhooks`.
+    pub(crate) webhooks: Arc<crate::webhooks::Webhooks>,
 }
 
 impl Api {
@@ -84,10 +88,13 @@ impl Api {
             max_publish_bytes: app.cfg.limits.max_publish_bytes.get(),
             key: app.cfg.api.key.clone(),
             tls: !app.cfg.tls.cert_file.is_empty(),
-            shares_client_listener: app.cfg.listen == app.cfg.api.listen,
+            // Port 0 twice is two listeners, as `Server::start` binds them.
+            shares_client_listener: app.cfg.listen == app.cfg.api.listen
+                && app.cfg.listen.port() != 0,
             sessions: app.admin_sessions.clone(),
             stop,
             cluster: app.cluster.clone(),
+            webhooks: app.webhooks.clone(),
         })
     }
 }
@@ -111,9 +118,14 @@ fn guarded(routes: Router, api: Arc<Api>) -> Router {
 }
 
 fn routes(api: Arc<Api>) -> Router {
+    let login = Arc::new(Login {
+        key: api.key.clone(),
+        tls: api.tls,
+        sessions: api.sessions.clone(),
+    });
     Router::new()
         .route("/api/stats", get(stats::stats))
-        .route("/api/clients", get(clients::clients))
+        .route("/api/clients", get(clients::list))
         .route("/api/clients/{id}", get(clients::client))
         .route("/api/connections", get(connections::connections))
         .route("/api/disconnect", post(disconnect::disconnect))
@@ -123,18 +135,14 @@ fn routes(api: Arc<Api>) -> Router {
         .route("/api/channels/{name}/presence", get(channels::presence))
         .route("/api/channels/{name}/history", get(channels::history))
         .route("/api/events", get(events::events))
+        .route(
+            "/api/webhooks",
+            get(crate::webhooks::status).with_state(api.webhooks.clone()),
+        )
         .route("/api/openapi.json", get(openapi))
         .route("/metrics", get(stats::metrics))
-        .route("/admin", get(crate::admin::page))
-        .route(
-            "/admin/session",
-            post(crate::admin::session).with_state(Arc::new(Login {
-                key: api.key.clone(),
-                tls: api.tls,
-                sessions: api.sessions.clone(),
-            })),
-        )
         .with_state(api)
+        .merge(crate::admin::router(login))
 }
 
 /// The answer when the cluster registry cannot reach Redis: 503 `broker_unavailable`.

@@ -1,6 +1,7 @@
 //! `POST /api/publish`: a message to a channel, through the broker.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -23,6 +24,7 @@ struct PublishBody {
 }
 
 pub(super) async fn publish(State(api): State<Arc<Api>>, body: Bytes) -> Response {
+    let started = Instant::now();
     let b: PublishBody = match parse_body(&body) {
         Ok(b) => b,
         Err(e) => return bad(e.to_string()),
@@ -44,7 +46,13 @@ pub(super) async fn publish(State(api): State<Arc<Api>>, body: Bytes) -> Respons
         .publish(&b.channel, b.data.get(), b.idempotency_key.as_deref())
         .await
     {
-        Ok(r) => json_response(StatusCode::OK, json!(r)),
+        Ok(r) => {
+            // The broker answers once the frame is queued for the last local subscriber.
+            if !r.duplicate {
+                api.metrics.publish_fanout(started.elapsed());
+            }
+            json_response(StatusCode::OK, json!(r))
+        }
         Err(e) => broker_error(e),
     }
 }

@@ -2,9 +2,8 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::json;
 use tether_core::Phase;
@@ -38,21 +37,7 @@ pub(super) async fn stats(State(api): State<Arc<Api>>) -> Response {
     json_response(StatusCode::OK, body)
 }
 
-/// `GET /metrics`: the gauges read at scrape time, then the text.
-pub(super) async fn metrics(State(api): State<Arc<Api>>) -> Response {
-    let queued: usize = api
-        .registry
-        .connections()
-        .iter()
-        .map(|c| c.outbox().queued_bytes())
-        .sum();
-    api.metrics.set_queue_bytes(queued as u64);
-    api.metrics.set_broker_up(api.broker.is_up());
-    Response::builder()
-        .header(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )
-        .body(Body::from(api.metrics.render()))
-        .unwrap_or_else(|_| Response::new(Body::empty()))
+/// `GET /metrics` (see [`super::scrape`]).
+pub(super) async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Response {
+    super::scrape::answer(api, &headers).await
 }

@@ -2,6 +2,7 @@
 //! what each leg is told (SPEC sections 4 and 9). A transport never picks a close
 //! code itself: it reports an [`End`], and [`settle`] decides per [`Family`].
 
+use tether_core::Metrics;
 use tether_protocol::{CloseCode, Closing};
 
 use super::Leg;
@@ -58,6 +59,21 @@ pub(crate) enum End {
     UpstreamEnded,
     /// The shutdown deadline passed.
     Hard,
+}
+
+impl End {
+    /// Counts the ends that have a metric of their own (beyond the close code, which
+    /// a peer's close frame can carry too): a client leg silent past the heartbeat
+    /// timeout, and a client that does not read its queue.
+    pub(crate) fn count(&self, metrics: &Metrics) {
+        match self {
+            End::Silent(Leg::Client) => metrics.heartbeat_timeout(),
+            End::QueueFull | End::FellBehind | End::Stalled(Leg::Client) => {
+                metrics.slow_consumer_close()
+            }
+            _ => {}
+        }
+    }
 }
 
 /// What the client leg gets.

@@ -133,6 +133,7 @@ async fn close<T: Transport>(
     end: End,
 ) {
     conn.outbox().seal();
+    end.count(guard.metrics());
     let ending = settle(end, T::FAMILY);
     guard.set_close(ending.code, ending.reason.clone());
     let mut queued = Vec::new();

@@ -277,6 +277,45 @@ fn auth_none_refuses_a_public_listener_unless_allowed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("allow_insecure"));
 }
 
+#[test]
+fn a_keyless_api_refuses_a_public_listener() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no key"));
+    let keyed = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "0.0.0.0:0",
+        ])
+        .env("TETHER_API__KEY", "k")
+        .env("TETHER_SHUTDOWN__PRE_DRAIN_MS", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // With a key it starts (and is stopped here: it would run until signalled).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut keyed = keyed;
+    assert!(
+        keyed.try_wait().unwrap().is_none(),
+        "a keyed public API starts"
+    );
+    let _ = keyed.kill();
+    let _ = keyed.wait();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_tether_variable_is_a_warning_not_an_error() {
     let (p, q) = (free_port(), free_port());

@@ -502,36 +502,6 @@ async fn redis_down_refuses_handshakes_and_a_restarted_redis_gets_every_connecti
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn clients_are_listed_in_pages_by_id_on_one_node() {
-    let s = support::start(|_| {}).await;
-    let mut conns = Vec::new();
-    for id in ["c3", "c1", "c2", "c1"] {
-        conns.push(s.ws(&format!("?client={id}")).await.0);
-    }
-    let (status, first) = s.get("/api/clients?limit=2").await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        first,
-        json!({"clients": [
-            {"client_id": "c1", "state": "online", "connections": 2},
-            {"client_id": "c2", "state": "online", "connections": 1}
-        ], "next_page": "c2"})
-    );
-    let (_, rest) = s.get("/api/clients?limit=2&page=c2").await;
-    assert_eq!(
-        rest,
-        json!({"clients": [{"client_id": "c3", "state": "online", "connections": 1}], "next_page": null})
-    );
-    let (status, bad) = s.get("/api/clients?limit=0").await;
-    assert_eq!((status, bad["error"].as_str()), (400, Some("bad_request")));
-    for ws in conns {
-        client_close(ws).await;
-    }
-    s.assert_clean().await;
-    s.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn admit_local_admits_during_an_outage_and_settles_the_limit_after_it() {
     let redis = RedisServer::start().unwrap();
     let local = |c: &mut Config| {

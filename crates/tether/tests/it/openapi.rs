@@ -26,6 +26,7 @@ const CALLS: &[(&str, &str, u16)] = &[
     ("get", "/api/channels/{name}/presence", 200),
     ("get", "/api/channels/{name}/history", 200),
     ("get", "/api/events", 200),
+    ("get", "/api/webhooks", 200),
     ("get", "/api/openapi.json", 200),
     ("get", "/metrics", 200),
     ("get", "/healthz", 200),
@@ -252,6 +253,12 @@ async fn every_documented_call_is_served() {
     let conns = client["connections"].as_array().unwrap();
     assert_eq!(conns.len(), 1, "{client}");
     assert_eq!(keys(&conns[0]), prop_keys("Connection"), "{client}");
+    let (_, clients) = s.get("/api/clients").await;
+    assert_eq!(
+        clients["clients"],
+        json!([{"client_id": CLIENT, "state": "online", "connections": 1}])
+    );
+    assert_eq!(keys(&clients["clients"][0]), prop_keys("ClientSummary"));
     let (_, page) = s.get("/api/connections?limit=1").await;
     assert_eq!(keys(&page["connections"][0]), prop_keys("Connection"));
     let stats = s.stats().await;
