@@ -34,8 +34,8 @@ pub use ip_limits::{IpLimits, IpSlot};
 pub use metrics::{Metrics, WebhookMetrics};
 pub use outbox::{DirectSink, Offered, Outbox, Outgoing};
 pub use registry::{
-    ClientLimitPolicy, ClientSnapshot, ClientSummary, ConnectionGuard, Registry, RegistrySettings,
-    Reservation,
+    ClientLimitPolicy, ClientSnapshot, ClientSummary, ClusterSeam, ConnectionGuard, Registry,
+    RegistrySettings, Reservation,
 };
 pub use select::{Filter, Selector};
 

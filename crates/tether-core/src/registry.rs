@@ -23,7 +23,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -46,6 +46,18 @@ mod clients_page;
 pub use clients_page::ClientSummary;
 
 const SHARDS: usize = 64;
+
+/// Cluster mode's hold on the registry (SPEC section 10). With a seam set, the
+/// cluster, not this node, decides the per-client limit, the duplicate policy and
+/// the client's `client.online`/`client.offline`: [`Registry::reserve`] checks only
+/// the node's ceiling, [`Reservation::commit`] fires `client.online` only when
+/// [`Reservation::set_cluster_first`] said so, and a release tells the seam instead of
+/// firing `client.offline` or lingering. Memory mode has no seam and is unchanged.
+pub trait ClusterSeam: Send + Sync + std::fmt::Debug {
+    /// A connection of `client_id` left this node: `committed` is false for a
+    /// reservation dropped before its commit. Called under no lock; must not block.
+    fn released(&self, client_id: &Arc<str>, conn_id: &str, committed: bool);
+}
 
 /// One shard of the client table.
 type Shard = Mutex<HashMap<Arc<str>, ClientEntry>>;
@@ -139,6 +151,8 @@ struct Inner {
     lingers: TaskTracker,
     /// Cancels the grace timers at shutdown.
     lingers_cancel: CancellationToken,
+    /// Cluster mode's seam (set once, before the first handshake).
+    cluster: OnceLock<Arc<dyn ClusterSeam>>,
 }
 
 /// A reserved slot for one client's connection. Commit it once the upgrade is done;
@@ -154,6 +168,8 @@ pub struct Reservation {
     seq: u64,
     ip_slot: Option<IpSlot>,
     committed: bool,
+    /// Cluster mode: whether this commit is the client's first connection cluster-wide.
+    cluster_first: bool,
 }
 
 /// The committed connection's hold on the registry. Dropping it releases the
@@ -219,8 +235,19 @@ impl Registry {
                 clients: AtomicUsize::new(0),
                 lingers: TaskTracker::new(),
                 lingers_cancel: CancellationToken::new(),
+                cluster: OnceLock::new(),
             }),
         }
+    }
+
+    /// Puts the registry in cluster mode (see [`ClusterSeam`]); only the first call
+    /// counts. Call it before the first handshake.
+    pub fn set_cluster(&self, seam: Arc<dyn ClusterSeam>) {
+        let _ = self.inner.cluster.set(seam);
+    }
+
+    fn cluster(&self) -> Option<&Arc<dyn ClusterSeam>> {
+        self.inner.cluster.get()
     }
 
     /// The node id.
@@ -273,7 +300,8 @@ impl Registry {
             epoch: 0,
         });
         let live = entry.conns.iter().filter(|c| !c.is_closing()).count() + entry.reserved as usize;
-        let replacing = live >= s.max_connections_per_client;
+        // In cluster mode the cluster checks the client's limit.
+        let replacing = live >= s.max_connections_per_client && self.cluster().is_none();
         let refusal = if replacing && s.on_client_limit == ClientLimitPolicy::Reject {
             Some(Refusal::ClientLimit)
         } else if replacing {
@@ -305,6 +333,7 @@ impl Registry {
             seq,
             ip_slot,
             committed: false,
+            cluster_first: false,
         })
     }
 
@@ -315,6 +344,17 @@ impl Registry {
             return;
         };
         if !entry.conns.is_empty() || entry.reserved > 0 {
+            return;
+        }
+        if self.cluster().is_some() {
+            // The cluster decides the offline; locally the client is simply gone.
+            if map
+                .remove(client_id)
+                .is_some_and(|e| e.state != ClientState::Fresh)
+            {
+                self.inner.clients.fetch_sub(1, Ordering::AcqRel);
+                self.inner.metrics.clients_delta(-1);
+            }
             return;
         }
         match entry.state {
@@ -349,6 +389,32 @@ impl Registry {
                     }
                 }
             }
+        }
+    }
+
+    /// A commit makes its client online: counted when it was new, its grace ended
+    /// when it lingered, and `client.online` fired when this is its first connection
+    /// (in cluster mode, `cluster_first`: the cluster decided). Under the shard lock.
+    fn enter_online(&self, entry: &mut ClientEntry, client_id: &str, cluster_first: Option<bool>) {
+        let inner = &self.inner;
+        let was = entry.state;
+        entry.state = ClientState::Online;
+        match was {
+            ClientState::Fresh => {
+                inner.clients.fetch_add(1, Ordering::AcqRel);
+                inner.metrics.clients_delta(1);
+            }
+            ClientState::Lingering => entry.epoch += 1,
+            ClientState::Online => {}
+        }
+        if cluster_first.unwrap_or(was == ClientState::Fresh) {
+            inner.events.emit(
+                EventType::ClientOnline,
+                EventFields {
+                    client_id: Some(client_id),
+                    ..Default::default()
+                },
+            );
         }
     }
 
@@ -392,6 +458,9 @@ impl Registry {
         self.inner
             .admitted
             .fetch_sub(transport.weight(), Ordering::AcqRel);
+        if let Some(seam) = self.cluster() {
+            seam.released(conn.client_id_arc(), conn.id(), true);
+        }
     }
 
     /// The client as the API shows it.
@@ -489,6 +558,15 @@ impl Registry {
         [0, 1, 2].map(|i| t[i].load(Ordering::Acquire))
     }
 
+    /// A client's committed connections (not closing) and reservations on this node.
+    pub fn local_count(&self, client_id: &str) -> (usize, usize) {
+        let map = self.shard(client_id).lock();
+        map.get(client_id).map_or((0, 0), |e| {
+            let live = e.conns.iter().filter(|c| !c.is_closing()).count();
+            (live, e.reserved as usize)
+        })
+    }
+
     /// Clients online or lingering.
     pub fn clients(&self) -> usize {
         self.inner.clients.load(Ordering::Acquire)
@@ -551,6 +629,22 @@ impl Reservation {
         &self.id
     }
 
+    /// The client id.
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Cluster mode: the cluster decided this commit is the client's first
+    /// connection anywhere, so [`Reservation::commit`] fires `client.online`.
+    pub fn set_cluster_first(&mut self, first: bool) {
+        self.cluster_first = first;
+    }
+
     /// Registers the connection: fires `client.online` (first connection) and
     /// `connection.opened`, and under `replace_oldest` closes the oldest connection
     /// with 4001 once this one is in.
@@ -581,29 +675,17 @@ impl Reservation {
                     epoch: 0,
                 });
             entry.reserved = entry.reserved.saturating_sub(1);
-            match entry.state {
-                ClientState::Fresh => {
-                    entry.state = ClientState::Online;
-                    inner.clients.fetch_add(1, Ordering::AcqRel);
-                    inner.metrics.clients_delta(1);
-                    inner.events.emit(
-                        EventType::ClientOnline,
-                        EventFields {
-                            client_id: Some(&self.client_id),
-                            ..Default::default()
-                        },
-                    );
-                }
-                ClientState::Lingering => {
-                    entry.state = ClientState::Online;
-                    entry.epoch += 1;
-                }
-                ClientState::Online => {}
-            }
+            let clustered = reg.cluster().is_some();
+            reg.enter_online(
+                entry,
+                &self.client_id,
+                clustered.then_some(self.cluster_first),
+            );
             let live: Vec<&Arc<Connection>> =
                 entry.conns.iter().filter(|c| !c.is_closing()).collect();
             let victim = (live.len() >= inner.settings.max_connections_per_client
-                && inner.settings.on_client_limit == ClientLimitPolicy::ReplaceOldest)
+                && inner.settings.on_client_limit == ClientLimitPolicy::ReplaceOldest
+                && !clustered)
                 .then(|| live.first().map(|c| (*c).clone()))
                 .flatten();
             if let Some(v) = &victim {
@@ -657,6 +739,9 @@ impl Drop for Reservation {
         reg.inner
             .admitted
             .fetch_sub(self.transport.weight(), Ordering::AcqRel);
+        if let Some(seam) = reg.cluster() {
+            seam.released(&self.client_id, &self.id, false);
+        }
     }
 }
 

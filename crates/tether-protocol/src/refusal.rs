@@ -23,13 +23,15 @@ pub enum Refusal {
     ClientLimit,
     /// `limits.max_connections` reached.
     ServerFull,
+    /// Cluster mode: Redis unreachable and `broker.on_unavailable = "reject"`.
+    BrokerUnavailable,
     /// The proxy upstream could not be reached in time.
     UpstreamUnavailable,
 }
 
 impl Refusal {
     /// Every refusal, in admission order.
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 10] = [
         Refusal::Draining,
         Refusal::RateLimited,
         Refusal::IpLimit,
@@ -38,6 +40,7 @@ impl Refusal {
         Refusal::ForbiddenChannel,
         Refusal::ClientLimit,
         Refusal::ServerFull,
+        Refusal::BrokerUnavailable,
         Refusal::UpstreamUnavailable,
     ];
 
@@ -52,6 +55,7 @@ impl Refusal {
             Refusal::ForbiddenChannel => "forbidden_channel",
             Refusal::ClientLimit => "client_limit",
             Refusal::ServerFull => "server_full",
+            Refusal::BrokerUnavailable => "broker_unavailable",
             Refusal::UpstreamUnavailable => "upstream_unavailable",
         }
     }
@@ -67,6 +71,7 @@ impl Refusal {
             Refusal::ForbiddenChannel => "the token does not permit this channel",
             Refusal::ClientLimit => "this client already holds its maximum number of connections",
             Refusal::ServerFull => "the server is at its connection limit",
+            Refusal::BrokerUnavailable => "the cluster's broker is unreachable; try again shortly",
             Refusal::UpstreamUnavailable => "the upstream service could not be reached",
         }
     }
@@ -74,7 +79,7 @@ impl Refusal {
     /// The HTTP status of the refusal.
     pub fn http_status(self) -> u16 {
         match self {
-            Refusal::Draining | Refusal::ServerFull => 503,
+            Refusal::Draining | Refusal::ServerFull | Refusal::BrokerUnavailable => 503,
             Refusal::RateLimited | Refusal::IpLimit => 429,
             Refusal::OriginNotAllowed | Refusal::ForbiddenChannel => 403,
             Refusal::Unauthorized => 401,
@@ -86,7 +91,7 @@ impl Refusal {
     /// The WebSocket close code of the `?refusal=close` form.
     pub fn close_code(self) -> CloseCode {
         CloseCode(match self {
-            Refusal::Draining | Refusal::ServerFull => 4503,
+            Refusal::Draining | Refusal::ServerFull | Refusal::BrokerUnavailable => 4503,
             Refusal::RateLimited | Refusal::IpLimit => 4429,
             Refusal::OriginNotAllowed | Refusal::ForbiddenChannel => 4403,
             Refusal::Unauthorized => 4401,
@@ -100,7 +105,11 @@ impl Refusal {
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            Refusal::Draining | Refusal::RateLimited | Refusal::IpLimit | Refusal::ServerFull
+            Refusal::Draining
+                | Refusal::RateLimited
+                | Refusal::IpLimit
+                | Refusal::ServerFull
+                | Refusal::BrokerUnavailable
         )
     }
 
@@ -108,7 +117,10 @@ impl Refusal {
     pub fn has_retry_after(self) -> bool {
         matches!(
             self,
-            Refusal::Draining | Refusal::RateLimited | Refusal::ServerFull
+            Refusal::Draining
+                | Refusal::RateLimited
+                | Refusal::ServerFull
+                | Refusal::BrokerUnavailable
         )
     }
 }

@@ -6,13 +6,17 @@
 //!   reconnect) and whether Redis is reachable now.
 //! - [`keys`]: every key and pub/sub channel name, with the hash tags that keep a
 //!   channel's keys (and a client's) on one Redis Cluster shard.
+//! - [`registry`]: the cluster's client registry (limits, duplicate policy,
+//!   online/offline, node liveness, control channel, the API's cluster views).
 
 pub mod broker;
 pub mod keys;
 pub mod link;
+pub mod registry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use broker::RedisBroker;
 pub use keys::Keys;
 pub use link::{Link, LinkConfig, LinkError, Topology};
+pub use registry::{ClusterRegistry, ClusterSettings, ForgetNode, RegistryError};

@@ -8,8 +8,12 @@ use std::sync::Arc;
 
 use axum::response::Response;
 use ipnet::IpNet;
-use tether_core::{Drain, IpLimits, IpSlot, Metrics, Phase, Registry, Reservation, Transport};
+use tether_core::{
+    ConnSpec, ConnectionGuard, Drain, IpLimits, IpSlot, Metrics, Phase, Registry, Reservation,
+    Transport,
+};
 use tether_protocol::Refusal;
+use tether_redis::ClusterRegistry;
 
 use crate::auth::{Auth, Identity};
 use crate::cors::Origins;
@@ -28,6 +32,8 @@ pub(crate) struct Gate {
     pub(crate) auth: Arc<Auth>,
     /// Reservations (client limit, duplicate policy, node ceiling).
     pub(crate) registry: Registry,
+    /// Cluster mode: the client limit and duplicate policy across nodes.
+    pub(crate) cluster: Option<Arc<ClusterRegistry>>,
     /// Refusals are counted by reason.
     pub(crate) metrics: Metrics,
     /// `server.trusted_proxies`: who may name the client's address.
@@ -115,9 +121,27 @@ pub(crate) fn identify(
     }
 }
 
-/// Runs every admission check in SPEC section 2's order and reserves the slot.
-/// `channels` are the SSE stream's channels, checked against the token.
-pub(crate) fn admit(
+/// Runs every admission check in SPEC section 2's order and reserves the slot: this
+/// node's checks, then in cluster mode the cluster's (the per-client limit across
+/// nodes, then Redis reachable). `channels` are the SSE stream's channels, checked
+/// against the token. Memory mode never suspends here.
+pub(crate) async fn admit(
+    gate: &Gate,
+    creds: Credentials<'_>,
+    ip: IpAddr,
+    transport: Transport,
+    origin_ok: bool,
+    channels: &[String],
+) -> Result<Admitted, AdmitError> {
+    let admitted = admit_here(gate, creds, ip, transport, origin_ok, channels)?;
+    match &gate.cluster {
+        None => Ok(admitted),
+        Some(c) => admit_cluster(gate, c, admitted, ip).await,
+    }
+}
+
+/// This node's admission checks, in order, and the local reservation.
+fn admit_here(
     gate: &Gate,
     creds: Credentials<'_>,
     ip: IpAddr,
@@ -148,6 +172,36 @@ pub(crate) fn admit(
         client_id,
         identity,
     })
+}
+
+/// Cluster mode's part of admission, after [`admit`]: the per-client limit across
+/// nodes, then (last) whether Redis is reachable. A refusal drops the reservation.
+async fn admit_cluster(
+    gate: &Gate,
+    cluster: &ClusterRegistry,
+    admitted: Admitted,
+    ip: IpAddr,
+) -> Result<Admitted, AdmitError> {
+    match cluster.admit(&admitted.reservation).await {
+        Ok(()) => Ok(admitted),
+        Err(r) => {
+            drop(admitted);
+            Err(refused(gate, r, ip))
+        }
+    }
+}
+
+/// Commits a reservation; in cluster mode the cluster registers it first (and
+/// decides `client.online` and any eviction). Memory mode never awaits here.
+pub(crate) async fn commit(
+    gate: &Gate,
+    mut reservation: Reservation,
+    spec: ConnSpec,
+) -> ConnectionGuard {
+    if let Some(c) = &gate.cluster {
+        c.commit(&mut reservation).await;
+    }
+    reservation.commit(spec)
 }
 
 /// The token a request carries: `Authorization: Bearer` (the scheme in any case),

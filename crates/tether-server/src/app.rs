@@ -10,7 +10,7 @@ use tether_core::{
     Broker, ConnIdGen, Drain, EventBus, Hub, HubSettings, IpLimits, MemoryBroker, Metrics,
     Registry, RegistrySettings,
 };
-use tether_redis::{Link, RedisBroker};
+use tether_redis::{ClusterRegistry, Link, RedisBroker};
 use tokio_util::task::TaskTracker;
 
 use crate::admission::Gate;
@@ -53,6 +53,8 @@ pub struct App {
     pub admin_sessions: Arc<Sessions>,
     /// Cluster mode's connections to Redis (`None` with the in-memory broker).
     pub link: Option<Arc<Link>>,
+    /// Cluster mode's client registry (`None` with the in-memory broker).
+    pub cluster: Option<Arc<ClusterRegistry>>,
     /// The webhook queue and counters (the sender task is the run task's).
     pub webhooks: Arc<Webhooks>,
     /// Cluster mode's broker (the same as `broker`), for what only it does.
@@ -85,6 +87,9 @@ impl App {
             Some(b) => Arc::new(b.clone()),
             None => Arc::new(MemoryBroker::new(hub)),
         };
+        let cluster = link
+            .as_ref()
+            .map(|l| crate::cluster::registry(&cfg, l, &registry, redis_broker.as_ref()));
         let drain = Drain::new();
         let auth = Arc::new(auth);
         let tombstones = Arc::new(Tombstones::new(Duration::from_millis(
@@ -107,6 +112,7 @@ impl App {
             origins: Origins::new(cfg.limits.allowed_origins.clone()),
             auth,
             registry: registry.clone(),
+            cluster: cluster.clone(),
             metrics: metrics.clone(),
             trusted_proxies: cfg.server.trusted_proxies.clone(),
         };
@@ -125,6 +131,7 @@ impl App {
             driving,
             edge,
             link,
+            cluster,
             redis_broker,
             cfg,
         })
@@ -141,12 +148,19 @@ impl App {
             drain: self.drain.clone(),
             registry: self.registry.clone(),
             broker: self.broker.clone(),
+            cluster: self.cluster.clone(),
         })
     }
 
     /// Whether a handshake would be admitted now (`/readyz`).
     pub fn ready(&self) -> bool {
-        readiness(&self.drain, &self.registry, &*self.broker).is_ok()
+        readiness(
+            &self.drain,
+            &self.registry,
+            &*self.broker,
+            self.cluster.as_deref(),
+        )
+        .is_ok()
     }
 }
 
@@ -156,20 +170,35 @@ pub(crate) struct Health {
     pub(crate) drain: Drain,
     pub(crate) registry: Registry,
     pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) cluster: Option<Arc<ClusterRegistry>>,
 }
 
 impl Health {
     /// `Ok` when a handshake would be admitted now, else why not.
     pub(crate) fn ready(&self) -> Result<(), &'static str> {
-        readiness(&self.drain, &self.registry, &*self.broker)
+        readiness(
+            &self.drain,
+            &self.registry,
+            &*self.broker,
+            self.cluster.as_deref(),
+        )
     }
 }
 
-/// Whether a handshake would be admitted now: not draining, not full, broker up.
-fn readiness(drain: &Drain, registry: &Registry, broker: &dyn Broker) -> Result<(), &'static str> {
+/// Whether a handshake would be admitted now: not draining, not full, broker up
+/// (in cluster mode: Redis reachable, unless `on_unavailable = "admit_local"`).
+fn readiness(
+    drain: &Drain,
+    registry: &Registry,
+    broker: &dyn Broker,
+    cluster: Option<&ClusterRegistry>,
+) -> Result<(), &'static str> {
+    // Cluster mode under `on_unavailable = "admit_local"` stays ready without Redis.
+    let redis_down = !broker.is_up() || cluster.is_some_and(|c| !c.is_up());
+    let admit_local = cluster.is_some_and(ClusterRegistry::admits_local);
     if drain.phase() != tether_core::Phase::Running {
         Err("draining")
-    } else if !broker.is_up() {
+    } else if redis_down && !admit_local {
         Err("broker_unavailable")
     } else if registry.is_full() {
         Err("server_full")

@@ -282,6 +282,7 @@ async fn stop_api(api_stop: &CancellationToken, mut background: tokio::task::Joi
 struct LinkRun {
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    cluster: Option<Arc<tether_redis::ClusterRegistry>>,
 }
 
 impl LinkRun {
@@ -295,10 +296,21 @@ impl LinkRun {
         if let Some(b) = &app.redis_broker {
             tasks.extend(b.start(stop.clone()));
         }
-        Self { stop, tasks }
+        if let Some(c) = &app.cluster {
+            c.start();
+        }
+        Self {
+            stop,
+            tasks,
+            cluster: app.cluster.clone(),
+        }
     }
 
     async fn stop(self) {
+        // The registry first: its graces end (offlines fire) while Redis is reachable.
+        if let Some(c) = &self.cluster {
+            c.stop().await;
+        }
         self.stop.cancel();
         for t in self.tasks {
             let _ = t.await;

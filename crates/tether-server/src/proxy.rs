@@ -165,7 +165,9 @@ async fn handle_ws(
         Kind::Proxy,
         pr.origin_ok,
         &[],
-    ) {
+    )
+    .await
+    {
         Ok(a) => a,
         Err(e) => return refuse(e, on_upgrade),
     };
@@ -227,7 +229,7 @@ async fn handle_ws(
             Some(crate::ws::relay_config(&task_edge)),
         )
         .await;
-        let guard = admitted.reservation.commit(spec);
+        let guard = admission::commit(&task_edge.gate, admitted.reservation, spec).await;
         drop(pending);
         let relay = WsRelay {
             client,

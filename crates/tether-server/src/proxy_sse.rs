@@ -43,7 +43,8 @@ pub(crate) async fn handle(
     ip: IpAddr,
     origin_ok: bool,
 ) -> Response {
-    let admitted = match admission::admit(&edge.gate, creds, ip, Kind::Proxy, origin_ok, &[]) {
+    let admitted = match admission::admit(&edge.gate, creds, ip, Kind::Proxy, origin_ok, &[]).await
+    {
         Ok(a) => a,
         Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
         Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
@@ -92,13 +93,14 @@ pub(crate) async fn handle(
         .identity
         .as_ref()
         .map(|i| edge.gate.auth.expires_at(i));
-    let guard = admitted.reservation.commit(ConnSpec {
+    let spec = ConnSpec {
         transport: Kind::Proxy,
         remote_addr: ip,
         user_agent,
         meta: admitted.identity.map(|i| i.meta).unwrap_or_default(),
         upstream: Some(route.upstream.clone()),
-    });
+    };
+    let guard = admission::commit(&edge.gate, admitted.reservation, spec).await;
     drop(info.take_pending());
     let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
     let relay = SseRelay {

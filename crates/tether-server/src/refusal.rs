@@ -83,9 +83,10 @@ fn retry_ms(refusal: Refusal) -> u64 {
     match refusal {
         Refusal::RateLimited => 1000,
         Refusal::IpLimit => 5000,
-        Refusal::Draining | Refusal::ServerFull | Refusal::UpstreamUnavailable => {
-            1000 + fastrand::u64(..4000)
-        }
+        Refusal::Draining
+        | Refusal::ServerFull
+        | Refusal::BrokerUnavailable
+        | Refusal::UpstreamUnavailable => 1000 + fastrand::u64(..4000),
         _ => 0,
     }
 }

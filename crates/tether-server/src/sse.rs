@@ -196,7 +196,7 @@ async fn answer(edge: &Arc<Edge>, req: Request<Body>) -> Result<Start, Response>
             .body(Body::empty())
             .unwrap_or_else(|_| Response::new(Body::empty())));
     }
-    let (guard, expires_at) = admit(edge, headers, &info, &query).map_err(|r| *r)?;
+    let (guard, expires_at) = admit(edge, headers, &info, &query).await.map_err(|r| *r)?;
     let (stream, first) = subscribe(edge, guard.conn(), &query.channels, cursor).await;
     Ok(Start {
         guard,
@@ -209,7 +209,7 @@ async fn answer(edge: &Arc<Edge>, req: Request<Body>) -> Result<Start, Response>
 
 /// Admission and commit: the guard, and when the token expires; or the refusal in
 /// its SSE form (a `200` stream for transient refusals, the HTTP status otherwise).
-fn admit(
+async fn admit(
     edge: &Arc<Edge>,
     headers: &HeaderMap,
     info: &SocketInfo,
@@ -222,20 +222,28 @@ fn admit(
         Credentials::Client(query.client.as_deref())
     };
     let origin_ok = !edge.gate.origins.refused(headers);
-    let admitted =
-        match admission::admit(&edge.gate, creds, ip, Kind::Sse, origin_ok, &query.channels) {
-            Ok(a) => a,
-            Err(AdmitError::BadRequest(m)) => return Err(Box::new(admission::bad_request(&m))),
-            Err(AdmitError::Refused(r)) if r.is_transient() => {
-                return Err(Box::new(transient_refusal(r)))
-            }
-            Err(AdmitError::Refused(r)) => return Err(Box::new(admission::http_refusal(r))),
-        };
+    let admitted = match admission::admit(
+        &edge.gate,
+        creds,
+        ip,
+        Kind::Sse,
+        origin_ok,
+        &query.channels,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(AdmitError::BadRequest(m)) => return Err(Box::new(admission::bad_request(&m))),
+        Err(AdmitError::Refused(r)) if r.is_transient() => {
+            return Err(Box::new(transient_refusal(r)))
+        }
+        Err(AdmitError::Refused(r)) => return Err(Box::new(admission::http_refusal(r))),
+    };
     let expires_at = admitted
         .identity
         .as_ref()
         .map(|id| edge.gate.auth.expires_at(id));
-    let guard = admitted.reservation.commit(ConnSpec {
+    let spec = ConnSpec {
         transport: Kind::Sse,
         remote_addr: ip,
         user_agent: headers
@@ -247,7 +255,8 @@ fn admit(
             .map(|id| id.meta)
             .unwrap_or(serde_json::Value::Null),
         upstream: None,
-    });
+    };
+    let guard = admission::commit(&edge.gate, admitted.reservation, spec).await;
     drop(info.take_pending());
     Ok((guard, expires_at))
 }

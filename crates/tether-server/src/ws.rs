@@ -197,14 +197,14 @@ pub(crate) async fn handler(State(edge): State<Arc<Edge>>, mut req: Request<Body
     } else {
         Credentials::Client(hs.client.as_deref())
     };
-    match admission::admit(&edge.gate, creds, hs.ip, Kind::Ws, hs.origin_ok, &[]) {
-        Err(e) => hs.refuse(&edge, e, on_upgrade, pending),
-        Ok(admitted) => {
-            let answer = switching(&hs.accept, hs.protocol.clone());
-            spawn_admitted(edge, hs, on_upgrade, pending, admitted);
-            answer
-        }
-    }
+    let admitted =
+        match admission::admit(&edge.gate, creds, hs.ip, Kind::Ws, hs.origin_ok, &[]).await {
+            Err(e) => return hs.refuse(&edge, e, on_upgrade, pending),
+            Ok(admitted) => admitted,
+        };
+    let answer = switching(&hs.accept, hs.protocol.clone());
+    spawn_admitted(edge, hs, on_upgrade, pending, admitted);
+    answer
 }
 
 /// An admitted handshake: answers `101`, then upgrades, commits and runs the
@@ -241,7 +241,7 @@ fn spawn_admitted(
                 client_id,
                 identity,
             } = admitted;
-            let start = Start::commit(ws, reservation, identity, spec, deadlines);
+            let start = Start::commit(&task_edge, ws, reservation, identity, spec, deadlines).await;
             drop(pending);
             tracing::debug!(
                 client_id,
@@ -298,11 +298,21 @@ fn admit_by_first_frame(
                             Err(r) => Err(AdmitError::Refused(r)),
                         }
                     });
+            // Cluster mode: the cluster's checks come last (a refusal drops the
+            // reservation).
+            let admitted = match (admitted, &task_edge.gate.cluster) {
+                (Ok((reservation, identity)), Some(c)) => match c.admit(&reservation).await {
+                    Ok(()) => Ok((reservation, identity)),
+                    Err(r) => Err(AdmitError::Refused(r)),
+                },
+                (other, _) => other,
+            };
             // The pending slot is held until the connection is committed or refused
             // (close handshake included).
             let refusal = match admitted {
                 Ok((reservation, identity)) => {
-                    let start = Start::commit(ws, reservation, identity, spec, deadlines);
+                    let start =
+                        Start::commit(&task_edge, ws, reservation, identity, spec, deadlines).await;
                     drop(pending);
                     return Some((task_edge, start));
                 }
@@ -486,7 +496,8 @@ struct Start {
 impl Start {
     /// Commits the reservation (the connection is registered from here on) with the
     /// token's `meta`, if any.
-    fn commit(
+    async fn commit(
+        edge: &Edge,
         ws: Ws,
         reservation: tether_core::Reservation,
         identity: Option<Identity>,
@@ -497,7 +508,7 @@ impl Start {
             .as_ref()
             .map(|i| i.meta.clone())
             .unwrap_or_default();
-        let guard = reservation.commit(spec(meta));
+        let guard = admission::commit(&edge.gate, reservation, spec(meta)).await;
         Box::new(Start {
             ws,
             guard,

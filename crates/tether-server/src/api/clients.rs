@@ -1,5 +1,5 @@
 //! `GET /api/clients/{id}`: one client and its connections. `GET /api/clients`:
-//! the clients online or lingering, paged like `/api/connections` (same `limit`
+//! the clients online or lingering (every node's in cluster mode), paged like `/api/connections` (same `limit`
 //! bounds, 400s naming the field), in client-id order; `next_page` is the last id of
 //! the page, hex-encoded, so a token is plain ASCII in a query string and a made-up
 //! one is refused.
@@ -18,13 +18,17 @@ use super::Api;
 use crate::respond::{error_response, json_response};
 
 pub(super) async fn client(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Response {
-    match api.registry.client(&id) {
-        Some(c) => json_response(StatusCode::OK, json!(c)),
-        None => error_response(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such client on this node",
-        ),
+    // In cluster mode, the client on every node.
+    let found = match &api.cluster {
+        Some(c) => match c.client(&id).await {
+            Ok(v) => v,
+            Err(e) => return super::cluster_error(&e),
+        },
+        None => api.registry.client(&id).map(|c| json!(c)),
+    };
+    match found {
+        Some(c) => json_response(StatusCode::OK, c),
+        None => error_response(StatusCode::NOT_FOUND, "not_found", "no such client"),
     }
 }
 
@@ -52,7 +56,17 @@ pub(super) async fn list(
         Some(Some(id)) => Some(id),
         Some(None) => return bad("page is not a page token from next_page"),
     };
-    let (clients, next) = api.registry.clients_page(after.as_deref(), limit);
+    let (clients, next) = match &api.cluster {
+        // In cluster mode, every node's clients.
+        Some(c) => match c.clients(after.as_deref(), limit).await {
+            Ok((rows, next)) => (json!(rows), next),
+            Err(e) => return super::cluster_error(&e),
+        },
+        None => {
+            let (rows, next) = api.registry.clients_page(after.as_deref(), limit);
+            (json!(rows), next)
+        }
+    };
     json_response(
         StatusCode::OK,
         json!({"clients": clients, "next_page": next.as_deref().map(encode_token)}),

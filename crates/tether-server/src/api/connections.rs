@@ -37,16 +37,28 @@ pub(super) async fn connections(
         Ok(l) => l,
         Err(e) => return bad(e.to_string()),
     };
+    let filter = Filter {
+        idle_ms_gt: q.idle_ms_gt,
+        channel: q.channel.clone(),
+        transport: q.transport,
+        meta: None,
+    };
+    if let Some(c) = &api.cluster {
+        let page = c
+            .connections(q.client_id.as_deref(), &filter, q.page.as_deref(), limit)
+            .await;
+        return match page {
+            Ok(p) => json_response(StatusCode::OK, json!(p)),
+            Err(tether_redis::RegistryError::BadPage) => {
+                bad("page is not a page token from next_page")
+            }
+            Err(e) => super::cluster_error(&e),
+        };
+    }
     let after = match q.page.as_deref().map(str::parse::<u64>) {
         None => 0,
         Some(Ok(n)) => n,
         Some(Err(_)) => return bad("page is not a page token from next_page"),
-    };
-    let filter = Filter {
-        idle_ms_gt: q.idle_ms_gt,
-        channel: q.channel,
-        transport: q.transport,
-        meta: None,
     };
     let (conns, next) = api
         .registry

@@ -54,6 +54,9 @@ pub(super) async fn disconnect(State(api): State<Arc<Api>>, body: Bytes) -> Resp
         reconnect: b.reconnect,
         retry_ms: None,
     };
-    let closed = api.registry.disconnect(&selector, &closing);
+    let closed = match &api.cluster {
+        Some(c) => c.disconnect(&selector, &closing).await,
+        None => api.registry.disconnect(&selector, &closing),
+    };
     json_response(StatusCode::OK, json!({"closed": closed}))
 }

@@ -68,6 +68,8 @@ pub(crate) struct Api {
     pub(crate) sessions: Arc<Sessions>,
     /// Ends the `/api/events` streams (after the drain's last event).
     pub(crate) stop: CancellationToken,
+    /// Cluster mode: the registry that sees every node.
+    pub(crate) cluster: Option<Arc<tether_redis::ClusterRegistry>>,
     /// `GET /api/webhooks`.
     pub(crate) webhooks: Arc<crate::webhooks::Webhooks>,
 }
@@ -91,6 +93,7 @@ impl Api {
                 && app.cfg.listen.port() != 0,
             sessions: app.admin_sessions.clone(),
             stop,
+            cluster: app.cluster.clone(),
             webhooks: app.webhooks.clone(),
         })
     }
@@ -140,6 +143,16 @@ fn routes(api: Arc<Api>) -> Router {
         .route("/metrics", get(stats::metrics))
         .with_state(api)
         .merge(crate::admin::router(login))
+}
+
+/// The answer when the cluster registry cannot reach Redis: 503 `broker_unavailable`.
+fn cluster_error(e: &tether_redis::RegistryError) -> Response {
+    tracing::warn!(error = %e, "cluster registry unavailable");
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        "the cluster's registry is unreachable; try again shortly",
+    )
 }
 
 async fn not_found() -> Response {

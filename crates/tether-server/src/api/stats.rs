@@ -14,9 +14,7 @@ use crate::respond::json_response;
 /// `GET /api/stats`.
 pub(super) async fn stats(State(api): State<Arc<Api>>) -> Response {
     let [ws, sse, proxy] = api.registry.counts();
-    json_response(
-        StatusCode::OK,
-        json!({
+    let mut body = json!({
             "node_id": api.registry.node_id(),
             "connections": {"ws": ws, "sse": sse, "proxy": proxy},
             "clients": api.registry.clients(),
@@ -25,8 +23,18 @@ pub(super) async fn stats(State(api): State<Arc<Api>>) -> Response {
             "max_connections": api.max_connections,
             "pending_handshakes": api.pending.get(),
             "tasks": api.tasks.len(),
-        }),
-    )
+    });
+    if let Some(c) = &api.cluster {
+        // Unreachable Redis: `null` (the node's own figures still answer).
+        body["cluster"] = match c.stats().await {
+            Ok(s) => json!(s),
+            Err(e) => {
+                tracing::debug!(error = %e, "cluster stats unavailable");
+                serde_json::Value::Null
+            }
+        };
+    }
+    json_response(StatusCode::OK, body)
 }
 
 /// `GET /metrics` (see [`super::scrape`]).

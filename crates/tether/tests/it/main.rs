@@ -10,6 +10,7 @@ mod auth;
 mod binary;
 mod chaos;
 mod cluster_channels;
+mod cluster_registry;
 mod delivery;
 mod hardening;
 mod lifecycle;

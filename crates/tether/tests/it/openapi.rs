@@ -78,7 +78,8 @@ fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
 }
 
 /// The property names of the JSON schema of `method path`'s `status` answer, when
-/// that schema is an object with properties.
+/// that schema is an object with properties (without those marked `x-cluster-only`:
+/// a one-node server never answers them).
 fn documented_fields(
     doc: &Value,
     method: &str,
@@ -91,7 +92,13 @@ fn documented_fields(
     );
     let schema = resolve(doc, &resp["content"]["application/json"]["schema"]);
     let props = schema["properties"].as_object()?;
-    Some(props.keys().cloned().collect())
+    Some(
+        props
+            .iter()
+            .filter(|(_, p)| p["x-cluster-only"] != true)
+            .map(|(k, _)| k.clone())
+            .collect(),
+    )
 }
 
 fn keys(v: &Value) -> BTreeSet<String> {

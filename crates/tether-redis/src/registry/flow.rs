@@ -1,0 +1,270 @@
+//! One connection's way through the cluster registry: admission (after the local
+//! reservation), commit (before the local one, so `client.online` still comes first),
+//! release, and the offline grace. Every Redis failure is logged and leaves the node
+//! `dirty`: it re-registers its live connections at the next chance.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fred::interfaces::{HashesInterface, SortedSetsInterface};
+use tether_core::events::EventFields;
+use tether_core::{Reservation, Selector};
+use tether_protocol::{CloseCode, Closing, EventType, Refusal};
+
+use super::scripts::{self, Released};
+use super::{ClusterRegistry, RegistryError};
+
+impl ClusterRegistry {
+    /// The cluster's admission check, after the local checks and reservation: the
+    /// per-client limit across nodes (`client_limit`), then whether Redis is
+    /// reachable (`broker_unavailable`, under `on_unavailable = "reject"`). On a
+    /// refusal the caller drops the reservation, whose release clears Redis.
+    pub async fn admit(&self, res: &Reservation) -> Result<(), Refusal> {
+        if !self.link.is_up() {
+            return self.admit_unreachable(res);
+        }
+        match self.try_admit(res).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Refusal::ClientLimit),
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster admission: redis failed");
+                self.admit_unreachable(res)
+            }
+        }
+    }
+
+    async fn try_admit(&self, res: &Reservation) -> Result<bool, RegistryError> {
+        let c = self.link.commands();
+        let keys = self.link.keys();
+        // The node's record first: a node that dies right after leaves nothing the
+        // reaper cannot find.
+        let _: () = c
+            .hset(
+                keys.node_key(&self.node_id, "conns"),
+                (res.conn_id(), &**res.client_id()),
+            )
+            .await?;
+        let limit = self.settings.max_connections_per_client.to_string();
+        let now = now_ms().to_string();
+        let args = [
+            res.conn_id(),
+            &self.node_id,
+            res.transport().as_str(),
+            &now,
+            &limit,
+            scripts::policy_arg(self.settings.replace_oldest),
+        ];
+        Ok(scripts::admit(c, keys, res.client_id(), args).await?)
+    }
+
+    /// Redis is unreachable: refuse (`reject`), or admit on this node's own view.
+    fn admit_unreachable(&self, res: &Reservation) -> Result<(), Refusal> {
+        if !self.settings.admit_local {
+            return Err(Refusal::BrokerUnavailable);
+        }
+        self.dirty.store(true, Ordering::Release);
+        let (committed, reserved) = self.registry.local_count(res.client_id());
+        if !self.settings.replace_oldest
+            && committed + reserved > self.settings.max_connections_per_client
+        {
+            return Err(Refusal::ClientLimit);
+        }
+        Ok(())
+    }
+
+    /// Registers the commit in Redis before the local commit: says whether this is
+    /// the client's first connection anywhere (`client.online`), and under
+    /// `replace_oldest` closes the connection it evicts, on whichever node holds it.
+    pub async fn commit(&self, res: &mut Reservation) {
+        let outcome = if self.link.is_up() {
+            self.try_commit(res).await
+        } else {
+            Err(RegistryError::NoReply("redis".into()))
+        };
+        match outcome {
+            Ok(done) => {
+                res.set_cluster_first(done.first);
+                if let Some((victim, node)) = done.victim {
+                    self.evict(victim, node, replaced());
+                }
+                if done.first {
+                    self.index_client(res.client_id().clone());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster commit: redis unreachable, local view");
+                self.dirty.store(true, Ordering::Release);
+                let (committed, _) = self.registry.local_count(res.client_id());
+                res.set_cluster_first(committed == 0);
+            }
+        }
+    }
+
+    async fn try_commit(&self, res: &Reservation) -> Result<scripts::Committed, RegistryError> {
+        let c = self.link.commands();
+        let keys = self.link.keys();
+        let limit = self.settings.max_connections_per_client.to_string();
+        let now = now_ms().to_string();
+        let args = [
+            res.conn_id(),
+            &self.node_id,
+            res.transport().as_str(),
+            &now,
+            &limit,
+            scripts::policy_arg(self.settings.replace_oldest),
+            "0",
+        ];
+        Ok(scripts::commit(c, keys, res.client_id(), args).await?)
+    }
+
+    /// Closes a connection the cluster evicted: here, or through its node's control
+    /// channel (acknowledged, or logged when no answer comes in time).
+    pub(crate) fn evict(&self, conn_id: String, node: String, closing: Closing) {
+        let selector = Selector {
+            conn_id: Some(conn_id.clone()),
+            ..Default::default()
+        };
+        if node == self.node_id {
+            self.registry.disconnect(&selector, &closing);
+            return;
+        }
+        let link = self.link.clone();
+        let request = self
+            .control
+            .close_request(&self.node_id, &selector, &closing);
+        let pending = self.control.clone();
+        let wait = self.settings.reply_timeout;
+        self.tasks.spawn(async move {
+            match pending.ask(&link, &node, request, wait).await {
+                Ok(reply) if reply.closed > 0 => {}
+                Ok(_) => tracing::debug!(conn_id, node, "evicted connection already gone"),
+                Err(e) => tracing::warn!(conn_id, node, error = %e, "eviction not acknowledged"),
+            }
+        });
+    }
+
+    /// A connection (or a reservation) left this node: remove it from Redis, and
+    /// fire `client.offline` here when it was the client's last one anywhere.
+    pub(crate) async fn release(
+        self: &Arc<Self>,
+        client: Arc<str>,
+        conn_id: String,
+        committed: bool,
+    ) {
+        let token = format!("{:016x}", fastrand::u64(..));
+        let grace = self.settings.offline_grace.as_millis() as u64;
+        let keys = self.link.keys();
+        let c = self.link.commands();
+        let done = scripts::release(c, keys, &client, &conn_id, grace, &token).await;
+        let node_done: Result<(), _> = c
+            .hdel(keys.node_key(&self.node_id, "conns"), &conn_id)
+            .await;
+        match (done, node_done) {
+            (Ok(r), Ok(())) => self.released(client, r, token),
+            (Ok(r), Err(e)) => {
+                tracing::warn!(error = %e, "release: node record not removed");
+                self.dirty.store(true, Ordering::Release);
+                self.released(client, r, token);
+            }
+            (Err(e), _) => {
+                tracing::warn!(conn_id, committed, error = %e, "release: redis unreachable");
+                self.dirty.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    fn released(self: &Arc<Self>, client: Arc<str>, r: Released, token: String) {
+        match r {
+            Released::Nothing => {}
+            Released::Offline => self.went_offline(&client),
+            Released::Lingering => self.linger(client, token),
+        }
+    }
+
+    /// Starts the offline grace's timer (cancelled by a reconnect anywhere: the
+    /// token no longer matches when it fires). The grace is also recorded under the
+    /// node (`lingering`: client → token), so that if this node dies the reaper ends it.
+    fn linger(self: &Arc<Self>, client: Arc<str>, token: String) {
+        self.lingers.lock().insert(client.clone(), token.clone());
+        let grace = self.settings.offline_grace;
+        let stop = self.stop.clone();
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            let key = me.link.keys().node_key(&me.node_id, "lingering");
+            let recorded: Result<(), _> = me
+                .link
+                .commands()
+                .hset(key, (&*client, token.as_str()))
+                .await;
+            if let Err(e) = recorded {
+                tracing::debug!(error = %e, "grace not recorded under the node");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                _ = stop.cancelled() => return,
+            }
+            let mine = {
+                let mut lingers = me.lingers.lock();
+                let mine = lingers.get(&client).is_some_and(|t| *t == token);
+                if mine {
+                    lingers.remove(&client);
+                }
+                mine
+            };
+            if mine {
+                me.expire(&client, &token).await;
+            }
+        });
+    }
+
+    /// Ends a grace: offline unless the client came back somewhere since.
+    pub(crate) async fn expire(&self, client: &str, token: &str) {
+        let c = self.link.commands();
+        match scripts::expire(c, self.link.keys(), client, token).await {
+            Ok(true) => self.went_offline(client),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(client, error = %e, "offline grace: redis unreachable"),
+        }
+        let key = self.link.keys().node_key(&self.node_id, "lingering");
+        let _: Result<(), _> = c.hdel(key, client).await;
+    }
+
+    /// Fires `client.offline` on this node (the one that made the transition).
+    pub(crate) fn went_offline(&self, client: &str) {
+        self.registry.events().emit(
+            EventType::ClientOffline,
+            EventFields {
+                client_id: Some(client),
+                ..Default::default()
+            },
+        );
+        let c = self.link.commands().clone();
+        let key = self.link.keys().global("clients");
+        let client = client.to_owned();
+        self.tasks.spawn(async move {
+            let _: Result<(), _> = c.zrem(key, client).await;
+        });
+    }
+
+    /// Adds an online client to the cluster's index (`/api/clients`).
+    fn index_client(&self, client: Arc<str>) {
+        let c = self.link.commands().clone();
+        let key = self.link.keys().global("clients");
+        self.tasks.spawn(async move {
+            let _: Result<(), _> = c.zadd(key, None, None, false, false, (0.0, &*client)).await;
+        });
+    }
+}
+
+/// The close an eviction under `replace_oldest` sends.
+pub(crate) fn replaced() -> Closing {
+    Closing::new(CloseCode::REPLACED, "replaced by a newer connection")
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,226 @@
+//! Node liveness: the heartbeat (`node_key(id, "alive")`, `PX node_ttl`, renewed every
+//! `node_ttl / 3`, and membership of the global `nodes` set), the reaper (a node whose
+//! alive key is gone is claimed with `SET NX` by one survivor — one that has itself
+//! been connected for `node_ttl` — which removes its connections from their clients,
+//! fires `client.offline` for clients left with none, and has the broker forget the
+//! node), and re-registration of this node's live connections after every reconnect
+//! or failed write.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use fred::interfaces::{HashesInterface, KeysInterface, SetsInterface, SortedSetsInterface};
+use fred::types::{Expiration, SetOptions};
+use tether_core::Selector;
+use tether_protocol::{CloseCode, Closing};
+
+use super::scripts::{self, Released};
+use super::{ClusterRegistry, RegistryError};
+
+/// Runs until the registry stops: follows the link's state, beats, reaps, resyncs.
+pub(super) async fn run(cluster: Arc<ClusterRegistry>) {
+    let mut up = cluster.link.watch_up();
+    let every = cluster.settings.node_ttl / 3;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Up already (before this task subscribed): no change will announce it.
+    if *up.borrow_and_update() {
+        *cluster.connected_since.lock() = Some(Instant::now());
+        cluster.dirty.store(true, Ordering::Release);
+    }
+    loop {
+        tokio::select! {
+            _ = cluster.stop.cancelled() => return,
+            changed = up.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let is_up = *up.borrow_and_update();
+                *cluster.connected_since.lock() = is_up.then(Instant::now);
+                if is_up {
+                    // Back (or first connected): beat at once, then re-register.
+                    cluster.dirty.store(true, Ordering::Release);
+                    tick.reset_immediately();
+                }
+            }
+            _ = tick.tick() => cluster.beat_and_reap().await,
+        }
+    }
+}
+
+impl ClusterRegistry {
+    async fn beat_and_reap(self: &Arc<Self>) {
+        if !self.link.is_up() {
+            return;
+        }
+        if let Err(e) = self.beat().await {
+            tracing::warn!(error = %e, "heartbeat failed");
+            return;
+        }
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.resync().await {
+                tracing::warn!(error = %e, "re-registration failed; retrying");
+                self.dirty.store(true, Ordering::Release);
+            }
+        }
+        if self.connected_for_ttl() {
+            if let Err(e) = self.reap().await {
+                tracing::warn!(error = %e, "reaper failed");
+            }
+        }
+    }
+
+    /// A node that stops on purpose leaves the cluster at once (its connections
+    /// are released by then) instead of waiting to be declared dead.
+    pub(crate) async fn leave(&self) {
+        let c = self.link.commands();
+        let keys = self.link.keys();
+        let alive: Result<(), _> = c.del(keys.node_key(&self.node_id, "alive")).await;
+        let member: Result<(), _> = c.srem(keys.global("nodes"), &self.node_id).await;
+        if let Err(e) = alive.and(member) {
+            tracing::warn!(error = %e, "leaving the cluster: redis unreachable");
+        }
+    }
+
+    async fn beat(&self) -> Result<(), RegistryError> {
+        let c = self.link.commands();
+        let keys = self.link.keys();
+        let ttl = self.settings.node_ttl.as_millis() as i64;
+        let before: Option<String> = c
+            .set(
+                keys.node_key(&self.node_id, "alive"),
+                "1",
+                Some(Expiration::PX(ttl)),
+                None,
+                true,
+            )
+            .await?;
+        let _: () = c.sadd(keys.global("nodes"), &self.node_id).await?;
+        // Our alive key had lapsed although the link stayed up (a stalled process, a
+        // Redis that lost its data): another node may have removed our connections.
+        if before.is_none() && self.beaten.swap(true, Ordering::AcqRel) {
+            tracing::warn!("heartbeat had lapsed: re-registering");
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Finds the nodes whose alive key is gone and removes the ones it claims.
+    async fn reap(self: &Arc<Self>) -> Result<(), RegistryError> {
+        let c = self.link.commands();
+        let keys = self.link.keys();
+        let nodes: Vec<String> = c.smembers(keys.global("nodes")).await?;
+        for node in nodes.into_iter().filter(|n| *n != self.node_id) {
+            let alive: i64 = c.exists(keys.node_key(&node, "alive")).await?;
+            if alive > 0 {
+                continue;
+            }
+            let ttl = self.settings.node_ttl.as_millis() as i64;
+            let claimed: Option<String> = c
+                .set(
+                    keys.node_key(&node, "reaper"),
+                    &self.node_id,
+                    Some(Expiration::PX(ttl)),
+                    Some(SetOptions::NX),
+                    false,
+                )
+                .await?;
+            if claimed.is_some() {
+                tracing::warn!(node, "node is gone: removing its connections");
+                self.remove_node(&node).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a dead node's connections (its clients left with none go offline
+    /// here, at once), the node itself, and its presence in the broker.
+    async fn remove_node(&self, node: &str) -> Result<(), RegistryError> {
+        let c = self.link.commands();
+        let keys = self.link.keys();
+        let conns_key = keys.node_key(node, "conns");
+        let conns: HashMap<String, String> = c.hgetall(&conns_key).await?;
+        for (conn_id, client) in &conns {
+            let r = scripts::release(c, keys, client, conn_id, 0, "").await?;
+            if r == Released::Offline {
+                self.went_offline(client);
+            }
+            let _: () = c.hdel(&conns_key, conn_id).await?;
+        }
+        let _: () = c.del(&conns_key).await?;
+        // Graces that were running on the dead node end now.
+        let lingering_key = keys.node_key(node, "lingering");
+        let lingering: HashMap<String, String> = c.hgetall(&lingering_key).await?;
+        for (client, token) in &lingering {
+            if scripts::expire(c, keys, client, token).await? {
+                self.went_offline(client);
+            }
+        }
+        let _: () = c.del(&lingering_key).await?;
+        let _: () = c.srem(keys.global("nodes"), node).await?;
+        if let Some(forget) = self.forget.get() {
+            forget.forget_node(node.to_owned()).await;
+        }
+        tracing::info!(node, connections = conns.len(), "dead node removed");
+        Ok(())
+    }
+
+    /// Makes Redis agree with this node: connections Redis holds for it that are no
+    /// longer live are released (their clients' offline fire here), and every live
+    /// one is registered again (a client then over its limit is settled by its
+    /// policy: the newest closed 4409 under `reject`, the oldest 4001 under
+    /// `replace_oldest`).
+    pub(crate) async fn resync(self: &Arc<Self>) -> Result<(), RegistryError> {
+        let c = self.link.commands();
+        let keys = self.link.keys();
+        let conns_key = keys.node_key(&self.node_id, "conns");
+        let held: HashMap<String, String> = c.hgetall(&conns_key).await?;
+        let live = self.registry.connections();
+        let live_ids: HashSet<&str> = live.iter().map(|c| c.id()).collect();
+        for (conn_id, client) in held.iter().filter(|(id, _)| !live_ids.contains(&***id)) {
+            self.release(Arc::from(client.as_str()), conn_id.clone(), true)
+                .await;
+        }
+        let limit = self.settings.max_connections_per_client.to_string();
+        let policy = scripts::policy_arg(self.settings.replace_oldest);
+        for conn in &live {
+            let _: () = c.hset(&conns_key, (conn.id(), conn.client_id())).await?;
+            let _: () = c
+                .zadd(
+                    keys.global("clients"),
+                    None,
+                    None,
+                    false,
+                    false,
+                    (0.0, conn.client_id()),
+                )
+                .await?;
+            let opened = (super::flow::now_ms() - conn.age().as_millis() as u64).to_string();
+            let args = [
+                conn.id(),
+                &self.node_id,
+                conn.transport().as_str(),
+                &opened,
+                &limit,
+                policy,
+                "1",
+            ];
+            let done = scripts::commit(c, keys, conn.client_id(), args).await?;
+            if done.over {
+                let sel = Selector {
+                    conn_id: Some(conn.id().to_owned()),
+                    ..Default::default()
+                };
+                let closing = Closing::new(CloseCode(4409), "client_limit");
+                self.registry.disconnect(&sel, &closing);
+            }
+            if let Some((victim, node)) = done.victim {
+                self.evict(victim, node, super::flow::replaced());
+            }
+        }
+        tracing::info!(connections = live.len(), "live connections registered");
+        Ok(())
+    }
+}

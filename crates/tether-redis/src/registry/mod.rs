@@ -1,0 +1,213 @@
+//! The cluster's client registry on Redis (SPEC sections 2, 3 and 10): the
+//! per-client limit and duplicate policy across nodes, cluster-wide
+//! `client.online`/`client.offline`, node liveness and the removal of dead nodes,
+//! a control channel per node for closes and listings, and the API's cluster views.
+//!
+//! - [`scripts`]: the Lua scripts on a client's keys (admit, commit, release, expire).
+//! - [`flow`]: one connection's way through them (admit, commit, release, grace).
+//! - [`control`]: the per-node control channel (requests, replies, their timeout).
+//! - [`liveness`]: the heartbeat, the reaper of dead nodes, re-registration.
+//! - [`views`]: what the API asks (stats, clients, connections, disconnect).
+//!
+//! Lifetimes: [`ClusterRegistry::new`] puts the node's [`Registry`] in cluster mode
+//! (a [`ClusterSeam`] holding only a weak reference back, so no cycle);
+//! [`ClusterRegistry::start`] spawns the liveness and control tasks, and
+//! [`ClusterRegistry::stop`] ends the graces (firing their offlines) and waits for
+//! every task it spawned. No lock is held across an await.
+
+mod control;
+mod flow;
+mod liveness;
+mod scripts;
+mod views;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tether_core::{ClusterSeam, Registry};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::link::Link;
+
+pub use views::{ClientRow, ClusterStats, ConnPage};
+
+/// What the cluster registry needs to know.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// `clients.max_connections_per_client`.
+    pub max_connections_per_client: usize,
+    /// `clients.on_client_limit = "replace_oldest"`.
+    pub replace_oldest: bool,
+    /// `clients.offline_grace_ms`.
+    pub offline_grace: Duration,
+    /// `broker.node_ttl_ms`.
+    pub node_ttl: Duration,
+    /// `broker.on_unavailable = "admit_local"`.
+    pub admit_local: bool,
+    /// How long a control request waits for its reply.
+    pub reply_timeout: Duration,
+}
+
+/// What the reaper calls once it has removed a dead node's connections: the broker
+/// forgets the node's presence (`RedisBroker::forget_node`, wired by the server).
+pub trait ForgetNode: Send + Sync + std::fmt::Debug {
+    /// Forget everything `node_id` held.
+    fn forget_node(&self, node_id: String) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// Why a registry operation on Redis failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Redis answered with an error, or not in time.
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// Redis is unreachable now (nothing was tried).
+    #[error("redis is unreachable")]
+    Unreachable,
+    /// A control request got no reply in time.
+    #[error("node {0} did not answer in time")]
+    NoReply(String),
+    /// A `page` token that no page of `/api/connections` gave.
+    #[error("page is not a page token from next_page")]
+    BadPage,
+    /// A control message could not be encoded.
+    #[error("control message: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// The cluster registry of one node.
+#[derive(Debug)]
+pub struct ClusterRegistry {
+    link: Arc<Link>,
+    registry: Registry,
+    node_id: String,
+    settings: ClusterSettings,
+    control: control::Pending,
+    forget: OnceLock<Arc<dyn ForgetNode>>,
+    /// Long-lived tasks (liveness, control), grace timers, evictions.
+    tasks: TaskTracker,
+    /// Releases in flight (waited for at stop, before the graces end).
+    releases: TaskTracker,
+    stop: CancellationToken,
+    /// Since when Redis has been reachable without a break (`None` while it is not).
+    connected_since: Mutex<Option<Instant>>,
+    /// Something could not reach Redis: re-register at the next chance.
+    dirty: AtomicBool,
+    /// Whether a heartbeat has been written yet.
+    beaten: AtomicBool,
+    /// Running offline graces: client id → token.
+    lingers: Mutex<HashMap<Arc<str>, String>>,
+    /// The last `/api/stats` cluster figures and when they were read.
+    stats: Mutex<Option<(Instant, ClusterStats)>>,
+}
+
+/// The registry's seam: releases go to the cluster registry's tasks.
+#[derive(Debug)]
+struct Seam(Weak<ClusterRegistry>);
+
+impl ClusterSeam for Seam {
+    fn released(&self, client_id: &Arc<str>, conn_id: &str, committed: bool) {
+        let Some(cluster) = self.0.upgrade() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            cluster.dirty.store(true, Ordering::Release);
+            return;
+        }
+        let (client, conn) = (client_id.clone(), conn_id.to_owned());
+        let c = cluster.clone();
+        cluster
+            .releases
+            .spawn(async move { c.release(client, conn, committed).await });
+    }
+}
+
+impl ClusterRegistry {
+    /// Puts `registry` in cluster mode on `link`. Nothing runs until [`Self::start`].
+    pub fn new(link: Arc<Link>, registry: Registry, settings: ClusterSettings) -> Arc<Self> {
+        let node_id = registry.node_id().to_owned();
+        let cluster = Arc::new(ClusterRegistry {
+            link,
+            registry: registry.clone(),
+            node_id,
+            settings,
+            control: control::Pending::default(),
+            forget: OnceLock::new(),
+            tasks: TaskTracker::new(),
+            releases: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            connected_since: Mutex::new(None),
+            dirty: AtomicBool::new(false),
+            beaten: AtomicBool::new(false),
+            lingers: Mutex::new(HashMap::new()),
+            stats: Mutex::new(None),
+        });
+        registry.set_cluster(Arc::new(Seam(Arc::downgrade(&cluster))));
+        cluster
+    }
+
+    /// Sets what the reaper calls for a dead node (once).
+    pub fn on_node_dead(&self, forget: Arc<dyn ForgetNode>) {
+        let _ = self.forget.set(forget);
+    }
+
+    /// Spawns the liveness task (heartbeat, reaper, re-registration) and the control
+    /// channel's listener.
+    pub fn start(self: &Arc<Self>) {
+        self.tasks.spawn(liveness::run(self.clone()));
+        self.tasks.spawn(control::listen(self.clone()));
+    }
+
+    /// Ends the running offline graces now (their offlines fire: none is lost at
+    /// shutdown), stops the tasks and waits for them. Call it while the link is up.
+    pub async fn stop(&self) {
+        self.releases.close();
+        self.releases.wait().await;
+        let lingering: Vec<(Arc<str>, String)> = self.lingers.lock().drain().collect();
+        for (client, token) in lingering {
+            self.expire(&client, &token).await;
+        }
+        self.leave().await;
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Whether Redis is reachable now.
+    pub fn is_up(&self) -> bool {
+        self.link.is_up()
+    }
+
+    /// Whether handshakes are admitted while Redis is unreachable.
+    pub fn admits_local(&self) -> bool {
+        self.settings.admit_local
+    }
+
+    /// `Err(Unreachable)` while Redis is unreachable: the API answers at once.
+    fn reachable(&self) -> Result<(), RegistryError> {
+        if self.link.is_up() {
+            Ok(())
+        } else {
+            Err(RegistryError::Unreachable)
+        }
+    }
+
+    /// Whether this node has been connected to Redis without a break for `node_ttl`
+    /// (only then may it declare other nodes dead).
+    fn connected_for_ttl(&self) -> bool {
+        self.connected_since
+            .lock()
+            .is_some_and(|t| t.elapsed() >= self.settings.node_ttl)
+    }
+}
