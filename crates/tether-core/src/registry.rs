@@ -38,7 +38,7 @@ use crate::hub::Hub;
 use crate::ids::ConnIdGen;
 use crate::ip_limits::IpSlot;
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Outgoing};
 use crate::select::{Filter, Selector};
 
 mod clients_page;
@@ -544,6 +544,23 @@ impl Registry {
         self.select(selector)
             .iter()
             .filter(|c| c.request_close(closing.clone()))
+            .count()
+    }
+
+    /// Queues a direct message (raw JSON `data`) for every connection of `client_id`
+    /// on this node; returns how many took it. A proxied connection carries its
+    /// upstream's protocol: nothing of Tether's is injected into it, so it is neither
+    /// sent to nor counted.
+    pub fn send(&self, client_id: &str, data: &str) -> usize {
+        let selector = Selector {
+            client_id: Some(client_id.to_owned()),
+            ..Default::default()
+        };
+        let direct = Arc::new(crate::hub::encode_direct(data));
+        self.select(&selector)
+            .iter()
+            .filter(|c| c.transport() != Transport::Proxy)
+            .filter(|c| c.outbox().push(Outgoing::Direct(direct.clone())))
             .count()
     }
 

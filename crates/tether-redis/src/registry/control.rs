@@ -51,6 +51,8 @@ enum Ask {
         reason: String,
         reconnect: bool,
     },
+    /// Queue a direct message for every connection of a client (`/api/send`).
+    Send { client_id: String, data: String },
     /// List connections (as `Registry::list`).
     List {
         client_id: Option<String>,
@@ -67,6 +69,9 @@ pub(crate) struct Reply {
     /// How many connections it asked to close.
     #[serde(default)]
     pub(crate) closed: usize,
+    /// How many connections took a direct message.
+    #[serde(default)]
+    pub(crate) sent: usize,
     /// The connections listed.
     #[serde(default)]
     pub(crate) connections: Vec<serde_json::Value>,
@@ -96,6 +101,18 @@ impl Pending {
                 code: c.code.0,
                 reason: c.reason.clone(),
                 reconnect: c.reconnect,
+            },
+        }
+    }
+
+    /// A direct-message request for `client_id`.
+    pub(crate) fn send_request(&self, from: &str, client_id: &str, data: &str) -> Request {
+        Request {
+            req: 0,
+            from: from.to_owned(),
+            ask: Ask::Send {
+                client_id: client_id.to_owned(),
+                data: data.to_owned(),
             },
         }
     }
@@ -267,6 +284,11 @@ fn answer(cluster: &ClusterRegistry, ask: Ask, req: u64) -> Reply {
                 ..Default::default()
             }
         }
+        Ask::Send { client_id, data } => Reply {
+            req,
+            sent: cluster.registry.send(&client_id, &data),
+            ..Default::default()
+        },
         Ask::List {
             client_id,
             filter,

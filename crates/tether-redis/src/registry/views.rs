@@ -248,43 +248,76 @@ impl ClusterRegistry {
     /// Closes the selected connections on every node (a `conn_id` goes to its own
     /// node only); returns how many were closed, counting only acknowledged nodes.
     pub async fn disconnect(&self, selector: &Selector, closing: &Closing) -> usize {
-        let mut closed = 0;
         let target = selector
             .conn_id
             .as_deref()
             .and_then(tether_core::parse_conn_id)
             .map(|(node, _, _)| node.to_owned());
+        let mut closed = 0;
         if target.as_ref().is_none_or(|n| *n == self.node_id) {
             closed += self.registry.disconnect(selector, closing);
         }
-        let nodes: Vec<String> = match &target {
-            Some(n) if *n == self.node_id => Vec::new(),
-            Some(n) => vec![n.clone()],
-            None => match self
-                .link
-                .commands()
-                .smembers(self.link.keys().global("nodes"))
-                .await
-            {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "disconnect: node list unavailable");
-                    Vec::new()
-                }
-            },
+        let nodes = match target {
+            Some(n) if n == self.node_id => Vec::new(),
+            Some(n) => vec![n],
+            None => self.other_nodes("disconnect").await,
         };
-        let asks = nodes.iter().filter(|n| **n != self.node_id).map(|node| {
-            let req = self.control.close_request(&self.node_id, selector, closing);
-            self.control
-                .ask(&self.link, node, req, self.settings.reply_timeout)
-        });
-        for reply in futures_util::future::join_all(asks).await {
-            match reply {
-                Ok(r) => closed += r.closed,
-                Err(e) => tracing::warn!(error = %e, "disconnect: a node did not answer"),
+        let replies = self
+            .ask_each(&nodes, || {
+                self.control.close_request(&self.node_id, selector, closing)
+            })
+            .await;
+        closed + replies.iter().map(|r| r.closed).sum::<usize>()
+    }
+
+    /// Queues a direct message for every connection of `client_id` on every node;
+    /// returns how many took it, counting only acknowledged nodes.
+    pub async fn send(&self, client_id: &str, data: &str) -> usize {
+        let local = self.registry.send(client_id, data);
+        let nodes = self.other_nodes("send").await;
+        let replies = self
+            .ask_each(&nodes, || {
+                self.control.send_request(&self.node_id, client_id, data)
+            })
+            .await;
+        local + replies.iter().map(|r| r.sent).sum::<usize>()
+    }
+
+    /// Every node but this one (empty, and logged, when Redis cannot say).
+    async fn other_nodes(&self, what: &str) -> Vec<String> {
+        let nodes: Result<Vec<String>, _> = self
+            .link
+            .commands()
+            .smembers(self.link.keys().global("nodes"))
+            .await;
+        match nodes {
+            Ok(n) => n.into_iter().filter(|n| *n != self.node_id).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what}: node list unavailable");
+                Vec::new()
             }
         }
-        closed
+    }
+
+    /// Asks each of `nodes` (a request made by `request` each), concurrently; the
+    /// replies of those that answered in time (the others are logged).
+    async fn ask_each(
+        &self,
+        nodes: &[String],
+        request: impl Fn() -> super::control::Request,
+    ) -> Vec<super::control::Reply> {
+        let asks = nodes.iter().map(|node| {
+            self.control
+                .ask(&self.link, node, request(), self.settings.reply_timeout)
+        });
+        let mut replies = Vec::new();
+        for (node, reply) in nodes.iter().zip(futures_util::future::join_all(asks).await) {
+            match reply {
+                Ok(r) => replies.push(r),
+                Err(e) => tracing::warn!(%node, error = %e, "a node did not answer"),
+            }
+        }
+        replies
     }
 }
 

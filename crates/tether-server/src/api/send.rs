@@ -1,4 +1,5 @@
-//! `POST /api/send`: a direct message to every connection of one client.
+//! `POST /api/send`: a direct message to every connection of one client (on every
+//! node, in cluster mode).
 
 use std::sync::Arc;
 
@@ -9,7 +10,6 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
-use tether_core::{Outgoing, Selector, Transport};
 
 use super::body::{bad, parse_body};
 use super::publish::too_large;
@@ -31,19 +31,9 @@ pub(super) async fn send(State(api): State<Arc<Api>>, body: Bytes) -> Response {
     if let Some(r) = too_large(&api, &b.data) {
         return r;
     }
-    let selector = Selector {
-        client_id: Some(b.client_id),
-        ..Default::default()
+    let n = match &api.cluster {
+        Some(c) => c.send(&b.client_id, b.data.get()).await,
+        None => api.registry.send(&b.client_id, b.data.get()),
     };
-    let direct = Arc::new(tether_core::hub::encode_direct(b.data.get()));
-    let n = api
-        .registry
-        .select(&selector)
-        .iter()
-        // A proxied connection carries its upstream's protocol: nothing of Tether's
-        // is injected into it, so it is neither sent to nor counted.
-        .filter(|c| c.transport() != Transport::Proxy)
-        .filter(|c| c.outbox().push(Outgoing::Direct(direct.clone())))
-        .count();
     json_response(StatusCode::OK, json!({"connections": n}))
 }

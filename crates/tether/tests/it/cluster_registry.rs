@@ -244,6 +244,40 @@ async fn replace_oldest_evicts_on_the_other_node_and_a_kick_reaches_every_node()
     b.stop().await;
 }
 
+/// `/api/send` on any node reaches the client's connections on every node, and
+/// counts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_reaches_the_clients_connections_on_every_node() {
+    let redis = RedisServer::start().unwrap();
+    let a = node(&redis, "a", |_| {}).await;
+    let b = node(&redis, "b", |_| {}).await;
+    let (mut on_a, _) = a.ws("?client=dm").await;
+    let (mut on_b, _) = b.ws("?client=dm").await;
+    let (status, body) = a
+        .post("/api/send", json!({"client_id": "dm", "data": {"hi": 1}}))
+        .await;
+    assert_eq!((status, body), (200, json!({"connections": 2})));
+    for ws in [&mut on_a, &mut on_b] {
+        let v = support::next_json(ws).await;
+        assert_eq!(
+            (v["type"].as_str(), &v["data"]),
+            (Some("direct"), &json!({"hi": 1}))
+        );
+    }
+    // A client with no connection anywhere: 0, not an error.
+    let (status, body) = b
+        .post("/api/send", json!({"client_id": "nobody", "data": 1}))
+        .await;
+    assert_eq!((status, body), (200, json!({"connections": 0})));
+    client_close(on_a).await;
+    client_close(on_b).await;
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn online_and_offline_fire_once_cluster_wide() {
     let redis = RedisServer::start().unwrap();
