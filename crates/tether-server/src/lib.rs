@@ -31,6 +31,7 @@ mod forwarded;
 mod net;
 mod pending;
 mod proxy;
+mod proxy_request;
 mod proxy_sse;
 mod refusal;
 mod request;

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
-use tether_core::{ConnSpec, Connection, Outgoing, Transport as Kind};
+use tether_core::{ConnSpec, Connection, Outgoing};
 use tether_protocol::Refusal;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -26,14 +26,15 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::admission::{self, Credentials};
+use crate::admission;
 use crate::config::ProxyRoute;
 use crate::driver::{
     self, Ctx, Cx, End, Ending, Family, Heard, Leg, ToClient, ToUpstream, Transport,
 };
 use crate::edge::Edge;
 use crate::net::SocketInfo;
-use crate::upstream::{upstream_headers, upstream_url, UpstreamError};
+use crate::proxy_request::ProxyRequest;
+use crate::upstream::{upstream_url, UpstreamError};
 use crate::ws::Ws;
 
 type Upstream = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
@@ -73,67 +74,7 @@ async fn handle(edge: Arc<Edge>, index: usize, mut req: Request<Body>) -> Respon
         let on_upgrade = hyper::upgrade::on(&mut req);
         return handle_ws(edge, route, info, pr, on_upgrade).await;
     }
-    let creds = pr.creds(&edge);
-    crate::proxy_sse::handle(
-        edge.clone(),
-        route,
-        info,
-        &pr.headers,
-        pr.query.clone(),
-        creds,
-        pr.ip,
-        pr.origin_ok,
-    )
-    .await
-}
-
-/// What a proxied request says, read before admission.
-struct ProxyRequest {
-    headers: HeaderMap,
-    query: Option<String>,
-    /// The client's address (through trusted proxies).
-    ip: std::net::IpAddr,
-    origin_ok: bool,
-    client: Option<String>,
-    token: Option<String>,
-    /// `?refusal=close`.
-    refusal_close: bool,
-}
-
-impl ProxyRequest {
-    fn read(edge: &Edge, req: &Request<Body>, info: &SocketInfo) -> Self {
-        let headers = req.headers().clone();
-        let query = req.uri().query().map(str::to_owned);
-        let param = |name: &str| {
-            form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.into_owned())
-        };
-        let (client, token) = (param("client"), param("token"));
-        let refusal_close = param("refusal").as_deref() == Some("close");
-        let ip = edge.gate.client_ip(info.peer.ip(), &headers);
-        let origin_ok = !edge.gate.origins.refused(&headers);
-        ProxyRequest {
-            headers,
-            query,
-            ip,
-            origin_ok,
-            client,
-            token,
-            refusal_close,
-        }
-    }
-
-    fn creds(&self, edge: &Edge) -> Credentials<'_> {
-        if edge.gate.auth.is_jwt() {
-            Credentials::Token(admission::request_token(
-                &self.headers,
-                self.token.as_deref(),
-            ))
-        } else {
-            Credentials::Client(self.client.as_deref())
-        }
-    }
+    crate::proxy_sse::handle(edge, route, info, &pr).await
 }
 
 /// A WebSocket route: admit, connect the upstream before answering the client, then
@@ -158,33 +99,12 @@ async fn handle_ws(
         };
         crate::ws::refusal_response(&edge, refused, on_upgrade, &key, None)
     };
-    let admitted = match admission::admit(
-        &edge.gate,
-        pr.creds(&edge),
-        pr.ip,
-        Kind::Proxy,
-        pr.origin_ok,
-        &[],
-    )
-    .await
-    {
+    let admitted = match pr.admit(&edge).await {
         Ok(a) => a,
         Err(e) => return refuse(e, on_upgrade),
     };
     // Connect the upstream before answering the client.
-    let url = upstream_url(&route, pr.query.as_deref());
-    let conn_id = admitted.reservation.conn_id();
-    let upstream = connect_ws(
-        &edge,
-        &route,
-        &url,
-        &pr.headers,
-        &admitted.client_id,
-        conn_id,
-        pr.ip,
-    )
-    .await;
-    let (upstream, protocol) = match upstream {
+    let (upstream, protocol) = match connect_ws(&edge, &route, &pr, &admitted).await {
         Ok(u) => u,
         Err(why) => {
             tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
@@ -195,71 +115,75 @@ async fn handle_ws(
             );
         }
     };
-    let pending = info.take_pending();
-    let spec = ConnSpec {
-        transport: Kind::Proxy,
-        remote_addr: pr.ip,
-        user_agent: pr
-            .headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        meta: admitted
-            .identity
-            .as_ref()
-            .map(|i| i.meta.clone())
-            .unwrap_or_default(),
-        upstream: Some(route.upstream.clone()),
-    };
-    // A proxied connection's token expires like any other (1008 on both legs).
-    let expires_at = admitted
-        .identity
-        .as_ref()
-        .map(|i| edge.gate.auth.expires_at(i));
     let mut deadlines = edge.driving.deadlines::<WsRelay>(info.handshake_until);
-    deadlines.expire_at(expires_at);
-    let task_edge = edge.clone();
-    edge.tasks.spawn(async move {
-        let Some(Ok(up)) = deadlines.within_handshake(on_upgrade).await else {
+    // A proxied connection's token expires like any other (1008 on both legs).
+    deadlines.expire_at(pr.expires_at(&edge, &admitted));
+    let relay = Relaying {
+        spec: pr.spec(&route, &admitted),
+        admitted,
+        upstream,
+        pending: info.take_pending(),
+        deadlines,
+    };
+    edge.tasks.spawn(relay.run(edge.clone(), on_upgrade));
+    crate::ws::switching(&key, protocol)
+}
+
+/// An admitted proxied WebSocket whose upstream is connected, waiting for the
+/// client's upgrade.
+struct Relaying {
+    admitted: admission::Admitted,
+    spec: ConnSpec,
+    upstream: Upstream,
+    pending: Option<crate::net::PendingSlot>,
+    deadlines: crate::driver::Deadlines,
+}
+
+impl Relaying {
+    /// Upgrades the client within the handshake's deadline, commits, and relays
+    /// until either leg ends (an upgrade that never comes drops the reservation).
+    async fn run(self, edge: Arc<Edge>, on_upgrade: hyper::upgrade::OnUpgrade) {
+        let Some(Ok(up)) = self.deadlines.within_handshake(on_upgrade).await else {
             return;
         };
         let client = WebSocketStream::from_raw_socket(
             crate::conn_io::ConnIo::new(up),
             Role::Server,
-            Some(crate::ws::relay_config(&task_edge)),
+            Some(crate::ws::relay_config(&edge)),
         )
         .await;
-        let guard = admission::commit(&task_edge.gate, admitted.reservation, spec).await;
-        drop(pending);
+        let guard = admission::commit(&edge.gate, self.admitted.reservation, self.spec).await;
+        drop(self.pending);
         let relay = WsRelay {
             client,
-            upstream,
-            wait: task_edge.driving.timeout,
+            upstream: self.upstream,
+            wait: edge.driving.timeout,
         };
-        driver::drive(task_edge.driving.clone(), guard, relay, deadlines).await;
-    });
-    crate::ws::switching(&key, protocol)
+        driver::drive(edge.driving.clone(), guard, relay, self.deadlines).await;
+    }
 }
 
+/// Connects the route's upstream for an admitted request (within the route's
+/// `connect_timeout_ms`), with the proxy's headers; returns it and the subprotocol
+/// it chose.
 async fn connect_ws(
     edge: &Edge,
     route: &ProxyRoute,
-    url: &str,
-    client_headers: &HeaderMap,
-    client_id: &str,
-    conn_id: &str,
-    ip: std::net::IpAddr,
+    pr: &ProxyRequest,
+    admitted: &admission::Admitted,
 ) -> Result<(Upstream, Option<HeaderValue>), UpstreamError> {
+    let url = upstream_url(route, pr.query.as_deref());
+    let tls = url.starts_with("wss://");
     let mut request = url
         .into_client_request()
         .map_err(|e| UpstreamError::Request(Box::new(e)))?;
-    for (k, v) in upstream_headers(client_headers, client_id, conn_id, ip) {
+    for (k, v) in pr.upstream_headers(admitted) {
         if let Some(k) = k {
             request.headers_mut().append(k, v);
         }
     }
     let cfg = crate::ws::relay_config(edge);
-    let connector = match (url.starts_with("wss://"), &edge.upstreams.tls) {
+    let connector = match (tls, &edge.upstreams.tls) {
         (true, Some(tls)) => Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
         (true, None) => return Err(UpstreamError::NoTrustRoots),
         (false, _) => None,

@@ -6,100 +6,60 @@
 //! `upstream_idle_timeout_ms`, and kicks, drain and limits end both.
 
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use tether_core::{ConnSpec, Connection, Outgoing, Transport as Kind};
+use tether_core::{Connection, Outgoing};
 use tether_protocol::Refusal;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
-use crate::admission::{self, AdmitError, Credentials};
+use crate::admission::{self, AdmitError};
 use crate::config::ProxyRoute;
 use crate::driver::{self, Ctx, Cx, End, Ending, Family, Heard, Leg, Transport};
 use crate::edge::Edge;
 use crate::net::SocketInfo;
+use crate::proxy_request::{upstream_idle, ProxyRequest};
 use crate::upstream::UpstreamError;
 
 /// Chunks waiting between the relay task and hyper's writer.
 const BODY_QUEUE: usize = 8;
 
-#[allow(clippy::too_many_arguments)]
+/// An SSE route: admit, make the upstream request before answering the client (502
+/// when it fails), commit, and relay the upstream's body in one tracked task.
 pub(crate) async fn handle(
     edge: Arc<Edge>,
     route: ProxyRoute,
     info: SocketInfo,
-    headers: &HeaderMap,
-    query: Option<String>,
-    creds: Credentials<'_>,
-    ip: IpAddr,
-    origin_ok: bool,
+    pr: &ProxyRequest,
 ) -> Response {
-    let admitted = match admission::admit(&edge.gate, creds, ip, Kind::Proxy, origin_ok, &[]).await
-    {
+    let admitted = match pr.admit(&edge).await {
         Ok(a) => a,
         Err(AdmitError::BadRequest(m)) => return admission::bad_request(&m),
         Err(AdmitError::Refused(r)) => return admission::http_refusal(r),
     };
-    let url = crate::upstream::upstream_url(&route, query.as_deref());
-    let mut req = edge
-        .upstreams
-        .http
-        .get(&url)
-        .timeout(Duration::from_secs(24 * 3600));
-    for (k, v) in crate::upstream::upstream_headers(
-        headers,
-        &admitted.client_id,
-        admitted.reservation.conn_id(),
-        ip,
-    ) {
-        if let Some(k) = k {
-            req = req.header(k, v);
-        }
-    }
-    let connect = timeout(
-        Duration::from_millis(route.connect_timeout_ms.get()),
-        req.send(),
-    )
-    .await;
-    let upstream = match connect {
-        Ok(Ok(r)) if r.status().is_success() => r,
-        other => {
-            let why = match other {
-                Err(_) => UpstreamError::Timeout(route.connect_timeout_ms.get()),
-                Ok(Err(e)) => UpstreamError::Http(e),
-                Ok(Ok(r)) => UpstreamError::Status(r.status()),
-            };
+    let upstream = match connect(&edge, &route, pr, &admitted).await {
+        Ok(r) => r,
+        Err(why) => {
             tracing::info!(upstream = %route.upstream, error = %why, "upstream unavailable");
             drop(admitted);
-            let _ = admission::refused(&edge.gate, Refusal::UpstreamUnavailable, ip);
+            let _ = admission::refused(&edge.gate, Refusal::UpstreamUnavailable, pr.ip);
             return admission::http_refusal(Refusal::UpstreamUnavailable);
         }
     };
     let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let expires_at = admitted
-        .identity
-        .as_ref()
-        .map(|i| edge.gate.auth.expires_at(i));
-    let spec = ConnSpec {
-        transport: Kind::Proxy,
-        remote_addr: ip,
-        user_agent,
-        meta: admitted.identity.map(|i| i.meta).unwrap_or_default(),
-        upstream: Some(route.upstream.clone()),
-    };
+    // The request and the upstream's answer were the handshake, and it is done.
+    let mut deadlines = edge.driving.deadlines::<SseRelay>(Instant::now());
+    deadlines.expire_at(pr.expires_at(&edge, &admitted));
+    deadlines.upstream_idle(upstream_idle(&route));
+    let spec = pr.spec(&route, &admitted);
     let guard = admission::commit(&edge.gate, admitted.reservation, spec).await;
     drop(info.take_pending());
     let (tx, rx) = mpsc::channel::<Bytes>(BODY_QUEUE);
@@ -108,16 +68,42 @@ pub(crate) async fn handle(
         tx,
         wait: edge.driving.timeout,
     };
-    let idle = (route.upstream_idle_timeout_ms > 0)
-        .then(|| Duration::from_millis(route.upstream_idle_timeout_ms));
-    // The request and the upstream's answer were the handshake, and it is done.
-    let mut deadlines = edge
-        .driving
-        .deadlines::<SseRelay>(tokio::time::Instant::now());
-    deadlines.expire_at(expires_at);
-    deadlines.upstream_idle(idle);
     edge.tasks
         .spawn(driver::drive(edge.driving.clone(), guard, relay, deadlines));
+    answer(rx, content_type)
+}
+
+/// The upstream request for an admitted client (within the route's
+/// `connect_timeout_ms`); a non-2xx answer is a failure.
+async fn connect(
+    edge: &Edge,
+    route: &ProxyRoute,
+    pr: &ProxyRequest,
+    admitted: &admission::Admitted,
+) -> Result<reqwest::Response, UpstreamError> {
+    let url = crate::upstream::upstream_url(route, pr.query.as_deref());
+    let mut req = edge
+        .upstreams
+        .http
+        .get(&url)
+        .timeout(Duration::from_secs(24 * 3600));
+    for (k, v) in pr.upstream_headers(admitted) {
+        if let Some(k) = k {
+            req = req.header(k, v);
+        }
+    }
+    let limit = route.connect_timeout_ms.get();
+    match timeout(Duration::from_millis(limit), req.send()).await {
+        Err(_) => Err(UpstreamError::Timeout(limit)),
+        Ok(Err(e)) => Err(UpstreamError::Http(e)),
+        Ok(Ok(r)) if r.status().is_success() => Ok(r),
+        Ok(Ok(r)) => Err(UpstreamError::Status(r.status())),
+    }
+}
+
+/// The client's `200`: what the relay task sends on `rx`, with the upstream's
+/// content type.
+fn answer(rx: mpsc::Receiver<Bytes>, content_type: Option<HeaderValue>) -> Response {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
