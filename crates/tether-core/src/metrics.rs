@@ -77,16 +77,7 @@ pub struct Metrics {
 #[derive(Debug)]
 struct Inner {
     registry: PromRegistry,
-    connections: Family<TransportLabel, Gauge>,
-    clients_online: Gauge,
-    opened: Family<TransportLabel, Counter>,
-    closed: Family<CodeLabel, Counter>,
-    refused: Family<ReasonLabel, Counter>,
-    pending_handshakes: Gauge,
-    published: Counter,
-    delivered: Counter,
-    queue_bytes: Gauge,
-    broker_up: Gauge,
+    core: Core,
     ops: Ops,
     webhooks: WebhookMetrics,
     cluster: ClusterMetrics,
@@ -167,6 +158,94 @@ impl Ops {
     }
 }
 
+/// The families every node has: connections, clients, admission, messages, queues.
+#[derive(Debug)]
+struct Core {
+    connections: Family<TransportLabel, Gauge>,
+    clients_online: Gauge,
+    opened: Family<TransportLabel, Counter>,
+    closed: Family<CodeLabel, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    pending_handshakes: Gauge,
+    published: Counter,
+    delivered: Counter,
+    queue_bytes: Gauge,
+    broker_up: Gauge,
+}
+
+impl Core {
+    fn register(r: &mut PromRegistry) -> Self {
+        Self {
+            broker_up: registered(
+                r,
+                "broker_up",
+                "1 while the broker is reachable",
+                Gauge::default(),
+            ),
+            published: registered(
+                r,
+                "messages_published",
+                "Messages published on this node",
+                Counter::default(),
+            ),
+            delivered: registered(
+                r,
+                "messages_delivered",
+                "Messages queued to connections",
+                Counter::default(),
+            ),
+            queue_bytes: registered(
+                r,
+                "queue_bytes",
+                "Bytes waiting in outbound queues",
+                Gauge::default(),
+            ),
+            connections: registered(r, "connections", "Open connections", Family::default()),
+            clients_online: registered(
+                r,
+                "clients_online",
+                "Clients online or lingering",
+                Gauge::default(),
+            ),
+            opened: registered(
+                r,
+                "connections_opened",
+                "Connections committed",
+                Family::default(),
+            ),
+            closed: registered(
+                r,
+                "connections_closed",
+                "Connections released, by close code",
+                Family::default(),
+            ),
+            refused: registered(
+                r,
+                "admission_refused",
+                "Handshakes refused, by reason",
+                Family::default(),
+            ),
+            pending_handshakes: registered(
+                r,
+                "pending_handshakes",
+                "Sockets accepted and not yet admitted",
+                Gauge::default(),
+            ),
+        }
+    }
+}
+
+/// Registers `metric` under `name` (with `help`) and returns it.
+fn registered<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut PromRegistry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -179,79 +258,15 @@ impl Metrics {
         let mut root = PromRegistry::default();
         root.register_collector(Box::new(ProcessCollector));
         let registry = root.sub_registry_with_prefix("tether");
-        let connections = Family::<TransportLabel, Gauge>::default();
-        let clients_online = Gauge::default();
-        let opened = Family::<TransportLabel, Counter>::default();
-        let closed = Family::<CodeLabel, Counter>::default();
-        let refused = Family::<ReasonLabel, Counter>::default();
-        let pending_handshakes = Gauge::default();
-        let published = Counter::default();
-        let delivered = Counter::default();
-        let queue_bytes = Gauge::default();
-        let broker_up = Gauge::default();
-        registry.register(
-            "broker_up",
-            "1 while the broker is reachable",
-            broker_up.clone(),
-        );
-        registry.register(
-            "messages_published",
-            "Messages published on this node",
-            published.clone(),
-        );
-        registry.register(
-            "messages_delivered",
-            "Messages queued to connections",
-            delivered.clone(),
-        );
-        registry.register(
-            "queue_bytes",
-            "Bytes waiting in outbound queues",
-            queue_bytes.clone(),
-        );
-        registry.register("connections", "Open connections", connections.clone());
-        registry.register(
-            "clients_online",
-            "Clients online or lingering",
-            clients_online.clone(),
-        );
-        registry.register(
-            "connections_opened",
-            "Connections committed",
-            opened.clone(),
-        );
-        registry.register(
-            "connections_closed",
-            "Connections released, by close code",
-            closed.clone(),
-        );
-        registry.register(
-            "admission_refused",
-            "Handshakes refused, by reason",
-            refused.clone(),
-        );
-        registry.register(
-            "pending_handshakes",
-            "Sockets accepted and not yet admitted",
-            pending_handshakes.clone(),
-        );
+        let core = Core::register(registry);
         let ops = Ops::register(registry);
         let webhooks = WebhookMetrics::register(registry);
         let cluster = ClusterMetrics::register(registry);
-        prefill(&connections, &opened, &closed, &refused);
+        prefill(&core.connections, &core.opened, &core.closed, &core.refused);
         Self {
             inner: Arc::new(Inner {
                 registry: root,
-                connections,
-                clients_online,
-                opened,
-                closed,
-                refused,
-                pending_handshakes,
-                published,
-                delivered,
-                queue_bytes,
-                broker_up,
+                core,
                 ops,
                 webhooks,
                 cluster,
@@ -276,10 +291,12 @@ impl Metrics {
     /// A connection was committed.
     pub fn opened(&self, transport: &'static str) {
         self.inner
+            .core
             .connections
             .get_or_create(&TransportLabel { transport })
             .inc();
         self.inner
+            .core
             .opened
             .get_or_create(&TransportLabel { transport })
             .inc();
@@ -288,10 +305,12 @@ impl Metrics {
     /// A connection was released with `code`.
     pub fn closed(&self, transport: &'static str, code: u16) {
         self.inner
+            .core
             .connections
             .get_or_create(&TransportLabel { transport })
             .dec();
         self.inner
+            .core
             .closed
             .get_or_create(&CodeLabel {
                 code: CodeValue::of(code),
@@ -325,12 +344,13 @@ impl Metrics {
 
     /// The number of clients online (or lingering) changed by `delta`.
     pub fn clients_delta(&self, delta: i64) {
-        self.inner.clients_online.inc_by(delta);
+        self.inner.core.clients_online.inc_by(delta);
     }
 
     /// A handshake was refused for `reason`.
     pub fn refused(&self, reason: &'static str) {
         self.inner
+            .core
             .refused
             .get_or_create(&ReasonLabel { reason })
             .inc();
@@ -338,22 +358,22 @@ impl Metrics {
 
     /// A message was published.
     pub fn published(&self) {
-        self.inner.published.inc();
+        self.inner.core.published.inc();
     }
 
     /// `n` messages were queued to connections.
     pub fn delivered(&self, n: u64) {
-        self.inner.delivered.inc_by(n);
+        self.inner.core.delivered.inc_by(n);
     }
 
     /// Sets the bytes waiting in every outbound queue (computed at scrape time).
     pub fn set_queue_bytes(&self, n: u64) {
-        self.inner.queue_bytes.set(n as i64);
+        self.inner.core.queue_bytes.set(n as i64);
     }
 
     /// Records whether the broker is reachable.
     pub fn set_broker_up(&self, up: bool) {
-        self.inner.broker_up.set(i64::from(up));
+        self.inner.core.broker_up.set(i64::from(up));
     }
 
     /// `n` messages missed on the broker's pub/sub were read back from its history.
@@ -368,7 +388,7 @@ impl Metrics {
 
     /// The number of pending handshakes changed by `delta`.
     pub fn pending_delta(&self, delta: i64) {
-        self.inner.pending_handshakes.inc_by(delta);
+        self.inner.core.pending_handshakes.inc_by(delta);
     }
 }
 
