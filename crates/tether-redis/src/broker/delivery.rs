@@ -34,12 +34,10 @@ pub(super) async fn run(s: Arc<Shared>, stop: CancellationToken) {
     let mut reconnects = sub.reconnect_rx();
     let mut up = s.link.watch_up();
     let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let (queues, workers): (Vec<_>, Vec<_>) = (0..n)
-        .map(|_| {
-            let (tx, rx) = mpsc::channel::<Message>(WORKER_QUEUE);
-            (tx, tokio::spawn(worker(s.clone(), rx)))
-        })
+    let (queues, inboxes): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| mpsc::channel::<Message>(WORKER_QUEUE))
         .unzip();
+    let workers = spawn_workers(s.clone(), inboxes);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -78,8 +76,46 @@ pub(super) async fn run(s: Arc<Shared>, stop: CancellationToken) {
         }
     }
     drop(queues);
-    for w in workers {
-        let _ = w.await;
+    if let Some(done) = workers {
+        let _ = done.await;
+    }
+}
+
+/// Runs the workers on a thread and a runtime of their own, as the API does: on the
+/// connections' runtime a worker waits behind every connection task its last message
+/// woke, so it hands the hub one message per round of wake-ups and every connection
+/// writes one frame per wake-up (9-14 µs a delivery). Here the next messages reach
+/// the outboxes while the connections are still writing, and each connection writes
+/// what piled up in one go, as with the in-memory broker's publisher. Resolves once
+/// every worker has ended (their queues closed); `None` if the thread cannot start.
+fn spawn_workers(
+    s: Arc<Shared>,
+    inboxes: Vec<mpsc::Receiver<Message>>,
+) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("tether-delivery".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(futures_util::future::join_all(
+                    inboxes.into_iter().map(|rx| worker(s.clone(), rx)),
+                )),
+                Err(e) => {
+                    tracing::error!(error = %e, "redis broker: cannot start the delivery runtime");
+                    Vec::new()
+                }
+            };
+            let _ = done_tx.send(());
+        });
+    match thread {
+        Ok(_) => Some(done_rx),
+        Err(e) => {
+            tracing::error!(error = %e, "redis broker: cannot start the delivery thread");
+            None
+        }
     }
 }
 
