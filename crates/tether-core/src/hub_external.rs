@@ -231,15 +231,23 @@ impl Hub {
             return;
         }
         let same = st.epoch == epoch;
-        let behind: Vec<Arc<crate::connection::Connection>> = st
+        let behind: Vec<(u64, Arc<crate::connection::Connection>)> = st
             .subs
-            .values()
-            .filter(|s| !same || s.next <= last)
-            .map(|s| s.conn.clone())
+            .iter()
+            .filter(|(_, s)| !same || s.next <= last)
+            .map(|(seq, s)| (*seq, s.conn.clone()))
             .collect();
         reset(&mut st, epoch, last);
+        // Fed no more: a message after the jump must not reach a subscriber that
+        // missed the ones before it (it would look like no gap at all); its close
+        // says why.
+        for (seq, _) in &behind {
+            if let Some(sub) = st.subs.get_mut(seq) {
+                sub.live = false;
+            }
+        }
         drop(st);
-        for conn in behind {
+        for (_, conn) in behind {
             conn.request_close(Closing::new(
                 CloseCode::SLOW_CONSUMER,
                 "missed messages the channel history no longer holds",

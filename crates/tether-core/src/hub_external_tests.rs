@@ -178,9 +178,17 @@ fn jump_closes_the_subscribers_that_needed_lost_messages() {
         .subscribe(b.conn(), "ch", Some(&pos("e1:1")), None)
         .unwrap();
     assert_eq!((s.position.as_str(), s.recovered), ("e1:5", false));
+    let before = drain(hub, a.conn());
+    // Only b gets 6: `a` missed 2..5, and a 6 right after its 1 would look like no
+    // gap at all (it is closing, and fed no more).
     assert_eq!(
         hub.deliver("ch", &msg("e1", 6, "6"), false),
-        Ok(Delivery::Delivered(2))
+        Ok(Delivery::Delivered(1))
+    );
+    assert_eq!(offsets(&before), [1]);
+    assert!(
+        drain(hub, a.conn()).is_empty(),
+        "nothing after the jump reaches a"
     );
     // A jump to where the channel already is changes nothing.
     hub.jump("ch", "e1", 6);
