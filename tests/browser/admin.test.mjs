@@ -3,14 +3,17 @@
 // connections table, kick it through the confirmation dialog, and see its row go
 // and its connection.closed (code 4002) arrive in the lifecycle feed. Also: the
 // page runs under its CSP with no violation, and it has no horizontal scroll at
-// phone width. Saves docs/admin-desktop.png (1400x900) and docs/admin-phone.png
-// (390x844), the screenshots the README shows.
+// phone width. Saves admin-desktop.png (1400x900) and admin-phone.png (390x844)
+// under target/, or under docs/ (the screenshots the README shows) with
+// TETHER_SCREENSHOTS=docs, so a test run leaves the tree as it was.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import path from "node:path";
 import { chromium } from "playwright-core";
 import { BIN, ROOT, freePort, sleep, waitFor } from "./harness.mjs";
+
+const SHOTS = path.join(ROOT, process.env.TETHER_SCREENSHOTS === "docs" ? "docs" : "target");
 
 const KEY = "admin-test-key-0123456789";
 let server, browser, context, admin, peers, api, client, log = "";
@@ -200,11 +203,11 @@ test("screenshots at 1400x900 and 390x844, no horizontal scroll on a phone", asy
     await waitFor(async () => Number(await admin.locator(id).textContent()) > 0, `${id} above 0`);
   }
   await admin.evaluate(() => window.scrollTo(0, 0));
-  await admin.screenshot({ path: path.join(ROOT, "docs/admin-desktop.png") });
+  await admin.screenshot({ path: path.join(SHOTS, "admin-desktop.png") });
 
   await admin.setViewportSize({ width: 390, height: 844 });
   await sleep(500); // the charts' ResizeObserver settles before the picture
-  await admin.screenshot({ path: path.join(ROOT, "docs/admin-phone.png") });
+  await admin.screenshot({ path: path.join(SHOTS, "admin-phone.png") });
   publishing = false;
   await traffic;
   if (process.env.ADMIN_FULL_SHOTS) {
