@@ -44,16 +44,8 @@ impl ClusterRegistry {
                 (res.conn_id(), &**res.client_id()),
             )
             .await?;
-        let limit = self.settings.max_connections_per_client.to_string();
-        let now = now_ms().to_string();
-        let args = [
-            res.conn_id(),
-            &self.node_id,
-            res.transport().as_str(),
-            &now,
-            &limit,
-            scripts::policy_arg(self.settings.replace_oldest),
-        ];
+        let [conn, node, transport, now, limit, policy] = self.script_args(res);
+        let args = [&*conn, &node, &transport, &now, &limit, &policy];
         Ok(scripts::admit(c, keys, res.client_id(), args).await?)
     }
 
@@ -103,18 +95,22 @@ impl ClusterRegistry {
     async fn try_commit(&self, res: &Reservation) -> Result<scripts::Committed, RegistryError> {
         let c = self.link.commands();
         let keys = self.link.keys();
-        let limit = self.settings.max_connections_per_client.to_string();
-        let now = now_ms().to_string();
-        let args = [
-            res.conn_id(),
-            &self.node_id,
-            res.transport().as_str(),
-            &now,
-            &limit,
-            scripts::policy_arg(self.settings.replace_oldest),
-            "0",
-        ];
+        let [conn, node, transport, now, limit, policy] = self.script_args(res);
+        let args = [&*conn, &node, &transport, &now, &limit, &policy, "0"];
         Ok(scripts::commit(c, keys, res.client_id(), args).await?)
+    }
+
+    /// What the admission and commit scripts take about a reservation: conn id,
+    /// node, transport, now (ms), the per-client limit and the policy.
+    fn script_args(&self, res: &Reservation) -> [String; 6] {
+        [
+            res.conn_id().to_owned(),
+            self.node_id.clone(),
+            res.transport().as_str().to_owned(),
+            now_ms().to_string(),
+            self.settings.max_connections_per_client.to_string(),
+            scripts::policy_arg(self.settings.replace_oldest).to_owned(),
+        ]
     }
 
     /// Closes a connection the cluster evicted: here, or through its node's control

@@ -2,6 +2,8 @@
 //! bodies whose errors name the field (SPEC section 8), page sizes, channel names,
 //! and the status of a failed broker call.
 
+use axum::extract::rejection::QueryRejection;
+use axum::extract::Query;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::de::DeserializeOwned;
@@ -69,6 +71,17 @@ pub(super) fn page_size(limit: Option<usize>) -> Result<usize, BadLimit> {
         return Err(BadLimit);
     }
     Ok(limit)
+}
+
+/// A paged call's query and its page size (`limit`, defaulted and bounded), or the
+/// 400 naming what is wrong (boxed: an error this large stays off the stack).
+pub(super) fn paged_query<Q>(
+    query: Result<Query<Q>, QueryRejection>,
+    limit: impl FnOnce(&Q) -> Option<usize>,
+) -> Result<(Q, usize), Box<Response>> {
+    let q = query.map_err(|e| Box::new(bad(e.body_text())))?.0;
+    let size = page_size(limit(&q)).map_err(|e| Box::new(bad(e.to_string())))?;
+    Ok((q, size))
 }
 
 /// The answer to a failed broker call: 503 when it may work later (unreachable, a

@@ -12,7 +12,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tether_protocol::Position;
 
-use super::body::{bad, bad_channel, broker_error, page_size};
+use super::body::{bad, bad_channel, broker_error, paged_query};
 use super::Api;
 use crate::respond::{error_response, json_response};
 
@@ -61,13 +61,9 @@ pub(super) async fn history(
     if let Some(r) = bad_channel(&name) {
         return r;
     }
-    let q = match query {
-        Ok(Query(q)) => q,
-        Err(e) => return bad(e.body_text()),
-    };
-    let limit = match page_size(q.limit) {
-        Ok(l) => l,
-        Err(e) => return bad(e.to_string()),
+    let (q, limit) = match paged_query(query, |q| q.limit) {
+        Ok(v) => v,
+        Err(r) => return *r,
     };
     let since = match q.since.as_deref().map(Position::parse) {
         None => None,

@@ -13,7 +13,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::body::{bad, page_size};
+use super::body::{bad, paged_query};
 use super::Api;
 use crate::respond::{error_response, json_response};
 
@@ -43,13 +43,9 @@ pub(super) async fn list(
     State(api): State<Arc<Api>>,
     query: Result<Query<ClientsQuery>, QueryRejection>,
 ) -> Response {
-    let q = match query {
-        Ok(Query(q)) => q,
-        Err(e) => return bad(e.body_text()),
-    };
-    let limit = match page_size(q.limit) {
-        Ok(l) => l,
-        Err(e) => return bad(e.to_string()),
+    let (q, limit) = match paged_query(query, |q| q.limit) {
+        Ok(v) => v,
+        Err(r) => return *r,
     };
     let after = match q.page.as_deref().map(decode_token) {
         None => None,

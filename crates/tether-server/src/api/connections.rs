@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tether_core::{Filter, Transport};
 
-use super::body::{bad, page_size};
+use super::body::{bad, paged_query};
 use super::Api;
 use crate::respond::json_response;
 
@@ -29,13 +29,9 @@ pub(super) async fn connections(
     State(api): State<Arc<Api>>,
     query: Result<Query<ConnectionsQuery>, QueryRejection>,
 ) -> Response {
-    let q = match query {
-        Ok(Query(q)) => q,
-        Err(e) => return bad(e.body_text()),
-    };
-    let limit = match page_size(q.limit) {
-        Ok(l) => l,
-        Err(e) => return bad(e.to_string()),
+    let (q, limit) = match paged_query(query, |q| q.limit) {
+        Ok(v) => v,
+        Err(r) => return *r,
     };
     let filter = Filter {
         idle_ms_gt: q.idle_ms_gt,
