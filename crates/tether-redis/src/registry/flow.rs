@@ -11,8 +11,9 @@ use tether_core::events::EventFields;
 use tether_core::{Reservation, Selector};
 use tether_protocol::{CloseCode, Closing, EventType, Refusal};
 
-use super::scripts::{self, Released};
-use super::{ClusterRegistry, RegistryError};
+use super::outage::{Phase, Unsettled};
+use super::scripts::{self, Mode, Released, Releaser};
+use super::{now_ms, ClusterRegistry, RegistryError};
 
 impl ClusterRegistry {
     /// The cluster's admission check, after the local checks and reservation: the
@@ -67,11 +68,14 @@ impl ClusterRegistry {
     /// Registers the commit in Redis before the local commit: says whether this is
     /// the client's first connection anywhere (`client.online`), and under
     /// `replace_oldest` closes the connection it evicts, on whichever node holds it.
+    /// Redis unreachable (`admit_local`): no `client.online` now — the connection is
+    /// registered once Redis is back, and its client announced then if it was
+    /// offline (see `outage`).
     pub async fn commit(&self, res: &mut Reservation) {
         let outcome = if self.link.is_up() {
             self.try_commit(res).await
         } else {
-            Err(RegistryError::NoReply("redis".into()))
+            Err(RegistryError::Unreachable)
         };
         match outcome {
             Ok(done) => {
@@ -86,8 +90,8 @@ impl ClusterRegistry {
             Err(e) => {
                 tracing::warn!(error = %e, "cluster commit: redis unreachable, local view");
                 self.dirty.store(true, Ordering::Release);
-                let (committed, _) = self.registry.local_count(res.client_id());
-                res.set_cluster_first(committed == 0);
+                self.local_only.lock().insert(res.conn_id().to_owned());
+                res.set_cluster_first(false);
             }
         }
     }
@@ -96,8 +100,8 @@ impl ClusterRegistry {
         let c = self.link.commands();
         let keys = self.link.keys();
         let [conn, node, transport, now, limit, policy] = self.script_args(res);
-        let args = [&*conn, &node, &transport, &now, &limit, &policy, "0"];
-        Ok(scripts::commit(c, keys, res.client_id(), args).await?)
+        let args = [&*conn, &node, &transport, &now, &limit, &policy];
+        Ok(scripts::commit(c, keys, res.client_id(), args, Mode::Commit).await?)
     }
 
     /// What the admission and commit scripts take about a reservation: conn id,
@@ -139,39 +143,108 @@ impl ClusterRegistry {
         });
     }
 
-    /// A connection (or a reservation) left this node: remove it from Redis, and
-    /// fire `client.offline` here when it was the client's last one anywhere.
-    pub(crate) async fn release(
+    /// A connection (or a reservation) left this node: it is recorded as unsettled
+    /// and its release runs on the registry's tasks (with no runtime, it waits for
+    /// the next re-registration).
+    pub(crate) fn begin_release(
         self: &Arc<Self>,
         client: Arc<str>,
         conn_id: String,
         committed: bool,
     ) {
-        let token = format!("{:016x}", fastrand::u64(..));
+        let registered = committed && !self.local_only.lock().remove(&conn_id);
+        let mut entry = Unsettled::new(client, registered);
+        let runtime = tokio::runtime::Handle::try_current().is_ok();
+        if !runtime {
+            entry.phase = Phase::Failed;
+            self.dirty.store(true, Ordering::Release);
+        }
+        self.unsettled.lock().insert(conn_id.clone(), entry);
+        if runtime {
+            let me = self.clone();
+            self.releases
+                .spawn(async move { me.run_release(&conn_id).await });
+        }
+    }
+
+    /// Runs an unsettled release: removes the connection from Redis, and fires
+    /// `client.offline` here when it was the client's last one anywhere. Its answer
+    /// and record; `None` when Redis gave no answer (it stays unsettled, to be run
+    /// again with the same token).
+    pub(crate) async fn run_release(
+        self: &Arc<Self>,
+        conn_id: &str,
+    ) -> Option<(Released, Unsettled)> {
+        self.not_registering(conn_id).await;
+        let entry = {
+            let mut unsettled = self.unsettled.lock();
+            let u = unsettled.get_mut(conn_id)?;
+            u.phase = Phase::InFlight;
+            u.clone()
+        };
         let grace = self.settings.offline_grace.as_millis() as u64;
         let keys = self.link.keys();
         let c = self.link.commands();
-        let done = scripts::release(c, keys, &client, &conn_id, grace, &token).await;
-        let node_done: Result<(), _> = c
-            .hdel(keys.node_key(&self.node_id, "conns"), &conn_id)
-            .await;
-        match (done, node_done) {
-            (Ok(r), Ok(())) => self.released(client, r, token),
-            (Ok(r), Err(e)) => {
-                tracing::warn!(error = %e, "release: node record not removed");
+        let by = Releaser {
+            token: &entry.token,
+            keep_all: false,
+        };
+        let answer = match scripts::release(c, keys, &entry.client, conn_id, grace, by).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(conn_id, error = %e, "release: redis unreachable");
+                self.set_phase(conn_id, Phase::Failed);
                 self.dirty.store(true, Ordering::Release);
-                self.released(client, r, token);
+                return None;
             }
-            (Err(e), _) => {
-                tracing::warn!(conn_id, committed, error = %e, "release: redis unreachable");
+        };
+        let node_done: Result<(), _> = c.hdel(keys.node_key(&self.node_id, "conns"), conn_id).await;
+        let ghosted = if answer == Released::Unknown {
+            let Some(ghosted) = self.unknown(&entry, conn_id).await else {
+                self.set_phase(conn_id, Phase::Failed);
                 self.dirty.store(true, Ordering::Release);
+                return None;
+            };
+            ghosted
+        } else {
+            false
+        };
+        if ghosted {
+            // The record is the ghost's now.
+        } else if let Err(e) = node_done {
+            tracing::warn!(error = %e, "release: node record not removed");
+            self.set_phase(conn_id, Phase::Acted);
+            self.dirty.store(true, Ordering::Release);
+        } else {
+            self.unsettled.lock().remove(conn_id);
+        }
+        self.released(entry.client.clone(), answer, entry.token.clone());
+        Some((answer, entry))
+    }
+
+    /// Waits while `conn_id` is being registered again, so that its release runs
+    /// after the registration and never before it (which would leave it in Redis).
+    async fn not_registering(&self, conn_id: &str) {
+        loop {
+            let notified = self.registered.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.registering.lock().as_deref() != Some(conn_id) {
+                return;
             }
+            notified.await;
+        }
+    }
+
+    fn set_phase(&self, conn_id: &str, phase: Phase) {
+        if let Some(u) = self.unsettled.lock().get_mut(conn_id) {
+            u.phase = phase;
         }
     }
 
     fn released(self: &Arc<Self>, client: Arc<str>, r: Released, token: String) {
         match r {
-            Released::Nothing => {}
+            Released::Nothing | Released::Unknown => {}
             Released::Offline => self.went_offline(&client),
             Released::Lingering => self.linger(client, token),
         }
@@ -243,7 +316,7 @@ impl ClusterRegistry {
     }
 
     /// Adds an online client to the cluster's index (`/api/clients`).
-    fn index_client(&self, client: Arc<str>) {
+    pub(crate) fn index_client(&self, client: Arc<str>) {
         let c = self.link.commands().clone();
         let key = self.link.keys().global("clients");
         self.tasks.spawn(async move {
@@ -255,12 +328,4 @@ impl ClusterRegistry {
 /// The close an eviction under `replace_oldest` sends.
 pub(crate) fn replaced() -> Closing {
     Closing::new(CloseCode::REPLACED, "replaced by a newer connection")
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

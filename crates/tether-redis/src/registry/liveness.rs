@@ -13,10 +13,11 @@ use std::time::Instant;
 
 use fred::interfaces::{HashesInterface, KeysInterface, SetsInterface, SortedSetsInterface};
 use fred::types::{Expiration, SetOptions};
-use tether_core::Selector;
+use tether_core::{Connection, Selector};
 use tether_protocol::{CloseCode, Closing};
 
-use super::scripts::{self, Released};
+use super::outage::{Unsettled, REAPER};
+use super::scripts::{self, Mode, Released};
 use super::{ClusterRegistry, RegistryError};
 
 /// Runs until the registry stops: follows the link's state, beats, reaps, resyncs.
@@ -63,8 +64,10 @@ impl ClusterRegistry {
             if let Err(e) = self.resync().await {
                 tracing::warn!(error = %e, "re-registration failed; retrying");
                 self.dirty.store(true, Ordering::Release);
+                return;
             }
         }
+        self.pay_owed(false).await;
         if self.connected_for_ttl() {
             if let Err(e) = self.reap().await {
                 tracing::warn!(error = %e, "reaper failed");
@@ -143,7 +146,7 @@ impl ClusterRegistry {
         let conns_key = keys.node_key(node, "conns");
         let conns: HashMap<String, String> = c.hgetall(&conns_key).await?;
         for (conn_id, client) in &conns {
-            let r = scripts::release(c, keys, client, conn_id, 0, "").await?;
+            let r = scripts::release(c, keys, client, conn_id, 0, REAPER).await?;
             if r == Released::Offline {
                 self.went_offline(client);
             }
@@ -167,60 +170,110 @@ impl ClusterRegistry {
         Ok(())
     }
 
-    /// Makes Redis agree with this node: connections Redis holds for it that are no
-    /// longer live are released (their clients' offline fire here), and every live
-    /// one is registered again (a client then over its limit is settled by its
-    /// policy: the newest closed 4409 under `reject`, the oldest 4001 under
-    /// `replace_oldest`).
+    /// Makes Redis agree with this node. Every live connection is registered again
+    /// (a client then over its limit is settled by its policy: the newest closed 4409
+    /// under `reject`, the oldest 4001 under `replace_oldest`); connections Redis
+    /// holds for it that are no longer live are released (their clients' offline
+    /// fire here); releases Redis never answered are run again (see `outage`).
     pub(crate) async fn resync(self: &Arc<Self>) -> Result<(), RegistryError> {
+        let lost = self.data_lost().await?;
+        if lost {
+            tracing::warn!("redis lost its data: registering everything again");
+            self.relinger().await?;
+        }
+        let live = self.registry.connections();
+        for conn in &live {
+            self.register(conn, lost).await?;
+        }
+        self.release_gone(&live).await?;
+        self.settle_unsettled().await?;
+        self.owe(None, lost);
+        self.note_epoch().await?;
+        tracing::info!(connections = live.len(), "live connections registered");
+        Ok(())
+    }
+
+    /// Registers one live connection again, unless its release is under way (its
+    /// release, if it comes now, waits for the registration).
+    async fn register(&self, conn: &Connection, lost: bool) -> Result<(), RegistryError> {
+        {
+            let unsettled = self.unsettled.lock();
+            if unsettled.contains_key(conn.id()) {
+                return Ok(());
+            }
+            *self.registering.lock() = Some(conn.id().to_owned());
+        }
+        let done = self.register_now(conn, lost).await;
+        *self.registering.lock() = None;
+        self.registered.notify_waiters();
+        done
+    }
+
+    async fn register_now(&self, conn: &Connection, lost: bool) -> Result<(), RegistryError> {
         let c = self.link.commands();
         let keys = self.link.keys();
         let conns_key = keys.node_key(&self.node_id, "conns");
-        let held: HashMap<String, String> = c.hgetall(&conns_key).await?;
-        let live = self.registry.connections();
-        let live_ids: HashSet<&str> = live.iter().map(|c| c.id()).collect();
-        for (conn_id, client) in held.iter().filter(|(id, _)| !live_ids.contains(&***id)) {
-            self.release(Arc::from(client.as_str()), conn_id.clone(), true)
-                .await;
-        }
+        let _: () = c.hset(&conns_key, (conn.id(), conn.client_id())).await?;
+        let index = (0.0, conn.client_id());
+        let _: () = c
+            .zadd(keys.global("clients"), None, None, false, false, index)
+            .await?;
+        let local = self.local_only.lock().contains(conn.id());
+        let mode = match (local, lost) {
+            (true, _) => Mode::Local,
+            (false, true) => Mode::Lost,
+            (false, false) => Mode::Kept,
+        };
+        let opened = (super::now_ms() - conn.age().as_millis() as u64).to_string();
         let limit = self.settings.max_connections_per_client.to_string();
         let policy = scripts::policy_arg(self.settings.replace_oldest);
-        for conn in &live {
-            let _: () = c.hset(&conns_key, (conn.id(), conn.client_id())).await?;
-            let _: () = c
-                .zadd(
-                    keys.global("clients"),
-                    None,
-                    None,
-                    false,
-                    false,
-                    (0.0, conn.client_id()),
-                )
-                .await?;
-            let opened = (super::flow::now_ms() - conn.age().as_millis() as u64).to_string();
-            let args = [
-                conn.id(),
-                &self.node_id,
-                conn.transport().as_str(),
-                &opened,
-                &limit,
-                policy,
-                "1",
-            ];
-            let done = scripts::commit(c, keys, conn.client_id(), args).await?;
-            if done.over {
-                let sel = Selector {
-                    conn_id: Some(conn.id().to_owned()),
-                    ..Default::default()
-                };
-                let closing = Closing::new(CloseCode(4409), "client_limit");
-                self.registry.disconnect(&sel, &closing);
+        let args = [
+            conn.id(),
+            &self.node_id,
+            conn.transport().as_str(),
+            &opened,
+            &limit,
+            policy,
+        ];
+        let done = scripts::commit(c, keys, conn.client_id(), args, mode).await?;
+        self.local_only.lock().remove(conn.id());
+        if done.over {
+            let sel = Selector {
+                conn_id: Some(conn.id().to_owned()),
+                ..Default::default()
+            };
+            let closing = Closing::new(CloseCode(4409), "client_limit");
+            self.registry.disconnect(&sel, &closing);
+        }
+        if done.first {
+            self.went_online(Arc::from(conn.client_id()));
+        }
+        if done.pending {
+            self.owe(Some(Arc::from(conn.client_id())), false);
+        }
+        if let Some((victim, node)) = done.victim {
+            self.evict(victim, node, super::flow::replaced());
+        }
+        Ok(())
+    }
+
+    /// Releases the connections Redis holds for this node that are gone, and whose
+    /// release is not already under way.
+    async fn release_gone(self: &Arc<Self>, live: &[Arc<Connection>]) -> Result<(), RegistryError> {
+        let c = self.link.commands();
+        let conns_key = self.link.keys().node_key(&self.node_id, "conns");
+        let held: HashMap<String, String> = c.hgetall(&conns_key).await?;
+        let live_ids: HashSet<&str> = live.iter().map(|c| c.id()).collect();
+        for (conn_id, client) in held {
+            if live_ids.contains(conn_id.as_str()) || self.unsettled.lock().contains_key(&conn_id) {
+                continue;
             }
-            if let Some((victim, node)) = done.victim {
-                self.evict(victim, node, super::flow::replaced());
+            let entry = Unsettled::new(Arc::from(client.as_str()), true);
+            self.unsettled.lock().insert(conn_id.clone(), entry);
+            if self.run_release(&conn_id).await.is_none() {
+                return Err(RegistryError::Unreachable);
             }
         }
-        tracing::info!(connections = live.len(), "live connections registered");
         Ok(())
     }
 }

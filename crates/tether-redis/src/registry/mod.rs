@@ -7,6 +7,8 @@
 //! - [`flow`]: one connection's way through them (admit, commit, release, grace).
 //! - [`control`]: the per-node control channel (requests, replies, their timeout).
 //! - [`liveness`]: the heartbeat, the reaper of dead nodes, re-registration.
+//! - [`outage`]: what a node owes after Redis was unreachable (releases run again,
+//!   ghosts after a data loss, announcements of clients admitted during it).
 //! - [`views`]: what the API asks (stats, clients, connections, disconnect).
 //!
 //! Lifetimes: [`ClusterRegistry::new`] puts the node's [`Registry`] in cluster mode
@@ -18,13 +20,14 @@
 mod control;
 mod flow;
 mod liveness;
+mod outage;
 mod scripts;
 mod views;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -103,6 +106,18 @@ pub struct ClusterRegistry {
     beaten: AtomicBool,
     /// Running offline graces: client id → token.
     lingers: Mutex<HashMap<Arc<str>, String>>,
+    /// Releases Redis has not answered yet: conn id → record.
+    unsettled: Mutex<HashMap<String, outage::Unsettled>>,
+    /// The connection being registered again now: its release waits for it.
+    registering: Mutex<Option<String>>,
+    /// Wakes the releases waiting for `registering`.
+    registered: tokio::sync::Notify,
+    /// Connections committed while Redis was unreachable, not registered yet.
+    local_only: Mutex<HashSet<String>>,
+    /// What re-registration left owed (ghosts, announcements).
+    owed: Mutex<outage::Owed>,
+    /// The registry epoch Redis had when this node last looked.
+    epoch: Mutex<Option<String>>,
     /// The last `/api/stats` cluster figures and when they were read.
     stats: Mutex<Option<(Instant, ClusterStats)>>,
 }
@@ -113,18 +128,9 @@ struct Seam(Weak<ClusterRegistry>);
 
 impl ClusterSeam for Seam {
     fn released(&self, client_id: &Arc<str>, conn_id: &str, committed: bool) {
-        let Some(cluster) = self.0.upgrade() else {
-            return;
-        };
-        if tokio::runtime::Handle::try_current().is_err() {
-            cluster.dirty.store(true, Ordering::Release);
-            return;
+        if let Some(cluster) = self.0.upgrade() {
+            cluster.begin_release(client_id.clone(), conn_id.to_owned(), committed);
         }
-        let (client, conn) = (client_id.clone(), conn_id.to_owned());
-        let c = cluster.clone();
-        cluster
-            .releases
-            .spawn(async move { c.release(client, conn, committed).await });
     }
 }
 
@@ -146,6 +152,12 @@ impl ClusterRegistry {
             dirty: AtomicBool::new(false),
             beaten: AtomicBool::new(false),
             lingers: Mutex::new(HashMap::new()),
+            unsettled: Mutex::new(HashMap::new()),
+            registering: Mutex::new(None),
+            registered: tokio::sync::Notify::new(),
+            local_only: Mutex::new(HashSet::new()),
+            owed: Mutex::new(outage::Owed::default()),
+            epoch: Mutex::new(None),
             stats: Mutex::new(None),
         });
         registry.set_cluster(Arc::new(Seam(Arc::downgrade(&cluster))));
@@ -164,11 +176,18 @@ impl ClusterRegistry {
         self.tasks.spawn(control::listen(self.clone()));
     }
 
-    /// Ends the running offline graces now (their offlines fire: none is lost at
-    /// shutdown), stops the tasks and waits for them. Call it while the link is up.
-    pub async fn stop(&self) {
+    /// Settles what is owed and ends the running offline graces now (their
+    /// offlines fire: none is lost at shutdown), stops the tasks and waits for them.
+    /// Call it while the link is up.
+    pub async fn stop(self: &Arc<Self>) {
         self.releases.close();
         self.releases.wait().await;
+        if self.link.is_up() {
+            if let Err(e) = self.settle_unsettled().await {
+                tracing::warn!(error = %e, "stopping: releases left unsettled");
+            }
+            self.pay_owed(true).await;
+        }
         let lingering: Vec<(Arc<str>, String)> = self.lingers.lock().drain().collect();
         for (client, token) in lingering {
             self.expire(&client, &token).await;
@@ -210,4 +229,12 @@ impl ClusterRegistry {
             .lock()
             .is_some_and(|t| t.elapsed() >= self.settings.node_ttl)
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -7,8 +7,12 @@
 //!   admission order; it is what the per-client limit counts.
 //! - `info`: hash conn id → `"<r|c> <node> <transport> <opened_at_ms>"` (`r` reserved,
 //!   `c` committed), plus `_seq`, the admission counter.
-//! - `state`: `online`, or `linger:<token>` during the offline grace; absent when
-//!   the client is offline.
+//! - `state`: `online`, `linger:<token>` during the offline grace, or `pending` (its
+//!   connections were admitted during an outage and nobody has announced it yet);
+//!   absent when the client is offline.
+//! - `rel:<conn id>`: a release's receipt, `"<token> <answer>"`, so that a release
+//!   run again (a reply lost to a reconnect or a timeout) answers what it answered
+//!   the first time instead of "nothing".
 
 use fred::clients::Client;
 use fred::interfaces::LuaInterface;
@@ -29,61 +33,110 @@ redis.call('HSET', KEYS[2], ARGV[1], 'r ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' ..
 return 1
 "#;
 
-/// Commit (or, with ARGV[7] = '1', re-registration after a reconnect): marks the
-/// connection committed, sets the client online, and under `replace_oldest` evicts
-/// the oldest other committed connection when over the limit. A re-registration
-/// under `reject` that would put the client over its limit is refused.
-/// ARGV: conn id, node, transport, opened_at ms, limit, policy, resync.
-/// Returns {first (1 when the client was offline), victim id, victim info, over (1 refused)}.
+/// Commit, or re-registration after a reconnect: marks the connection committed,
+/// sets the client online, and under `replace_oldest` evicts the oldest other
+/// committed connection when over the limit. ARGV[7], the mode:
+/// - `n`, a commit: *first* when the client was offline (or pending);
+/// - `k`, a live connection registered again on a Redis that kept its data: as a
+///   commit, so a client the cluster had taken offline meanwhile (a reaper) comes
+///   back with a new `client.online`; refused (`over`) under `reject` when it is not
+///   registered and the client is at its limit;
+/// - `g`, registered again on a Redis that lost its data: never *first* (its session
+///   was announced before the loss);
+/// - `l`, a connection admitted during an outage (`admit_local`): an offline client
+///   becomes `pending` (not announced: [`ANNOUNCE`] decides later), a lingering one
+///   online again, an online one stays.
+///
+/// ARGV: conn id, node, transport, opened_at ms, limit, policy, mode.
+/// Returns {first, victim id, victim info, over (1 refused), pending}.
 const COMMIT: &str = r#"
 local limit = tonumber(ARGV[5])
-local resync = ARGV[7] == '1'
+local mode = ARGV[7]
 if not redis.call('HGET', KEYS[2], ARGV[1]) then
-  if resync and ARGV[6] == 'reject' and redis.call('ZCARD', KEYS[1]) >= limit then
-    return {0, '', '', 1}
+  if mode ~= 'n' and ARGV[6] == 'reject' and redis.call('ZCARD', KEYS[1]) >= limit then
+    return {0, '', '', 1, 0}
   end
   local seq = redis.call('HINCRBY', KEYS[2], '_seq', 1)
   redis.call('ZADD', KEYS[1], seq, ARGV[1])
 end
 redis.call('HSET', KEYS[2], ARGV[1], 'c ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
-local first = 0
+local first, pending = 0, 0
 local st = redis.call('GET', KEYS[3])
-if not st and not resync then first = 1 end
-if st ~= 'online' then redis.call('SET', KEYS[3], 'online') end
-if ARGV[6] ~= 'replace' then return {first, '', '', 0} end
+local offline = (not st) or st == 'pending'
+if mode == 'l' and offline then
+  redis.call('SET', KEYS[3], 'pending')
+  pending = 1
+else
+  if offline and (mode == 'n' or mode == 'k') then first = 1 end
+  if st ~= 'online' then redis.call('SET', KEYS[3], 'online') end
+end
+if ARGV[6] ~= 'replace' then return {first, '', '', 0, pending} end
 local committed = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local v = redis.call('HGET', KEYS[2], id)
   if v and string.sub(v, 1, 1) == 'c' then table.insert(committed, {id, v}) end
 end
-if #committed <= limit then return {first, '', '', 0} end
+if #committed <= limit then return {first, '', '', 0, pending} end
 for _, c in ipairs(committed) do
   if c[1] ~= ARGV[1] then
     redis.call('ZREM', KEYS[1], c[1])
     redis.call('HDEL', KEYS[2], c[1])
-    return {first, c[1], c[2], 0}
+    return {first, c[1], c[2], 0, pending}
   end
 end
-return {first, '', '', 0}
+return {first, '', '', 0, pending}
+"#;
+
+/// The announcement of a client admitted during an outage: online, once, by the
+/// first node to ask, if it is still `pending`. Returns 1 announced, 0 nothing.
+const ANNOUNCE: &str = r#"
+if redis.call('GET', KEYS[3]) ~= 'pending' then return 0 end
+redis.call('SET', KEYS[3], 'online')
+return 1
 "#;
 
 /// Release of a connection or a dropped reservation. When the client has none left
-/// and was online: offline now (grace 0) or lingering with token ARGV[3].
-/// ARGV: conn id, grace ms, token. Returns 0 nothing, 1 offline, 2 lingering.
+/// and was online: offline now (grace 0) or lingering with token ARGV[3]; a
+/// `pending` client (never announced) just ends. A transition's answer is kept as a
+/// receipt (KEYS[4], `PX` ARGV[5]; every answer with ARGV[4] = '1'): the same
+/// release again (same token) answers the same, another token answers nothing.
+/// ARGV: conn id, grace ms, token, keep every answer, receipt ms.
+/// Returns 0 nothing, 1 offline, 2 lingering, 3 unknown (not a connection of the
+/// client: evicted, released by someone else, or lost with Redis' data).
 const RELEASE: &str = r#"
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
-if redis.call('GET', KEYS[3]) ~= 'online' then return 0 end
-local grace = tonumber(ARGV[2])
-if grace > 0 then
-  redis.call('SET', KEYS[3], 'linger:' .. ARGV[3], 'PX', grace + 60000)
-  return 2
+local seen = redis.call('GET', KEYS[4])
+if seen then
+  local token, answer = string.match(seen, '^(.*) (%d)$')
+  if token == ARGV[3] then return tonumber(answer) end
+  return 0
 end
-redis.call('DEL', KEYS[3])
-return 1
+local was = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if was == 0 then return 3 end
+local answer = 0
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  local st = redis.call('GET', KEYS[3])
+  local grace = tonumber(ARGV[2])
+  if st == 'pending' then
+    redis.call('DEL', KEYS[3])
+  elseif st == 'online' and grace > 0 then
+    redis.call('SET', KEYS[3], 'linger:' .. ARGV[3], 'PX', grace + 60000)
+    answer = 2
+  elseif st == 'online' then
+    redis.call('DEL', KEYS[3])
+    answer = 1
+  end
+end
+if answer > 0 or ARGV[4] == '1' then
+  redis.call('SET', KEYS[4], ARGV[3] .. ' ' .. answer, 'PX', ARGV[5])
+end
+return answer
 "#;
+
+/// How long a release's receipt is kept: a release run again later than this (an
+/// outage longer than it, on a Redis that kept its data) answers "unknown".
+pub(crate) const RECEIPT_MS: u64 = 600_000;
 
 /// The end of an offline grace: offline if the same grace is still running (no
 /// reconnect anywhere since). ARGV: token. Returns 1 offline, 0 nothing.
@@ -95,12 +148,17 @@ return 1
 "#;
 
 /// A client's three keys, in the order every script takes them.
-fn client_keys(keys: &Keys, client_id: &str) -> Vec<String> {
+pub(crate) fn client_keys(keys: &Keys, client_id: &str) -> Vec<String> {
     vec![
         keys.client_key(client_id, "conns"),
         keys.client_key(client_id, "info"),
         keys.client_key(client_id, "state"),
     ]
+}
+
+/// A release's receipt key.
+pub(crate) fn receipt_key(keys: &Keys, client_id: &str, conn_id: &str) -> String {
+    keys.client_key(client_id, &format!("rel:{conn_id}"))
 }
 
 /// The policy as the scripts spell it.
@@ -121,6 +179,33 @@ pub(crate) struct Committed {
     pub(crate) victim: Option<(String, String)>,
     /// A re-registration refused under `reject` (the client is over its limit).
     pub(crate) over: bool,
+    /// A connection admitted during an outage left its client `pending`: the
+    /// client's `client.online` waits for [`announce`].
+    pub(crate) pending: bool,
+}
+
+/// How a connection is committed (the commit script's mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A handshake's commit.
+    Commit,
+    /// Registered again; Redis kept its data.
+    Kept,
+    /// Registered again; Redis lost its data (the session was announced before).
+    Lost,
+    /// Admitted during an outage, registered now.
+    Local,
+}
+
+impl Mode {
+    fn arg(self) -> &'static str {
+        match self {
+            Mode::Commit => "n",
+            Mode::Kept => "k",
+            Mode::Lost => "g",
+            Mode::Local => "l",
+        }
+    }
 }
 
 /// Runs the admission script.
@@ -136,15 +221,19 @@ pub(crate) async fn admit(
     Ok(n == 1)
 }
 
-/// Runs the commit script.
+/// Runs the commit script. `args`: conn id, node, transport, opened_at ms, limit,
+/// policy.
 pub(crate) async fn commit(
     client: &Client,
     keys: &Keys,
     client_id: &str,
-    args: [&str; 7],
+    args: [&str; 6],
+    mode: Mode,
 ) -> Result<Committed, fred::error::Error> {
+    let mut argv = args.to_vec();
+    argv.push(mode.arg());
     let v: Vec<Value> = client
-        .eval(COMMIT, client_keys(keys, client_id), args.to_vec())
+        .eval(COMMIT, client_keys(keys, client_id), argv)
         .await?;
     let int = |i: usize| v.get(i).and_then(Value::as_i64).unwrap_or(0);
     let text = |i: usize| {
@@ -160,7 +249,20 @@ pub(crate) async fn commit(
         first: int(0) == 1,
         victim,
         over: int(3) == 1,
+        pending: int(4) == 1,
     })
+}
+
+/// Runs the announcement script: whether this node announces the client online.
+pub(crate) async fn announce(
+    client: &Client,
+    keys: &Keys,
+    client_id: &str,
+) -> Result<bool, fred::error::Error> {
+    let n: i64 = client
+        .eval(ANNOUNCE, client_keys(keys, client_id), Vec::<String>::new())
+        .await?;
+    Ok(n == 1)
 }
 
 /// What a release did to the client.
@@ -172,6 +274,18 @@ pub(crate) enum Released {
     Offline,
     /// Its last connection: its offline grace started.
     Lingering,
+    /// Not a connection of the client (evicted, released by another, or lost with
+    /// Redis' data).
+    Unknown,
+}
+
+/// Who releases, which decides which answers keep a receipt.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Releaser<'a> {
+    /// The release's token (the grace's token too).
+    pub(crate) token: &'a str,
+    /// Keep every answer (the reaper), not only transitions.
+    pub(crate) keep_all: bool,
 }
 
 /// Runs the release script.
@@ -181,18 +295,22 @@ pub(crate) async fn release(
     client_id: &str,
     conn_id: &str,
     grace_ms: u64,
-    token: &str,
+    by: Releaser<'_>,
 ) -> Result<Released, fred::error::Error> {
-    let n: i64 = client
-        .eval(
-            RELEASE,
-            client_keys(keys, client_id),
-            vec![conn_id.to_owned(), grace_ms.to_string(), token.to_owned()],
-        )
-        .await?;
+    let mut ks = client_keys(keys, client_id);
+    ks.push(receipt_key(keys, client_id, conn_id));
+    let argv = vec![
+        conn_id.to_owned(),
+        grace_ms.to_string(),
+        by.token.to_owned(),
+        if by.keep_all { "1" } else { "0" }.to_owned(),
+        RECEIPT_MS.to_string(),
+    ];
+    let n: i64 = client.eval(RELEASE, ks, argv).await?;
     Ok(match n {
         1 => Released::Offline,
         2 => Released::Lingering,
+        3 => Released::Unknown,
         _ => Released::Nothing,
     })
 }
@@ -231,8 +349,54 @@ mod tests {
         [conn, "n1", "ws", "1000", "2", policy]
     }
 
-    fn commit_args<'a>(conn: &'a str, node: &'a str, policy: &'a str) -> [&'a str; 7] {
-        [conn, node, "ws", "1000", "2", policy, "0"]
+    fn commit_args<'a>(conn: &'a str, node: &'a str, policy: &'a str) -> [&'a str; 6] {
+        [conn, node, "ws", "1000", "2", policy]
+    }
+
+    fn by(token: &str) -> Releaser<'_> {
+        Releaser {
+            token,
+            keep_all: false,
+        }
+    }
+
+    /// The keys under `t:` except receipts, each of which must expire.
+    async fn keys_left(c: &Client) -> Vec<String> {
+        let all: Vec<String> = c
+            .eval(
+                "return redis.call('KEYS', 't:*')",
+                Vec::<String>::new(),
+                Vec::<String>::new(),
+            )
+            .await
+            .unwrap();
+        let mut left = Vec::new();
+        for k in all {
+            if k.contains(":rel:") {
+                let ttl: i64 = c
+                    .eval(
+                        "return redis.call('PTTL', KEYS[1])",
+                        vec![k.clone()],
+                        Vec::<String>::new(),
+                    )
+                    .await
+                    .unwrap();
+                assert!(ttl > 0 && ttl <= RECEIPT_MS as i64, "{k} pttl {ttl}");
+            } else {
+                left.push(k);
+            }
+        }
+        left
+    }
+
+    async fn state(c: &Client, k: &Keys, client: &str) -> Option<String> {
+        c.eval(
+            "return redis.call('GET', KEYS[1])",
+            vec![k.client_key(client, "state")],
+            Vec::<String>::new(),
+        )
+        .await
+        .unwrap()
     }
 
     #[tokio::test]
@@ -262,24 +426,41 @@ mod tests {
         for id in ["c1", "c2", "c3"] {
             assert!(admit(&c, &k, "x", args(id, "replace")).await.unwrap());
         }
-        let one = commit(&c, &k, "x", commit_args("c1", "na", "replace"))
-            .await
-            .unwrap();
+        let one = commit(
+            &c,
+            &k,
+            "x",
+            commit_args("c1", "na", "replace"),
+            Mode::Commit,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             one,
             Committed {
                 first: true,
-                victim: None,
-                over: false
+                ..Committed::default()
             }
         );
-        let two = commit(&c, &k, "x", commit_args("c2", "nb", "replace"))
-            .await
-            .unwrap();
+        let two = commit(
+            &c,
+            &k,
+            "x",
+            commit_args("c2", "nb", "replace"),
+            Mode::Commit,
+        )
+        .await
+        .unwrap();
         assert_eq!(two, Committed::default());
-        let three = commit(&c, &k, "x", commit_args("c3", "nb", "replace"))
-            .await
-            .unwrap();
+        let three = commit(
+            &c,
+            &k,
+            "x",
+            commit_args("c3", "nb", "replace"),
+            Mode::Commit,
+        )
+        .await
+        .unwrap();
         assert_eq!(three.victim, Some(("c1".into(), "na".into())));
         assert!(!three.first);
     }
@@ -289,35 +470,125 @@ mod tests {
         let redis = RedisServer::start().unwrap();
         let (c, k) = (client(&redis).await, Keys::new("t"));
         admit(&c, &k, "x", args("c1", "reject")).await.unwrap();
-        commit(&c, &k, "x", commit_args("c1", "n1", "reject"))
+        commit(&c, &k, "x", commit_args("c1", "n1", "reject"), Mode::Commit)
             .await
             .unwrap();
-        let r = release(&c, &k, "x", "c1", 5000, "tok1").await.unwrap();
+        let r = release(&c, &k, "x", "c1", 5000, by("tok1")).await.unwrap();
         assert_eq!(r, Released::Lingering);
         // Back within the grace (another node): the old grace ends in nothing.
         admit(&c, &k, "x", args("c2", "reject")).await.unwrap();
-        let back = commit(&c, &k, "x", commit_args("c2", "n2", "reject"))
+        let back = commit(&c, &k, "x", commit_args("c2", "n2", "reject"), Mode::Commit)
             .await
             .unwrap();
         assert!(!back.first);
         assert!(!expire(&c, &k, "x", "tok1").await.unwrap());
         // Gone again, no grace: offline now, and only once.
         assert_eq!(
-            release(&c, &k, "x", "c2", 0, "tok2").await.unwrap(),
+            release(&c, &k, "x", "c2", 0, by("tok2")).await.unwrap(),
             Released::Offline
         );
         assert_eq!(
-            release(&c, &k, "x", "c2", 0, "tok3").await.unwrap(),
+            release(&c, &k, "x", "c2", 0, by("tok3")).await.unwrap(),
             Released::Nothing
         );
-        let left: Vec<String> = c
-            .eval(
-                "return redis.call('KEYS', 't:*')",
-                Vec::<String>::new(),
-                Vec::<String>::new(),
-            )
+        let left = keys_left(&c).await;
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_release_run_again_answers_what_it_answered_the_first_time() {
+        let redis = RedisServer::start().unwrap();
+        let (c, k) = (client(&redis).await, Keys::new("t"));
+        admit(&c, &k, "x", args("c1", "reject")).await.unwrap();
+        commit(&c, &k, "x", commit_args("c1", "n1", "reject"), Mode::Commit)
             .await
             .unwrap();
-        assert!(left.is_empty(), "{left:?}");
+        let first = release(&c, &k, "x", "c1", 0, by("t1")).await.unwrap();
+        assert_eq!(first, Released::Offline);
+        // The same release again (its reply was lost): the same answer.
+        let again = release(&c, &k, "x", "c1", 0, by("t1")).await.unwrap();
+        assert_eq!(again, Released::Offline);
+        // Someone else releasing it (a reaper): nothing.
+        let other = release(&c, &k, "x", "c1", 0, by("t2")).await.unwrap();
+        assert_eq!(other, Released::Nothing);
+        // A connection the client never had: unknown, and no receipt is kept.
+        let never = release(&c, &k, "x", "zz", 0, by("t3")).await.unwrap();
+        assert_eq!(never, Released::Unknown);
+        assert!(keys_left(&c).await.is_empty());
+        // A lingering answer is replayed too.
+        admit(&c, &k, "y", args("c2", "reject")).await.unwrap();
+        commit(&c, &k, "y", commit_args("c2", "n1", "reject"), Mode::Commit)
+            .await
+            .unwrap();
+        let r = release(&c, &k, "y", "c2", 5000, by("t4")).await.unwrap();
+        assert_eq!(r, Released::Lingering);
+        let r = release(&c, &k, "y", "c2", 5000, by("t4")).await.unwrap();
+        assert_eq!(r, Released::Lingering);
+    }
+
+    #[tokio::test]
+    async fn an_outage_admission_is_announced_once_and_only_if_the_client_was_offline() {
+        let redis = RedisServer::start().unwrap();
+        let (c, k) = (client(&redis).await, Keys::new("t"));
+        // Online on n1; n2 admitted it during an outage: no announcement owed.
+        commit(&c, &k, "x", commit_args("c1", "n1", "reject"), Mode::Commit)
+            .await
+            .unwrap();
+        let local = commit(&c, &k, "x", commit_args("c2", "n2", "reject"), Mode::Local)
+            .await
+            .unwrap();
+        assert_eq!(local, Committed::default());
+        assert!(!announce(&c, &k, "x").await.unwrap());
+        // A client nobody had: pending, announced by the first to ask only.
+        let y = commit(&c, &k, "y", commit_args("c3", "n1", "reject"), Mode::Local)
+            .await
+            .unwrap();
+        assert!(y.pending && !y.first);
+        let y2 = commit(&c, &k, "y", commit_args("c4", "n2", "reject"), Mode::Local)
+            .await
+            .unwrap();
+        assert!(y2.pending);
+        assert!(announce(&c, &k, "y").await.unwrap());
+        assert!(!announce(&c, &k, "y").await.unwrap());
+        assert_eq!(state(&c, &k, "y").await.as_deref(), Some("online"));
+        // A pending client whose connections all close was never online: no offline.
+        commit(&c, &k, "z", commit_args("c5", "n1", "reject"), Mode::Local)
+            .await
+            .unwrap();
+        let r = release(&c, &k, "z", "c5", 0, by("t1")).await.unwrap();
+        assert_eq!(r, Released::Nothing);
+        assert_eq!(state(&c, &k, "z").await, None);
+        assert!(!announce(&c, &k, "z").await.unwrap());
+        // A handshake commit on a pending client announces it (and it is then online).
+        commit(&c, &k, "w", commit_args("c6", "n1", "reject"), Mode::Local)
+            .await
+            .unwrap();
+        let w = commit(&c, &k, "w", commit_args("c7", "n2", "reject"), Mode::Commit)
+            .await
+            .unwrap();
+        assert!(w.first);
+        assert!(!announce(&c, &k, "w").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_registration_after_data_loss_is_never_first_one_with_data_kept_can_be() {
+        let redis = RedisServer::start().unwrap();
+        let (c, k) = (client(&redis).await, Keys::new("t"));
+        let lost = commit(&c, &k, "x", commit_args("c1", "n1", "reject"), Mode::Lost)
+            .await
+            .unwrap();
+        assert!(!lost.first);
+        assert_eq!(state(&c, &k, "x").await.as_deref(), Some("online"));
+        // Data kept, but the client was taken offline meanwhile (by a reaper): a new
+        // session, announced by the registration.
+        let kept = commit(&c, &k, "y", commit_args("c2", "n1", "reject"), Mode::Kept)
+            .await
+            .unwrap();
+        assert!(kept.first);
+        // Kept, client still online: nothing.
+        let again = commit(&c, &k, "y", commit_args("c2", "n1", "reject"), Mode::Kept)
+            .await
+            .unwrap();
+        assert!(!again.first);
     }
 }

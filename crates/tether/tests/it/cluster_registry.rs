@@ -97,18 +97,32 @@ async fn refused(srv: &TestServer, query: &str) -> (u16, Value) {
     }
 }
 
+/// A shard's client keys but release receipts, each of which must expire (SPEC 3's
+/// once-only offline after a lost reply needs them a while).
+fn client_keys_left(redis: &RedisServer) -> Vec<String> {
+    let keys = redis.cli(&["--scan", "--pattern", "tether:{c:*"]).unwrap();
+    for receipt in keys.lines().filter(|k| k.contains(":rel:")) {
+        let ttl: i64 = redis.cli(&["pttl", receipt]).unwrap().parse().unwrap();
+        assert!((1..=600_000).contains(&ttl), "{receipt} pttl {ttl}");
+    }
+    keys.lines()
+        .filter(|k| !k.is_empty() && !k.contains(":rel:"))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The client keys left in Redis, eventually none.
 async fn assert_no_client_keys(redis: &RedisServer) {
-    let mut left = String::new();
+    let mut left = Vec::new();
     for _ in 0..100 {
-        left = redis.cli(&["--scan", "--pattern", "tether:{c:*"]).unwrap();
+        left = client_keys_left(redis);
         let index = redis.cli(&["zcard", "tether:{global}:clients"]).unwrap();
         if left.is_empty() && index == "0" {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("client keys left in redis: {left}");
+    panic!("client keys left in redis: {left:?}");
 }
 
 /// How many events of `kind` for `client` are in `events`.
@@ -610,9 +624,200 @@ async fn on_a_redis_cluster_the_limit_the_replace_and_online_offline_hold() {
     a.assert_clean().await;
     b.assert_clean().await;
     for shard in &redis.shards {
-        let left = shard.cli(&["--scan", "--pattern", "tether:{c:*"]).unwrap();
-        assert_eq!(left, "", "client keys left on a shard");
+        let left = client_keys_left(shard);
+        assert!(left.is_empty(), "client keys left on a shard: {left:?}");
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// Events from every receiver until `done` holds for them (or `max` passes), then
+/// `more` of any that follow (a duplicate would come within it).
+async fn events_until(
+    rxs: &mut [&mut Receiver<Arc<LifecycleEvent>>],
+    done: impl Fn(&[Arc<LifecycleEvent>]) -> bool,
+    max: Duration,
+    more: Duration,
+) -> Vec<Arc<LifecycleEvent>> {
+    let mut all = Vec::new();
+    let until = tokio::time::Instant::now() + max;
+    while !done(&all) && tokio::time::Instant::now() < until {
+        all.extend(events_of(rxs, Duration::from_millis(50)).await);
+    }
+    all.extend(events_of(rxs, more).await);
+    all
+}
+
+/// A client's connections as Redis knows them, through the API.
+async fn connections_of(srv: &TestServer, client: &str) -> usize {
+    let (_, c) = srv.get(&format!("/api/clients/{client}")).await;
+    c["connections"].as_array().map_or(0, Vec::len)
+}
+
+async fn wait_connections(srv: &TestServer, client: &str, n: usize) {
+    for _ in 0..200 {
+        if connections_of(srv, client).await == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (_, seen) = srv.get(&format!("/api/clients/{client}")).await;
+    panic!("{client}: not {n} connections: {seen}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_last_close_during_an_outage_of_a_redis_that_comes_back_empty_goes_offline_once() {
+    let mut redis = RedisServer::start().unwrap();
+    let ttl = |c: &mut Config| c.broker.node_ttl_ms = 3000.try_into().unwrap();
+    let a = node(&redis, "a", ttl).await;
+    let b = node(&redis, "b", ttl).await;
+    let mut ra = a.app.registry.events().subscribe();
+    let mut rb = b.app.registry.events().subscribe();
+    let (xa, _) = a.ws("?client=x").await;
+    let (xb, _) = b.ws("?client=x").await;
+    let (ya, _) = a.ws("?client=y").await;
+    redis.kill();
+    for _ in 0..200 {
+        if readyz(&a).await == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(readyz(&a).await, 503);
+    // x's connection on a and y's only one close while Redis is down: their releases
+    // fail, and Redis comes back without any of it.
+    client_close(xa).await;
+    client_close(ya).await;
+    redis.restart_empty().unwrap();
+    wait_joined(&redis, &a, "a").await;
+    wait_joined(&redis, &b, "b").await;
+    // a registers the closed connections again (unlisted: no node holds them) until
+    // it has been connected for node_ttl, so y is online with none listed; b
+    // registers x's live one. x's last close, on b, is not its last anywhere yet.
+    for _ in 0..200 {
+        if b.get("/api/clients/y").await.1["state"] == "online" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(connections_of(&b, "y").await, 0);
+    wait_connections(&b, "x", 1).await;
+    client_close(xb).await;
+    let offlines = |e: &[Arc<LifecycleEvent>]| {
+        count(e, "client.offline", "x") + count(e, "client.offline", "y") >= 2
+    };
+    let events = events_until(
+        &mut [&mut ra, &mut rb],
+        offlines,
+        Duration::from_secs(10),
+        Duration::from_secs(4),
+    )
+    .await;
+    assert_eq!(count(&events, "client.offline", "x"), 1, "{events:?}");
+    assert_eq!(count(&events, "client.offline", "y"), 1, "{events:?}");
+    // Only the online before the outage: registering again after it announces none.
+    assert_eq!(count(&events, "client.online", "x"), 1, "{events:?}");
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admit_local_announces_a_client_once_even_when_it_was_online_elsewhere() {
+    let redis = RedisServer::start().unwrap();
+    let local = |c: &mut Config| {
+        c.clients.max_connections_per_client = 2.try_into().unwrap();
+        c.broker.on_unavailable = tether_server::config::OnUnavailable::AdmitLocal;
+        c.broker.command_timeout_ms = 300.try_into().unwrap();
+    };
+    let a = node(&redis, "a", local).await;
+    let b = node(&redis, "b", local).await;
+    let mut ra = a.app.registry.events().subscribe();
+    let mut rb = b.app.registry.events().subscribe();
+    let (xb, _) = b.ws("?client=x").await;
+    redis.cli(&["client", "pause", "3000", "all"]).unwrap();
+    let mut down = false;
+    for _ in 0..100 {
+        if a.stats().await["cluster"].is_null() {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(down, "a never saw redis unreachable");
+    // x is online on b; y nowhere. a cannot know: neither is announced now.
+    let (xa, _) = a.ws("?client=x").await;
+    let (ya, _) = a.ws("?client=y").await;
+    let during = events_of(&mut [&mut ra], Duration::from_millis(300)).await;
+    assert_eq!(count(&during, "client.online", "y"), 0, "{during:?}");
+    assert_eq!(count(&during, "connection.opened", "y"), 1, "{during:?}");
+    // Redis answers again: a registers both; y, offline in the cluster, is announced.
+    let announced = |e: &[Arc<LifecycleEvent>]| count(e, "client.online", "y") >= 1;
+    let mut events = events_until(
+        &mut [&mut ra, &mut rb],
+        announced,
+        Duration::from_secs(10),
+        Duration::ZERO,
+    )
+    .await;
+    events.extend(during);
+    wait_connections(&b, "x", 2).await;
+    client_close(xa).await;
+    client_close(xb).await;
+    client_close(ya).await;
+    let offlines = |e: &[Arc<LifecycleEvent>]| {
+        count(e, "client.offline", "x") + count(e, "client.offline", "y") >= 2
+    };
+    events.extend(
+        events_until(
+            &mut [&mut ra, &mut rb],
+            offlines,
+            Duration::from_secs(5),
+            Duration::from_millis(500),
+        )
+        .await,
+    );
+    // x's only online is b's, before the outage: none from a.
+    assert_eq!(count(&events, "client.online", "x"), 1, "{events:?}");
+    assert_eq!(
+        collect_kinds_on(&events, "client.online", "a"),
+        1,
+        "{events:?}"
+    );
+    assert_eq!(count(&events, "client.online", "y"), 1, "{events:?}");
+    assert_eq!(count(&events, "client.offline", "x"), 1, "{events:?}");
+    assert_eq!(count(&events, "client.offline", "y"), 1, "{events:?}");
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_whose_answer_was_lost_still_fires_its_offline_once() {
+    let redis = RedisServer::start().unwrap();
+    let quick = |c: &mut Config| c.broker.command_timeout_ms = 300.try_into().unwrap();
+    let a = node(&redis, "a", quick).await;
+    let mut ra = a.app.registry.events().subscribe();
+    let (x, _) = a.ws("?client=x").await;
+    // Redis holds every command for 2 s: the release times out on the node, then
+    // runs in Redis (its answer lost), as does the node's record removal.
+    redis.cli(&["client", "pause", "2000", "all"]).unwrap();
+    client_close(x).await;
+    let offline = |e: &[Arc<LifecycleEvent>]| count(e, "client.offline", "x") >= 1;
+    let events = events_until(
+        &mut [&mut ra],
+        offline,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(count(&events, "client.online", "x"), 1, "{events:?}");
+    assert_eq!(count(&events, "client.offline", "x"), 1, "{events:?}");
+    a.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
 }
