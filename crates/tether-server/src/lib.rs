@@ -240,6 +240,7 @@ async fn run(
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(app.cfg.shutdown.timeout_ms.get());
     drain_connections(&app).await;
+    link.settle().await;
     sweeps_stop.cancel();
     stop_accepting.cancel();
     flush_webhooks(&app, webhooks, deadline).await;
@@ -304,6 +305,14 @@ impl LinkRun {
             stop,
             tasks,
             cluster: app.cluster.clone(),
+        }
+    }
+
+    /// After the drain: the cluster's last releases and graces settle, so their
+    /// offlines fire before the webhooks are flushed.
+    async fn settle(&self) {
+        if let Some(c) = &self.cluster {
+            c.settle().await;
         }
     }
 

@@ -21,7 +21,7 @@ impl ClusterRegistry {
     /// reachable (`broker_unavailable`, under `on_unavailable = "reject"`). On a
     /// refusal the caller drops the reservation, whose release clears Redis.
     pub async fn admit(&self, res: &Reservation) -> Result<(), Refusal> {
-        if !self.link.is_up() {
+        if !self.is_up() {
             return self.admit_unreachable(res);
         }
         match self.try_admit(res).await {
@@ -72,7 +72,7 @@ impl ClusterRegistry {
     /// registered once Redis is back, and its client announced then if it was
     /// offline (see `outage`).
     pub async fn commit(&self, res: &mut Reservation) {
-        let outcome = if self.link.is_up() {
+        let outcome = if self.is_up() {
             self.try_commit(res).await
         } else {
             Err(RegistryError::Unreachable)
@@ -80,6 +80,9 @@ impl ClusterRegistry {
         match outcome {
             Ok(done) => {
                 res.set_cluster_first(done.first);
+                if done.pending {
+                    self.owe(Some(res.client_id().clone()), false);
+                }
                 if let Some((victim, node)) = done.victim {
                     self.evict(victim, node, replaced());
                 }
@@ -101,7 +104,14 @@ impl ClusterRegistry {
         let keys = self.link.keys();
         let [conn, node, transport, now, limit, policy] = self.script_args(res);
         let args = [&*conn, &node, &transport, &now, &limit, &policy];
-        Ok(scripts::commit(c, keys, res.client_id(), args, Mode::Commit).await?)
+        // Until what a data loss left owed is settled, a client that looks offline
+        // may only look so (its connections not registered again yet): pending.
+        let mode = if self.settling_loss() {
+            Mode::Local
+        } else {
+            Mode::Commit
+        };
+        Ok(scripts::commit(c, keys, res.client_id(), args, mode).await?)
     }
 
     /// What the admission and commit scripts take about a reservation: conn id,
@@ -198,28 +208,41 @@ impl ClusterRegistry {
                 return None;
             }
         };
+        // The transition's event at once: a commit elsewhere may follow it closely.
+        self.released(entry.client.clone(), answer, entry.token.clone());
         let node_done: Result<(), _> = c.hdel(keys.node_key(&self.node_id, "conns"), conn_id).await;
-        let ghosted = if answer == Released::Unknown {
-            let Some(ghosted) = self.unknown(&entry, conn_id).await else {
+        self.after_release(conn_id, &entry, answer, node_done)
+            .await?;
+        Some((answer, entry))
+    }
+
+    /// The record of a release Redis answered: gone, `Acted` (the node's record is
+    /// still there), the ghost's (Redis lost it), or `Failed` again (`None`).
+    async fn after_release(
+        &self,
+        conn_id: &str,
+        entry: &Unsettled,
+        answer: Released,
+        node_done: Result<(), fred::error::Error>,
+    ) -> Option<()> {
+        if answer == Released::Unknown {
+            let Some(ghosted) = self.unknown(entry, conn_id).await else {
                 self.set_phase(conn_id, Phase::Failed);
                 self.dirty.store(true, Ordering::Release);
                 return None;
             };
-            ghosted
-        } else {
-            false
-        };
-        if ghosted {
-            // The record is the ghost's now.
-        } else if let Err(e) = node_done {
+            if ghosted {
+                return Some(());
+            }
+        }
+        if let Err(e) = node_done {
             tracing::warn!(error = %e, "release: node record not removed");
             self.set_phase(conn_id, Phase::Acted);
             self.dirty.store(true, Ordering::Release);
         } else {
             self.unsettled.lock().remove(conn_id);
         }
-        self.released(entry.client.clone(), answer, entry.token.clone());
-        Some((answer, entry))
+        Some(())
     }
 
     /// Waits while `conn_id` is being registered again, so that its release runs

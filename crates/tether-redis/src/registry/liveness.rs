@@ -40,6 +40,7 @@ pub(super) async fn run(cluster: Arc<ClusterRegistry>) {
                 }
                 let is_up = *up.borrow_and_update();
                 *cluster.connected_since.lock() = is_up.then(Instant::now);
+                cluster.synced.store(false, Ordering::Release);
                 if is_up {
                     // Back (or first connected): beat at once, then re-register.
                     cluster.dirty.store(true, Ordering::Release);
@@ -66,6 +67,7 @@ impl ClusterRegistry {
                 self.dirty.store(true, Ordering::Release);
                 return;
             }
+            self.synced.store(true, Ordering::Release);
         }
         self.pay_owed(false).await;
         if self.connected_for_ttl() {
@@ -193,9 +195,12 @@ impl ClusterRegistry {
         Ok(())
     }
 
-    /// Registers one live connection again, unless its release is under way (its
-    /// release, if it comes now, waits for the registration).
+    /// Registers one live connection again, unless it is closing or its release is
+    /// under way (its release, if it comes now, waits for the registration).
     async fn register(&self, conn: &Connection, lost: bool) -> Result<(), RegistryError> {
+        if conn.is_closing() {
+            return Ok(());
+        }
         {
             let unsettled = self.unsettled.lock();
             if unsettled.contains_key(conn.id()) {

@@ -27,7 +27,7 @@ mod views;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,9 @@ pub struct ClusterRegistry {
     connected_since: Mutex<Option<Instant>>,
     /// Something could not reach Redis: re-register at the next chance.
     dirty: AtomicBool,
+    /// Re-registered since the link last changed: until then the node admits as
+    /// if Redis were unreachable (it may not know yet that Redis lost its data).
+    synced: AtomicBool,
     /// Whether a heartbeat has been written yet.
     beaten: AtomicBool,
     /// Running offline graces: client id → token.
@@ -150,6 +153,7 @@ impl ClusterRegistry {
             stop: CancellationToken::new(),
             connected_since: Mutex::new(None),
             dirty: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
             beaten: AtomicBool::new(false),
             lingers: Mutex::new(HashMap::new()),
             unsettled: Mutex::new(HashMap::new()),
@@ -176,10 +180,11 @@ impl ClusterRegistry {
         self.tasks.spawn(control::listen(self.clone()));
     }
 
-    /// Settles what is owed and ends the running offline graces now (their
-    /// offlines fire: none is lost at shutdown), stops the tasks and waits for them.
-    /// Call it while the link is up.
-    pub async fn stop(self: &Arc<Self>) {
+    /// At shutdown, once the connections are drained: waits for their releases,
+    /// settles what is owed, and ends the running offline graces now, so that every
+    /// offline fires before the webhooks are flushed (none is lost at shutdown).
+    /// Call it while the link is up; calling it again does nothing more.
+    pub async fn settle(self: &Arc<Self>) {
         self.releases.close();
         self.releases.wait().await;
         if self.link.is_up() {
@@ -192,6 +197,11 @@ impl ClusterRegistry {
         for (client, token) in lingering {
             self.expire(&client, &token).await;
         }
+    }
+
+    /// [`Self::settle`], then leaves the cluster, stops the tasks and waits for them.
+    pub async fn stop(self: &Arc<Self>) {
+        self.settle().await;
         self.leave().await;
         self.stop.cancel();
         self.tasks.close();
@@ -203,9 +213,10 @@ impl ClusterRegistry {
         &self.node_id
     }
 
-    /// Whether Redis is reachable now.
+    /// Whether Redis is reachable now and this node has re-registered since it
+    /// last became so.
     pub fn is_up(&self) -> bool {
-        self.link.is_up()
+        self.link.is_up() && self.synced.load(Ordering::Acquire)
     }
 
     /// Whether handshakes are admitted while Redis is unreachable.

@@ -16,7 +16,12 @@
 //! - **Announcements.** A connection admitted during an outage (`admit_local`) fires
 //!   no `client.online` then: its registration leaves an offline client `pending`,
 //!   and the node announces it afterwards, once cluster-wide (at once when Redis kept
-//!   its data, after `node_ttl` when it lost it).
+//!   its data, after `node_ttl` when it lost it). So does a handshake committed after
+//!   a data loss until it is settled: a client that looks offline then may only look
+//!   so (another node has not registered its connections, or its ghosts, yet).
+//! - **No admission before re-registration.** After the link changes, the node is
+//!   not up (`ClusterRegistry::is_up`, so `/readyz` and admission) until it has
+//!   re-registered, so it never admits before it knows whether Redis lost its data.
 //! - **Graces** running here when Redis lost its data are written again.
 
 use std::collections::HashSet;
@@ -211,6 +216,12 @@ impl ClusterRegistry {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Whether what a data loss left owed is still unsettled (a commit then leaves
+    /// an offline-looking client `pending`, announced once settled).
+    pub(crate) fn settling_loss(&self) -> bool {
+        self.owed.lock().after_ttl
     }
 
     /// Records what a re-registration left owed.

@@ -4,7 +4,9 @@
 //! a new epoch), one node is drained with SIGTERM, and a fresh node joins. Seeded and
 //! bounded (about 20 s). Afterwards: no client saw a message twice, no client missed
 //! one without being told (`recovered: false`), every client's final resume is
-//! complete, and every node still running is back to zero connections.
+//! complete, every node still running is back to zero connections, and the webhooks
+//! of every node together told each client's sessions exactly: `client.online` and
+//! `client.offline` alternate, one of each per session (SPEC section 3).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
@@ -32,9 +34,10 @@ struct Node {
 }
 
 impl Node {
-    fn spawn(name: &str, redis: &str) -> Node {
+    fn spawn(name: &str, redis: &str, hook: &str) -> Node {
         let (client, api) = (free_port(), free_port());
-        let child = Command::new(BIN)
+        let mut child = Command::new(BIN);
+        child
             .args(["serve", "--node-id", name])
             .args(["--listen", &format!("127.0.0.1:{client}")])
             .args(["--api-listen", &format!("127.0.0.1:{api}")])
@@ -45,11 +48,19 @@ impl Node {
             .env("TETHER_SHUTDOWN__PRE_DRAIN_MS", "0")
             .env("TETHER_SHUTDOWN__DRAIN_WINDOW_MS", "500")
             .env("TETHER_SHUTDOWN__TIMEOUT_MS", "3000")
-            .env("TETHER_LOG__LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .env("TETHER_WEBHOOKS__URL", hook)
+            .env("TETHER_WEBHOOKS__SECRET", "chaos")
+            .stdout(Stdio::null());
+        // TETHER_CHAOS_LOGS=<dir>: each node's log (at info) in <dir>/<node>.log.
+        let child = match std::env::var("TETHER_CHAOS_LOGS") {
+            Ok(dir) => {
+                let log = std::fs::File::create(format!("{dir}/{name}.log")).unwrap();
+                child.env("TETHER_LOG__LEVEL", "info").stderr(log)
+            }
+            Err(_) => child.env("TETHER_LOG__LEVEL", "warn").stderr(Stdio::null()),
+        }
+        .spawn()
+        .unwrap();
         Node {
             child: Some(child),
             client,
@@ -119,6 +130,88 @@ impl Seen {
         }
         self.last = Some(n);
         self.position = Some(position.to_owned());
+    }
+}
+
+/// One `client.*` event: `at`, type, node.
+type Told = (String, String, String);
+
+/// Every node's webhooks: the `client.*` events received, by event id (a batch sent
+/// again carries the same ids).
+#[derive(Clone, Default)]
+struct Hooks(Arc<Mutex<std::collections::BTreeMap<String, Value>>>);
+
+impl Hooks {
+    /// Starts the receiver; its URL.
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let hooks = self.clone();
+        let router = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| async move {
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                let mut events = hooks.0.lock();
+                for e in v["events"].as_array().unwrap() {
+                    events.insert(e["id"].as_str().unwrap().to_owned(), e.clone());
+                }
+                axum::http::StatusCode::OK
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        url
+    }
+
+    /// `client`'s online/offline events in time order (an offline first on a tie).
+    fn of(&self, client: &str) -> Vec<Told> {
+        let mut out: Vec<Told> = self
+            .0
+            .lock()
+            .values()
+            .filter(|e| e["client_id"] == client)
+            .map(|e| {
+                let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+                (s("at"), s("type"), s("node_id"))
+            })
+            .collect();
+        let key = |e: &Told| (e.0.clone(), e.1 == "client.online");
+        out.sort_by_key(key);
+        out
+    }
+}
+
+/// Whether `events` alternate online, offline, …, ending offline.
+fn alternates(events: &[Told]) -> bool {
+    let kinds: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    kinds.len().is_multiple_of(2)
+        && kinds
+            .chunks(2)
+            .all(|p| p == ["client.online", "client.offline"])
+}
+
+/// Waits until every client's events alternate and end offline (the last offlines
+/// come after `node_ttl` for a node that died or a Redis that lost its data).
+async fn sessions_told_exactly(hooks: &Hooks) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let bad: Vec<(usize, Vec<Told>)> = (0..CLIENTS)
+            .map(|i| (i, hooks.of(&format!("chaos-{i}"))))
+            .filter(|(_, e)| !alternates(e))
+            .collect();
+        if bad.is_empty() {
+            let n: usize = (0..CLIENTS)
+                .map(|i| hooks.of(&format!("chaos-{i}")).len())
+                .sum();
+            eprintln!("chaos: {n} client.online/offline events, every session told once");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions not told exactly: {bad:#?}"
+        );
+        sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -278,8 +371,10 @@ async fn clients_hop_through_a_kill_a_bounce_and_a_drain_and_lose_nothing_unrepo
         .unwrap_or(0x7e7e_7e7e);
     let mut redis = RedisServer::start().unwrap();
     let http = reqwest::Client::new();
+    let hooks = Hooks::default();
+    let hook = hooks.start().await;
     let mut nodes: Vec<Node> = (0..3)
-        .map(|i| Node::spawn(&format!("chaos-{i}"), &redis.url()))
+        .map(|i| Node::spawn(&format!("chaos-{i}"), &redis.url(), &hook))
         .collect();
     for n in &nodes {
         wait_ready(&http, n.api).await;
@@ -308,11 +403,13 @@ async fn clients_hop_through_a_kill_a_bounce_and_a_drain_and_lose_nothing_unrepo
     }
     let mut rng = fastrand::Rng::with_seed(seed);
     let beat = |rng: &mut fastrand::Rng| Duration::from_millis(2500 + rng.u64(..1000));
-    // 1. SIGKILL node 0, unannounced; a fresh node joins.
+    // 1. SIGKILL node 0, unannounced; a fresh node joins. (Handshakes already on
+    // their way to it get 300 ms to land, so that their online webhooks leave it.)
     sleep(beat(&mut rng)).await;
     live.set(&[&nodes[1], &nodes[2]]);
+    sleep(Duration::from_millis(300)).await;
     nodes[0].signal("-KILL");
-    nodes.push(Node::spawn("chaos-3", &redis.url()));
+    nodes.push(Node::spawn("chaos-3", &redis.url(), &hook));
     wait_ready(&http, nodes[3].api).await;
     live.set(&[&nodes[1], &nodes[2], &nodes[3]]);
     // 2. Redis bounced: it comes back empty (persistence is off), a new epoch.
@@ -408,4 +505,5 @@ async fn clients_hop_through_a_kill_a_bounce_and_a_drain_and_lose_nothing_unrepo
             sleep(Duration::from_millis(50)).await;
         }
     }
+    sessions_told_exactly(&hooks).await;
 }
