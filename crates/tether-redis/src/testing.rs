@@ -2,6 +2,8 @@
 //! started on a free loopback port with persistence off, stopped (SIGKILL) when
 //! dropped. A single server can be killed and started again on the same port, with
 //! or without its data; [`RedisCluster`] starts shards with `--cluster-enabled yes`
+//! (and what SPEC section 10's "a shard that is down affects only what lives on it"
+//! needs: `cluster-require-full-coverage no`, with a short `cluster-node-timeout`)
 //! and joins them with `redis-cli --cluster create`.
 
 use std::net::TcpListener;
@@ -26,6 +28,10 @@ pub enum TestRedisError {
     #[error("cluster create failed: {0}")]
     Cluster(String),
 }
+
+/// The test shards' `cluster-node-timeout`: how long before the others mark a
+/// killed shard as failed.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
 
 /// One `redis-server` process on a loopback port.
 #[derive(Debug)]
@@ -65,7 +71,12 @@ impl RedisServer {
             .stderr(Stdio::null());
         if self.cluster {
             cmd.args(["--cluster-enabled", "yes", "--cluster-config-file"])
-                .arg(self.dir.join("nodes.conf"));
+                .arg(self.dir.join("nodes.conf"))
+                .args([
+                    "--cluster-node-timeout",
+                    &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                ])
+                .args(["--cluster-require-full-coverage", "no"]);
         }
         let child = cmd.spawn().map_err(|source| TestRedisError::Spawn {
             what: "redis-server",
@@ -98,7 +109,9 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port, empty (a Redis that lost its data).
+    /// Starts it again on the same port, empty (a Redis that lost its data). A
+    /// cluster shard keeps its cluster config file, so it rejoins its cluster with
+    /// its slots (and no keys).
     pub fn restart_empty(&mut self) -> Result<(), TestRedisError> {
         self.kill();
         self.spawn()
@@ -170,7 +183,56 @@ impl RedisCluster {
             .join(",")
     }
 
-    fn wait_ok(&self) -> Result<(), TestRedisError> {
+    /// The index of the shard that owns `key`'s hash slot (`CLUSTER KEYSLOT`, then
+    /// the slot ranges of `CLUSTER NODES`, asked of a shard that answers).
+    pub fn shard_of(&self, key: &str) -> Option<usize> {
+        let ask = |args: &[&str]| {
+            self.shards
+                .iter()
+                .find_map(|s| s.cli(args).ok().filter(|o| !o.is_empty()))
+        };
+        let slot: u16 = ask(&["CLUSTER", "KEYSLOT", key])?.parse().ok()?;
+        let nodes = ask(&["CLUSTER", "NODES"])?;
+        let port = nodes.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let owns = fields.iter().skip(8).any(|r| {
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if (a..=b).contains(&slot))
+            });
+            let addr = fields.get(1)?.split('@').next()?;
+            owns.then(|| addr.rsplit_once(':')?.1.parse::<u16>().ok()).flatten()
+        })?;
+        self.shards.iter().position(|s| s.port == port)
+    }
+
+    /// Waits (≤ 10 s) until every running shard sees shard `i` as `fail` (killed)
+    /// or not (restarted): `CLUSTER NODES` flags.
+    pub fn wait_marked_failed(&self, i: usize, failed: bool) -> Result<(), TestRedisError> {
+        let addr = format!("127.0.0.1:{}@", self.shards[i].port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let agree = self.shards.iter().filter(|s| s.child.is_some()).all(|s| {
+                let nodes = s.cli(&["CLUSTER", "NODES"]).unwrap_or_default();
+                nodes.lines().any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let flags = f.get(2).map_or(Vec::new(), |f| f.split(',').collect());
+                    f.get(1).is_some_and(|a| a.starts_with(&addr))
+                        && flags.contains(&"fail") == failed
+                        && !flags.contains(&"fail?")
+                })
+            });
+            if agree {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(TestRedisError::Cluster(format!(
+            "shard {i} never seen failed={failed}"
+        )))
+    }
+
+    /// Waits (≤ 10 s) until every shard answers `cluster_state:ok`.
+    pub fn wait_ok(&self) -> Result<(), TestRedisError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             let all_ok = self.shards.iter().all(|s| {

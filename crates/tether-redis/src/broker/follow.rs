@@ -130,7 +130,12 @@ impl Follower {
 
     async fn pubsub(&self, channel: &str, on: bool) -> Result<(), fred::error::Error> {
         let name = self.link.keys().channel_pubsub(channel);
-        let sub = self.link.subscriber();
+        let Some(sub) = self.link.subscriber_for(&name) else {
+            return Err(fred::error::Error::new(
+                fred::error::ErrorKind::Cluster,
+                "the cluster's slot map is not known yet",
+            ));
+        };
         match (self.link.is_cluster(), on) {
             (true, true) => sub.ssubscribe(name).await,
             (true, false) => sub.sunsubscribe(name).await,
