@@ -2,19 +2,22 @@
 //!
 //! - One Redis: a connection error makes it false at once; a ping answered (with
 //!   the subscriber connected) makes it true.
-//! - A Redis Cluster: every tick reads the slot map again and pings every primary
-//!   on its own connection; the link is up while **most primaries** answer. A dead
-//!   shard then leaves the node ready (its channels answer 503 on their own), and a
-//!   node that reaches no shard, or only a minority of them, is not: Redis itself
-//!   refuses every command on the minority side of a partition (`cluster_state:fail`
-//!   once `cluster-node-timeout` has passed), so a node that sees only a minority
-//!   would be ready for requests that would all fail. One shard's connection errors
-//!   change nothing by themselves (the other shards still answer).
+//! - A Redis Cluster: every tick reads the slot map again and asks every primary,
+//!   on its own connection, for `CLUSTER INFO`; a primary counts when it answers
+//!   `cluster_state:ok` (a PING would not do: it answers PONG even while the shard
+//!   refuses every key with CLUSTERDOWN). The link is up while **most primaries**
+//!   count. So a dead shard leaves the node ready when the cluster keeps serving the
+//!   other slots (`cluster-require-full-coverage no`; its channels answer 503 on
+//!   their own), but not under the default `yes`, where every shard refuses every
+//!   command once the dead one is marked failed; and a node that reaches no shard,
+//!   or only a minority of them, is not ready: Redis itself refuses every command on
+//!   the minority side of a partition. One shard's connection errors change nothing
+//!   by themselves (the other shards still answer).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use fred::interfaces::{ClientLike, EventInterface};
+use fred::interfaces::{ClientLike, ClusterInterface, EventInterface};
 use tokio_util::sync::CancellationToken;
 
 use super::{Link, HEALTH_EVERY};
@@ -49,8 +52,8 @@ pub(super) async fn run(link: Arc<Link>, stop: CancellationToken) {
     let _ = link.commands.quit().await;
 }
 
-/// Refreshes the slot map and pings every primary at once; `true` when more than
-/// half of them answered. `down` keeps the primaries that did not (logged as they
+/// Refreshes the slot map and asks every primary at once; `true` when more than
+/// half of them answered `cluster_state:ok`. `down` keeps the primaries that did not (logged as they
 /// change).
 async fn most_primaries_answer(link: &Link, down: &mut BTreeSet<String>) -> bool {
     let Some(shards) = &link.shards else {
@@ -60,7 +63,10 @@ async fn most_primaries_answer(link: &Link, down: &mut BTreeSet<String>) -> bool
     let primaries = shards.primaries();
     let pings = primaries.iter().map(|(_, client)| async move {
         match client {
-            Some(c) => c.ping::<()>(None).await.is_ok(),
+            Some(c) => c
+                .cluster_info::<String>()
+                .await
+                .is_ok_and(|i| i.contains("cluster_state:ok")),
             None => false,
         }
     });
@@ -69,11 +75,11 @@ async fn most_primaries_answer(link: &Link, down: &mut BTreeSet<String>) -> bool
         let name = server.to_string();
         match (*ok, down.contains(&name)) {
             (false, false) => {
-                tracing::warn!(shard = %name, "redis cluster shard unreachable");
+                tracing::warn!(shard = %name, "redis cluster shard unreachable or not serving");
                 down.insert(name);
             }
             (true, true) => {
-                tracing::info!(shard = %name, "redis cluster shard reachable");
+                tracing::info!(shard = %name, "redis cluster shard serving");
                 down.remove(&name);
             }
             _ => {}

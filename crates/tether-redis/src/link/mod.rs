@@ -138,7 +138,7 @@ impl Link {
     }
 
     /// Whether Redis answered the last health ping and no connection error came
-    /// since; on a Redis Cluster, whether most primaries answered it (see
+    /// since; on a Redis Cluster, whether most primaries answered that they serve (see
     /// [`health`]).
     pub fn is_up(&self) -> bool {
         *self.up.borrow()

@@ -177,3 +177,109 @@ async fn a_dead_shard_fails_only_its_own_channels_and_they_come_back() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_reaches_only_a_minority_of_the_primaries_is_not_ready() {
+    let mut cluster = RedisCluster::start(3).unwrap();
+    let keep = cluster.shard_of("tether:{global}:nodes").unwrap();
+    let a = node_off(&cluster, "a", (keep + 1) % 3).await;
+    let gone: Vec<usize> = (0..3).filter(|i| *i != keep).collect();
+    // Its own registry keys may be on a shard that goes: that is the point.
+    let kept = named(&cluster, "k", channel_key, keep, true);
+    published(&a, &kept, json!(1)).await;
+    for i in &gone {
+        cluster.shards[*i].kill();
+    }
+    assert!(
+        ready_within(&a, false).await,
+        "/readyz 503 with 1 of 3 primaries"
+    );
+    assert_eq!(metric(&a, "tether_broker_up").await, 0);
+    // The shard left knows it is on the minority side: it serves nothing either.
+    let info = |i: usize| cluster.shards[i].cli(&["CLUSTER", "INFO"]).unwrap();
+    for _ in 0..100 {
+        if info(keep).contains("cluster_state:fail") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(info(keep).contains("cluster_state:fail"), "{}", info(keep));
+    let (st, body) = publish(&a, &kept, json!(2), None).await;
+    assert_eq!(
+        (st, body["error"].as_str()),
+        (503, Some("broker_unavailable")),
+        "{body}"
+    );
+
+    for i in &gone {
+        cluster.shards[*i].restart_empty().unwrap();
+    }
+    cluster.wait_ok().unwrap();
+    assert!(ready_within(&a, true).await, "ready again");
+    let p = published_eventually(&a, &kept, json!(3)).await;
+    assert_eq!(split(&p["position"]).1, 2, "the kept shard kept its data");
+    a.assert_clean().await;
+    a.stop().await;
+}
+
+/// Needs the registry on per-shard clients (`Link::commands_for`): on fred's
+/// clustered client (`Link::commands`) every admission waits for the dead shard and
+/// is refused 503 after the command timeout, whichever shard its client is on.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the registry still uses Link::commands (fred's clustered client), which stalls while a primary is down"]
+async fn admission_fails_only_for_clients_whose_keys_are_on_the_dead_shard() {
+    let mut cluster = RedisCluster::start(3).unwrap();
+    let victim = victim(&cluster);
+    let a = node_off(&cluster, "a", victim).await;
+    let client_key = |n: &str| format!("tether:{{c:{n}}}:conns");
+    let on_dead = named(&cluster, "d", client_key, victim, true);
+    let on_live = named(&cluster, "l", client_key, victim, false);
+    cluster.shards[victim].kill();
+    cluster.wait_marked_failed(victim, true).unwrap();
+    assert!(ready_within(&a, true).await, "ready with one shard down");
+    // `on_unavailable = "reject"` (the default): refused 503 broker_unavailable.
+    let (status, body) = refused(&a, &format!("?client={on_dead}")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("broker_unavailable")),
+        "{body}"
+    );
+    let (mut ws, _) = a.ws(&format!("?client={on_live}")).await;
+    assert_alive(&mut ws).await;
+    client_close(ws).await;
+
+    cluster.shards[victim].restart_empty().unwrap();
+    cluster.wait_marked_failed(victim, false).unwrap();
+    cluster.wait_ok().unwrap();
+    let mut admitted = None;
+    for _ in 0..100 {
+        if let Ok((ws, _)) =
+            tokio_tungstenite::connect_async(a.ws_url(&format!("?client={on_dead}"))).await
+        {
+            admitted = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ws = admitted.expect("admitted once its shard is back");
+    assert_alive(&mut ws).await;
+    client_close(ws).await;
+    a.assert_clean().await;
+    a.stop().await;
+}
+
+/// A handshake that must be refused: its HTTP status and JSON body.
+async fn refused(srv: &TestServer, query: &str) -> (u16, Value) {
+    match tokio_tungstenite::connect_async(srv.ws_url(query)).await {
+        Ok(_) => panic!("{query} was admitted"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            (resp.status().as_u16(), body)
+        }
+        Err(e) => panic!("{query}: {e}"),
+    }
+}
