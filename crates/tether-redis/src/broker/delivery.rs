@@ -47,6 +47,10 @@ pub(super) async fn run(s: Arc<Shared>, stop: CancellationToken) {
                         break;
                     }
                 }
+                Event::Reconnected => {
+                    events.resubscribe().await;
+                    resync_all(&s).await;
+                }
                 Event::Resync => resync_all(&s).await,
                 Event::Closed => break,
             },

@@ -1,8 +1,11 @@
 //! The node's pub/sub as one stream of [`Event`]s, whatever the topology: on one
 //! Redis, the subscriber client's messages and reconnects; on a Redis Cluster, every
 //! shard's subscriber forwarded into one channel by a task per shard ([`forward`]).
-//! A reconnect (after its channels were subscribed again) or a reader that fell
-//! behind becomes [`Event::Resync`]: something may have been missed.
+//! A reader that fell behind, or a shard subscriber that reconnected (and
+//! subscribed again, in its forwarding task), becomes [`Event::Resync`]: something
+//! may have been missed. One Redis's reconnect is [`Event::Reconnected`]: the
+//! delivery task subscribes again itself ([`Events::resubscribe`]), so that `next`
+//! stays cancel-safe.
 
 use fred::clients::SubscriberClient;
 use fred::interfaces::EventInterface;
@@ -15,8 +18,12 @@ use tokio_util::sync::CancellationToken;
 pub enum Event {
     /// A pub/sub message.
     Message(Message),
-    /// Messages may have been lost (a reconnect, a reader behind): compare heads.
+    /// Messages may have been lost (a reader behind, a shard's subscriber
+    /// reconnected and subscribed again): compare heads.
     Resync,
+    /// The subscriber (one Redis) reconnected: [`Events::resubscribe`], then
+    /// compare heads.
+    Reconnected,
     /// The link stopped.
     Closed,
 }
@@ -38,22 +45,19 @@ pub enum Events {
 }
 
 impl Events {
-    /// The next event.
+    /// The next event (cancel-safe: nothing is lost if the future is dropped).
     pub async fn next(&mut self) -> Event {
         match self {
             Events::Single {
-                sub,
                 messages,
                 reconnects,
+                ..
             } => tokio::select! {
                 m = messages.recv() => received(m),
-                r = reconnects.recv() => {
-                    if matches!(r, Err(RecvError::Closed)) {
-                        return Event::Closed;
-                    }
-                    resubscribe(sub).await;
-                    Event::Resync
-                }
+                r = reconnects.recv() => match r {
+                    Err(RecvError::Closed) => Event::Closed,
+                    _ => Event::Reconnected,
+                },
             },
             Events::Merged(rx) => match rx.recv().await {
                 Ok(e) => e,
@@ -63,6 +67,14 @@ impl Events {
                 }
                 Err(RecvError::Closed) => Event::Closed,
             },
+        }
+    }
+
+    /// After [`Event::Reconnected`]: subscribes every followed channel again,
+    /// before the heads are read (nothing falls between).
+    pub async fn resubscribe(&self) {
+        if let Events::Single { sub, .. } = self {
+            resubscribe(sub).await;
         }
     }
 }
@@ -78,7 +90,7 @@ fn received(m: Result<Message, RecvError>) -> Event {
     }
 }
 
-/// Subscribed again before the heads are read: nothing falls between.
+/// Subscribes `sub`'s channels again (fred tracks them).
 async fn resubscribe(sub: &SubscriberClient) {
     if let Err(e) = sub.resubscribe_all().await {
         tracing::warn!(error = %e, "redis broker: re-subscribe failed");
