@@ -262,6 +262,7 @@ async fn admission_fails_only_for_clients_whose_keys_are_on_the_dead_shard() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut ws = admitted.expect("admitted once its shard is back");
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
     assert_alive(&mut ws).await;
     client_close(ws).await;
     a.assert_clean().await;
