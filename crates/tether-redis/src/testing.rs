@@ -138,17 +138,24 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of `n` primaries (no replicas) on loopback ports.
+/// A Redis Cluster of `n` primaries (and `replicas` per primary) on loopback ports.
 #[derive(Debug)]
 pub struct RedisCluster {
-    /// The shards.
+    /// The servers (without replicas, each one a shard's primary).
     pub shards: Vec<RedisServer>,
 }
 
 impl RedisCluster {
     /// Starts `n` (at least 3) cluster-enabled servers and joins them.
     pub fn start(n: usize) -> Result<Self, TestRedisError> {
-        let shards = (0..n)
+        Self::start_with_replicas(n, 0)
+    }
+
+    /// Starts `n` primaries and `replicas` replicas of each (`n × (1 + replicas)`
+    /// servers, which primary is which: [`RedisCluster::shard_of`]) and waits until
+    /// every replica is in sync.
+    pub fn start_with_replicas(n: usize, replicas: usize) -> Result<Self, TestRedisError> {
+        let shards = (0..n * (1 + replicas))
             .map(|_| RedisServer::start_on(free_port(), true))
             .collect::<Result<Vec<_>, _>>()?;
         let addrs: Vec<String> = shards
@@ -158,7 +165,7 @@ impl RedisCluster {
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .map_err(|source| TestRedisError::Spawn {
                 what: "redis-cli --cluster create",
@@ -171,7 +178,38 @@ impl RedisCluster {
         }
         let c = RedisCluster { shards };
         c.wait_ok()?;
+        c.wait_replicated()?;
         Ok(c)
+    }
+
+    /// Waits (≤ 10 s) until every running replica has its primary's whole
+    /// replication stream (`INFO replication` offsets), so a failover loses nothing.
+    pub fn wait_replicated(&self) -> Result<(), TestRedisError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let synced = self.shards.iter().filter(|s| s.child.is_some()).all(|s| {
+                let info = s.cli(&["INFO", "replication"]).unwrap_or_default();
+                let field = |name: &str| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                };
+                if info.contains("role:slave") {
+                    return info.contains("master_link_status:up");
+                }
+                let head = field("master_repl_offset:");
+                info.lines()
+                    .filter(|l| l.starts_with("slave") && l.contains("offset="))
+                    .all(|l| {
+                        let at = l.split(',').find_map(|f| f.strip_prefix("offset="));
+                        at.and_then(|o| o.parse::<u64>().ok()) == head
+                    })
+            });
+            if synced {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(TestRedisError::Cluster("replicas never caught up".into()))
     }
 
     /// The seeds, comma-separated, as `broker.url` takes them.

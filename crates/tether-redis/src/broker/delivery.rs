@@ -52,6 +52,10 @@ pub(super) async fn run(s: Arc<Shared>, stop: CancellationToken) {
                     resync_all(&s).await;
                 }
                 Event::Resync => resync_all(&s).await,
+                Event::Moved => {
+                    s.follower.refollow().await;
+                    resync_all(&s).await;
+                }
                 Event::Closed => break,
             },
             c = up.changed() => {

@@ -167,14 +167,25 @@ async fn write(
     } else {
         let _: () = pipe.hdel(&nkey, node).await?;
     }
-    let _: Vec<Value> = pipe.all().await?;
-    let mine = s.link.commands_for(&set);
-    if subs > 0 {
-        let _: () = mine.sadd(&set, &**ch).await?;
-        let everyone = keys.global("channel-nodes");
-        let _: () = s.link.commands_for(&everyone).sadd(&everyone, node).await?;
+    let everyone = keys.global("channel-nodes");
+    if !s.link.is_cluster() {
+        // One Redis: one round trip.
+        if subs > 0 {
+            let _: () = pipe.sadd(&set, &**ch).await?;
+            let _: () = pipe.sadd(&everyone, node).await?;
+        } else {
+            let _: () = pipe.srem(&set, &**ch).await?;
+        }
+        let _: Vec<Value> = pipe.all().await?;
     } else {
-        let _: () = mine.srem(&set, &**ch).await?;
+        let _: Vec<Value> = pipe.all().await?;
+        let mine = s.link.commands_for(&set);
+        if subs > 0 {
+            let _: () = mine.sadd(&set, &**ch).await?;
+            let _: () = s.link.commands_for(&everyone).sadd(&everyone, node).await?;
+        } else {
+            let _: () = mine.srem(&set, &**ch).await?;
+        }
     }
     if subs == 0 {
         written.remove(ch);

@@ -59,7 +59,11 @@ async fn most_primaries_answer(link: &Link, down: &mut BTreeSet<String>) -> bool
     let Some(shards) = &link.shards else {
         return false;
     };
-    shards.refresh().await;
+    if shards.refresh().await == Some(true) {
+        // Channels whose slot moved are followed on their new owner by the broker.
+        tracing::info!("redis cluster slot map changed");
+        let _ = link.events.send(super::pubsub::Event::Moved);
+    }
     let primaries = shards.primaries();
     let pings = primaries.iter().map(|(_, client)| async move {
         match client {

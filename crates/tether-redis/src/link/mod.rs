@@ -168,7 +168,17 @@ impl Link {
 
     /// The client for `channel`'s keys (they share its hash tag).
     pub fn channel_commands(&self, channel: &str) -> Client {
-        self.commands_for(&self.keys.channel_key(channel, "meta"))
+        match &self.shards {
+            None => self.commands.clone(),
+            Some(_) => self.commands_for(&self.keys.channel_key(channel, "meta")),
+        }
+    }
+
+    /// Every shard's subscriber (a Redis Cluster; none on one Redis).
+    pub fn shard_subscribers(&self) -> Vec<SubscriberClient> {
+        self.shards.as_ref().map_or_else(Vec::new, |s| {
+            s.all().into_iter().map(|s| s.subscriber).collect()
+        })
     }
 
     /// The subscriber for the pub/sub channel `name`: on a Redis Cluster the one of

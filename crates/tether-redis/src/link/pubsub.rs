@@ -24,6 +24,9 @@ pub enum Event {
     /// The subscriber (one Redis) reconnected: [`Events::resubscribe`], then
     /// compare heads.
     Reconnected,
+    /// A Redis Cluster's slot map changed: follow every channel on the primary that
+    /// owns it now, then compare heads.
+    Moved,
     /// The link stopped.
     Closed,
 }

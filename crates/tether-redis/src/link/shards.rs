@@ -148,11 +148,12 @@ impl Shards {
     }
 
     /// Reads the slot map from the first shard that answers and builds clients for
-    /// primaries it did not know; `false` if no shard answered.
-    pub(super) async fn refresh(&self) -> bool {
+    /// primaries it did not know. `None` if no shard answered, else whether a slot
+    /// changed owner (a failover, a resharding).
+    pub(super) async fn refresh(&self) -> Option<bool> {
         let all = self.all();
         if all.is_empty() {
-            return false;
+            return None;
         }
         let asks = all.into_iter().map(|shard| {
             Box::pin(async move {
@@ -167,9 +168,7 @@ impl Shards {
                 None
             }
         };
-        let Some(routing) = routing else {
-            return false;
-        };
+        let routing = routing?;
         let mut added = Vec::new();
         for server in routing.unique_primary_nodes() {
             if self.map.read().shards.contains_key(&server) {
@@ -185,8 +184,9 @@ impl Shards {
         }
         let mut map = self.map.write();
         map.shards.extend(added);
+        let moved = !map.routing.slots().is_empty() && map.routing.slots() != routing.slots();
         map.routing = routing;
-        true
+        Some(moved)
     }
 
     /// Quits every shard's clients (ends their tasks).

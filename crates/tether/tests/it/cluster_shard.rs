@@ -284,3 +284,51 @@ async fn refused(srv: &TestServer, query: &str) -> (u16, Value) {
         Err(e) => panic!("{query}: {e}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_failover_a_channel_is_followed_on_its_new_primary() {
+    let mut cluster = RedisCluster::start_with_replicas(3, 1).unwrap();
+    let global = cluster.shard_of("tether:{global}:nodes").unwrap();
+    let primaries: Vec<usize> = (0..cluster.shards.len())
+        .filter(|i| {
+            let key = |n: &str| channel_key(n);
+            (0..200).any(|j| cluster.shard_of(&key(&format!("p{j}"))) == Some(*i))
+        })
+        .collect();
+    let victim = *primaries.iter().find(|p| **p != global).unwrap();
+    let a = node_off(&cluster, "a", victim).await;
+    let b = node_off(&cluster, "b", victim).await;
+    let ch = named(&cluster, "moved", channel_key, victim, true);
+    let (mut ws, _) = b.ws("?client=f").await;
+    assert_eq!(subscribe(&mut ws, &ch, None).await["type"], "subscribed");
+    let before = published(&a, &ch, json!(1)).await;
+    assert_eq!(message(&mut ws, &ch).await["position"], before["position"]);
+    cluster.wait_replicated().unwrap();
+
+    cluster.shards[victim].kill();
+    let mut owner = Some(victim);
+    for _ in 0..100 {
+        owner = cluster.shard_of(&channel_key(&ch));
+        if owner.is_some_and(|o| o != victim) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(owner.is_some_and(|o| o != victim), "a replica took over");
+    // The new primary has the data: positions continue, and the subscriber that
+    // stayed connected gets the message from the new primary's pub/sub.
+    let after = published_eventually(&a, &ch, json!(2)).await;
+    assert_eq!(split(&after["position"]), (split(&before["position"]).0, 2));
+    let m = message(&mut ws, &ch).await;
+    assert_eq!(m["position"], after["position"]);
+    assert_alive(&mut ws).await;
+
+    client_close(ws).await;
+    let shards: Vec<&RedisServer> = cluster.shards.iter().collect();
+    followers_become(&shards, &ch, true, 0).await;
+    for s in [&a, &b] {
+        s.assert_clean().await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
