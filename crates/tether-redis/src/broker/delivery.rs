@@ -10,16 +10,16 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fred::interfaces::EventInterface;
+use fred::interfaces::ClientLike;
 use fred::types::Message;
 use tether_core::broker::INLINE_FANOUT;
 use tether_core::{BrokerError, Delivery, Followed, Incoming};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::scripts::{self, Range, Want};
 use super::Shared;
+use crate::link::pubsub::Event;
 
 /// Messages waiting for one delivery worker; a full queue holds the reader back,
 /// and a reader held back long enough lags (see [`run`]).
@@ -29,9 +29,7 @@ const WORKER_QUEUE: usize = 1024;
 /// a few workers, always the same for a channel (its messages stay in order; a
 /// busy channel's fan-out or a hole being filled does not hold up the others).
 pub(super) async fn run(s: Arc<Shared>, stop: CancellationToken) {
-    let sub = s.link.subscriber().clone();
-    let mut messages = sub.message_rx();
-    let mut reconnects = sub.reconnect_rx();
+    let mut events = s.link.events();
     let mut up = s.link.watch_up();
     let n = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
     let (queues, inboxes): (Vec<_>, Vec<_>) = (0..n)
@@ -41,30 +39,25 @@ pub(super) async fn run(s: Arc<Shared>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            m = messages.recv() => match m {
-                Ok(m) => {
+            e = events.next() => match e {
+                Event::Message(m) => {
                     let mut h = std::collections::hash_map::DefaultHasher::new();
                     m.channel.hash(&mut h);
                     if queues[h.finish() as usize % n].send(m).await.is_err() {
                         break;
                     }
                 }
-                Err(RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "redis broker: pub/sub reader fell behind");
+                Event::Reconnected => {
+                    events.resubscribe().await;
                     resync_all(&s).await;
                 }
-                Err(RecvError::Closed) => break,
+                Event::Resync => resync_all(&s).await,
+                Event::Moved => {
+                    s.follower.refollow().await;
+                    resync_all(&s).await;
+                }
+                Event::Closed => break,
             },
-            r = reconnects.recv() => {
-                if matches!(r, Err(RecvError::Closed)) {
-                    break;
-                }
-                // Subscribed again before the heads are read: nothing falls between.
-                if let Err(e) = sub.resubscribe_all().await {
-                    tracing::warn!(error = %e, "redis broker: re-subscribe failed");
-                }
-                resync_all(&s).await;
-            }
             c = up.changed() => {
                 if c.is_err() {
                     break;
@@ -242,7 +235,14 @@ async fn fill(s: &Shared, channel: &str, epoch: &str, from: u64, to: u64) -> Fil
         count: ((to + 1).saturating_sub(from) as usize).min(s.history_size),
         create: None,
     };
-    let range = match scripts::range(s.link.commands(), s.link.keys(), channel, want).await {
+    let range = match scripts::range(
+        &s.link.channel_commands(channel),
+        s.link.keys(),
+        channel,
+        want,
+    )
+    .await
+    {
         Ok(Some(r)) if r.epoch == epoch => r,
         Ok(_) => return Fill::Missing,
         Err(e) => {
@@ -299,17 +299,26 @@ pub(super) async fn catch_up_head(
 }
 
 /// Compares every followed channel's head with the hub's and fills the difference.
+/// A channel whose shard is not connected is skipped (its shard's reconnect brings
+/// a resync of its own); the others go on when one fails.
 async fn resync_all(s: &Shared) {
     for channel in s.follower.followed() {
+        let client = s.link.channel_commands(&channel);
+        if !client.is_connected() {
+            continue;
+        }
         let want = Want::default();
-        match scripts::range(s.link.commands(), s.link.keys(), &channel, want).await {
+        match scripts::range(&client, s.link.keys(), &channel, want).await {
             Ok(Some(r)) => {
                 let _ = catch_up_head(s, &channel, &r.epoch, r.last).await;
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "redis broker: resync failed; retried when Redis is back");
-                return;
+                tracing::warn!(error = %e, channel = &*channel, "redis broker: resync failed; retried when Redis is back");
+                // One Redis: the others would fail (or wait) the same way.
+                if !s.link.is_cluster() {
+                    return;
+                }
             }
         }
     }

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use fred::interfaces::PubsubInterface;
+use fred::clients::SubscriberClient;
+use fred::interfaces::{ClientLike, PubsubInterface};
 use parking_lot::Mutex;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -118,6 +119,50 @@ impl Follower {
         Ok(true)
     }
 
+    /// A Redis Cluster's slot map changed: every followed channel whose shard
+    /// subscriber is no longer the one of the primary that owns its slot is
+    /// subscribed on the new owner (before the caller reads the heads again), and
+    /// let go on the old one when that one is connected.
+    pub async fn refollow(&self) {
+        let holders: Vec<_> = self
+            .link
+            .shard_subscribers()
+            .into_iter()
+            .map(|s| {
+                let tracked = s.tracked_shard_channels();
+                (s, tracked)
+            })
+            .collect();
+        for channel in self.followed() {
+            let Some(entry) = self.table.lock().get(&*channel).cloned() else {
+                continue;
+            };
+            let subscribed = entry.subscribed.lock().await;
+            let name = self.link.keys().channel_pubsub(&channel);
+            let Some(owner) = self.link.subscriber_for(&name) else {
+                return;
+            };
+            let held = |s: &SubscriberClient| {
+                holders
+                    .iter()
+                    .any(|(h, t)| h.id() == s.id() && t.contains(name.as_str()))
+            };
+            if !*subscribed || held(&owner) {
+                continue;
+            }
+            if let Err(e) = owner.ssubscribe(&name).await {
+                tracing::warn!(error = %e, channel = &*channel, "redis broker: following a moved channel failed");
+                continue;
+            }
+            for (old, tracked) in &holders {
+                if old.id() != owner.id() && old.is_connected() && tracked.contains(name.as_str()) {
+                    let _ = old.sunsubscribe(&name).await;
+                }
+            }
+            drop(subscribed);
+        }
+    }
+
     /// Whether `channel` is followed (or being followed) now.
     pub fn is_followed(&self, channel: &str) -> bool {
         self.table.lock().contains_key(channel)
@@ -130,7 +175,12 @@ impl Follower {
 
     async fn pubsub(&self, channel: &str, on: bool) -> Result<(), fred::error::Error> {
         let name = self.link.keys().channel_pubsub(channel);
-        let sub = self.link.subscriber();
+        let Some(sub) = self.link.subscriber_for(&name) else {
+            return Err(fred::error::Error::new(
+                fred::error::ErrorKind::Cluster,
+                "the cluster's slot map is not known yet",
+            ));
+        };
         match (self.link.is_cluster(), on) {
             (true, true) => sub.ssubscribe(name).await,
             (true, false) => sub.sunsubscribe(name).await,

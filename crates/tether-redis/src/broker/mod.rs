@@ -128,9 +128,14 @@ impl Shared {
             history_ttl: self.history_ttl,
             sharded: self.link.is_cluster(),
         };
-        let p = scripts::publish(self.link.commands(), self.link.keys(), channel, args)
-            .await
-            .map_err(|e| unavailable("publish", e))?;
+        let p = scripts::publish(
+            &self.link.channel_commands(channel),
+            self.link.keys(),
+            channel,
+            args,
+        )
+        .await
+        .map_err(|e| unavailable("publish", e))?;
         if !p.duplicate {
             self.hub.metrics().published();
         }
@@ -154,9 +159,14 @@ impl Shared {
             count: limit,
             ..Want::default()
         };
-        let Some(range) = scripts::range(self.link.commands(), self.link.keys(), channel, want)
-            .await
-            .map_err(|e| unavailable("history", e))?
+        let Some(range) = scripts::range(
+            &self.link.channel_commands(channel),
+            self.link.keys(),
+            channel,
+            want,
+        )
+        .await
+        .map_err(|e| unavailable("history", e))?
         else {
             return Ok(None);
         };

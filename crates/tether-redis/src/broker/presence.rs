@@ -142,7 +142,9 @@ async fn write(
         keys.channel_key(ch, "nodes"),
     );
     let set = keys.node_key(node, "channels");
-    let pipe = s.link.commands().pipeline();
+    // The channel's keys on its shard; the node's set and the global one may be on
+    // others (a Redis Cluster), so they are written apart.
+    let pipe = s.link.channel_commands(ch).pipeline();
     let gone: Vec<String> = prev
         .0
         .keys()
@@ -162,13 +164,29 @@ async fn write(
     }
     if subs > 0 {
         let _: () = pipe.hset(&nkey, (node, subs as i64)).await?;
-        let _: () = pipe.sadd(&set, &**ch).await?;
-        let _: () = pipe.sadd(keys.global("channel-nodes"), node).await?;
     } else {
         let _: () = pipe.hdel(&nkey, node).await?;
-        let _: () = pipe.srem(&set, &**ch).await?;
     }
-    let _: Vec<Value> = pipe.all().await?;
+    let everyone = keys.global("channel-nodes");
+    if !s.link.is_cluster() {
+        // One Redis: one round trip.
+        if subs > 0 {
+            let _: () = pipe.sadd(&set, &**ch).await?;
+            let _: () = pipe.sadd(&everyone, node).await?;
+        } else {
+            let _: () = pipe.srem(&set, &**ch).await?;
+        }
+        let _: Vec<Value> = pipe.all().await?;
+    } else {
+        let _: Vec<Value> = pipe.all().await?;
+        let mine = s.link.commands_for(&set);
+        if subs > 0 {
+            let _: () = mine.sadd(&set, &**ch).await?;
+            let _: () = s.link.commands_for(&everyone).sadd(&everyone, node).await?;
+        } else {
+            let _: () = mine.srem(&set, &**ch).await?;
+        }
+    }
     if subs == 0 {
         written.remove(ch);
     } else {
@@ -191,7 +209,7 @@ fn by_client(fields: HashMap<String, u64>) -> HashMap<String, u32> {
 /// A channel's clients on every node (this node's own view if Redis fails).
 pub(super) async fn presence(s: &Shared, ch: &str) -> Vec<(String, u32)> {
     let key = s.link.keys().channel_key(ch, "presence");
-    let fields: HashMap<String, u64> = match s.link.commands().hgetall(key).await {
+    let fields: HashMap<String, u64> = match s.link.channel_commands(ch).hgetall(key).await {
         Ok(f) => f,
         Err(e) => {
             tracing::debug!(error = %e, "presence from this node only");
@@ -217,15 +235,17 @@ pub(super) async fn channels(s: &Shared) -> Vec<(String, usize, usize)> {
 
 async fn all_channels(s: &Shared) -> Result<Vec<(String, usize, usize)>, fred::error::Error> {
     let keys = s.link.keys();
-    let c = s.link.commands();
-    let nodes: Vec<String> = c.smembers(keys.global("channel-nodes")).await?;
+    let everyone = keys.global("channel-nodes");
+    let nodes: Vec<String> = s.link.commands_for(&everyone).smembers(&everyone).await?;
     let mut names: HashSet<String> = HashSet::new();
     for node in nodes {
-        let mine: Vec<String> = c.smembers(keys.node_key(&node, "channels")).await?;
+        let set = keys.node_key(&node, "channels");
+        let mine: Vec<String> = s.link.commands_for(&set).smembers(&set).await?;
         names.extend(mine);
     }
     let mut out = Vec::new();
     for name in names {
+        let c = s.link.channel_commands(&name);
         let fields: HashMap<String, u64> = c.hgetall(keys.channel_key(&name, "presence")).await?;
         let clients = by_client(fields);
         let subs: usize = clients.values().map(|n| *n as usize).sum();
@@ -240,11 +260,11 @@ async fn all_channels(s: &Shared) -> Result<Vec<(String, usize, usize)>, fred::e
 /// Removes `node`'s part of every channel; returns how many channels it had.
 pub(super) async fn forget_node(s: &Shared, node: &str) -> Result<usize, fred::error::Error> {
     let keys = s.link.keys();
-    let c = s.link.commands();
     let set = keys.node_key(node, "channels");
-    let chans: Vec<String> = c.smembers(&set).await?;
+    let chans: Vec<String> = s.link.commands_for(&set).smembers(&set).await?;
     let prefix = format!("{node}/");
     for ch in &chans {
+        let c = s.link.channel_commands(ch);
         let pkey = keys.channel_key(ch, "presence");
         let fields: HashMap<String, u64> = c.hgetall(&pkey).await?;
         let theirs: Vec<String> = fields
@@ -256,7 +276,8 @@ pub(super) async fn forget_node(s: &Shared, node: &str) -> Result<usize, fred::e
         }
         let _: () = c.hdel(keys.channel_key(ch, "nodes"), node).await?;
     }
-    let _: () = c.del(&set).await?;
-    let _: () = c.srem(keys.global("channel-nodes"), node).await?;
+    let _: () = s.link.commands_for(&set).del(&set).await?;
+    let everyone = keys.global("channel-nodes");
+    let _: () = s.link.commands_for(&everyone).srem(&everyone, node).await?;
     Ok(chans.len())
 }

@@ -37,10 +37,15 @@ pub(super) async fn subscribe(
         create: Some(meta_ttl(s.history_ttl)),
         ..Want::default()
     };
-    let head = scripts::range(s.link.commands(), s.link.keys(), channel, want)
-        .await
-        .map_err(|e| unavailable("subscribe", e))?
-        .ok_or(BrokerError::Unavailable)?;
+    let head = scripts::range(
+        &s.link.channel_commands(channel),
+        s.link.keys(),
+        channel,
+        want,
+    )
+    .await
+    .map_err(|e| unavailable("subscribe", e))?
+    .ok_or(BrokerError::Unavailable)?;
     delivery::catch_up_head(s, channel, &head.epoch, head.last).await?;
     if let Some(since) = since {
         backfill(s, channel, since).await?;
@@ -73,9 +78,14 @@ async fn backfill(s: &Shared, channel: &str, since: &Position) -> Result<(), Bro
         count: ((head.oldest - first) as usize).min(s.history_size),
         create: None,
     };
-    let Some(range) = scripts::range(s.link.commands(), s.link.keys(), channel, want)
-        .await
-        .map_err(|e| unavailable("subscribe", e))?
+    let Some(range) = scripts::range(
+        &s.link.channel_commands(channel),
+        s.link.keys(),
+        channel,
+        want,
+    )
+    .await
+    .map_err(|e| unavailable("subscribe", e))?
     else {
         return Ok(());
     };

@@ -11,6 +11,7 @@ mod binary;
 mod chaos;
 mod cluster_channels;
 mod cluster_registry;
+mod cluster_shard;
 mod delivery;
 mod hardening;
 mod lifecycle;
