@@ -151,10 +151,8 @@ impl Pending {
         let text = serde_json::to_string(&Wire::Request(request))?;
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().insert(id, tx);
-        let sent: Result<i64, _> = link
-            .commands()
-            .publish(link.keys().node_control(node), text)
-            .await;
+        let to = link.keys().node_control(node);
+        let sent: Result<i64, _> = link.commands_for(&to).publish(&to, text).await;
         let answer = match sent {
             // No subscriber: the node is not listening. (In a Redis Cluster the count
             // covers only the shard that took the PUBLISH, so it proves nothing.)
@@ -245,7 +243,7 @@ async fn on_message(cluster: &ClusterRegistry, text: &str) {
                 return;
             };
             let to = cluster.link.keys().node_control(&request.from);
-            let sent: Result<i64, _> = cluster.link.commands().publish(to, text).await;
+            let sent: Result<i64, _> = cluster.on(&to).publish(&to, text).await;
             if let Err(e) = sent {
                 tracing::warn!(error = %e, "control reply not sent");
             }

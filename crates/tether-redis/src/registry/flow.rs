@@ -35,11 +35,11 @@ impl ClusterRegistry {
     }
 
     async fn try_admit(&self, res: &Reservation) -> Result<bool, RegistryError> {
-        let c = self.link.commands();
         let keys = self.link.keys();
         // The node's record first: a node that dies right after leaves nothing the
         // reaper cannot find.
-        let _: () = c
+        let _: () = self
+            .on_node()
             .hset(
                 keys.node_key(&self.node_id, "conns"),
                 (res.conn_id(), &**res.client_id()),
@@ -47,7 +47,8 @@ impl ClusterRegistry {
             .await?;
         let [conn, node, transport, now, limit, policy] = self.script_args(res);
         let args = [&*conn, &node, &transport, &now, &limit, &policy];
-        Ok(scripts::admit(c, keys, res.client_id(), args).await?)
+        let c = self.on_client(res.client_id());
+        Ok(scripts::admit(&c, keys, res.client_id(), args).await?)
     }
 
     /// Redis is unreachable: refuse (`reject`), or admit on this node's own view.
@@ -100,7 +101,7 @@ impl ClusterRegistry {
     }
 
     async fn try_commit(&self, res: &Reservation) -> Result<scripts::Committed, RegistryError> {
-        let c = self.link.commands();
+        let c = self.on_client(res.client_id());
         let keys = self.link.keys();
         let [conn, node, transport, now, limit, policy] = self.script_args(res);
         let args = [&*conn, &node, &transport, &now, &limit, &policy];
@@ -111,7 +112,7 @@ impl ClusterRegistry {
         } else {
             Mode::Commit
         };
-        Ok(scripts::commit(c, keys, res.client_id(), args, mode).await?)
+        Ok(scripts::commit(&c, keys, res.client_id(), args, mode).await?)
     }
 
     /// What the admission and commit scripts take about a reservation: conn id,
@@ -194,12 +195,12 @@ impl ClusterRegistry {
         };
         let grace = self.settings.offline_grace.as_millis() as u64;
         let keys = self.link.keys();
-        let c = self.link.commands();
+        let c = self.on_client(&entry.client);
         let by = Releaser {
             token: &entry.token,
             keep_all: false,
         };
-        let answer = match scripts::release(c, keys, &entry.client, conn_id, grace, by).await {
+        let answer = match scripts::release(&c, keys, &entry.client, conn_id, grace, by).await {
             Ok(answer) => answer,
             Err(e) => {
                 tracing::warn!(conn_id, error = %e, "release: redis unreachable");
@@ -210,7 +211,8 @@ impl ClusterRegistry {
         };
         // The transition's event at once: a commit elsewhere may follow it closely.
         self.released(entry.client.clone(), answer, entry.token.clone());
-        let node_done: Result<(), _> = c.hdel(keys.node_key(&self.node_id, "conns"), conn_id).await;
+        let record = keys.node_key(&self.node_id, "conns");
+        let node_done: Result<(), _> = self.on_node().hdel(record, conn_id).await;
         self.after_release(conn_id, &entry, answer, node_done)
             .await?;
         Some((answer, entry))
@@ -283,11 +285,7 @@ impl ClusterRegistry {
         let me = self.clone();
         self.tasks.spawn(async move {
             let key = me.link.keys().node_key(&me.node_id, "lingering");
-            let recorded: Result<(), _> = me
-                .link
-                .commands()
-                .hset(key, (&*client, token.as_str()))
-                .await;
+            let recorded: Result<(), _> = me.on_node().hset(key, (&*client, token.as_str())).await;
             if let Err(e) = recorded {
                 tracing::debug!(error = %e, "grace not recorded under the node");
             }
@@ -311,14 +309,14 @@ impl ClusterRegistry {
 
     /// Ends a grace: offline unless the client came back somewhere since.
     pub(crate) async fn expire(&self, client: &str, token: &str) {
-        let c = self.link.commands();
-        match scripts::expire(c, self.link.keys(), client, token).await {
+        let c = self.on_client(client);
+        match scripts::expire(&c, self.link.keys(), client, token).await {
             Ok(true) => self.went_offline(client),
             Ok(false) => {}
             Err(e) => tracing::warn!(client, error = %e, "offline grace: redis unreachable"),
         }
         let key = self.link.keys().node_key(&self.node_id, "lingering");
-        let _: Result<(), _> = c.hdel(key, client).await;
+        let _: Result<(), _> = self.on_node().hdel(key, client).await;
     }
 
     /// Fires `client.offline` on this node (the one that made the transition).
@@ -330,8 +328,8 @@ impl ClusterRegistry {
                 ..Default::default()
             },
         );
-        let c = self.link.commands().clone();
         let key = self.link.keys().global("clients");
+        let c = self.on(&key);
         let client = client.to_owned();
         self.tasks.spawn(async move {
             let _: Result<(), _> = c.zrem(key, client).await;
@@ -340,8 +338,8 @@ impl ClusterRegistry {
 
     /// Adds an online client to the cluster's index (`/api/clients`).
     pub(crate) fn index_client(&self, client: Arc<str>) {
-        let c = self.link.commands().clone();
         let key = self.link.keys().global("clients");
+        let c = self.on(&key);
         self.tasks.spawn(async move {
             let _: Result<(), _> = c.zadd(key, None, None, false, false, (0.0, &*client)).await;
         });

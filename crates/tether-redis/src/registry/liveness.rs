@@ -80,29 +80,25 @@ impl ClusterRegistry {
     /// A node that stops on purpose leaves the cluster at once (its connections
     /// are released by then) instead of waiting to be declared dead.
     pub(crate) async fn leave(&self) {
-        let c = self.link.commands();
-        let keys = self.link.keys();
-        let alive: Result<(), _> = c.del(keys.node_key(&self.node_id, "alive")).await;
-        let member: Result<(), _> = c.srem(keys.global("nodes"), &self.node_id).await;
+        let nodes = self.link.keys().global("nodes");
+        let alive: Result<(), _> = self.on_node().del(self.alive_key()).await;
+        let member: Result<(), _> = self.on(&nodes).srem(&nodes, &self.node_id).await;
         if let Err(e) = alive.and(member) {
             tracing::warn!(error = %e, "leaving the cluster: redis unreachable");
         }
     }
 
     async fn beat(&self) -> Result<(), RegistryError> {
-        let c = self.link.commands();
-        let keys = self.link.keys();
         let ttl = self.settings.node_ttl.as_millis() as i64;
-        let before: Option<String> = c
-            .set(
-                keys.node_key(&self.node_id, "alive"),
-                "1",
-                Some(Expiration::PX(ttl)),
-                None,
-                true,
-            )
-            .await?;
-        let _: () = c.sadd(keys.global("nodes"), &self.node_id).await?;
+        let alive: Result<Option<String>, _> = self
+            .on_node()
+            .set(self.alive_key(), "1", Some(Expiration::PX(ttl)), None, true)
+            .await;
+        // Whether this node's own keys (which every admission writes) are reachable.
+        self.record_ok.store(alive.is_ok(), Ordering::Release);
+        let before = alive?;
+        let nodes = self.link.keys().global("nodes");
+        let _: () = self.on(&nodes).sadd(&nodes, &self.node_id).await?;
         // Our alive key had lapsed although the link stayed up (a stalled process, a
         // Redis that lost its data): another node may have removed our connections.
         if before.is_none() && self.beaten.swap(true, Ordering::AcqRel) {
@@ -114,10 +110,11 @@ impl ClusterRegistry {
 
     /// Finds the nodes whose alive key is gone and removes the ones it claims.
     async fn reap(self: &Arc<Self>) -> Result<(), RegistryError> {
-        let c = self.link.commands();
         let keys = self.link.keys();
-        let nodes: Vec<String> = c.smembers(keys.global("nodes")).await?;
+        let members = keys.global("nodes");
+        let nodes: Vec<String> = self.on(&members).smembers(&members).await?;
         for node in nodes.into_iter().filter(|n| *n != self.node_id) {
+            let c = self.on(&keys.node_key(&node, "alive"));
             let alive: i64 = c.exists(keys.node_key(&node, "alive")).await?;
             if alive > 0 {
                 continue;
@@ -143,12 +140,13 @@ impl ClusterRegistry {
     /// Removes a dead node's connections (its clients left with none go offline
     /// here, at once), the node itself, and its presence in the broker.
     async fn remove_node(&self, node: &str) -> Result<(), RegistryError> {
-        let c = self.link.commands();
         let keys = self.link.keys();
         let conns_key = keys.node_key(node, "conns");
+        let c = self.on(&conns_key);
         let conns: HashMap<String, String> = c.hgetall(&conns_key).await?;
         for (conn_id, client) in &conns {
-            let r = scripts::release(c, keys, client, conn_id, 0, REAPER).await?;
+            let on = self.on_client(client);
+            let r = scripts::release(&on, keys, client, conn_id, 0, REAPER).await?;
             if r == Released::Offline {
                 self.went_offline(client);
             }
@@ -159,12 +157,13 @@ impl ClusterRegistry {
         let lingering_key = keys.node_key(node, "lingering");
         let lingering: HashMap<String, String> = c.hgetall(&lingering_key).await?;
         for (client, token) in &lingering {
-            if scripts::expire(c, keys, client, token).await? {
+            if scripts::expire(&self.on_client(client), keys, client, token).await? {
                 self.went_offline(client);
             }
         }
         let _: () = c.del(&lingering_key).await?;
-        let _: () = c.srem(keys.global("nodes"), node).await?;
+        let members = keys.global("nodes");
+        let _: () = self.on(&members).srem(&members, node).await?;
         if let Some(forget) = self.forget.get() {
             forget.forget_node(node.to_owned()).await;
         }
@@ -215,13 +214,16 @@ impl ClusterRegistry {
     }
 
     async fn register_now(&self, conn: &Connection, lost: bool) -> Result<(), RegistryError> {
-        let c = self.link.commands();
         let keys = self.link.keys();
         let conns_key = keys.node_key(&self.node_id, "conns");
-        let _: () = c.hset(&conns_key, (conn.id(), conn.client_id())).await?;
-        let index = (0.0, conn.client_id());
-        let _: () = c
-            .zadd(keys.global("clients"), None, None, false, false, index)
+        let _: () = self
+            .on_node()
+            .hset(&conns_key, (conn.id(), conn.client_id()))
+            .await?;
+        let (index_key, index) = (keys.global("clients"), (0.0, conn.client_id()));
+        let _: () = self
+            .on(&index_key)
+            .zadd(&index_key, None, None, false, false, index)
             .await?;
         let local = self.local_only.lock().contains(conn.id());
         let mode = match (local, lost) {
@@ -240,7 +242,8 @@ impl ClusterRegistry {
             &limit,
             policy,
         ];
-        let done = scripts::commit(c, keys, conn.client_id(), args, mode).await?;
+        let c = self.on_client(conn.client_id());
+        let done = scripts::commit(&c, keys, conn.client_id(), args, mode).await?;
         self.local_only.lock().remove(conn.id());
         if done.over {
             let sel = Selector {
@@ -265,9 +268,8 @@ impl ClusterRegistry {
     /// Releases the connections Redis holds for this node that are gone, and whose
     /// release is not already under way.
     async fn release_gone(self: &Arc<Self>, live: &[Arc<Connection>]) -> Result<(), RegistryError> {
-        let c = self.link.commands();
         let conns_key = self.link.keys().node_key(&self.node_id, "conns");
-        let held: HashMap<String, String> = c.hgetall(&conns_key).await?;
+        let held: HashMap<String, String> = self.on_node().hgetall(&conns_key).await?;
         let live_ids: HashSet<&str> = live.iter().map(|c| c.id()).collect();
         for (conn_id, client) in held {
             if live_ids.contains(conn_id.as_str()) || self.unsettled.lock().contains_key(&conn_id) {

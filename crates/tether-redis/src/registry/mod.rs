@@ -105,6 +105,9 @@ pub struct ClusterRegistry {
     /// Re-registered since the link last changed: until then the node admits as
     /// if Redis were unreachable (it may not know yet that Redis lost its data).
     synced: AtomicBool,
+    /// The last heartbeat reached this node's own keys (on a Redis Cluster, the
+    /// shard holding `{n:<id>}`, which every admission writes first).
+    record_ok: AtomicBool,
     /// Whether a heartbeat has been written yet.
     beaten: AtomicBool,
     /// Running offline graces: client id → token.
@@ -154,6 +157,7 @@ impl ClusterRegistry {
             connected_since: Mutex::new(None),
             dirty: AtomicBool::new(false),
             synced: AtomicBool::new(false),
+            record_ok: AtomicBool::new(true),
             beaten: AtomicBool::new(false),
             lingers: Mutex::new(HashMap::new()),
             unsettled: Mutex::new(HashMap::new()),
@@ -213,15 +217,38 @@ impl ClusterRegistry {
         &self.node_id
     }
 
-    /// Whether Redis is reachable now and this node has re-registered since it
-    /// last became so.
+    /// Whether the registry is reachable now: Redis is, this node has re-registered
+    /// since it last became so, and its last heartbeat reached its own keys.
     pub fn is_up(&self) -> bool {
-        self.link.is_up() && self.synced.load(Ordering::Acquire)
+        self.link.is_up()
+            && self.synced.load(Ordering::Acquire)
+            && self.record_ok.load(Ordering::Acquire)
     }
 
     /// Whether handshakes are admitted while Redis is unreachable.
     pub fn admits_local(&self) -> bool {
         self.settings.admit_local
+    }
+
+    /// The client for `key` and the keys sharing its hash tag: on a Redis Cluster
+    /// the one of the primary that owns it, so a dead shard fails only its keys.
+    fn on(&self, key: &str) -> fred::clients::Client {
+        self.link.commands_for(key)
+    }
+
+    /// The client for `client_id`'s keys (`{c:<id>}`).
+    fn on_client(&self, client_id: &str) -> fred::clients::Client {
+        self.on(&self.link.keys().client_key(client_id, "conns"))
+    }
+
+    /// This node's heartbeat key.
+    fn alive_key(&self) -> String {
+        self.link.keys().node_key(&self.node_id, "alive")
+    }
+
+    /// The client for this node's keys (`{n:<id>}`).
+    fn on_node(&self) -> fred::clients::Client {
+        self.on(&self.link.keys().node_key(&self.node_id, "conns"))
     }
 
     /// `Err(Unreachable)` while Redis is unreachable: the API answers at once.

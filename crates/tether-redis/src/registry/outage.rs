@@ -100,8 +100,8 @@ impl ClusterRegistry {
     /// Takes note of Redis' epoch (starting one if it has none), at the end of a
     /// re-registration: until then [`Self::data_lost`] keeps answering yes.
     pub(crate) async fn note_epoch(&self) -> Result<(), RegistryError> {
-        let c = self.link.commands();
         let key = self.link.keys().global("registry-epoch");
+        let c = self.on(&key);
         let fresh = format!("{:016x}", fastrand::u64(..));
         let _: Option<String> = c
             .set(&key, fresh, None, Some(SetOptions::NX), false)
@@ -115,7 +115,7 @@ impl ClusterRegistry {
     /// (a different epoch, or none).
     pub(crate) async fn data_lost(&self) -> Result<bool, RegistryError> {
         let key = self.link.keys().global("registry-epoch");
-        let now: Option<String> = self.link.commands().get(&key).await?;
+        let now: Option<String> = self.on(&key).get(&key).await?;
         let known = self.epoch.lock().clone();
         Ok(known.is_some_and(|k| now.is_none_or(|n| n != k)))
     }
@@ -130,7 +130,7 @@ impl ClusterRegistry {
             .filter(|(_, u)| matches!(u.phase, Phase::Failed | Phase::Acted))
             .map(|(id, u)| (id.clone(), u.phase))
             .collect();
-        let c = self.link.commands();
+        let c = self.on_node();
         let node_conns = self.link.keys().node_key(&self.node_id, "conns");
         for (conn_id, phase) in waiting {
             if phase == Phase::Acted {
@@ -169,19 +169,16 @@ impl ClusterRegistry {
     /// every policy it is refused when the client is at its limit (then it has
     /// connections elsewhere and owes no offline from here), and it evicts nobody.
     async fn ghost(&self, client: Arc<str>, conn_id: String) -> Result<(), RegistryError> {
-        let c = self.link.commands();
         let keys = self.link.keys();
-        let _: () = c
-            .hset(keys.node_key(&self.node_id, "conns"), (&*conn_id, &*client))
-            .await?;
+        let record = keys.node_key(&self.node_id, "conns");
+        let _: () = self.on_node().hset(&record, (&*conn_id, &*client)).await?;
         let now = super::now_ms().to_string();
         let limit = self.settings.max_connections_per_client.to_string();
         let args = [&*conn_id, &self.node_id, "closed", &now, &limit, "reject"];
-        let done = scripts::commit(c, keys, &client, args, Mode::Lost).await?;
+        let done =
+            scripts::commit(&self.on_client(&client), keys, &client, args, Mode::Lost).await?;
         if done.over {
-            let _: () = c
-                .hdel(keys.node_key(&self.node_id, "conns"), &conn_id)
-                .await?;
+            let _: () = self.on_node().hdel(&record, &conn_id).await?;
             return Ok(());
         }
         tracing::info!(%client, conn_id, "a release redis lost: registered again until settled");
@@ -200,15 +197,16 @@ impl ClusterRegistry {
             .iter()
             .map(|(c, t)| (c.clone(), t.clone()))
             .collect();
-        let c = self.link.commands();
         let keys = self.link.keys();
         let grace = self.settings.offline_grace.as_millis().to_string();
         for (client, token) in graces {
             let ks = scripts::client_keys(keys, &client);
-            let _: i64 = c
+            let _: i64 = self
+                .on_client(&client)
                 .eval(RELINGER, ks, vec![token.clone(), grace.clone()])
                 .await?;
-            let _: () = c
+            let _: () = self
+                .on_node()
                 .hset(
                     keys.node_key(&self.node_id, "lingering"),
                     (&*client, &*token),
@@ -256,7 +254,8 @@ impl ClusterRegistry {
             self.run_release(&conn_id).await;
         }
         for client in announce {
-            match scripts::announce(self.link.commands(), self.link.keys(), &client).await {
+            let c = self.on_client(&client);
+            match scripts::announce(&c, self.link.keys(), &client).await {
                 Ok(true) => self.went_online(client),
                 Ok(false) => {}
                 Err(e) => {

@@ -72,15 +72,17 @@ impl ClusterRegistry {
             }
         }
         self.reachable()?;
-        let c = self.link.commands();
         let keys = self.link.keys();
-        let nodes: Vec<String> = c.smembers(keys.global("nodes")).await?;
+        let members = keys.global("nodes");
+        let nodes: Vec<String> = self.on(&members).smembers(&members).await?;
         let mut connections = 0;
         for node in &nodes {
-            let n: usize = c.hlen(keys.node_key(node, "conns")).await?;
+            let record = keys.node_key(node, "conns");
+            let n: usize = self.on(&record).hlen(&record).await?;
             connections += n;
         }
-        let clients: usize = c.zcard(keys.global("clients")).await?;
+        let index = keys.global("clients");
+        let clients: usize = self.on(&index).zcard(&index).await?;
         let s = ClusterStats {
             nodes: nodes.len(),
             connections,
@@ -97,10 +99,10 @@ impl ClusterRegistry {
         limit: usize,
     ) -> Result<(Vec<ClientRow>, Option<String>), RegistryError> {
         self.reachable()?;
-        let c = self.link.commands();
         let keys = self.link.keys();
         let min = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
-        let ids: Vec<String> = c
+        let ids: Vec<String> = self
+            .on(&keys.global("clients"))
             .eval(
                 CLIENTS_PAGE,
                 vec![keys.global("clients")],
@@ -109,20 +111,18 @@ impl ClusterRegistry {
             .await?;
         let mut rows = Vec::new();
         for id in ids.iter().take(limit) {
+            let c = self.on_client(id);
             let state: Option<String> = c.get(keys.client_key(id, "state")).await?;
             let Some(state) = state else {
                 // Offline since (the index is tidied lazily).
-                let _: () = c.zrem(keys.global("clients"), id).await?;
+                let index = keys.global("clients");
+                let _: () = self.on(&index).zrem(&index, id).await?;
                 continue;
             };
             let n: usize = c.zcard(keys.client_key(id, "conns")).await?;
             rows.push(ClientRow {
                 client_id: id.clone(),
-                state: if state == "online" {
-                    "online"
-                } else {
-                    "lingering"
-                },
+                state: api_state(&state),
                 connections: n,
             });
         }
@@ -133,7 +133,7 @@ impl ClusterRegistry {
     /// One client: its state and every connection, or `None` when it is offline.
     pub async fn client(&self, id: &str) -> Result<Option<Value>, RegistryError> {
         self.reachable()?;
-        let c = self.link.commands();
+        let c = self.on_client(id);
         let keys = self.link.keys();
         let state: Option<String> = c.get(keys.client_key(id, "state")).await?;
         let Some(state) = state else { return Ok(None) };
@@ -160,11 +160,7 @@ impl ClusterRegistry {
                 }
             }
         }
-        let state = if state == "online" {
-            "online"
-        } else {
-            "lingering"
-        };
+        let state = api_state(&state);
         Ok(Some(
             json!({"client_id": id, "state": state, "connections": conns}),
         ))
@@ -188,8 +184,8 @@ impl ClusterRegistry {
             }
             Some(_) => return Err(RegistryError::BadPage),
         };
-        let c = self.link.commands();
-        let mut nodes: Vec<String> = c.smembers(self.link.keys().global("nodes")).await?;
+        let members = self.link.keys().global("nodes");
+        let mut nodes: Vec<String> = self.on(&members).smembers(&members).await?;
         nodes.sort();
         let mut out = ConnPage::default();
         for node in nodes
@@ -285,11 +281,8 @@ impl ClusterRegistry {
 
     /// Every node but this one (empty, and logged, when Redis cannot say).
     async fn other_nodes(&self, what: &str) -> Vec<String> {
-        let nodes: Result<Vec<String>, _> = self
-            .link
-            .commands()
-            .smembers(self.link.keys().global("nodes"))
-            .await;
+        let members = self.link.keys().global("nodes");
+        let nodes: Result<Vec<String>, _> = self.on(&members).smembers(&members).await;
         match nodes {
             Ok(n) => n.into_iter().filter(|n| *n != self.node_id).collect(),
             Err(e) => {
@@ -333,4 +326,14 @@ fn unknown(client: &str, node: &str, conn: &str, parts: &[String]) -> Value {
         "state": "unknown",
         "opened_at": tether_core::rfc3339(opened),
     })
+}
+
+/// A client's state as the API shows it: `linger:<token>` is `lingering`; `online`
+/// and `pending` (connected, its announcement owed after an outage) are `online`.
+fn api_state(state: &str) -> &'static str {
+    if state.starts_with("linger:") {
+        "lingering"
+    } else {
+        "online"
+    }
 }

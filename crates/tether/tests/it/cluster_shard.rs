@@ -222,11 +222,10 @@ async fn a_node_that_reaches_only_a_minority_of_the_primaries_is_not_ready() {
     a.stop().await;
 }
 
-/// Needs the registry on per-shard clients (`Link::commands_for`): on fred's
-/// clustered client (`Link::commands`) every admission waits for the dead shard and
-/// is refused 503 after the command timeout, whichever shard its client is on.
+/// The registry's commands go to the shard of their keys (`Link::commands_for`): on
+/// fred's clustered client every admission waited for the dead shard and was refused
+/// 503 after the command timeout, whichever shard its client was on.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "the registry still uses Link::commands (fred's clustered client), which stalls while a primary is down"]
 async fn admission_fails_only_for_clients_whose_keys_are_on_the_dead_shard() {
     let mut cluster = RedisCluster::start(3).unwrap();
     let victim = victim(&cluster);
@@ -331,4 +330,59 @@ async fn after_a_failover_a_channel_is_followed_on_its_new_primary() {
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// SPEC 10: "the node stays ready unless its registry is unreachable". Every
+/// admission writes the node's own record (`{n:<id>}`) first: a node whose record is
+/// on the dead shard answers `/readyz` 503 (its heartbeat fails) and refuses
+/// handshakes, while a node whose record is elsewhere stays ready and admits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_own_record_is_on_the_dead_shard_is_not_ready() {
+    let mut cluster = RedisCluster::start(3).unwrap();
+    let victim = victim(&cluster);
+    let record = |n: &str| format!("tether:{{n:{n}}}:alive");
+    let quick = |c: &mut tether_server::config::Config| {
+        c.broker.command_timeout_ms = TIMEOUT_MS.try_into().unwrap();
+        c.broker.node_ttl_ms = 3000.try_into().unwrap();
+    };
+    let on_id = named(&cluster, "on", record, victim, true);
+    let off_id = named(&cluster, "off", record, victim, false);
+    let on = node_with(BrokerKind::RedisCluster, &cluster.url(), &on_id, quick).await;
+    let off = node_with(BrokerKind::RedisCluster, &cluster.url(), &off_id, quick).await;
+    let client = named(
+        &cluster,
+        "u",
+        |n| format!("tether:{{c:{n}}}:conns"),
+        victim,
+        false,
+    );
+
+    cluster.shards[victim].kill();
+    cluster.wait_marked_failed(victim, true).unwrap();
+    assert!(
+        ready_within(&on, false).await,
+        "its registry is unreachable"
+    );
+    assert!(ready_within(&off, true).await, "its registry is reachable");
+    let (status, body) = refused(&on, &format!("?client={client}")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("broker_unavailable")),
+        "{body}"
+    );
+    let (mut ws, _) = off.ws(&format!("?client={client}")).await;
+    assert_alive(&mut ws).await;
+    client_close(ws).await;
+
+    cluster.shards[victim].restart_empty().unwrap();
+    cluster.wait_marked_failed(victim, false).unwrap();
+    cluster.wait_ok().unwrap();
+    assert!(
+        ready_within(&on, true).await,
+        "ready again once its shard is back"
+    );
+    on.assert_clean().await;
+    off.assert_clean().await;
+    on.stop().await;
+    off.stop().await;
 }
