@@ -191,6 +191,29 @@ impl Link {
         }
     }
 
+    /// A subscriber connection of its own for the pub/sub channel `name` (not
+    /// connected yet), and the primary it is to: on one Redis a new connection like
+    /// the link's subscriber (no primary); on a Redis Cluster a plain connection to
+    /// the primary that owns `name`'s slot (`None` before the slot map is known), so
+    /// that a dead shard elsewhere does not stall it.
+    pub fn own_subscriber_for(&self, name: &str) -> Option<(SubscriberClient, Option<String>)> {
+        match &self.shards {
+            None => Some((self.subscriber.clone_new(), None)),
+            Some(s) => s
+                .own_subscriber(name)
+                .map(|(sub, server)| (sub, Some(server.to_string()))),
+        }
+    }
+
+    /// On a Redis Cluster, the primary that owns `name`'s slot now (`None` on one
+    /// Redis, or before the slot map is known).
+    pub fn owner_of(&self, name: &str) -> Option<String> {
+        self.shards
+            .as_ref()
+            .and_then(|s| s.owner_server(name))
+            .map(|s| s.to_string())
+    }
+
     /// The subscriber client (on a Redis Cluster, fred's clustered one, which the
     /// broker does not use: see [`Link::subscriber_for`]).
     pub fn subscriber(&self) -> &SubscriberClient {

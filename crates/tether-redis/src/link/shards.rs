@@ -133,6 +133,25 @@ impl Shards {
         map.shards.get(server).cloned()
     }
 
+    /// The primary that owns `key`'s hash slot (`None` before the slot map is known).
+    pub(super) fn owner_server(&self, key: &str) -> Option<Server> {
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        self.map.read().routing.get_server(slot).cloned()
+    }
+
+    /// A subscriber client of its own (not connected) to the primary that owns
+    /// `key`'s hash slot, and that primary.
+    pub(super) fn own_subscriber(&self, key: &str) -> Option<(SubscriberClient, Server)> {
+        let server = self.owner_server(key)?;
+        match self.build(&server) {
+            Ok(shard) => Some((shard.subscriber, server)),
+            Err(e) => {
+                tracing::warn!(error = %e, %server, "redis shard subscriber");
+                None
+            }
+        }
+    }
+
     /// The primaries of the slot map and their command clients (empty before the
     /// slot map is known).
     pub(super) fn primaries(&self) -> Vec<(Server, Option<Client>)> {

@@ -177,19 +177,28 @@ impl Pending {
 /// Listens on this node's control channel until the registry stops, on a subscriber
 /// connection of its own: a blip on it does not make the node's link (and so its
 /// broker) look down, and the broker's channel traffic does not queue control
-/// messages behind it.
+/// messages behind it. On a Redis Cluster the connection is to the primary that owns
+/// the channel's slot (the node's own record's shard), and is made again when that
+/// owner changes (a failover): a dead shard elsewhere does not stall it.
 pub(super) async fn listen(cluster: Arc<ClusterRegistry>) {
     let channel = cluster.link.keys().node_control(&cluster.node_id);
-    let sub = cluster.link.subscriber().clone_new();
-    let connection = sub.connect();
-    let resubscribe = sub.manage_subscriptions();
-    let mut rx = sub.message_rx();
-    if subscribe(&cluster, &sub, &channel).await {
-        serve(&cluster, &mut rx, &channel).await;
+    while !cluster.stop.is_cancelled() {
+        let Some((sub, owner)) = cluster.link.own_subscriber_for(&channel) else {
+            tokio::select! {
+                _ = cluster.stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+            }
+        };
+        let connection = sub.connect();
+        let resubscribe = sub.manage_subscriptions();
+        let mut rx = sub.message_rx();
+        if subscribe(&cluster, &sub, &channel).await {
+            serve(&cluster, &mut rx, &channel, owner.as_deref()).await;
+        }
+        let _ = sub.quit().await;
+        resubscribe.abort();
+        let _ = connection.await;
     }
-    let _ = sub.quit().await;
-    resubscribe.abort();
-    let _ = connection.await;
 }
 
 /// Subscribes `channel` alone (the clone may carry the broker's channels), retrying
@@ -211,15 +220,26 @@ async fn subscribe(cluster: &ClusterRegistry, sub: &SubscriberClient, channel: &
     }
 }
 
-/// Answers requests and takes replies until the registry stops.
+/// Answers requests and takes replies until the registry stops, or (on a Redis
+/// Cluster) until the channel's slot has another owner than `owner`.
 async fn serve(
     cluster: &ClusterRegistry,
     rx: &mut broadcast::Receiver<fred::types::Message>,
     channel: &str,
+    owner: Option<&str>,
 ) {
+    let mut check = tokio::time::interval(Duration::from_secs(1));
     loop {
         let msg = tokio::select! {
             _ = cluster.stop.cancelled() => return,
+            _ = check.tick() => {
+                let now = cluster.link.owner_of(channel);
+                if owner.is_some() && now.is_some() && now.as_deref() != owner {
+                    tracing::info!(channel, "control channel moved: subscribing on its new primary");
+                    return;
+                }
+                continue;
+            }
             m = rx.recv() => m,
         };
         match msg {

@@ -297,6 +297,11 @@ async fn after_a_failover_a_channel_is_followed_on_its_new_primary() {
     let victim = *primaries.iter().find(|p| **p != global).unwrap();
     let a = node_off(&cluster, "a", victim).await;
     let b = node_off(&cluster, "b", victim).await;
+    // A node whose own record and control channel are on the victim.
+    let record = |n: &str| format!("tether:{{n:{n}}}:alive");
+    let c_id = named(&cluster, "c", record, victim, true);
+    let c = node_with(BrokerKind::RedisCluster, &cluster.url(), &c_id, |_| {}).await;
+    let (mut kicked, _) = c.ws("?client=kicked").await;
     let ch = named(&cluster, "moved", channel_key, victim, true);
     let (mut ws, _) = b.ws("?client=f").await;
     assert_eq!(subscribe(&mut ws, &ch, None).await["type"], "subscribed");
@@ -321,15 +326,31 @@ async fn after_a_failover_a_channel_is_followed_on_its_new_primary() {
     let m = message(&mut ws, &ch).await;
     assert_eq!(m["position"], after["position"]);
     assert_alive(&mut ws).await;
+    // c's control channel moved with its slot: c listens on the new primary, and a
+    // kick from a reaches it and is acknowledged.
+    let mut closed = json!(null);
+    for _ in 0..50 {
+        let (_, body) = a
+            .post("/api/disconnect", json!({"client_id": "kicked"}))
+            .await;
+        closed = body;
+        if closed == json!({"closed": 1}) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(closed, json!({"closed": 1}));
+    assert_eq!(expect_close(&mut kicked).await.1, 4002);
 
     client_close(ws).await;
     let shards: Vec<&RedisServer> = cluster.shards.iter().collect();
     followers_become(&shards, &ch, true, 0).await;
-    for s in [&a, &b] {
+    for s in [&a, &b, &c] {
         s.assert_clean().await;
     }
     a.stop().await;
     b.stop().await;
+    c.stop().await;
 }
 
 /// SPEC 10: "the node stays ready unless its registry is unreachable". Every
@@ -385,4 +406,33 @@ async fn a_node_whose_own_record_is_on_the_dead_shard_is_not_ready() {
     off.assert_clean().await;
     on.stop().await;
     off.stop().await;
+}
+
+/// The control channel (a kick across nodes, acknowledged) works with a shard down.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kick_across_nodes_is_acknowledged_with_a_shard_down() {
+    let mut cluster = RedisCluster::start(3).unwrap();
+    let victim = victim(&cluster);
+    let a = node_off(&cluster, "a", victim).await;
+    let b = node_off(&cluster, "b", victim).await;
+    let client = named(
+        &cluster,
+        "k",
+        |n| format!("tether:{{c:{n}}}:conns"),
+        victim,
+        false,
+    );
+    let (mut ws, _) = b.ws(&format!("?client={client}")).await;
+    cluster.shards[victim].kill();
+    cluster.wait_marked_failed(victim, true).unwrap();
+    let (status, body) = a
+        .post("/api/disconnect", json!({"client_id": client}))
+        .await;
+    assert_eq!((status, &body), (200, &json!({"closed": 1})), "{body}");
+    let (_, code) = expect_close(&mut ws).await;
+    assert_eq!(code, 4002);
+    a.assert_clean().await;
+    b.assert_clean().await;
+    a.stop().await;
+    b.stop().await;
 }
