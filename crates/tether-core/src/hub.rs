@@ -570,17 +570,10 @@ impl Hub {
             }
         }
         let settings = &self.inner.settings;
-        let events = &self.inner.events;
         let r = self.with_channel_at(channel, Some(seed), |ch, st| {
             expire(st, settings, Instant::now());
             let latest = st.last;
-            let oldest = st.history.front().map_or(latest + 1, |p| p.offset);
-            let (recovered, next) = match since {
-                Some(p) if p.epoch == st.epoch && p.offset <= latest && p.offset + 1 >= oldest => {
-                    (true, p.offset + 1)
-                }
-                _ => (false, latest + 1),
-            };
+            let (recovered, next) = start_of(st, since);
             let out = Subscribed {
                 position: format!("{}:{}", st.epoch, latest),
                 recovered,
@@ -597,41 +590,48 @@ impl Hub {
                 .encode();
                 conn.outbox().push(Outgoing::text(&frame));
             }
-            let live = next > latest;
-            st.subs.insert(
-                conn.seq(),
-                Sub {
-                    conn: conn.clone(),
-                    next,
-                    live,
-                },
-            );
-            *st.clients.entry(conn.client_id_arc().clone()).or_insert(0) += 1;
-            conn.channels.lock().push(ch.name.clone());
-            if !live {
-                conn.catching.lock().push(ch.name.clone());
-            }
-            let f = EventFields {
-                client_id: Some(conn.client_id()),
-                conn_id: Some(conn.id()),
-                channel: Some(&ch.name),
-                ..Default::default()
-            };
-            if st.subs.len() == 1 {
-                events.emit(
-                    EventType::ChannelOccupied,
-                    EventFields {
-                        client_id: None,
-                        conn_id: None,
-                        ..f.clone()
-                    },
-                );
-            }
-            events.emit(EventType::SubscriptionAdded, f);
-            self.changed(&ch.name);
+            self.join(conn, ch, st, next);
             out
         })?;
         r.ok_or(HubError::ChannelLimit)
+    }
+
+    /// Registers `conn` as a subscriber of `ch` owed messages from `next` (live when
+    /// nothing is owed) and emits the channel's events. Under the channel's lock.
+    fn join(&self, conn: &Arc<Connection>, ch: &Channel, st: &mut ChannelState, next: u64) {
+        let live = next > st.last;
+        st.subs.insert(
+            conn.seq(),
+            Sub {
+                conn: conn.clone(),
+                next,
+                live,
+            },
+        );
+        *st.clients.entry(conn.client_id_arc().clone()).or_insert(0) += 1;
+        conn.channels.lock().push(ch.name.clone());
+        if !live {
+            conn.catching.lock().push(ch.name.clone());
+        }
+        let f = EventFields {
+            client_id: Some(conn.client_id()),
+            conn_id: Some(conn.id()),
+            channel: Some(&ch.name),
+            ..Default::default()
+        };
+        let events = &self.inner.events;
+        if st.subs.len() == 1 {
+            events.emit(
+                EventType::ChannelOccupied,
+                EventFields {
+                    client_id: None,
+                    conn_id: None,
+                    ..f.clone()
+                },
+            );
+        }
+        events.emit(EventType::SubscriptionAdded, f);
+        self.changed(&ch.name);
     }
 
     /// Ends `conn`'s subscription to `channel`. Waits for a publish in progress on
@@ -869,6 +869,20 @@ impl Hub {
             }
         });
         before - map.len()
+    }
+}
+
+/// Where a subscriber resuming from `since` starts: whether its gap is recovered
+/// (`since` in this epoch, and nothing after it expired), and the first offset it
+/// is owed.
+fn start_of(st: &ChannelState, since: Option<&Position>) -> (bool, u64) {
+    let latest = st.last;
+    let oldest = st.history.front().map_or(latest + 1, |p| p.offset);
+    match since {
+        Some(p) if p.epoch == st.epoch && p.offset <= latest && p.offset + 1 >= oldest => {
+            (true, p.offset + 1)
+        }
+        _ => (false, latest + 1),
     }
 }
 

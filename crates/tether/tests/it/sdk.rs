@@ -669,10 +669,14 @@ async fn sdk_silent_server_is_detected_within_heartbeat_plus_timeout() {
     let d = c.state(State::Disconnected, T).await;
     let took = stopped.elapsed();
     assert_eq!(d.code, Some(4000));
-    // The last frame came at most one interval before the stop: detection falls
-    // between the timeout and interval + timeout after it (plus scheduling slack).
+    // A stopped process keeps its sockets open: only the heartbeat check can see
+    // it. The last frame came at most one interval before the stop, so detection
+    // is never before the timeout after it, and is due by interval + timeout. The
+    // upper bound leaves a loaded 2-core CI machine 1.2 s of scheduling (800 ms of
+    // slack failed once under load); without a heartbeat check the client would
+    // wait until the test's own limit.
     assert!(
-        took >= Duration::from_millis(350) && took <= Duration::from_millis(800 + 500),
+        took >= Duration::from_millis(350) && took <= Duration::from_millis(800 + 1200),
         "detected after {took:?}"
     );
     assert!(signal(&server.0, "CONT"));
