@@ -12,7 +12,7 @@ use tether_core::{Reservation, Selector};
 use tether_protocol::{CloseCode, Closing, EventType, Refusal};
 
 use super::outage::{Phase, Unsettled};
-use super::scripts::{self, Mode, Released, Releaser};
+use super::scripts::{self, Mode, Released};
 use super::{now_ms, ClusterRegistry, RegistryError};
 
 impl ClusterRegistry {
@@ -196,11 +196,8 @@ impl ClusterRegistry {
         let grace = self.settings.offline_grace.as_millis() as u64;
         let keys = self.link.keys();
         let c = self.on_client(&entry.client);
-        let by = Releaser {
-            token: &entry.token,
-            keep_all: false,
-        };
-        let answer = match scripts::release(&c, keys, &entry.client, conn_id, grace, by).await {
+        let token = &entry.token;
+        let answer = match scripts::release(&c, keys, &entry.client, conn_id, grace, token).await {
             Ok(answer) => answer,
             Err(e) => {
                 tracing::warn!(conn_id, error = %e, "release: redis unreachable");
@@ -211,6 +208,9 @@ impl ClusterRegistry {
         };
         // The transition's event at once: a commit elsewhere may follow it closely.
         self.released(entry.client.clone(), answer, entry.token.clone());
+        if matches!(answer, Released::Offline | Released::Lingering) {
+            scripts::acknowledge(&c, keys, &entry.client, conn_id).await;
+        }
         let record = keys.node_key(&self.node_id, "conns");
         let node_done: Result<(), _> = self.on_node().hdel(record, conn_id).await;
         self.after_release(conn_id, &entry, answer, node_done)

@@ -16,7 +16,7 @@ use fred::types::{Expiration, SetOptions};
 use tether_core::{Connection, Selector};
 use tether_protocol::{CloseCode, Closing};
 
-use super::outage::{Unsettled, REAPER};
+use super::outage::Unsettled;
 use super::scripts::{self, Mode, Released};
 use super::{ClusterRegistry, RegistryError};
 
@@ -146,9 +146,10 @@ impl ClusterRegistry {
         let conns: HashMap<String, String> = c.hgetall(&conns_key).await?;
         for (conn_id, client) in &conns {
             let on = self.on_client(client);
-            let r = scripts::release(&on, keys, client, conn_id, 0, REAPER).await?;
+            let r = scripts::release(&on, keys, client, conn_id, 0, "reaper").await?;
             if r == Released::Offline {
                 self.went_offline(client);
+                scripts::acknowledge(&on, keys, client, conn_id).await;
             }
             let _: () = c.hdel(&conns_key, conn_id).await?;
         }

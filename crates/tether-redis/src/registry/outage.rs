@@ -33,7 +33,7 @@ use fred::types::SetOptions;
 use tether_core::events::EventFields;
 use tether_protocol::EventType;
 
-use super::scripts::{self, Mode, Releaser};
+use super::scripts::{self, Mode};
 use super::{ClusterRegistry, RegistryError};
 
 /// A grace that Redis lost is written again, unless the client came back: a client
@@ -280,9 +280,3 @@ impl ClusterRegistry {
         self.index_client(client);
     }
 }
-
-/// A release by the reaper: its answers are all kept, under its own token.
-pub(crate) const REAPER: Releaser<'static> = Releaser {
-    token: "reaper",
-    keep_all: true,
-};

@@ -10,12 +10,13 @@
 //! - `state`: `online`, `linger:<token>` during the offline grace, or `pending` (its
 //!   connections were admitted during an outage and nobody has announced it yet);
 //!   absent when the client is offline.
-//! - `rel:<conn id>`: a release's receipt, `"<token> <answer>"`, so that a release
-//!   run again (a reply lost to a reconnect or a timeout) answers what it answered
-//!   the first time instead of "nothing".
+//! - `rel:<conn id>`: a transition's receipt, `"<token> <answer>"`, so that a release
+//!   run again (its reply lost to a reconnect or a timeout) answers what it answered
+//!   the first time. The releasing node deletes it once it has acted on the answer,
+//!   so only receipts whose answer was lost stay (until their TTL).
 
 use fred::clients::Client;
-use fred::interfaces::LuaInterface;
+use fred::interfaces::{KeysInterface, LuaInterface};
 use fred::types::Value;
 
 use crate::keys::Keys;
@@ -98,9 +99,9 @@ return 1
 /// Release of a connection or a dropped reservation. When the client has none left
 /// and was online: offline now (grace 0) or lingering with token ARGV[3]; a
 /// `pending` client (never announced) just ends. A transition's answer is kept as a
-/// receipt (KEYS[4], `PX` ARGV[5]; every answer with ARGV[4] = '1'): the same
-/// release again (same token) answers the same, another token answers nothing.
-/// ARGV: conn id, grace ms, token, keep every answer, receipt ms.
+/// receipt (KEYS[4], `PX` ARGV[4]): the same release again (same token) answers the
+/// same, another token answers nothing.
+/// ARGV: conn id, grace ms, token, receipt ms.
 /// Returns 0 nothing, 1 offline, 2 lingering, 3 unknown (not a connection of the
 /// client: evicted, released by someone else, or lost with Redis' data).
 const RELEASE: &str = r#"
@@ -128,8 +129,8 @@ if redis.call('ZCARD', KEYS[1]) == 0 then
     answer = 1
   end
 end
-if answer > 0 or ARGV[4] == '1' then
-  redis.call('SET', KEYS[4], ARGV[3] .. ' ' .. answer, 'PX', ARGV[5])
+if answer > 0 then
+  redis.call('SET', KEYS[4], ARGV[3] .. ' ' .. answer, 'PX', ARGV[4])
 end
 return answer
 "#;
@@ -279,15 +280,6 @@ pub(crate) enum Released {
     Unknown,
 }
 
-/// Who releases, which decides which answers keep a receipt.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Releaser<'a> {
-    /// The release's token (the grace's token too).
-    pub(crate) token: &'a str,
-    /// Keep every answer (the reaper), not only transitions.
-    pub(crate) keep_all: bool,
-}
-
 /// Runs the release script.
 pub(crate) async fn release(
     client: &Client,
@@ -295,15 +287,14 @@ pub(crate) async fn release(
     client_id: &str,
     conn_id: &str,
     grace_ms: u64,
-    by: Releaser<'_>,
+    token: &str,
 ) -> Result<Released, fred::error::Error> {
     let mut ks = client_keys(keys, client_id);
     ks.push(receipt_key(keys, client_id, conn_id));
     let argv = vec![
         conn_id.to_owned(),
         grace_ms.to_string(),
-        by.token.to_owned(),
-        if by.keep_all { "1" } else { "0" }.to_owned(),
+        token.to_owned(),
         RECEIPT_MS.to_string(),
     ];
     let n: i64 = client.eval(RELEASE, ks, argv).await?;
@@ -313,6 +304,16 @@ pub(crate) async fn release(
         3 => Released::Unknown,
         _ => Released::Nothing,
     })
+}
+
+/// Deletes a transition's receipt once its answer has been acted on (a receipt is
+/// only needed when the answer was lost; one left behind expires).
+pub(crate) async fn acknowledge(client: &Client, keys: &Keys, client_id: &str, conn_id: &str) {
+    let receipt = receipt_key(keys, client_id, conn_id);
+    let done: Result<(), _> = client.del(receipt).await;
+    if let Err(e) = done {
+        tracing::debug!(error = %e, "receipt not deleted (it expires)");
+    }
 }
 
 /// Runs the grace-expiry script: whether the client went offline.
@@ -351,13 +352,6 @@ mod tests {
 
     fn commit_args<'a>(conn: &'a str, node: &'a str, policy: &'a str) -> [&'a str; 6] {
         [conn, node, "ws", "1000", "2", policy]
-    }
-
-    fn by(token: &str) -> Releaser<'_> {
-        Releaser {
-            token,
-            keep_all: false,
-        }
     }
 
     /// The keys under `t:` except receipts, each of which must expire.
@@ -473,7 +467,7 @@ mod tests {
         commit(&c, &k, "x", commit_args("c1", "n1", "reject"), Mode::Commit)
             .await
             .unwrap();
-        let r = release(&c, &k, "x", "c1", 5000, by("tok1")).await.unwrap();
+        let r = release(&c, &k, "x", "c1", 5000, "tok1").await.unwrap();
         assert_eq!(r, Released::Lingering);
         // Back within the grace (another node): the old grace ends in nothing.
         admit(&c, &k, "x", args("c2", "reject")).await.unwrap();
@@ -484,11 +478,11 @@ mod tests {
         assert!(!expire(&c, &k, "x", "tok1").await.unwrap());
         // Gone again, no grace: offline now, and only once.
         assert_eq!(
-            release(&c, &k, "x", "c2", 0, by("tok2")).await.unwrap(),
+            release(&c, &k, "x", "c2", 0, "tok2").await.unwrap(),
             Released::Offline
         );
         assert_eq!(
-            release(&c, &k, "x", "c2", 0, by("tok3")).await.unwrap(),
+            release(&c, &k, "x", "c2", 0, "tok3").await.unwrap(),
             Released::Nothing
         );
         let left = keys_left(&c).await;
@@ -503,16 +497,16 @@ mod tests {
         commit(&c, &k, "x", commit_args("c1", "n1", "reject"), Mode::Commit)
             .await
             .unwrap();
-        let first = release(&c, &k, "x", "c1", 0, by("t1")).await.unwrap();
+        let first = release(&c, &k, "x", "c1", 0, "t1").await.unwrap();
         assert_eq!(first, Released::Offline);
         // The same release again (its reply was lost): the same answer.
-        let again = release(&c, &k, "x", "c1", 0, by("t1")).await.unwrap();
+        let again = release(&c, &k, "x", "c1", 0, "t1").await.unwrap();
         assert_eq!(again, Released::Offline);
         // Someone else releasing it (a reaper): nothing.
-        let other = release(&c, &k, "x", "c1", 0, by("t2")).await.unwrap();
+        let other = release(&c, &k, "x", "c1", 0, "t2").await.unwrap();
         assert_eq!(other, Released::Nothing);
         // A connection the client never had: unknown, and no receipt is kept.
-        let never = release(&c, &k, "x", "zz", 0, by("t3")).await.unwrap();
+        let never = release(&c, &k, "x", "zz", 0, "t3").await.unwrap();
         assert_eq!(never, Released::Unknown);
         assert!(keys_left(&c).await.is_empty());
         // A lingering answer is replayed too.
@@ -520,10 +514,23 @@ mod tests {
         commit(&c, &k, "y", commit_args("c2", "n1", "reject"), Mode::Commit)
             .await
             .unwrap();
-        let r = release(&c, &k, "y", "c2", 5000, by("t4")).await.unwrap();
+        let r = release(&c, &k, "y", "c2", 5000, "t4").await.unwrap();
         assert_eq!(r, Released::Lingering);
-        let r = release(&c, &k, "y", "c2", 5000, by("t4")).await.unwrap();
+        let r = release(&c, &k, "y", "c2", 5000, "t4").await.unwrap();
         assert_eq!(r, Released::Lingering);
+        // Acted on: the receipt goes (only lost answers keep theirs).
+        acknowledge(&c, &k, "y", "c2").await;
+        let n: i64 = c
+            .eval(
+                "return redis.call('EXISTS', KEYS[1])",
+                vec![receipt_key(&k, "y", "c2")],
+                Vec::<String>::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+        let r = release(&c, &k, "y", "c2", 5000, "t4").await.unwrap();
+        assert_eq!(r, Released::Unknown);
     }
 
     #[tokio::test]
@@ -555,7 +562,7 @@ mod tests {
         commit(&c, &k, "z", commit_args("c5", "n1", "reject"), Mode::Local)
             .await
             .unwrap();
-        let r = release(&c, &k, "z", "c5", 0, by("t1")).await.unwrap();
+        let r = release(&c, &k, "z", "c5", 0, "t1").await.unwrap();
         assert_eq!(r, Released::Nothing);
         assert_eq!(state(&c, &k, "z").await, None);
         assert!(!announce(&c, &k, "z").await.unwrap());
