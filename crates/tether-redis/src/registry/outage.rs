@@ -184,8 +184,11 @@ impl ClusterRegistry {
         tracing::info!(%client, conn_id, "a release redis lost: registered again until settled");
         let mut ghost = Unsettled::new(client, true);
         ghost.phase = Phase::Ghost;
+        // Under the owed lock (then the records'), as `pay_owed` takes them: a ghost
+        // is never seen without the wait it comes with.
+        let mut owed = self.owed.lock();
+        owed.after_ttl = true;
         self.unsettled.lock().insert(conn_id, ghost);
-        self.owed.lock().after_ttl = true;
         Ok(())
     }
 
@@ -235,21 +238,21 @@ impl ClusterRegistry {
     /// clients. Whatever Redis does not answer stays owed (a ghost's release that
     /// fails is an unsettled release like any other).
     pub(crate) async fn pay_owed(self: &Arc<Self>, now: bool) {
-        let announce = {
+        let (announce, ghosts) = {
             let mut owed = self.owed.lock();
             if owed.after_ttl && !now && !self.connected_for_ttl() {
                 return;
             }
             owed.after_ttl = false;
-            std::mem::take(&mut owed.announce)
+            let ghosts: Vec<String> = self
+                .unsettled
+                .lock()
+                .iter()
+                .filter(|(_, u)| u.phase == Phase::Ghost)
+                .map(|(id, _)| id.clone())
+                .collect();
+            (std::mem::take(&mut owed.announce), ghosts)
         };
-        let ghosts: Vec<String> = self
-            .unsettled
-            .lock()
-            .iter()
-            .filter(|(_, u)| u.phase == Phase::Ghost)
-            .map(|(id, _)| id.clone())
-            .collect();
         for conn_id in ghosts {
             self.run_release(&conn_id).await;
         }
