@@ -211,9 +211,16 @@ fn alternates(events: &[Told]) -> bool {
 
 /// Milliseconds into the day of an RFC 3339 time (`…T01:59:17.982Z`).
 fn ms_of(at: &str) -> i64 {
-    let clock = at.split_once('T').map_or("", |(_, c)| c.trim_end_matches('Z'));
+    let clock = at
+        .split_once('T')
+        .map_or("", |(_, c)| c.trim_end_matches('Z'));
     let mut parts = clock.split(':');
-    let mut field = || parts.next().and_then(|p| p.parse::<f64>().ok()).unwrap_or(0.0);
+    let mut field = || {
+        parts
+            .next()
+            .and_then(|p| p.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     let (h, m, s) = (field(), field(), field());
     ((h * 3600.0 + m * 60.0 + s) * 1000.0).round() as i64
 }

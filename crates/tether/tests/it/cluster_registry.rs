@@ -821,3 +821,60 @@ async fn a_release_whose_answer_was_lost_still_fires_its_offline_once() {
     assert_no_client_keys(&redis).await;
     a.stop().await;
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// SPEC 10: only a survivor that has itself been connected to Redis for
+/// `node_ttl_ms` may declare another node dead, "so a Redis failover does not make
+/// every node declare every other dead". Redis stops for longer than node_ttl (every
+/// alive key lapses, the data is kept); when it answers again, node a is back at once
+/// while node b (a process, stopped too) is back 1.5 s later. a must not remove b.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_an_outage_no_node_declares_another_dead_before_it_has_been_connected_for_node_ttl() {
+    let redis = RedisServer::start().unwrap();
+    let ttl = |c: &mut Config| c.broker.node_ttl_ms = 3000.try_into().unwrap();
+    let a = node(&redis, "a", ttl).await;
+    let mut b = binary(&redis, "b", 0);
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        let ready = http.get(format!("http://{}/readyz", b.api)).send().await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut ra = a.app.registry.events().subscribe();
+    let (mut x, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?client=x", b.listen))
+        .await
+        .unwrap();
+    assert_eq!(support::next_json(&mut x).await["type"], "welcome");
+    wait_connections(&a, "x", 1).await;
+    // b stops first (no heartbeat of its can wait in Redis's input buffer), then
+    // Redis, for longer than node_ttl.
+    let (redis_pid, b_pid) = (redis.pid().unwrap(), b.child.id());
+    signal(b_pid, "-STOP");
+    signal(redis_pid, "-STOP");
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    signal(redis_pid, "-CONT");
+    // a reconnects now and finds b's alive key gone; b answers 1.5 s later.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(b_pid, "-CONT");
+    let events = events_of(&mut [&mut ra], Duration::from_millis(4000)).await;
+    assert_eq!(count(&events, "client.offline", "x"), 0, "{events:?}");
+    let nodes = redis.cli(&["smembers", "tether:{global}:nodes"]).unwrap();
+    assert!(nodes.contains('b'), "b is still a member: {nodes}");
+    assert_eq!(connections_of(&a, "x").await, 1);
+    assert_alive(&mut x).await;
+    client_close(x).await;
+    wait_connections(&a, "x", 0).await;
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    a.assert_clean().await;
+    a.stop().await;
+}
