@@ -35,8 +35,9 @@ return 1
 "#;
 
 /// Commit, or re-registration after a reconnect: marks the connection committed,
-/// sets the client online, and under `replace_oldest` evicts the oldest other
-/// committed connection when over the limit. ARGV[7], the mode:
+/// sets the client online, and under `replace_oldest`, for an admission (a commit,
+/// or a connection admitted during an outage; not committed before), evicts the
+/// oldest other committed connection if over the limit. ARGV[7], the mode:
 /// - `n`, a commit: *first* when the client was offline (or pending);
 /// - `k`, a live connection registered again on a Redis that kept its data: as a
 ///   commit, so a client the cluster had taken offline meanwhile (a reaper) comes
@@ -53,7 +54,8 @@ return 1
 const COMMIT: &str = r#"
 local limit = tonumber(ARGV[5])
 local mode = ARGV[7]
-if not redis.call('HGET', KEYS[2], ARGV[1]) then
+local prior = redis.call('HGET', KEYS[2], ARGV[1])
+if not prior then
   if mode ~= 'n' and ARGV[6] == 'reject' and redis.call('ZCARD', KEYS[1]) >= limit then
     return {0, '', '', 1, 0}
   end
@@ -71,7 +73,13 @@ else
   if offline and (mode == 'n' or mode == 'k') then first = 1 end
   if st ~= 'online' then redis.call('SET', KEYS[3], 'online') end
 end
-if ARGV[6] ~= 'replace' then return {first, '', '', 0, pending} end
+-- Only an admission settles the limit: a handshake's commit, or a connection
+-- admitted during an outage registered now, either not committed before. Registering
+-- again what the cluster had admitted evicts nobody (two nodes re-registering, or a
+-- connection evicted a moment ago and not closed yet, must not evict others).
+local fresh = (not prior) or string.sub(prior, 1, 1) == 'r'
+local settles = fresh and (mode == 'n' or mode == 'l')
+if ARGV[6] ~= 'replace' or not settles then return {first, '', '', 0, pending} end
 local committed = {}
 for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local v = redis.call('HGET', KEYS[2], id)
@@ -575,6 +583,43 @@ mod tests {
             .unwrap();
         assert!(w.first);
         assert!(!announce(&c, &k, "w").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn registering_again_a_committed_connection_evicts_nobody() {
+        let redis = RedisServer::start().unwrap();
+        let (c, k) = (client(&redis).await, Keys::new("t"));
+        let with = |id, limit| [id, "n1", "ws", "1000", limit, "replace"];
+        commit(&c, &k, "x", with("c1", "1"), Mode::Commit)
+            .await
+            .unwrap();
+        // c2 admitted during an outage, registered now: over the limit of 1, the
+        // oldest (c1) goes.
+        let local = commit(&c, &k, "x", with("c2", "1"), Mode::Local)
+            .await
+            .unwrap();
+        assert_eq!(local.victim, Some(("c1".into(), "n1".into())));
+        // Both committed (under a limit of 2), then both registered again under a
+        // limit of 1 (two nodes after an outage): neither evicts the other.
+        let y1 = commit(&c, &k, "y", with("c3", "2"), Mode::Commit)
+            .await
+            .unwrap();
+        let y2 = commit(&c, &k, "y", with("c4", "2"), Mode::Commit)
+            .await
+            .unwrap();
+        assert_eq!((y1.victim, y2.victim), (None, None));
+        for id in ["c3", "c4"] {
+            let again = commit(&c, &k, "y", with(id, "1"), Mode::Kept)
+                .await
+                .unwrap();
+            assert_eq!(again.victim, None, "{id}");
+        }
+        // A connection evicted a moment ago (c1), registered again by its node before
+        // it closed it: it evicts nobody either.
+        let back = commit(&c, &k, "x", with("c1", "1"), Mode::Kept)
+            .await
+            .unwrap();
+        assert_eq!(back.victim, None);
     }
 
     #[tokio::test]

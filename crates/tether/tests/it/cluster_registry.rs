@@ -878,3 +878,43 @@ async fn after_an_outage_no_node_declares_another_dead_before_it_has_been_connec
     a.assert_clean().await;
     a.stop().await;
 }
+
+/// SPEC 10, `admit_local` reconciled under `replace_oldest`: a connection admitted on a
+/// node's own view during an outage puts its client over its limit once registered,
+/// and the oldest connection (on the other node) is closed 4001.
+#[tokio::test(flavor = "multi_thread")]
+async fn admit_local_under_replace_oldest_closes_the_oldest_once_redis_is_back() {
+    let redis = RedisServer::start().unwrap();
+    let local = |c: &mut Config| {
+        c.clients.max_connections_per_client = 1.try_into().unwrap();
+        c.clients.on_client_limit = ClientLimitPolicy::ReplaceOldest;
+        c.broker.on_unavailable = tether_server::config::OnUnavailable::AdmitLocal;
+        c.broker.command_timeout_ms = 300.try_into().unwrap();
+    };
+    let a = node(&redis, "a", local).await;
+    let b = node(&redis, "b", local).await;
+    let (mut first, _) = a.ws("?client=x").await;
+    redis.cli(&["client", "pause", "2500", "all"]).unwrap();
+    let mut down = false;
+    for _ in 0..100 {
+        if b.stats().await["cluster"].is_null() {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(down, "b never saw redis unreachable");
+    let (mut second, _) = b.ws("?client=x").await;
+    // Once Redis answers, b registers the newer connection: over the limit of 1, the
+    // oldest, on a, is replaced.
+    let (closing, code) = expect_close(&mut first).await;
+    assert_eq!(code, 4001, "{closing:?}");
+    assert_alive(&mut second).await;
+    wait_connections(&a, "x", 1).await;
+    client_close(second).await;
+    a.assert_clean().await;
+    b.assert_clean().await;
+    assert_no_client_keys(&redis).await;
+    a.stop().await;
+    b.stop().await;
+}
