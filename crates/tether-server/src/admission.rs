@@ -198,9 +198,11 @@ pub(crate) async fn commit(
     mut reservation: Reservation,
     spec: ConnSpec,
 ) -> ConnectionGuard {
-    if let Some(c) = &gate.cluster {
-        c.commit(&mut reservation).await;
-    }
+    // The client's turn is held until the local commit has fired its events.
+    let _turn = match &gate.cluster {
+        Some(c) => Some(c.commit(&mut reservation).await),
+        None => None,
+    };
     reservation.commit(spec)
 }
 

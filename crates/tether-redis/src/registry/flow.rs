@@ -13,7 +13,7 @@ use tether_protocol::{CloseCode, Closing, EventType, Refusal};
 
 use super::outage::{Phase, Unsettled};
 use super::scripts::{self, Mode, Released};
-use super::{now_ms, ClusterRegistry, RegistryError};
+use super::{now_ms, ClientTurn, ClusterRegistry, RegistryError};
 
 impl ClusterRegistry {
     /// The cluster's admission check, after the local checks and reservation: the
@@ -72,7 +72,12 @@ impl ClusterRegistry {
     /// Redis unreachable (`admit_local`): no `client.online` now — the connection is
     /// registered once Redis is back, and its client announced then if it was
     /// offline (see `outage`).
-    pub async fn commit(&self, res: &mut Reservation) {
+    ///
+    /// The client's turn comes back: hold it until the local commit has fired
+    /// `client.online`, so that the client's events leave in the order Redis took
+    /// its transitions.
+    pub async fn commit(&self, res: &mut Reservation) -> ClientTurn<'_> {
+        let turn = self.turns.take(res.client_id()).await;
         let outcome = if self.is_up() {
             self.try_commit(res).await
         } else {
@@ -98,6 +103,7 @@ impl ClusterRegistry {
                 res.set_cluster_first(false);
             }
         }
+        turn
     }
 
     async fn try_commit(&self, res: &Reservation) -> Result<scripts::Committed, RegistryError> {
@@ -187,6 +193,8 @@ impl ClusterRegistry {
         conn_id: &str,
     ) -> Option<(Released, Unsettled)> {
         self.not_registering(conn_id).await;
+        let client = self.unsettled.lock().get(conn_id)?.client.clone();
+        let turn = self.turns.take(&client).await;
         let entry = {
             let mut unsettled = self.unsettled.lock();
             let u = unsettled.get_mut(conn_id)?;
@@ -208,6 +216,7 @@ impl ClusterRegistry {
         };
         // The transition's event at once: a commit elsewhere may follow it closely.
         self.released(entry.client.clone(), answer, entry.token.clone());
+        drop(turn);
         if matches!(answer, Released::Offline | Released::Lingering) {
             scripts::acknowledge(&c, keys, &entry.client, conn_id).await;
         }
@@ -309,12 +318,14 @@ impl ClusterRegistry {
 
     /// Ends a grace: offline unless the client came back somewhere since.
     pub(crate) async fn expire(&self, client: &str, token: &str) {
+        let turn = self.turns.take(&Arc::from(client)).await;
         let c = self.on_client(client);
         match scripts::expire(&c, self.link.keys(), client, token).await {
             Ok(true) => self.went_offline(client),
             Ok(false) => {}
             Err(e) => tracing::warn!(client, error = %e, "offline grace: redis unreachable"),
         }
+        drop(turn);
         let key = self.link.keys().node_key(&self.node_id, "lingering");
         let _: Result<(), _> = self.on_node().hdel(key, client).await;
     }

@@ -146,9 +146,11 @@ impl ClusterRegistry {
         let conns: HashMap<String, String> = c.hgetall(&conns_key).await?;
         for (conn_id, client) in &conns {
             let on = self.on_client(client);
+            let turn = self.turns.take(&Arc::from(client.as_str())).await;
             let r = scripts::release(&on, keys, client, conn_id, 0, "reaper").await?;
             if r == Released::Offline {
                 self.went_offline(client);
+                drop(turn);
                 scripts::acknowledge(&on, keys, client, conn_id).await;
             }
             let _: () = c.hdel(&conns_key, conn_id).await?;
@@ -158,6 +160,7 @@ impl ClusterRegistry {
         let lingering_key = keys.node_key(node, "lingering");
         let lingering: HashMap<String, String> = c.hgetall(&lingering_key).await?;
         for (client, token) in &lingering {
+            let _turn = self.turns.take(&Arc::from(client.as_str())).await;
             if scripts::expire(&self.on_client(client), keys, client, token).await? {
                 self.went_offline(client);
             }
@@ -244,6 +247,8 @@ impl ClusterRegistry {
             policy,
         ];
         let c = self.on_client(conn.client_id());
+        let client: Arc<str> = Arc::from(conn.client_id());
+        let turn = self.turns.take(&client).await;
         let done = scripts::commit(&c, keys, conn.client_id(), args, mode).await?;
         self.local_only.lock().remove(conn.id());
         if done.over {
@@ -255,8 +260,9 @@ impl ClusterRegistry {
             self.registry.disconnect(&sel, &closing);
         }
         if done.first {
-            self.went_online(Arc::from(conn.client_id()));
+            self.went_online(client.clone());
         }
+        drop(turn);
         if done.pending {
             self.owe(Some(Arc::from(conn.client_id())), false);
         }

@@ -9,6 +9,7 @@
 //! - [`liveness`]: the heartbeat, the reaper of dead nodes, re-registration.
 //! - [`outage`]: what a node owes after Redis was unreachable (releases run again,
 //!   ghosts after a data loss, announcements of clients admitted during it).
+//! - [`turns`]: one client's transitions at a time on a node (events in order).
 //! - [`views`]: what the API asks (stats, clients, connections, disconnect).
 //!
 //! Lifetimes: [`ClusterRegistry::new`] puts the node's [`Registry`] in cluster mode
@@ -22,6 +23,7 @@ mod flow;
 mod liveness;
 mod outage;
 mod scripts;
+mod turns;
 mod views;
 
 use std::collections::{HashMap, HashSet};
@@ -38,6 +40,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::link::Link;
 
+pub use turns::ClientTurn;
 pub use views::{ClientRow, ClusterStats, ConnPage};
 
 /// What the cluster registry needs to know.
@@ -110,6 +113,8 @@ pub struct ClusterRegistry {
     record_ok: AtomicBool,
     /// Whether a heartbeat has been written yet.
     beaten: AtomicBool,
+    /// Per-client turns: a client's transitions are decided one at a time.
+    turns: turns::Turns,
     /// Running offline graces: client id → token.
     lingers: Mutex<HashMap<Arc<str>, String>>,
     /// Releases Redis has not answered yet: conn id → record.
@@ -159,6 +164,7 @@ impl ClusterRegistry {
             synced: AtomicBool::new(false),
             record_ok: AtomicBool::new(true),
             beaten: AtomicBool::new(false),
+            turns: turns::Turns::default(),
             lingers: Mutex::new(HashMap::new()),
             unsettled: Mutex::new(HashMap::new()),
             registering: Mutex::new(None),

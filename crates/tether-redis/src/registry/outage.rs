@@ -258,6 +258,7 @@ impl ClusterRegistry {
         }
         for client in announce {
             let c = self.on_client(&client);
+            let _turn = self.turns.take(&client).await;
             match scripts::announce(&c, self.link.keys(), &client).await {
                 Ok(true) => self.went_online(client),
                 Ok(false) => {}
