@@ -167,7 +167,15 @@ async fn connections_per_ip() {
     assert_eq!(status, 200);
     assert_sse_transient(&text, "ip_limit", 4429);
     client_close(a).await;
-    // The slot is back: a new connection is admitted.
+    // Once the server has let the connection go (its close answered, then its
+    // guard dropped), the slot is back: a new connection is admitted.
+    for _ in 0..200 {
+        let st = s.stats().await;
+        if st["connections"]["ws"] == 0 && st["pending_handshakes"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (b, _) = s.ws("?client=b").await;
     client_close(b).await;
     s.assert_clean().await;
