@@ -34,7 +34,7 @@ use crate::lean::{Endpoint, Received};
 use crate::procs::{self, Children};
 use crate::{
     check_loopback, check_sources, default_url, endpoint, merge_counts, now_micros, open_all,
-    processes_cpu_secs, processes_memory, Publisher, Target, Transport,
+    processes_cpu_secs, processes_memory, Publisher, ServerArgs, SpreadArgs,
 };
 
 /// `tether bench chat …`.
@@ -44,16 +44,8 @@ pub struct ChatArgs {
     /// ws://127.0.0.1:80/sub]; as for `fanout` (Nchan: `{url}/{channel}`).
     #[arg(long)]
     url: Option<String>,
-    /// Publish base URL: Tether `{api}/api/publish` [default http://127.0.0.1:7701],
-    /// Nchan `{api}/pub/{channel}` [default: the url's address].
-    #[arg(long)]
-    api: Option<String>,
-    /// The server under test.
-    #[arg(long, value_enum, default_value_t = Target::Tether)]
-    target: Target,
-    /// Subscriber transport.
-    #[arg(long, value_enum, default_value_t = Transport::Ws)]
-    transport: Transport,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Connections (subscribers), connection i on channel i % channels.
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
@@ -83,18 +75,8 @@ pub struct ChatArgs {
     /// Seed of the publishers' channel picks (publisher w uses seed + w).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// The server's PIDs (comma-separated), for their summed CPU time and memory.
-    #[arg(long, value_delimiter = ',')]
-    pid: Vec<u32>,
-    /// Source addresses (comma-separated, loopback only).
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
-    sources: Vec<IpAddr>,
-    /// Subscriber processes (children of this one; only this one publishes).
-    #[arg(long, default_value_t = 1)]
-    procs: usize,
-    /// Connects in flight at once (per process).
-    #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    #[command(flatten)]
+    spread: SpreadArgs,
     /// Pause between every subscriber being ready and the first publish, ms.
     #[arg(long, default_value_t = 200)]
     settle_ms: u64,
@@ -254,8 +236,8 @@ pub fn report(r: &Report<'_>) -> Value {
     let connect_errors: usize = r.connect_errors.values().sum();
     json!({
         "scenario": "chat",
-        "target": a.target,
-        "transport": a.transport,
+        "target": a.server.target,
+        "transport": a.server.transport,
         "url": r.url,
         "api": r.api,
         "connections": a.connections,
@@ -266,8 +248,8 @@ pub fn report(r: &Report<'_>) -> Value {
         "secs": a.secs,
         "messages": a.messages,
         "bytes": a.bytes,
-        "procs": a.procs.max(1),
-        "sources": a.sources,
+        "procs": a.spread.procs.max(1),
+        "sources": a.spread.sources,
         "errors": {
             "connect": connect_errors,
             "publish": r.published.errors_total(),
@@ -289,7 +271,7 @@ pub fn report(r: &Report<'_>) -> Value {
         "latency_ms_p99": r.hist.percentile_ms(0.99),
         "latency_ms_p999": r.hist.percentile_ms(0.999),
         "latency_ms_max": r.hist.max_ms(),
-        "server_pids": a.pid,
+        "server_pids": a.spread.pid,
         "server_cpu_secs": r.cpu,
         "server_cpu_us_per_delivery": r.cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
         "server_rss_kib": r.mem.map(|m| m.0),
@@ -476,19 +458,19 @@ async fn publish(a: &ChatArgs, publisher: Publisher, names: Arc<Vec<String>>) ->
 
 /// `tether bench chat`.
 pub async fn run(a: ChatArgs) -> Result<(), String> {
-    check_sources(&a.sources)?;
+    check_sources(&a.spread.sources)?;
     if a.connections == 0 || a.channels == 0 {
         return Err("need at least one connection and one channel".into());
     }
     if a.messages == 0 && !(a.secs > 0.0 && a.secs.is_finite()) {
         return Err("bound the run: --secs > 0 or --messages > 0".into());
     }
-    let url = a.url.clone().unwrap_or(default_url(a.target).into());
+    let url = a.url.clone().unwrap_or(default_url(a.server.target).into());
     // One endpoint per channel (the name is checked once: the others differ only in
     // their number).
     let first = endpoint(
-        a.target,
-        a.transport,
+        a.server.target,
+        a.server.transport,
         &url,
         Some(channel_name(&a.channel_prefix, 0)),
     )
@@ -507,17 +489,13 @@ pub async fn run(a: ChatArgs) -> Result<(), String> {
             })
         })
         .collect();
-    let api = match (&a.api, a.target) {
-        (Some(api), _) => api.clone(),
-        (None, Target::Tether) => "http://127.0.0.1:7701".into(),
-        (None, Target::Nchan) => format!("http://{}", first.host),
-    };
+    let api = a.server.api_or_default(&first.host);
     check_loopback(&api, "http://").await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
     let drain = Duration::from_secs(a.drain_secs);
-    let procs = a.procs.max(1);
+    let procs = a.spread.procs.max(1);
     let buf = a.buf_kib.max(4) * 1024;
-    let (eps_ref, sources, concurrency) = (&eps[..], &a.sources, a.concurrency);
+    let (eps_ref, sources, concurrency) = (&eps[..], &a.spread.sources, a.spread.concurrency);
     let start = move |idx| start_local(eps_ref, idx, sources, concurrency, buf, deadline);
     if let Some(k) = a.child {
         let (local, errors) = start(procs::share(k, procs, a.connections)).await;
@@ -548,7 +526,7 @@ pub async fn run(a: ChatArgs) -> Result<(), String> {
         );
         return Ok(());
     }
-    let publisher = Publisher::new(a.target, &api, &names[0])?;
+    let publisher = Publisher::new(a.server.target, &api, &names[0])?;
     let mut opened = 0;
     let mut connect_errors = BTreeMap::<String, usize>::new();
     let (local, mut children) = if procs > 1 {
@@ -568,7 +546,7 @@ pub async fn run(a: ChatArgs) -> Result<(), String> {
         (Some(l), None)
     };
     tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
-    let cpu_before = processes_cpu_secs(&a.pid)?;
+    let cpu_before = processes_cpu_secs(&a.spread.pid)?;
     let started_us = now_micros();
     let started = Instant::now();
     let published = publish(&a, publisher, names.clone()).await;
@@ -592,8 +570,8 @@ pub async fn run(a: ChatArgs) -> Result<(), String> {
             parts.push(serde_json::from_value(v).map_err(|e| format!("child RESULT: {e}"))?);
         }
     }
-    let cpu_after = processes_cpu_secs(&a.pid)?;
-    let mem = processes_memory(&a.pid)?;
+    let cpu_after = processes_cpu_secs(&a.spread.pid)?;
+    let mem = processes_memory(&a.spread.pid)?;
     if let Some(kids) = children {
         kids.finish(Duration::from_secs(10)).await;
     }
@@ -645,7 +623,7 @@ mod tests {
             (a.connections, a.channels, a.publishers, a.secs),
             (10_000, 2_000, 8, 10.0)
         );
-        assert_eq!(a.target, Target::Tether);
+        assert_eq!(a.server.target, crate::Target::Tether);
         assert_eq!(channel_name(&a.channel_prefix, 17), "chat_17");
         // Rooms of five: every channel gets connections / channels subscribers.
         let mut per = vec![0usize; a.channels];

@@ -122,16 +122,8 @@ struct FanoutArgs {
     /// round-robin (`--procs` a multiple of their number).
     #[arg(long)]
     url: Option<String>,
-    /// Publish base URL: Tether `{api}/api/publish` [default http://127.0.0.1:7701],
-    /// Nchan `{api}/pub/{channel}` [default: the url's address].
-    #[arg(long)]
-    api: Option<String>,
-    /// The server under test.
-    #[arg(long, value_enum, default_value_t = Target::Tether)]
-    target: Target,
-    /// Subscriber transport.
-    #[arg(long, value_enum, default_value_t = Transport::Ws)]
-    transport: Transport,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Subscribers.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
@@ -151,18 +143,8 @@ struct FanoutArgs {
     /// Channel name.
     #[arg(long, default_value = "bench")]
     channel: String,
-    /// The server's PIDs (comma-separated), for their summed CPU time and memory.
-    #[arg(long, value_delimiter = ',')]
-    pid: Vec<u32>,
-    /// Source addresses (comma-separated, loopback only).
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
-    sources: Vec<IpAddr>,
-    /// Subscriber processes (children of this one; only this one publishes).
-    #[arg(long, default_value_t = 1)]
-    procs: usize,
-    /// Connects in flight at once (per process).
-    #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    #[command(flatten)]
+    spread: SpreadArgs,
     /// Pause between every subscriber being ready and the first publish.
     #[arg(long, default_value_t = 200)]
     settle_ms: u64,
@@ -183,6 +165,52 @@ struct FanoutArgs {
     /// Internal: this process is child K of `--procs`.
     #[arg(long, hide = true)]
     child: Option<usize>,
+}
+
+/// The server side of `fanout` and `chat` (the same flags in both): where to publish,
+/// which server, how subscribers connect.
+#[derive(Args, Debug)]
+pub(crate) struct ServerArgs {
+    /// Publish base URL: Tether `{api}/api/publish` [default http://127.0.0.1:7701],
+    /// Nchan `{api}/pub/{channel}` [default: the url's address].
+    #[arg(long)]
+    pub(crate) api: Option<String>,
+    /// The server under test.
+    #[arg(long, value_enum, default_value_t = Target::Tether)]
+    pub(crate) target: Target,
+    /// Subscriber transport.
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub(crate) transport: Transport,
+}
+
+impl ServerArgs {
+    /// The publish base URL: `--api`, else Tether's default or (Nchan) the
+    /// subscribers' own address `host`.
+    pub(crate) fn api_or_default(&self, host: &str) -> String {
+        match (&self.api, self.target) {
+            (Some(api), _) => api.clone(),
+            (None, Target::Tether) => "http://127.0.0.1:7701".into(),
+            (None, Target::Nchan) => format!("http://{host}"),
+        }
+    }
+}
+
+/// The subscriber processes of `fanout` and `chat` (the same flags in both), and the
+/// server's processes measured.
+#[derive(Args, Debug)]
+pub(crate) struct SpreadArgs {
+    /// The server's PIDs (comma-separated), for their summed CPU time and memory.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) pid: Vec<u32>,
+    /// Source addresses (comma-separated, loopback only).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    pub(crate) sources: Vec<IpAddr>,
+    /// Subscriber processes (children of this one; only this one publishes).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) procs: usize,
+    /// Connects in flight at once (per process).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) concurrency: usize,
 }
 
 #[derive(Args, Debug)]
@@ -724,28 +752,25 @@ impl Publisher {
 }
 
 async fn fanout(a: FanoutArgs) -> Result<(), String> {
-    check_sources(&a.sources)?;
-    let url = a.url.clone().unwrap_or(default_url(a.target).into());
+    check_sources(&a.spread.sources)?;
+    let url = a.url.clone().unwrap_or(default_url(a.server.target).into());
     let ep = Arc::new(
         endpoint(
-            a.target,
-            a.transport,
-            node_url(&url, a.child, a.procs)?,
+            a.server.target,
+            a.server.transport,
+            node_url(&url, a.child, a.spread.procs)?,
             Some(a.channel.clone()),
         )
         .await?,
     );
-    let api = match (&a.api, a.target) {
-        (Some(api), _) => api.clone(),
-        (None, Target::Tether) => "http://127.0.0.1:7701".into(),
-        (None, Target::Nchan) => format!("http://{}", ep.host),
-    };
+    let api = a.server.api_or_default(&ep.host);
     check_loopback(&api, "http://").await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
     let drain = Duration::from_secs(a.drain_secs);
-    let procs = a.procs.max(1);
+    let procs = a.spread.procs.max(1);
     let buf = a.buf_kib.max(4) * 1024;
-    let (ep_ref, sources, concurrency, messages) = (&ep, &a.sources, a.concurrency, a.messages);
+    let (ep_ref, sources, concurrency, messages) =
+        (&ep, &a.spread.sources, a.spread.concurrency, a.messages);
     let start = move |idx| start_local(ep_ref, idx, sources, concurrency, buf, messages, deadline);
     if let Some(k) = a.child {
         let (local, opened, errors) = start(procs::share(k, procs, a.subscribers)).await;
@@ -767,7 +792,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         );
         return Ok(());
     }
-    let publisher = Publisher::new(a.target, &api, &a.channel)?;
+    let publisher = Publisher::new(a.server.target, &api, &a.channel)?;
     let mut opened = 0;
     let mut errors = BTreeMap::<String, usize>::new();
     let (local, mut children) = if procs > 1 {
@@ -788,11 +813,11 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     };
     tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
     let pad = "x".repeat(a.bytes.saturating_sub(40));
-    let cpu_before = processes_cpu_secs(&a.pid)?;
+    let cpu_before = processes_cpu_secs(&a.spread.pid)?;
     // `--poll-stats-ms`: the API's stats latency from the first publish until every
     // receiver is done (Tether only).
     let (poll_stop, poll_rx) = watch::channel(false);
-    let poller = if a.poll_stats_ms > 0 && a.target == Target::Tether {
+    let poller = if a.poll_stats_ms > 0 && a.server.target == Target::Tether {
         Some(
             statspoll::spawn(
                 format!("{}/api/stats", api.trim_end_matches('/')),
@@ -865,12 +890,12 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
             .to_json(a.poll_stats_ms),
         None if a.poll_stats_ms > 0 => {
             eprintln!("tether bench: --poll-stats-ms: Nchan has no stats endpoint, not polled");
-            statspoll::unavailable(a.target)
+            statspoll::unavailable(a.server.target)
         }
         None => serde_json::Value::Null,
     };
-    let cpu_after = processes_cpu_secs(&a.pid)?;
-    let mem = processes_memory(&a.pid)?;
+    let cpu_after = processes_cpu_secs(&a.spread.pid)?;
+    let mem = processes_memory(&a.spread.pid)?;
     if let Some(kids) = children {
         kids.finish(Duration::from_secs(10)).await;
     }
@@ -895,8 +920,8 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
     let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
     let mut out = json!({
         "scenario": "fanout",
-        "target": a.target,
-        "transport": a.transport,
+        "target": a.server.target,
+        "transport": a.server.transport,
         "url": url,
         "api": api,
         "mode": if interval.is_some() { "paced" } else { "back_to_back" },
@@ -908,7 +933,7 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         "messages": a.messages,
         "bytes": a.bytes,
         "procs": procs,
-        "sources": a.sources,
+        "sources": a.spread.sources,
         "publish_errors": publish_errors,
         "expected_deliveries": opened * a.messages,
         "deliveries": delivered,
@@ -922,8 +947,8 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
         "latency_ms_p99": hist.percentile_ms(0.99),
         "latency_ms_p999": hist.percentile_ms(0.999),
         "latency_ms_max": hist.max_ms(),
-        "server_pid": a.pid.first(),
-        "server_pids": a.pid,
+        "server_pid": a.spread.pid.first(),
+        "server_pids": a.spread.pid,
         "server_cpu_secs": cpu,
         "server_cpu_us_per_delivery": cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
         "server_rss_kib": mem.map(|m| m.0),
