@@ -21,6 +21,7 @@
 
 mod bare;
 mod chat;
+mod fanout;
 mod hist;
 mod lean;
 mod procs;
@@ -260,7 +261,7 @@ struct IdleArgs {
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     match args.scenario {
         Scenario::Idle(a) => idle(a).await,
-        Scenario::Fanout(a) => fanout(a).await,
+        Scenario::Fanout(a) => fanout::run(a).await,
         Scenario::Proxy(a) => proxy::run(a).await,
         Scenario::Churn(a) => churn(a).await,
         Scenario::Chat(a) => chat::run(a).await,
@@ -751,52 +752,32 @@ impl Publisher {
     }
 }
 
-async fn fanout(a: FanoutArgs) -> Result<(), String> {
-    check_sources(&a.spread.sources)?;
-    let url = a.url.clone().unwrap_or(default_url(a.server.target).into());
-    let ep = Arc::new(
-        endpoint(
-            a.server.target,
-            a.server.transport,
-            node_url(&url, a.child, a.spread.procs)?,
-            Some(a.channel.clone()),
-        )
-        .await?,
-    );
-    let api = a.server.api_or_default(&ep.host);
-    check_loopback(&api, "http://").await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
-    let drain = Duration::from_secs(a.drain_secs);
-    let procs = a.spread.procs.max(1);
-    let buf = a.buf_kib.max(4) * 1024;
-    let (ep_ref, sources, concurrency, messages) =
-        (&ep, &a.spread.sources, a.spread.concurrency, a.messages);
-    let start = move |idx| start_local(ep_ref, idx, sources, concurrency, buf, messages, deadline);
-    if let Some(k) = a.child {
-        let (local, opened, errors) = start(procs::share(k, procs, a.subscribers)).await;
-        println!("READY {}", json!({"opened": opened, "errors": errors}));
-        let mut orders = procs::stdin_lines();
-        // PUBLISHED (or EOF: the parent is gone) starts the drain clock.
-        let _ = tokio::time::timeout_at(deadline, async {
-            while let Some(line) = orders.recv().await {
-                if line.trim() == "PUBLISHED" {
-                    break;
-                }
-            }
-        })
-        .await;
-        let part = local.finish(drain, deadline).await;
-        println!(
-            "RESULT {}",
-            serde_json::to_string(&part).map_err(|e| e.to_string())?
-        );
-        return Ok(());
-    }
-    let publisher = Publisher::new(a.server.target, &api, &a.channel)?;
-    let mut opened = 0;
-    let mut errors = BTreeMap::<String, usize>::new();
-    let (local, mut children) = if procs > 1 {
+/// The subscribers of a parent process: in `--procs` children or in this process.
+pub(crate) struct Subscribers<L> {
+    /// This process's, with one process.
+    local: Option<L>,
+    /// The children, with several.
+    children: Option<Children>,
+    /// Subscribers ready, over every process.
+    opened: usize,
+    /// Connect errors by reason, over every process.
+    errors: BTreeMap<String, usize>,
+}
+
+/// With `procs` > 1 spawns the children and adds up their `READY` lines; else opens
+/// the subscribers here through `here` (`(local, opened, errors)`).
+pub(crate) async fn open_subscribers<L, F>(
+    procs: usize,
+    deadline: tokio::time::Instant,
+    here: impl FnOnce() -> F,
+) -> Result<Subscribers<L>, String>
+where
+    F: std::future::Future<Output = (L, usize, BTreeMap<String, usize>)>,
+{
+    if procs > 1 {
         let mut kids = Children::spawn(procs)?;
+        let mut opened = 0;
+        let mut errors = BTreeMap::<String, usize>::new();
         for r in kids
             .collect("READY", deadline + Duration::from_secs(10))
             .await?
@@ -804,161 +785,30 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
             opened += r["opened"].as_u64().unwrap_or(0) as usize;
             merge_counts(&mut errors, &r["errors"]);
         }
-        (None, Some(kids))
-    } else {
-        let (l, o, e) = start((0..a.subscribers).collect()).await;
-        opened = o;
-        errors = e;
-        (Some(l), None)
-    };
-    tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
-    let pad = "x".repeat(a.bytes.saturating_sub(40));
-    let cpu_before = processes_cpu_secs(&a.spread.pid)?;
-    // `--poll-stats-ms`: the API's stats latency from the first publish until every
-    // receiver is done (Tether only).
-    let (poll_stop, poll_rx) = watch::channel(false);
-    let poller = if a.poll_stats_ms > 0 && a.server.target == Target::Tether {
-        Some(
-            statspoll::spawn(
-                format!("{}/api/stats", api.trim_end_matches('/')),
-                Duration::from_millis(a.poll_stats_ms),
-                poll_rx,
-            )
-            .map_err(|e| format!("stats poller: {e}"))?,
-        )
-    } else {
-        None
-    };
-    let started = Instant::now();
-    let started_us = now_micros();
-    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
-    let publishers = if interval.is_some() {
-        1
-    } else {
-        a.publishers.clamp(1, a.messages.max(1))
-    };
-    let publisher = Arc::new(publisher);
-    let pad = Arc::new(pad);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..publishers {
-        let (publisher, pad, next, messages) =
-            (publisher.clone(), pad.clone(), next.clone(), a.messages);
-        workers.push(tokio::spawn(async move {
-            let mut errors = 0usize;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= messages {
-                    break errors;
-                }
-                if let Some(iv) = interval {
-                    tokio::time::sleep_until(tokio::time::Instant::from_std(
-                        started + iv.mul_f64(i as f64),
-                    ))
-                    .await;
-                }
-                if !publisher.publish(now_micros(), &pad).await {
-                    errors += 1;
-                }
-            }
-        }));
+        return Ok(Subscribers {
+            local: None,
+            children: Some(kids),
+            opened,
+            errors,
+        });
     }
-    let mut publish_errors = 0usize;
-    for w in workers {
-        publish_errors += w.await.map_err(|e| format!("publisher: {e}"))?;
-    }
-    let published_secs = started.elapsed().as_secs_f64();
-    let mut parts = Vec::new();
-    if let Some(l) = local {
-        parts.push(l.finish(drain, deadline).await);
-    }
-    if let Some(kids) = children.as_mut() {
-        kids.tell("PUBLISHED");
-        for v in kids
-            .collect("RESULT", deadline + drain + Duration::from_secs(30))
-            .await?
-        {
-            parts.push(serde_json::from_value(v).map_err(|e| format!("child RESULT: {e}"))?);
-        }
-    }
-    let _ = poll_stop.send(true);
-    let stats_poll = match poller {
-        Some(p) => tokio::task::spawn_blocking(move || p.join())
-            .await
-            .map_err(|e| format!("stats poller: {e}"))?
-            .map_err(|_| "stats poller panicked".to_owned())?
-            .to_json(a.poll_stats_ms),
-        None if a.poll_stats_ms > 0 => {
-            eprintln!("tether bench: --poll-stats-ms: Nchan has no stats endpoint, not polled");
-            statspoll::unavailable(a.server.target)
-        }
-        None => serde_json::Value::Null,
-    };
-    let cpu_after = processes_cpu_secs(&a.spread.pid)?;
-    let mem = processes_memory(&a.spread.pid)?;
-    if let Some(kids) = children {
-        kids.finish(Duration::from_secs(10)).await;
-    }
-    let mut hist = Hist::default();
-    let (mut delivered, mut last_us, mut incomplete) = (0u64, 0u64, 0usize);
-    let mut ends = BTreeMap::<String, usize>::new();
-    for p in &parts {
-        delivered += p.delivered;
-        last_us = last_us.max(p.last_us);
-        incomplete += p.incomplete;
-        hist.merge_sparse(&p.hist);
-        for (k, v) in &p.ends {
-            *ends.entry(k.clone()).or_default() += v;
-        }
-    }
-    // From the first publish to the last delivery.
-    let total_secs = if last_us > started_us {
+    let (local, opened, errors) = here().await;
+    Ok(Subscribers {
+        local: Some(local),
+        children: None,
+        opened,
+        errors,
+    })
+}
+
+/// Seconds from the first publish (`started_us` µs since the epoch, `started`) to the
+/// last delivery (`last_us`); the time elapsed when nothing was delivered after it.
+pub(crate) fn secs_to_last_delivery(last_us: u64, started_us: u64, started: Instant) -> f64 {
+    if last_us > started_us {
         (last_us - started_us) as f64 / 1e6
     } else {
         started.elapsed().as_secs_f64()
-    };
-    let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
-    let mut out = json!({
-        "scenario": "fanout",
-        "target": a.server.target,
-        "transport": a.server.transport,
-        "url": url,
-        "api": api,
-        "mode": if interval.is_some() { "paced" } else { "back_to_back" },
-        "rate": a.rate,
-        "publishers": publishers,
-        "subscribers": a.subscribers,
-        "opened": opened,
-        "errors": errors,
-        "messages": a.messages,
-        "bytes": a.bytes,
-        "procs": procs,
-        "sources": a.spread.sources,
-        "publish_errors": publish_errors,
-        "expected_deliveries": opened * a.messages,
-        "deliveries": delivered,
-        "incomplete_receivers": incomplete,
-        "receiver_ends": ends,
-        "publish_secs": published_secs,
-        "total_secs": total_secs,
-        "deliveries_per_sec": delivered as f64 / total_secs,
-        "latency_samples": hist.len(),
-        "latency_ms_p50": hist.percentile_ms(0.50),
-        "latency_ms_p99": hist.percentile_ms(0.99),
-        "latency_ms_p999": hist.percentile_ms(0.999),
-        "latency_ms_max": hist.max_ms(),
-        "server_pid": a.spread.pid.first(),
-        "server_pids": a.spread.pid,
-        "server_cpu_secs": cpu,
-        "server_cpu_us_per_delivery": cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
-        "server_rss_kib": mem.map(|m| m.0),
-        "server_pss_kib": mem.map(|m| m.1),
-    });
-    if !stats_poll.is_null() {
-        out["stats_poll"] = stats_poll;
     }
-    println!("{out}");
-    Ok(())
 }
 
 /// One cycle: connect, read the welcome, subscribe, read `subscribed`, close (Tether);
