@@ -23,6 +23,7 @@ mod bare;
 mod chat;
 mod fanout;
 mod hist;
+mod idle;
 mod lean;
 mod procs;
 mod proxy;
@@ -260,7 +261,7 @@ struct IdleArgs {
 /// Runs a scenario and prints its JSON.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     match args.scenario {
-        Scenario::Idle(a) => idle(a).await,
+        Scenario::Idle(a) => idle::run(a).await,
         Scenario::Fanout(a) => fanout::run(a).await,
         Scenario::Proxy(a) => proxy::run(a).await,
         Scenario::Churn(a) => churn(a).await,
@@ -491,105 +492,6 @@ fn merge_counts(into: &mut BTreeMap<String, usize>, from: &serde_json::Value) {
             *into.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0) as usize;
         }
     }
-}
-
-async fn idle(a: IdleArgs) -> Result<(), String> {
-    check_sources(&a.sources)?;
-    if a.connections == 0 {
-        return Err("need at least one connection".into());
-    }
-    let url = a.url.clone().unwrap_or(default_url(a.target).into());
-    let channel = a.channel.clone().or_else(|| {
-        (a.target == Target::Nchan || a.transport == Transport::Sse).then(|| "idle".into())
-    });
-    let node = node_url(&url, a.child, a.procs)?;
-    let ep = Arc::new(endpoint(a.target, a.transport, node, channel.clone()).await?);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
-    let procs = a.procs.max(1);
-    let (ep_ref, sources, concurrency) = (&ep, &a.sources, a.concurrency);
-    let open = move |idx| {
-        open_all(
-            std::slice::from_ref(ep_ref),
-            idx,
-            "bench",
-            sources,
-            concurrency,
-            4096,
-            0,
-            deadline,
-            |_, c| c,
-        )
-    };
-    if let Some(k) = a.child {
-        let (held, errors) = open(procs::share(k, procs, a.connections)).await;
-        println!("READY {}", json!({"opened": held.len(), "errors": errors}));
-        let mut orders = procs::stdin_lines();
-        while let Some(line) = orders.recv().await {
-            if line.trim() == "CLOSE" {
-                break;
-            }
-        }
-        drop(held);
-        return Ok(());
-    }
-    let before = processes_memory(&a.pid)?;
-    let started = Instant::now();
-    let mut held = Vec::new();
-    let mut children = None;
-    let mut opened = 0;
-    let mut errors = BTreeMap::<String, usize>::new();
-    if procs > 1 {
-        let mut kids = Children::spawn(procs)?;
-        let ready = kids
-            .collect("READY", deadline + Duration::from_secs(10))
-            .await?;
-        for r in &ready {
-            opened += r["opened"].as_u64().unwrap_or(0) as usize;
-            merge_counts(&mut errors, &r["errors"]);
-        }
-        children = Some(kids);
-    } else {
-        let (h, e) = open((0..a.connections).collect()).await;
-        opened = h.len();
-        errors = e;
-        held = h;
-    }
-    let connect_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
-    let after = processes_memory(&a.pid)?;
-    let n = opened as f64;
-    let per = |b: Option<(u64, u64)>, f: fn((u64, u64)) -> u64| -> Option<f64> {
-        let (b, a) = (b?, after?);
-        (n > 0.0).then(|| (f(a) as f64 - f(b) as f64) * 1024.0 / n)
-    };
-    let out = json!({
-        "scenario": "idle",
-        "target": a.target,
-        "transport": a.transport,
-        "url": url,
-        "channel": channel,
-        "requested": a.connections,
-        "opened": opened,
-        "errors": errors,
-        "connect_secs": connect_secs,
-        "procs": procs,
-        "sources": a.sources,
-        "server_pid": a.pid.first(),
-        "server_pids": a.pid,
-        "server_rss_kib_before": before.map(|m| m.0),
-        "server_rss_kib_after": after.map(|m| m.0),
-        "server_pss_kib_before": before.map(|m| m.1),
-        "server_pss_kib_after": after.map(|m| m.1),
-        "rss_bytes_per_connection": per(before, |m| m.0),
-        "pss_bytes_per_connection": per(before, |m| m.1),
-    });
-    println!("{out}");
-    drop(held);
-    if let Some(mut kids) = children {
-        kids.tell("CLOSE");
-        kids.finish(Duration::from_secs(10)).await;
-    }
-    Ok(())
 }
 
 /// What one process's subscribers saw (a child prints it as `RESULT {…}`).
