@@ -21,6 +21,7 @@
 
 mod bare;
 mod chat;
+mod churn;
 mod fanout;
 mod hist;
 mod idle;
@@ -38,7 +39,6 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::watch;
 
 use hist::{Hist, SparseHist};
@@ -264,7 +264,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         Scenario::Idle(a) => idle::run(a).await,
         Scenario::Fanout(a) => fanout::run(a).await,
         Scenario::Proxy(a) => proxy::run(a).await,
-        Scenario::Churn(a) => churn(a).await,
+        Scenario::Churn(a) => churn::run(a).await,
         Scenario::Chat(a) => chat::run(a).await,
         Scenario::BareServer(a) => bare::run(a).await,
     }
@@ -710,124 +710,6 @@ pub(crate) fn secs_to_last_delivery(last_us: u64, started_us: u64, started: Inst
         (last_us - started_us) as f64 / 1e6
     } else {
         started.elapsed().as_secs_f64()
-    }
-}
-
-/// One cycle: connect, read the welcome, subscribe, read `subscribed`, close (Tether);
-/// connect to the channel's URL (which subscribes), close (Nchan).
-async fn churn_cycle(url: &str, i: usize, channel: &str, target: Target) -> Result<(), String> {
-    use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
-    let url = match target {
-        Target::Tether => format!("{url}?client=churn-{i}"),
-        Target::Nchan => format!("{}/{channel}", url.trim_end_matches('/')),
-    };
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .map_err(|e| e.to_string())?;
-    if target == Target::Tether {
-        ws.next()
-            .await
-            .ok_or("no welcome")?
-            .map_err(|e| e.to_string())?;
-        let sub = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
-        ws.send(Message::text(sub))
-            .await
-            .map_err(|e| e.to_string())?;
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.as_str().contains(r#""type":"subscribed""#) => {}
-            other => return Err(format!("no subscribed: {other:?}")),
-        }
-    }
-    ws.close(None).await.map_err(|e| e.to_string())?;
-    while let Some(Ok(_)) = ws.next().await {}
-    Ok(())
-}
-
-async fn churn(a: ChurnArgs) -> Result<(), String> {
-    let url = a.url.clone().unwrap_or(default_url(a.target).into());
-    check_loopback(&url, "ws://").await?;
-    if a.target == Target::Tether {
-        check_loopback(&a.api, "http://").await?;
-    }
-    let until = Instant::now() + Duration::from_secs(a.secs);
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for w in 0..a.workers.max(1) {
-        let (url, channel, target) = (url.clone(), a.channel.clone(), a.target);
-        workers.push(tokio::spawn(async move {
-            let (mut ok, mut failed) = (0usize, 0usize);
-            let mut cycle = Hist::default();
-            let mut i = w;
-            while Instant::now() < until {
-                let t = Instant::now();
-                match churn_cycle(&url, i, &channel, target).await {
-                    Ok(()) => {
-                        ok += 1;
-                        cycle.record(t.elapsed().as_micros() as u64);
-                    }
-                    Err(_) => failed += 1,
-                }
-                i += 1_000_000;
-            }
-            (ok, failed, cycle.sparse())
-        }));
-    }
-    let (mut ok, mut failed) = (0, 0);
-    // How long one whole cycle took (connect to closed), over every worker.
-    let mut cycle = Hist::default();
-    for w in workers {
-        let (o, f, h) = w.await.map_err(|e| e.to_string())?;
-        ok += o;
-        failed += f;
-        cycle.merge_sparse(&h);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    // Tether's registry must return to zero: poll the API for up to 10 s.
-    let mut stats = serde_json::Value::Null;
-    let mut zero = None;
-    if a.target == Target::Tether {
-        let http = reqwest::Client::new();
-        let mut z = false;
-        for _ in 0..100 {
-            stats = http
-                .get(format!("{}/api/stats", a.api))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
-            z = stats["connections"]["ws"] == 0 && stats["clients"] == 0 && stats["tasks"] == 0;
-            if z {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        zero = Some(z);
-    }
-    println!(
-        "{}",
-        json!({
-            "scenario": "churn",
-            "target": a.target,
-            "transport": Transport::Ws,
-            "workers": a.workers,
-            "secs": secs,
-            "cycles": ok,
-            "failed": failed,
-            "cycles_per_sec": ok as f64 / secs,
-            "cycle_ms_p50": cycle.percentile_ms(0.5),
-            "cycle_ms_p99": cycle.percentile_ms(0.99),
-            "cycle_ms_max": cycle.max_ms(),
-            "registry_back_to_zero": zero,
-            "stats_after": stats,
-        })
-    );
-    if zero == Some(false) {
-        Err("the registry did not return to zero".into())
-    } else {
-        Ok(())
     }
 }
 
