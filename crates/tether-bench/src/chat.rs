@@ -33,8 +33,9 @@ use crate::hist::{Hist, SparseHist};
 use crate::lean::{Endpoint, Received};
 use crate::procs::{self, Children};
 use crate::{
-    check_loopback, check_sources, default_url, endpoint, merge_counts, now_micros, open_all,
-    processes_cpu_secs, processes_memory, Publisher, ServerArgs, SpreadArgs,
+    check_loopback, check_sources, default_url, endpoint, now_micros, open_all, open_subscribers,
+    processes_cpu_secs, processes_memory, secs_to_last_delivery, Publisher, ServerArgs, SpreadArgs,
+    Subscribers,
 };
 
 /// `tether bench chat …`.
@@ -456,109 +457,140 @@ async fn publish(a: &ChatArgs, publisher: Publisher, names: Arc<Vec<String>>) ->
     out
 }
 
-/// `tether bench chat`.
-pub async fn run(a: ChatArgs) -> Result<(), String> {
-    check_sources(&a.spread.sources)?;
-    if a.connections == 0 || a.channels == 0 {
-        return Err("need at least one connection and one channel".into());
-    }
-    if a.messages == 0 && !(a.secs > 0.0 && a.secs.is_finite()) {
-        return Err("bound the run: --secs > 0 or --messages > 0".into());
-    }
-    let url = a.url.clone().unwrap_or(default_url(a.server.target).into());
-    // One endpoint per channel (the name is checked once: the others differ only in
-    // their number).
-    let first = endpoint(
-        a.server.target,
-        a.server.transport,
-        &url,
-        Some(channel_name(&a.channel_prefix, 0)),
-    )
-    .await?;
-    let names: Arc<Vec<String>> = Arc::new(
-        (0..a.channels)
-            .map(|k| channel_name(&a.channel_prefix, k))
-            .collect(),
-    );
-    let eps: Vec<Arc<Endpoint>> = names
-        .iter()
-        .map(|n| {
-            Arc::new(Endpoint {
-                channel: Some(n.clone()),
-                ..first.clone()
-            })
-        })
-        .collect();
-    let api = a.server.api_or_default(&first.host);
-    check_loopback(&api, "http://").await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
-    let drain = Duration::from_secs(a.drain_secs);
-    let procs = a.spread.procs.max(1);
-    let buf = a.buf_kib.max(4) * 1024;
-    let (eps_ref, sources, concurrency) = (&eps[..], &a.spread.sources, a.spread.concurrency);
-    let start = move |idx| start_local(eps_ref, idx, sources, concurrency, buf, deadline);
-    if let Some(k) = a.child {
-        let (local, errors) = start(procs::share(k, procs, a.connections)).await;
-        println!(
-            "READY {}",
-            json!({"opened": local.tasks.len(), "errors": errors})
-        );
-        let mut orders = procs::stdin_lines();
-        // `PUBLISHED [accepted per channel]` (or EOF: the parent is gone).
-        let publishing = Duration::from_secs_f64(a.secs.clamp(0.0, 86_400.0));
-        let accepted: Vec<u64> = tokio::time::timeout_at(deadline + publishing, async {
-            while let Some(line) = orders.recv().await {
-                if let Some(v) = line.trim().strip_prefix("PUBLISHED") {
-                    return serde_json::from_str(v.trim()).unwrap_or_default();
-                }
-            }
-            Vec::new()
-        })
-        .await
-        .unwrap_or_default();
-        let expected = expected_deliveries(&accepted, &local.channels());
-        let part = local
-            .finish(expected, drain, tokio::time::Instant::now() + drain * 12)
-            .await;
-        println!(
-            "RESULT {}",
-            serde_json::to_string(&part).map_err(|e| e.to_string())?
-        );
-        return Ok(());
-    }
-    let publisher = Publisher::new(a.server.target, &api, &names[0])?;
-    let mut opened = 0;
-    let mut connect_errors = BTreeMap::<String, usize>::new();
-    let (local, mut children) = if procs > 1 {
-        let mut kids = Children::spawn(procs)?;
-        for r in kids
-            .collect("READY", deadline + Duration::from_secs(10))
-            .await?
-        {
-            opened += r["opened"].as_u64().unwrap_or(0) as usize;
-            merge_counts(&mut connect_errors, &r["errors"]);
+/// Where a `chat` run's subscribers connect (an endpoint per channel) and its
+/// publishes go, and its bounds.
+struct ChatPlan {
+    url: String,
+    api: String,
+    names: Arc<Vec<String>>,
+    eps: Vec<Arc<Endpoint>>,
+    deadline: tokio::time::Instant,
+    drain: Duration,
+    procs: usize,
+    buf: usize,
+}
+
+impl ChatPlan {
+    /// Checks the flags and resolves the endpoints and the API.
+    async fn new(a: &ChatArgs) -> Result<ChatPlan, String> {
+        check_sources(&a.spread.sources)?;
+        if a.connections == 0 || a.channels == 0 {
+            return Err("need at least one connection and one channel".into());
         }
-        (None, Some(kids))
-    } else {
-        let (l, e) = start((0..a.connections).collect()).await;
-        opened = l.tasks.len();
-        connect_errors = e;
-        (Some(l), None)
-    };
-    tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
-    let cpu_before = processes_cpu_secs(&a.spread.pid)?;
-    let started_us = now_micros();
-    let started = Instant::now();
-    let published = publish(&a, publisher, names.clone()).await;
-    // The receivers get until the last delivery plus `drain` of quiet, and at most
-    // 12 × drain (a server that trickles cannot hold the run forever).
+        if a.messages == 0 && !(a.secs > 0.0 && a.secs.is_finite()) {
+            return Err("bound the run: --secs > 0 or --messages > 0".into());
+        }
+        let url = a.url.clone().unwrap_or(default_url(a.server.target).into());
+        // One endpoint per channel (the name is checked once: the others differ only in
+        // their number).
+        let first = endpoint(
+            a.server.target,
+            a.server.transport,
+            &url,
+            Some(channel_name(&a.channel_prefix, 0)),
+        )
+        .await?;
+        let names: Arc<Vec<String>> = Arc::new(
+            (0..a.channels)
+                .map(|k| channel_name(&a.channel_prefix, k))
+                .collect(),
+        );
+        let eps: Vec<Arc<Endpoint>> = names
+            .iter()
+            .map(|n| {
+                Arc::new(Endpoint {
+                    channel: Some(n.clone()),
+                    ..first.clone()
+                })
+            })
+            .collect();
+        let api = a.server.api_or_default(&first.host);
+        check_loopback(&api, "http://").await?;
+        Ok(ChatPlan {
+            url,
+            api,
+            names,
+            eps,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs),
+            drain: Duration::from_secs(a.drain_secs),
+            procs: a.spread.procs.max(1),
+            buf: a.buf_kib.max(4) * 1024,
+        })
+    }
+
+    /// Opens the connections `indices` in this process and starts their receivers.
+    async fn start(
+        &self,
+        a: &ChatArgs,
+        indices: Vec<usize>,
+    ) -> (Local, usize, BTreeMap<String, usize>) {
+        let s = &a.spread;
+        let (local, errors) = start_local(
+            &self.eps,
+            indices,
+            &s.sources,
+            s.concurrency,
+            self.buf,
+            self.deadline,
+        )
+        .await;
+        let opened = local.tasks.len();
+        (local, opened, errors)
+    }
+}
+
+/// Child `k` of `--procs`: opens its share, prints `READY`, waits for
+/// `PUBLISHED [accepted per channel]` (or EOF), drains and prints its `RESULT`.
+async fn chat_child(a: &ChatArgs, plan: &ChatPlan, k: usize) -> Result<(), String> {
+    let (local, opened, errors) = plan
+        .start(a, procs::share(k, plan.procs, a.connections))
+        .await;
+    println!("READY {}", json!({"opened": opened, "errors": errors}));
+    let mut orders = procs::stdin_lines();
+    // `PUBLISHED [accepted per channel]` (or EOF: the parent is gone).
+    let publishing = Duration::from_secs_f64(a.secs.clamp(0.0, 86_400.0));
+    let accepted: Vec<u64> = tokio::time::timeout_at(plan.deadline + publishing, async {
+        while let Some(line) = orders.recv().await {
+            if let Some(v) = line.trim().strip_prefix("PUBLISHED") {
+                return serde_json::from_str(v.trim()).unwrap_or_default();
+            }
+        }
+        Vec::new()
+    })
+    .await
+    .unwrap_or_default();
+    let expected = expected_deliveries(&accepted, &local.channels());
+    let part = local
+        .finish(
+            expected,
+            plan.drain,
+            tokio::time::Instant::now() + plan.drain * 12,
+        )
+        .await;
+    println!(
+        "RESULT {}",
+        serde_json::to_string(&part).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+/// Every process's part once the publishing is over: this one's receivers drained,
+/// or the children told `PUBLISHED [accepted per channel]` and their `RESULT` lines
+/// read. The receivers get until the last delivery plus `drain` of quiet, and at most
+/// 12 × drain (a server that trickles cannot hold the run forever).
+async fn collect_parts(
+    local: Option<Local>,
+    children: Option<&mut Children>,
+    published: &Published,
+    drain: Duration,
+) -> Result<Vec<ChatPart>, String> {
     let drain_deadline = tokio::time::Instant::now() + drain * 12;
     let mut parts = Vec::new();
     if let Some(l) = local {
         let expected = expected_deliveries(&published.accepted, &l.channels());
         parts.push(l.finish(expected, drain, drain_deadline).await);
     }
-    if let Some(kids) = children.as_mut() {
+    if let Some(kids) = children {
         kids.tell(&format!(
             "PUBLISHED {}",
             serde_json::to_string(&published.accepted).map_err(|e| e.to_string())?
@@ -570,28 +602,48 @@ pub async fn run(a: ChatArgs) -> Result<(), String> {
             parts.push(serde_json::from_value(v).map_err(|e| format!("child RESULT: {e}"))?);
         }
     }
+    Ok(parts)
+}
+
+/// `tether bench chat`.
+pub async fn run(a: ChatArgs) -> Result<(), String> {
+    let plan = ChatPlan::new(&a).await?;
+    if let Some(k) = a.child {
+        return chat_child(&a, &plan, k).await;
+    }
+    let publisher = Publisher::new(a.server.target, &plan.api, &plan.names[0])?;
+    let subs = open_subscribers(plan.procs, plan.deadline, || {
+        plan.start(&a, (0..a.connections).collect())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
+    let cpu_before = processes_cpu_secs(&a.spread.pid)?;
+    let started_us = now_micros();
+    let started = Instant::now();
+    let published = publish(&a, publisher, plan.names.clone()).await;
+    let Subscribers {
+        local,
+        mut children,
+        opened,
+        errors: connect_errors,
+    } = subs;
+    let parts = collect_parts(local, children.as_mut(), &published, plan.drain).await?;
     let cpu_after = processes_cpu_secs(&a.spread.pid)?;
     let mem = processes_memory(&a.spread.pid)?;
     if let Some(kids) = children {
         kids.finish(Duration::from_secs(10)).await;
     }
     let (received, hist) = merge_parts(&parts);
-    // From the first publish to the last delivery.
-    let total_secs = if received.last_us > started_us {
-        (received.last_us - started_us) as f64 / 1e6
-    } else {
-        started.elapsed().as_secs_f64()
-    };
     let out = report(&Report {
         args: &a,
-        url: &url,
-        api: &api,
+        url: &plan.url,
+        api: &plan.api,
         opened,
         connect_errors: &connect_errors,
         published: &published,
         received: &received,
         hist: &hist,
-        total_secs,
+        total_secs: secs_to_last_delivery(received.last_us, started_us, started),
         cpu: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
         mem,
     });
