@@ -760,9 +760,18 @@ mod tests {
         assert!((p99 - 99.0).abs() < 1.0, "{p99}");
     }
 
-    #[test]
-    fn report_json() {
-        let a = args(&[
+    /// A run's figures: 10 connections over 2 channels, 9 ready, 10 publishes accepted
+    /// and 2 refused over 2 s, 48 of 50 deliveries over 4 s, latencies 1, 2 and 3 ms.
+    struct Sample {
+        args: ChatArgs,
+        published: Published,
+        hist: Hist,
+        received: ChatPart,
+        connect_errors: BTreeMap<String, usize>,
+    }
+
+    fn sample() -> Sample {
+        let args = args(&[
             "--connections",
             "10",
             "--channels",
@@ -788,19 +797,37 @@ mod tests {
             ends: BTreeMap::new(),
         };
         let connect_errors = BTreeMap::from([("status 503".to_owned(), 1)]);
-        let v = report(&Report {
-            args: &a,
-            url: "ws://127.0.0.1:1/ws",
-            api: "http://127.0.0.1:2",
-            opened: 9,
-            connect_errors: &connect_errors,
-            published: &published,
-            received: &received,
-            hist: &hist,
-            total_secs: 4.0,
-            cpu: Some(0.096),
-            mem: Some((1000, 900)),
-        });
+        Sample {
+            args,
+            published,
+            hist,
+            received,
+            connect_errors,
+        }
+    }
+
+    impl Sample {
+        fn report(&self) -> Report<'_> {
+            Report {
+                args: &self.args,
+                url: "ws://127.0.0.1:1/ws",
+                api: "http://127.0.0.1:2",
+                opened: 9,
+                connect_errors: &self.connect_errors,
+                published: &self.published,
+                received: &self.received,
+                hist: &self.hist,
+                total_secs: 4.0,
+                cpu: Some(0.096),
+                mem: Some((1000, 900)),
+            }
+        }
+    }
+
+    #[test]
+    fn report_json() {
+        let s = sample();
+        let v = report(&s.report());
         assert_eq!(v["scenario"], "chat");
         assert_eq!(v["target"], "tether");
         assert_eq!(v["transport"], "ws");
@@ -828,23 +855,21 @@ mod tests {
         assert_eq!(v["latency_ms_max"], 3.0);
         assert!((v["server_cpu_us_per_delivery"].as_f64().unwrap() - 2000.0).abs() < 1e-6);
         assert_eq!(v["server_pss_kib"], 900);
+    }
+
+    #[test]
+    fn report_without_time_or_cpu_has_no_rates() {
+        let s = sample();
         // No time, no rate (null, not a division by zero).
         let none = report(&Report {
+            url: "",
+            api: "",
+            opened: 0,
             total_secs: 0.0,
             published: &Published::default(),
-            ..Report {
-                args: &a,
-                url: "",
-                api: "",
-                opened: 0,
-                connect_errors: &connect_errors,
-                published: &published,
-                received: &received,
-                hist: &hist,
-                total_secs: 1.0,
-                cpu: None,
-                mem: None,
-            }
+            cpu: None,
+            mem: None,
+            ..s.report()
         });
         assert!(none["deliveries_per_sec"].is_null());
         assert!(none["publishes_per_sec"].is_null());
