@@ -440,7 +440,7 @@ const IDLE: &[Metric] = &[
     ),
 ];
 
-const FANOUT: &[Metric] = &[
+const FANOUT_COUNTS: &[Metric] = &[
     ("subscribers ready", |v| f(v, "opened"), Fmt::Int),
     ("connect errors", |v| count_map(&v["errors"]), Fmt::Int),
     ("publish errors", |v| f(v, "publish_errors"), Fmt::Int),
@@ -455,23 +455,10 @@ const FANOUT: &[Metric] = &[
         |v| f(v, "incomplete_receivers"),
         Fmt::Int,
     ),
-    ("deliveries/s", |v| f(v, "deliveries_per_sec"), Fmt::Int),
-    ("latency p50, ms", |v| f(v, "latency_ms_p50"), Fmt::Num),
-    ("latency p99, ms", |v| f(v, "latency_ms_p99"), Fmt::Num),
-    ("latency p99.9, ms", |v| f(v, "latency_ms_p999"), Fmt::Num),
-    ("latency max, ms", |v| f(v, "latency_ms_max"), Fmt::Num),
-    ("server CPU, s", |v| f(v, "server_cpu_secs"), Fmt::Num),
-    (
-        "server CPU per delivery, µs",
-        |v| f(v, "server_cpu_us_per_delivery"),
-        Fmt::Num,
-    ),
-    (
-        "server PSS after, MiB",
-        |v| f(v, "server_pss_kib").map(|k| k / 1024.0),
-        Fmt::Num,
-    ),
-    // `--poll-stats-ms` (Tether only; rows without figures are left out).
+];
+
+/// `fanout`'s `--poll-stats-ms` rows (Tether only; rows without figures are left out).
+const STATS_POLL: &[Metric] = &[
     (
         "GET /api/stats polls",
         |v| v["stats_poll"]["polls"].as_f64(),
@@ -499,7 +486,7 @@ const FANOUT: &[Metric] = &[
     ),
 ];
 
-const CHAT: &[Metric] = &[
+const CHAT_COUNTS: &[Metric] = &[
     ("connections ready", |v| f(v, "opened"), Fmt::Int),
     (
         "connect errors",
@@ -527,6 +514,11 @@ const CHAT: &[Metric] = &[
         Fmt::Int,
     ),
     ("deliveries", |v| f(v, "deliveries"), Fmt::Int),
+];
+
+/// The delivery rows `fanout` and `chat` share: the rate, the latency, the server's
+/// CPU and memory.
+const DELIVERY: &[Metric] = &[
     ("deliveries/s", |v| f(v, "deliveries_per_sec"), Fmt::Int),
     ("latency p50, ms", |v| f(v, "latency_ms_p50"), Fmt::Num),
     ("latency p99, ms", |v| f(v, "latency_ms_p99"), Fmt::Num),
@@ -544,6 +536,13 @@ const CHAT: &[Metric] = &[
         Fmt::Num,
     ),
 ];
+
+/// A scenario's table: its groups of rows, in order.
+type Table = &'static [&'static [Metric]];
+
+const FANOUT: Table = &[FANOUT_COUNTS, DELIVERY, STATS_POLL];
+
+const CHAT: Table = &[CHAT_COUNTS, DELIVERY];
 
 const CHURN: &[Metric] = &[
     ("cycles/s", |v| f(v, "cycles_per_sec"), Fmt::Int),
@@ -607,14 +606,14 @@ fn cell(vals: &[f64], fmt: Fmt) -> String {
 /// Markdown tables: one per scenario label, a row per metric, Tether and Nchan
 /// side by side (mean over rounds, range in parentheses) and their ratio.
 fn markdown(text: &str) -> String {
-    let mut labels: Vec<(String, &'static [Metric])> = Vec::new();
+    let mut labels: Vec<(String, Table)> = Vec::new();
     let mut runs: BTreeMap<(String, String), Vec<serde_json::Value>> = BTreeMap::new();
     for (label, target, v) in results(text) {
-        let metrics: &'static [Metric] = match v["scenario"].as_str() {
-            Some("idle") => IDLE,
+        let metrics: Table = match v["scenario"].as_str() {
+            Some("idle") => &[IDLE],
             Some("fanout") => FANOUT,
             Some("chat") => CHAT,
-            Some("churn") => CHURN,
+            Some("churn") => &[CHURN],
             _ => continue,
         };
         if !labels.iter().any(|(l, _)| *l == label) {
@@ -634,7 +633,7 @@ fn markdown(text: &str) -> String {
             rounds(nchan),
             if rounds(nchan) == 1 { "" } else { "s" },
         ));
-        for (name, get_v, fmt) in metrics {
+        for (name, get_v, fmt) in metrics.iter().copied().flatten() {
             if *name == "deliveries/s" && label.contains("paced") {
                 continue; // paced: the publish rate sets it
             }
