@@ -33,9 +33,9 @@ use crate::hist::{Hist, SparseHist};
 use crate::lean::{Endpoint, Received};
 use crate::procs::{self, Children};
 use crate::{
-    check_loopback, check_sources, default_url, endpoint, now_micros, open_all, open_subscribers,
-    processes_cpu_secs, processes_memory, secs_to_last_delivery, Publisher, ServerArgs, SpreadArgs,
-    Subscribers,
+    check_sources, default_url, endpoint, now_micros, open_all, open_subscribers,
+    processes_cpu_secs, processes_memory, secs_to_last_delivery, Bounds, Publisher, ServerArgs,
+    SpreadArgs, Subscribers,
 };
 
 /// `tether bench chat …`.
@@ -464,10 +464,7 @@ struct ChatPlan {
     api: String,
     names: Arc<Vec<String>>,
     eps: Vec<Arc<Endpoint>>,
-    deadline: tokio::time::Instant,
-    drain: Duration,
-    procs: usize,
-    buf: usize,
+    bounds: Bounds,
 }
 
 impl ChatPlan {
@@ -504,17 +501,13 @@ impl ChatPlan {
                 })
             })
             .collect();
-        let api = a.server.api_or_default(&first.host);
-        check_loopback(&api, "http://").await?;
+        let api = a.server.api(&first.host).await?;
         Ok(ChatPlan {
             url,
             api,
             names,
             eps,
-            deadline: tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs),
-            drain: Duration::from_secs(a.drain_secs),
-            procs: a.spread.procs.max(1),
-            buf: a.buf_kib.max(4) * 1024,
+            bounds: Bounds::new(a.timeout_secs, a.drain_secs, a.spread.procs, a.buf_kib),
         })
     }
 
@@ -530,8 +523,8 @@ impl ChatPlan {
             indices,
             &s.sources,
             s.concurrency,
-            self.buf,
-            self.deadline,
+            self.bounds.buf,
+            self.bounds.deadline,
         )
         .await;
         let opened = local.tasks.len();
@@ -543,13 +536,13 @@ impl ChatPlan {
 /// `PUBLISHED [accepted per channel]` (or EOF), drains and prints its `RESULT`.
 async fn chat_child(a: &ChatArgs, plan: &ChatPlan, k: usize) -> Result<(), String> {
     let (local, opened, errors) = plan
-        .start(a, procs::share(k, plan.procs, a.connections))
+        .start(a, procs::share(k, plan.bounds.procs, a.connections))
         .await;
     println!("READY {}", json!({"opened": opened, "errors": errors}));
     let mut orders = procs::stdin_lines();
     // `PUBLISHED [accepted per channel]` (or EOF: the parent is gone).
     let publishing = Duration::from_secs_f64(a.secs.clamp(0.0, 86_400.0));
-    let accepted: Vec<u64> = tokio::time::timeout_at(plan.deadline + publishing, async {
+    let accepted: Vec<u64> = tokio::time::timeout_at(plan.bounds.deadline + publishing, async {
         while let Some(line) = orders.recv().await {
             if let Some(v) = line.trim().strip_prefix("PUBLISHED") {
                 return serde_json::from_str(v.trim()).unwrap_or_default();
@@ -563,8 +556,8 @@ async fn chat_child(a: &ChatArgs, plan: &ChatPlan, k: usize) -> Result<(), Strin
     let part = local
         .finish(
             expected,
-            plan.drain,
-            tokio::time::Instant::now() + plan.drain * 12,
+            plan.bounds.drain,
+            tokio::time::Instant::now() + plan.bounds.drain * 12,
         )
         .await;
     println!(
@@ -612,7 +605,7 @@ pub async fn run(a: ChatArgs) -> Result<(), String> {
         return chat_child(&a, &plan, k).await;
     }
     let publisher = Publisher::new(a.server.target, &plan.api, &plan.names[0])?;
-    let subs = open_subscribers(plan.procs, plan.deadline, || {
+    let subs = open_subscribers(plan.bounds.procs, plan.bounds.deadline, || {
         plan.start(&a, (0..a.connections).collect())
     })
     .await?;
@@ -627,7 +620,7 @@ pub async fn run(a: ChatArgs) -> Result<(), String> {
         opened,
         errors: connect_errors,
     } = subs;
-    let parts = collect_parts(local, children.as_mut(), &published, plan.drain).await?;
+    let parts = collect_parts(local, children.as_mut(), &published, plan.bounds.drain).await?;
     let cpu_after = processes_cpu_secs(&a.spread.pid)?;
     let mem = processes_memory(&a.spread.pid)?;
     if let Some(kids) = children {

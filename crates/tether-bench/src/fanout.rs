@@ -14,8 +14,8 @@ use crate::hist::Hist;
 use crate::lean::Endpoint;
 use crate::procs::{self, Children};
 use crate::{
-    check_loopback, check_sources, default_url, endpoint, node_url, now_micros, open_subscribers,
-    processes_cpu_secs, processes_memory, secs_to_last_delivery, start_local, statspoll,
+    check_sources, default_url, endpoint, node_url, now_micros, open_subscribers,
+    processes_cpu_secs, processes_memory, secs_to_last_delivery, start_local, statspoll, Bounds,
     FanoutArgs, Local, Part, Publisher, Subscribers, Target,
 };
 
@@ -24,10 +24,7 @@ struct FanoutPlan {
     url: String,
     api: String,
     ep: Arc<Endpoint>,
-    deadline: tokio::time::Instant,
-    drain: Duration,
-    procs: usize,
-    buf: usize,
+    bounds: Bounds,
 }
 
 impl FanoutPlan {
@@ -44,16 +41,12 @@ impl FanoutPlan {
             )
             .await?,
         );
-        let api = a.server.api_or_default(&ep.host);
-        check_loopback(&api, "http://").await?;
+        let api = a.server.api(&ep.host).await?;
         Ok(FanoutPlan {
             url,
             api,
             ep,
-            deadline: tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs),
-            drain: Duration::from_secs(a.drain_secs),
-            procs: a.spread.procs.max(1),
-            buf: a.buf_kib.max(4) * 1024,
+            bounds: Bounds::new(a.timeout_secs, a.drain_secs, a.spread.procs, a.buf_kib),
         })
     }
 
@@ -69,9 +62,9 @@ impl FanoutPlan {
             indices,
             &s.sources,
             s.concurrency,
-            self.buf,
+            self.bounds.buf,
             a.messages,
-            self.deadline,
+            self.bounds.deadline,
         )
         .await
     }
@@ -81,12 +74,12 @@ impl FanoutPlan {
 /// EOF: the parent is gone), drains and prints its `RESULT`.
 async fn fanout_child(a: &FanoutArgs, plan: &FanoutPlan, k: usize) -> Result<(), String> {
     let (local, opened, errors) = plan
-        .start(a, procs::share(k, plan.procs, a.subscribers))
+        .start(a, procs::share(k, plan.bounds.procs, a.subscribers))
         .await;
     println!("READY {}", json!({"opened": opened, "errors": errors}));
     let mut orders = procs::stdin_lines();
     // PUBLISHED (or EOF: the parent is gone) starts the drain clock.
-    let _ = tokio::time::timeout_at(plan.deadline, async {
+    let _ = tokio::time::timeout_at(plan.bounds.deadline, async {
         while let Some(line) = orders.recv().await {
             if line.trim() == "PUBLISHED" {
                 break;
@@ -94,7 +87,7 @@ async fn fanout_child(a: &FanoutArgs, plan: &FanoutPlan, k: usize) -> Result<(),
         }
     })
     .await;
-    let part = local.finish(plan.drain, plan.deadline).await;
+    let part = local.finish(plan.bounds.drain, plan.bounds.deadline).await;
     println!(
         "RESULT {}",
         serde_json::to_string(&part).map_err(|e| e.to_string())?
@@ -283,7 +276,7 @@ fn fanout_json(a: &FanoutArgs, plan: &FanoutPlan, f: &FanoutFigures) -> serde_js
         "errors": f.errors,
         "messages": a.messages,
         "bytes": a.bytes,
-        "procs": plan.procs,
+        "procs": plan.bounds.procs,
         "sources": a.spread.sources,
         "publish_errors": f.publish_errors,
         "expected_deliveries": f.opened * a.messages,
@@ -314,7 +307,7 @@ pub(crate) async fn run(a: FanoutArgs) -> Result<(), String> {
         return fanout_child(&a, &plan, k).await;
     }
     let publisher = Publisher::new(a.server.target, &plan.api, &a.channel)?;
-    let subs = open_subscribers(plan.procs, plan.deadline, || {
+    let subs = open_subscribers(plan.bounds.procs, plan.bounds.deadline, || {
         plan.start(&a, (0..a.subscribers).collect())
     })
     .await?;
@@ -334,7 +327,13 @@ pub(crate) async fn run(a: FanoutArgs) -> Result<(), String> {
         opened,
         errors,
     } = subs;
-    let parts = collect_parts(local, children.as_mut(), plan.drain, plan.deadline).await?;
+    let parts = collect_parts(
+        local,
+        children.as_mut(),
+        plan.bounds.drain,
+        plan.bounds.deadline,
+    )
+    .await?;
     let _ = poll_stop.send(true);
     let stats_poll = stats_poll_result(&a, poller).await?;
     let cpu_after = processes_cpu_secs(&a.spread.pid)?;

@@ -187,12 +187,37 @@ pub(crate) struct ServerArgs {
 
 impl ServerArgs {
     /// The publish base URL: `--api`, else Tether's default or (Nchan) the
-    /// subscribers' own address `host`.
-    pub(crate) fn api_or_default(&self, host: &str) -> String {
-        match (&self.api, self.target) {
+    /// subscribers' own address `host`; it must be plain http:// on loopback.
+    pub(crate) async fn api(&self, host: &str) -> Result<String, String> {
+        let api = match (&self.api, self.target) {
             (Some(api), _) => api.clone(),
             (None, Target::Tether) => "http://127.0.0.1:7701".into(),
             (None, Target::Nchan) => format!("http://{host}"),
+        };
+        check_loopback(&api, "http://").await?;
+        Ok(api)
+    }
+}
+
+/// The bounds of a run with subscribers (`fanout`, `chat`), from its flags.
+pub(crate) struct Bounds {
+    /// `--timeout-secs` from now.
+    pub(crate) deadline: tokio::time::Instant,
+    /// `--drain-secs`.
+    pub(crate) drain: Duration,
+    /// `--procs`, at least 1.
+    pub(crate) procs: usize,
+    /// `--buf-kib` in bytes, at least 4 KiB.
+    pub(crate) buf: usize,
+}
+
+impl Bounds {
+    pub(crate) fn new(timeout_secs: u64, drain_secs: u64, procs: usize, buf_kib: usize) -> Bounds {
+        Bounds {
+            deadline: tokio::time::Instant::now() + Duration::from_secs(timeout_secs),
+            drain: Duration::from_secs(drain_secs),
+            procs: procs.max(1),
+            buf: buf_kib.max(4) * 1024,
         }
     }
 }
@@ -342,6 +367,11 @@ async fn check_loopback(url: &str, scheme: &str) -> Result<SocketAddr, String> {
         .strip_prefix(scheme)
         .ok_or(format!("only {scheme} URLs"))?;
     let authority = rest.split('/').next().unwrap_or(rest);
+    loopback_addr(authority).await
+}
+
+/// The first address of `authority` (`host:port`), which must be on loopback.
+async fn loopback_addr(authority: &str) -> Result<SocketAddr, String> {
     let addr = tokio::net::lookup_host(authority)
         .await
         .map_err(|e| format!("{authority}: {e}"))?
@@ -395,14 +425,7 @@ async fn endpoint(
     channel: Option<String>,
 ) -> Result<Endpoint, String> {
     let (scheme, authority, path) = split_url(url)?;
-    let addr = tokio::net::lookup_host(authority)
-        .await
-        .map_err(|e| format!("{authority}: {e}"))?
-        .next()
-        .ok_or("no address")?;
-    if !addr.ip().is_loopback() {
-        return Err("the target must be on loopback".into());
-    }
+    let addr = loopback_addr(authority).await?;
     let path = match (target, transport) {
         (Target::Tether, Transport::Ws) if path.is_empty() => "/ws",
         (Target::Tether, Transport::Sse) if scheme == "ws" || path.is_empty() => "/sse",
