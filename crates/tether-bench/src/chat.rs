@@ -33,8 +33,9 @@ use crate::hist::{Hist, SparseHist};
 use crate::lean::{Endpoint, Received};
 use crate::procs::{self, Children};
 use crate::{
-    check_loopback, check_sources, default_url, endpoint, merge_counts, now_micros, open_all,
-    processes_cpu_secs, processes_memory, Publisher, Target, Transport,
+    check_sources, default_url, endpoint, now_micros, open_all, open_subscribers,
+    processes_cpu_secs, processes_memory, secs_to_last_delivery, Bounds, Publisher, ServerArgs,
+    SpreadArgs, Subscribers,
 };
 
 /// `tether bench chat …`.
@@ -44,16 +45,8 @@ pub struct ChatArgs {
     /// ws://127.0.0.1:80/sub]; as for `fanout` (Nchan: `{url}/{channel}`).
     #[arg(long)]
     url: Option<String>,
-    /// Publish base URL: Tether `{api}/api/publish` [default http://127.0.0.1:7701],
-    /// Nchan `{api}/pub/{channel}` [default: the url's address].
-    #[arg(long)]
-    api: Option<String>,
-    /// The server under test.
-    #[arg(long, value_enum, default_value_t = Target::Tether)]
-    target: Target,
-    /// Subscriber transport.
-    #[arg(long, value_enum, default_value_t = Transport::Ws)]
-    transport: Transport,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Connections (subscribers), connection i on channel i % channels.
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
@@ -83,18 +76,8 @@ pub struct ChatArgs {
     /// Seed of the publishers' channel picks (publisher w uses seed + w).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// The server's PIDs (comma-separated), for their summed CPU time and memory.
-    #[arg(long, value_delimiter = ',')]
-    pid: Vec<u32>,
-    /// Source addresses (comma-separated, loopback only).
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
-    sources: Vec<IpAddr>,
-    /// Subscriber processes (children of this one; only this one publishes).
-    #[arg(long, default_value_t = 1)]
-    procs: usize,
-    /// Connects in flight at once (per process).
-    #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    #[command(flatten)]
+    spread: SpreadArgs,
     /// Pause between every subscriber being ready and the first publish, ms.
     #[arg(long, default_value_t = 200)]
     settle_ms: u64,
@@ -254,8 +237,8 @@ pub fn report(r: &Report<'_>) -> Value {
     let connect_errors: usize = r.connect_errors.values().sum();
     json!({
         "scenario": "chat",
-        "target": a.target,
-        "transport": a.transport,
+        "target": a.server.target,
+        "transport": a.server.transport,
         "url": r.url,
         "api": r.api,
         "connections": a.connections,
@@ -266,8 +249,8 @@ pub fn report(r: &Report<'_>) -> Value {
         "secs": a.secs,
         "messages": a.messages,
         "bytes": a.bytes,
-        "procs": a.procs.max(1),
-        "sources": a.sources,
+        "procs": a.spread.procs.max(1),
+        "sources": a.spread.sources,
         "errors": {
             "connect": connect_errors,
             "publish": r.published.errors_total(),
@@ -289,7 +272,7 @@ pub fn report(r: &Report<'_>) -> Value {
         "latency_ms_p99": r.hist.percentile_ms(0.99),
         "latency_ms_p999": r.hist.percentile_ms(0.999),
         "latency_ms_max": r.hist.max_ms(),
-        "server_pids": a.pid,
+        "server_pids": a.spread.pid,
         "server_cpu_secs": r.cpu,
         "server_cpu_us_per_delivery": r.cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
         "server_rss_kib": r.mem.map(|m| m.0),
@@ -474,113 +457,133 @@ async fn publish(a: &ChatArgs, publisher: Publisher, names: Arc<Vec<String>>) ->
     out
 }
 
-/// `tether bench chat`.
-pub async fn run(a: ChatArgs) -> Result<(), String> {
-    check_sources(&a.sources)?;
-    if a.connections == 0 || a.channels == 0 {
-        return Err("need at least one connection and one channel".into());
-    }
-    if a.messages == 0 && !(a.secs > 0.0 && a.secs.is_finite()) {
-        return Err("bound the run: --secs > 0 or --messages > 0".into());
-    }
-    let url = a.url.clone().unwrap_or(default_url(a.target).into());
-    // One endpoint per channel (the name is checked once: the others differ only in
-    // their number).
-    let first = endpoint(
-        a.target,
-        a.transport,
-        &url,
-        Some(channel_name(&a.channel_prefix, 0)),
-    )
-    .await?;
-    let names: Arc<Vec<String>> = Arc::new(
-        (0..a.channels)
-            .map(|k| channel_name(&a.channel_prefix, k))
-            .collect(),
-    );
-    let eps: Vec<Arc<Endpoint>> = names
-        .iter()
-        .map(|n| {
-            Arc::new(Endpoint {
-                channel: Some(n.clone()),
-                ..first.clone()
-            })
-        })
-        .collect();
-    let api = match (&a.api, a.target) {
-        (Some(api), _) => api.clone(),
-        (None, Target::Tether) => "http://127.0.0.1:7701".into(),
-        (None, Target::Nchan) => format!("http://{}", first.host),
-    };
-    check_loopback(&api, "http://").await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
-    let drain = Duration::from_secs(a.drain_secs);
-    let procs = a.procs.max(1);
-    let buf = a.buf_kib.max(4) * 1024;
-    let (eps_ref, sources, concurrency) = (&eps[..], &a.sources, a.concurrency);
-    let start = move |idx| start_local(eps_ref, idx, sources, concurrency, buf, deadline);
-    if let Some(k) = a.child {
-        let (local, errors) = start(procs::share(k, procs, a.connections)).await;
-        println!(
-            "READY {}",
-            json!({"opened": local.tasks.len(), "errors": errors})
-        );
-        let mut orders = procs::stdin_lines();
-        // `PUBLISHED [accepted per channel]` (or EOF: the parent is gone).
-        let publishing = Duration::from_secs_f64(a.secs.clamp(0.0, 86_400.0));
-        let accepted: Vec<u64> = tokio::time::timeout_at(deadline + publishing, async {
-            while let Some(line) = orders.recv().await {
-                if let Some(v) = line.trim().strip_prefix("PUBLISHED") {
-                    return serde_json::from_str(v.trim()).unwrap_or_default();
-                }
-            }
-            Vec::new()
-        })
-        .await
-        .unwrap_or_default();
-        let expected = expected_deliveries(&accepted, &local.channels());
-        let part = local
-            .finish(expected, drain, tokio::time::Instant::now() + drain * 12)
-            .await;
-        println!(
-            "RESULT {}",
-            serde_json::to_string(&part).map_err(|e| e.to_string())?
-        );
-        return Ok(());
-    }
-    let publisher = Publisher::new(a.target, &api, &names[0])?;
-    let mut opened = 0;
-    let mut connect_errors = BTreeMap::<String, usize>::new();
-    let (local, mut children) = if procs > 1 {
-        let mut kids = Children::spawn(procs)?;
-        for r in kids
-            .collect("READY", deadline + Duration::from_secs(10))
-            .await?
-        {
-            opened += r["opened"].as_u64().unwrap_or(0) as usize;
-            merge_counts(&mut connect_errors, &r["errors"]);
+/// Where a `chat` run's subscribers connect (an endpoint per channel) and its
+/// publishes go, and its bounds.
+struct ChatPlan {
+    url: String,
+    api: String,
+    names: Arc<Vec<String>>,
+    eps: Vec<Arc<Endpoint>>,
+    bounds: Bounds,
+}
+
+impl ChatPlan {
+    /// Checks the flags and resolves the endpoints and the API.
+    async fn new(a: &ChatArgs) -> Result<ChatPlan, String> {
+        check_sources(&a.spread.sources)?;
+        if a.connections == 0 || a.channels == 0 {
+            return Err("need at least one connection and one channel".into());
         }
-        (None, Some(kids))
-    } else {
-        let (l, e) = start((0..a.connections).collect()).await;
-        opened = l.tasks.len();
-        connect_errors = e;
-        (Some(l), None)
-    };
-    tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
-    let cpu_before = processes_cpu_secs(&a.pid)?;
-    let started_us = now_micros();
-    let started = Instant::now();
-    let published = publish(&a, publisher, names.clone()).await;
-    // The receivers get until the last delivery plus `drain` of quiet, and at most
-    // 12 × drain (a server that trickles cannot hold the run forever).
+        if a.messages == 0 && !(a.secs > 0.0 && a.secs.is_finite()) {
+            return Err("bound the run: --secs > 0 or --messages > 0".into());
+        }
+        let url = a.url.clone().unwrap_or(default_url(a.server.target).into());
+        // One endpoint per channel (the name is checked once: the others differ only in
+        // their number).
+        let first = endpoint(
+            a.server.target,
+            a.server.transport,
+            &url,
+            Some(channel_name(&a.channel_prefix, 0)),
+        )
+        .await?;
+        let names: Arc<Vec<String>> = Arc::new(
+            (0..a.channels)
+                .map(|k| channel_name(&a.channel_prefix, k))
+                .collect(),
+        );
+        let eps: Vec<Arc<Endpoint>> = names
+            .iter()
+            .map(|n| {
+                Arc::new(Endpoint {
+                    channel: Some(n.clone()),
+                    ..first.clone()
+                })
+            })
+            .collect();
+        let api = a.server.api(&first.host).await?;
+        Ok(ChatPlan {
+            url,
+            api,
+            names,
+            eps,
+            bounds: Bounds::new(a.timeout_secs, a.drain_secs, a.spread.procs, a.buf_kib),
+        })
+    }
+
+    /// Opens the connections `indices` in this process and starts their receivers.
+    async fn start(
+        &self,
+        a: &ChatArgs,
+        indices: Vec<usize>,
+    ) -> (Local, usize, BTreeMap<String, usize>) {
+        let s = &a.spread;
+        let (local, errors) = start_local(
+            &self.eps,
+            indices,
+            &s.sources,
+            s.concurrency,
+            self.bounds.buf,
+            self.bounds.deadline,
+        )
+        .await;
+        let opened = local.tasks.len();
+        (local, opened, errors)
+    }
+}
+
+/// Child `k` of `--procs`: opens its share, prints `READY`, waits for
+/// `PUBLISHED [accepted per channel]` (or EOF), drains and prints its `RESULT`.
+async fn chat_child(a: &ChatArgs, plan: &ChatPlan, k: usize) -> Result<(), String> {
+    let (local, opened, errors) = plan
+        .start(a, procs::share(k, plan.bounds.procs, a.connections))
+        .await;
+    println!("READY {}", json!({"opened": opened, "errors": errors}));
+    let mut orders = procs::stdin_lines();
+    // `PUBLISHED [accepted per channel]` (or EOF: the parent is gone).
+    let publishing = Duration::from_secs_f64(a.secs.clamp(0.0, 86_400.0));
+    let accepted: Vec<u64> = tokio::time::timeout_at(plan.bounds.deadline + publishing, async {
+        while let Some(line) = orders.recv().await {
+            if let Some(v) = line.trim().strip_prefix("PUBLISHED") {
+                return serde_json::from_str(v.trim()).unwrap_or_default();
+            }
+        }
+        Vec::new()
+    })
+    .await
+    .unwrap_or_default();
+    let expected = expected_deliveries(&accepted, &local.channels());
+    let part = local
+        .finish(
+            expected,
+            plan.bounds.drain,
+            tokio::time::Instant::now() + plan.bounds.drain * 12,
+        )
+        .await;
+    println!(
+        "RESULT {}",
+        serde_json::to_string(&part).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+/// Every process's part once the publishing is over: this one's receivers drained,
+/// or the children told `PUBLISHED [accepted per channel]` and their `RESULT` lines
+/// read. The receivers get until the last delivery plus `drain` of quiet, and at most
+/// 12 × drain (a server that trickles cannot hold the run forever).
+async fn collect_parts(
+    local: Option<Local>,
+    children: Option<&mut Children>,
+    published: &Published,
+    drain: Duration,
+) -> Result<Vec<ChatPart>, String> {
     let drain_deadline = tokio::time::Instant::now() + drain * 12;
     let mut parts = Vec::new();
     if let Some(l) = local {
         let expected = expected_deliveries(&published.accepted, &l.channels());
         parts.push(l.finish(expected, drain, drain_deadline).await);
     }
-    if let Some(kids) = children.as_mut() {
+    if let Some(kids) = children {
         kids.tell(&format!(
             "PUBLISHED {}",
             serde_json::to_string(&published.accepted).map_err(|e| e.to_string())?
@@ -592,28 +595,48 @@ pub async fn run(a: ChatArgs) -> Result<(), String> {
             parts.push(serde_json::from_value(v).map_err(|e| format!("child RESULT: {e}"))?);
         }
     }
-    let cpu_after = processes_cpu_secs(&a.pid)?;
-    let mem = processes_memory(&a.pid)?;
+    Ok(parts)
+}
+
+/// `tether bench chat`.
+pub async fn run(a: ChatArgs) -> Result<(), String> {
+    let plan = ChatPlan::new(&a).await?;
+    if let Some(k) = a.child {
+        return chat_child(&a, &plan, k).await;
+    }
+    let publisher = Publisher::new(a.server.target, &plan.api, &plan.names[0])?;
+    let subs = open_subscribers(plan.bounds.procs, plan.bounds.deadline, || {
+        plan.start(&a, (0..a.connections).collect())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
+    let cpu_before = processes_cpu_secs(&a.spread.pid)?;
+    let started_us = now_micros();
+    let started = Instant::now();
+    let published = publish(&a, publisher, plan.names.clone()).await;
+    let Subscribers {
+        local,
+        mut children,
+        opened,
+        errors: connect_errors,
+    } = subs;
+    let parts = collect_parts(local, children.as_mut(), &published, plan.bounds.drain).await?;
+    let cpu_after = processes_cpu_secs(&a.spread.pid)?;
+    let mem = processes_memory(&a.spread.pid)?;
     if let Some(kids) = children {
         kids.finish(Duration::from_secs(10)).await;
     }
     let (received, hist) = merge_parts(&parts);
-    // From the first publish to the last delivery.
-    let total_secs = if received.last_us > started_us {
-        (received.last_us - started_us) as f64 / 1e6
-    } else {
-        started.elapsed().as_secs_f64()
-    };
     let out = report(&Report {
         args: &a,
-        url: &url,
-        api: &api,
+        url: &plan.url,
+        api: &plan.api,
         opened,
         connect_errors: &connect_errors,
         published: &published,
         received: &received,
         hist: &hist,
-        total_secs,
+        total_secs: secs_to_last_delivery(received.last_us, started_us, started),
         cpu: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
         mem,
     });
@@ -645,7 +668,7 @@ mod tests {
             (a.connections, a.channels, a.publishers, a.secs),
             (10_000, 2_000, 8, 10.0)
         );
-        assert_eq!(a.target, Target::Tether);
+        assert_eq!(a.server.target, crate::Target::Tether);
         assert_eq!(channel_name(&a.channel_prefix, 17), "chat_17");
         // Rooms of five: every channel gets connections / channels subscribers.
         let mut per = vec![0usize; a.channels];
@@ -730,9 +753,18 @@ mod tests {
         assert!((p99 - 99.0).abs() < 1.0, "{p99}");
     }
 
-    #[test]
-    fn report_json() {
-        let a = args(&[
+    /// A run's figures: 10 connections over 2 channels, 9 ready, 10 publishes accepted
+    /// and 2 refused over 2 s, 48 of 50 deliveries over 4 s, latencies 1, 2 and 3 ms.
+    struct Sample {
+        args: ChatArgs,
+        published: Published,
+        hist: Hist,
+        received: ChatPart,
+        connect_errors: BTreeMap<String, usize>,
+    }
+
+    fn sample() -> Sample {
+        let args = args(&[
             "--connections",
             "10",
             "--channels",
@@ -758,19 +790,37 @@ mod tests {
             ends: BTreeMap::new(),
         };
         let connect_errors = BTreeMap::from([("status 503".to_owned(), 1)]);
-        let v = report(&Report {
-            args: &a,
-            url: "ws://127.0.0.1:1/ws",
-            api: "http://127.0.0.1:2",
-            opened: 9,
-            connect_errors: &connect_errors,
-            published: &published,
-            received: &received,
-            hist: &hist,
-            total_secs: 4.0,
-            cpu: Some(0.096),
-            mem: Some((1000, 900)),
-        });
+        Sample {
+            args,
+            published,
+            hist,
+            received,
+            connect_errors,
+        }
+    }
+
+    impl Sample {
+        fn report(&self) -> Report<'_> {
+            Report {
+                args: &self.args,
+                url: "ws://127.0.0.1:1/ws",
+                api: "http://127.0.0.1:2",
+                opened: 9,
+                connect_errors: &self.connect_errors,
+                published: &self.published,
+                received: &self.received,
+                hist: &self.hist,
+                total_secs: 4.0,
+                cpu: Some(0.096),
+                mem: Some((1000, 900)),
+            }
+        }
+    }
+
+    #[test]
+    fn report_json() {
+        let s = sample();
+        let v = report(&s.report());
         assert_eq!(v["scenario"], "chat");
         assert_eq!(v["target"], "tether");
         assert_eq!(v["transport"], "ws");
@@ -798,23 +848,21 @@ mod tests {
         assert_eq!(v["latency_ms_max"], 3.0);
         assert!((v["server_cpu_us_per_delivery"].as_f64().unwrap() - 2000.0).abs() < 1e-6);
         assert_eq!(v["server_pss_kib"], 900);
+    }
+
+    #[test]
+    fn report_without_time_or_cpu_has_no_rates() {
+        let s = sample();
         // No time, no rate (null, not a division by zero).
         let none = report(&Report {
+            url: "",
+            api: "",
+            opened: 0,
             total_secs: 0.0,
             published: &Published::default(),
-            ..Report {
-                args: &a,
-                url: "",
-                api: "",
-                opened: 0,
-                connect_errors: &connect_errors,
-                published: &published,
-                received: &received,
-                hist: &hist,
-                total_secs: 1.0,
-                cpu: None,
-                mem: None,
-            }
+            cpu: None,
+            mem: None,
+            ..s.report()
         });
         assert!(none["deliveries_per_sec"].is_null());
         assert!(none["publishes_per_sec"].is_null());

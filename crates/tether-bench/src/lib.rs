@@ -21,7 +21,10 @@
 
 mod bare;
 mod chat;
+mod churn;
+mod fanout;
 mod hist;
+mod idle;
 mod lean;
 mod procs;
 mod proxy;
@@ -36,7 +39,6 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::watch;
 
 use hist::{Hist, SparseHist};
@@ -122,16 +124,8 @@ struct FanoutArgs {
     /// round-robin (`--procs` a multiple of their number).
     #[arg(long)]
     url: Option<String>,
-    /// Publish base URL: Tether `{api}/api/publish` [default http://127.0.0.1:7701],
-    /// Nchan `{api}/pub/{channel}` [default: the url's address].
-    #[arg(long)]
-    api: Option<String>,
-    /// The server under test.
-    #[arg(long, value_enum, default_value_t = Target::Tether)]
-    target: Target,
-    /// Subscriber transport.
-    #[arg(long, value_enum, default_value_t = Transport::Ws)]
-    transport: Transport,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Subscribers.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
@@ -151,18 +145,8 @@ struct FanoutArgs {
     /// Channel name.
     #[arg(long, default_value = "bench")]
     channel: String,
-    /// The server's PIDs (comma-separated), for their summed CPU time and memory.
-    #[arg(long, value_delimiter = ',')]
-    pid: Vec<u32>,
-    /// Source addresses (comma-separated, loopback only).
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
-    sources: Vec<IpAddr>,
-    /// Subscriber processes (children of this one; only this one publishes).
-    #[arg(long, default_value_t = 1)]
-    procs: usize,
-    /// Connects in flight at once (per process).
-    #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    #[command(flatten)]
+    spread: SpreadArgs,
     /// Pause between every subscriber being ready and the first publish.
     #[arg(long, default_value_t = 200)]
     settle_ms: u64,
@@ -183,6 +167,77 @@ struct FanoutArgs {
     /// Internal: this process is child K of `--procs`.
     #[arg(long, hide = true)]
     child: Option<usize>,
+}
+
+/// The server side of `fanout` and `chat` (the same flags in both): where to publish,
+/// which server, how subscribers connect.
+#[derive(Args, Debug)]
+pub(crate) struct ServerArgs {
+    /// Publish base URL: Tether `{api}/api/publish` [default http://127.0.0.1:7701],
+    /// Nchan `{api}/pub/{channel}` [default: the url's address].
+    #[arg(long)]
+    pub(crate) api: Option<String>,
+    /// The server under test.
+    #[arg(long, value_enum, default_value_t = Target::Tether)]
+    pub(crate) target: Target,
+    /// Subscriber transport.
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub(crate) transport: Transport,
+}
+
+impl ServerArgs {
+    /// The publish base URL: `--api`, else Tether's default or (Nchan) the
+    /// subscribers' own address `host`; it must be plain http:// on loopback.
+    pub(crate) async fn api(&self, host: &str) -> Result<String, String> {
+        let api = match (&self.api, self.target) {
+            (Some(api), _) => api.clone(),
+            (None, Target::Tether) => "http://127.0.0.1:7701".into(),
+            (None, Target::Nchan) => format!("http://{host}"),
+        };
+        check_loopback(&api, "http://").await?;
+        Ok(api)
+    }
+}
+
+/// The bounds of a run with subscribers (`fanout`, `chat`), from its flags.
+pub(crate) struct Bounds {
+    /// `--timeout-secs` from now.
+    pub(crate) deadline: tokio::time::Instant,
+    /// `--drain-secs`.
+    pub(crate) drain: Duration,
+    /// `--procs`, at least 1.
+    pub(crate) procs: usize,
+    /// `--buf-kib` in bytes, at least 4 KiB.
+    pub(crate) buf: usize,
+}
+
+impl Bounds {
+    pub(crate) fn new(timeout_secs: u64, drain_secs: u64, procs: usize, buf_kib: usize) -> Bounds {
+        Bounds {
+            deadline: tokio::time::Instant::now() + Duration::from_secs(timeout_secs),
+            drain: Duration::from_secs(drain_secs),
+            procs: procs.max(1),
+            buf: buf_kib.max(4) * 1024,
+        }
+    }
+}
+
+/// The subscriber processes of `fanout` and `chat` (the same flags in both), and the
+/// server's processes measured.
+#[derive(Args, Debug)]
+pub(crate) struct SpreadArgs {
+    /// The server's PIDs (comma-separated), for their summed CPU time and memory.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) pid: Vec<u32>,
+    /// Source addresses (comma-separated, loopback only).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    pub(crate) sources: Vec<IpAddr>,
+    /// Subscriber processes (children of this one; only this one publishes).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) procs: usize,
+    /// Connects in flight at once (per process).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) concurrency: usize,
 }
 
 #[derive(Args, Debug)]
@@ -231,10 +286,10 @@ struct IdleArgs {
 /// Runs a scenario and prints its JSON.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     match args.scenario {
-        Scenario::Idle(a) => idle(a).await,
-        Scenario::Fanout(a) => fanout(a).await,
+        Scenario::Idle(a) => idle::run(a).await,
+        Scenario::Fanout(a) => fanout::run(a).await,
         Scenario::Proxy(a) => proxy::run(a).await,
-        Scenario::Churn(a) => churn(a).await,
+        Scenario::Churn(a) => churn::run(a).await,
         Scenario::Chat(a) => chat::run(a).await,
         Scenario::BareServer(a) => bare::run(a).await,
     }
@@ -312,6 +367,11 @@ async fn check_loopback(url: &str, scheme: &str) -> Result<SocketAddr, String> {
         .strip_prefix(scheme)
         .ok_or(format!("only {scheme} URLs"))?;
     let authority = rest.split('/').next().unwrap_or(rest);
+    loopback_addr(authority).await
+}
+
+/// The first address of `authority` (`host:port`), which must be on loopback.
+async fn loopback_addr(authority: &str) -> Result<SocketAddr, String> {
     let addr = tokio::net::lookup_host(authority)
         .await
         .map_err(|e| format!("{authority}: {e}"))?
@@ -365,14 +425,7 @@ async fn endpoint(
     channel: Option<String>,
 ) -> Result<Endpoint, String> {
     let (scheme, authority, path) = split_url(url)?;
-    let addr = tokio::net::lookup_host(authority)
-        .await
-        .map_err(|e| format!("{authority}: {e}"))?
-        .next()
-        .ok_or("no address")?;
-    if !addr.ip().is_loopback() {
-        return Err("the target must be on loopback".into());
-    }
+    let addr = loopback_addr(authority).await?;
     let path = match (target, transport) {
         (Target::Tether, Transport::Ws) if path.is_empty() => "/ws",
         (Target::Tether, Transport::Sse) if scheme == "ws" || path.is_empty() => "/sse",
@@ -462,105 +515,6 @@ fn merge_counts(into: &mut BTreeMap<String, usize>, from: &serde_json::Value) {
             *into.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0) as usize;
         }
     }
-}
-
-async fn idle(a: IdleArgs) -> Result<(), String> {
-    check_sources(&a.sources)?;
-    if a.connections == 0 {
-        return Err("need at least one connection".into());
-    }
-    let url = a.url.clone().unwrap_or(default_url(a.target).into());
-    let channel = a.channel.clone().or_else(|| {
-        (a.target == Target::Nchan || a.transport == Transport::Sse).then(|| "idle".into())
-    });
-    let node = node_url(&url, a.child, a.procs)?;
-    let ep = Arc::new(endpoint(a.target, a.transport, node, channel.clone()).await?);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
-    let procs = a.procs.max(1);
-    let (ep_ref, sources, concurrency) = (&ep, &a.sources, a.concurrency);
-    let open = move |idx| {
-        open_all(
-            std::slice::from_ref(ep_ref),
-            idx,
-            "bench",
-            sources,
-            concurrency,
-            4096,
-            0,
-            deadline,
-            |_, c| c,
-        )
-    };
-    if let Some(k) = a.child {
-        let (held, errors) = open(procs::share(k, procs, a.connections)).await;
-        println!("READY {}", json!({"opened": held.len(), "errors": errors}));
-        let mut orders = procs::stdin_lines();
-        while let Some(line) = orders.recv().await {
-            if line.trim() == "CLOSE" {
-                break;
-            }
-        }
-        drop(held);
-        return Ok(());
-    }
-    let before = processes_memory(&a.pid)?;
-    let started = Instant::now();
-    let mut held = Vec::new();
-    let mut children = None;
-    let mut opened = 0;
-    let mut errors = BTreeMap::<String, usize>::new();
-    if procs > 1 {
-        let mut kids = Children::spawn(procs)?;
-        let ready = kids
-            .collect("READY", deadline + Duration::from_secs(10))
-            .await?;
-        for r in &ready {
-            opened += r["opened"].as_u64().unwrap_or(0) as usize;
-            merge_counts(&mut errors, &r["errors"]);
-        }
-        children = Some(kids);
-    } else {
-        let (h, e) = open((0..a.connections).collect()).await;
-        opened = h.len();
-        errors = e;
-        held = h;
-    }
-    let connect_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
-    let after = processes_memory(&a.pid)?;
-    let n = opened as f64;
-    let per = |b: Option<(u64, u64)>, f: fn((u64, u64)) -> u64| -> Option<f64> {
-        let (b, a) = (b?, after?);
-        (n > 0.0).then(|| (f(a) as f64 - f(b) as f64) * 1024.0 / n)
-    };
-    let out = json!({
-        "scenario": "idle",
-        "target": a.target,
-        "transport": a.transport,
-        "url": url,
-        "channel": channel,
-        "requested": a.connections,
-        "opened": opened,
-        "errors": errors,
-        "connect_secs": connect_secs,
-        "procs": procs,
-        "sources": a.sources,
-        "server_pid": a.pid.first(),
-        "server_pids": a.pid,
-        "server_rss_kib_before": before.map(|m| m.0),
-        "server_rss_kib_after": after.map(|m| m.0),
-        "server_pss_kib_before": before.map(|m| m.1),
-        "server_pss_kib_after": after.map(|m| m.1),
-        "rss_bytes_per_connection": per(before, |m| m.0),
-        "pss_bytes_per_connection": per(before, |m| m.1),
-    });
-    println!("{out}");
-    drop(held);
-    if let Some(mut kids) = children {
-        kids.tell("CLOSE");
-        kids.finish(Duration::from_secs(10)).await;
-    }
-    Ok(())
 }
 
 /// What one process's subscribers saw (a child prints it as `RESULT {…}`).
@@ -723,55 +677,32 @@ impl Publisher {
     }
 }
 
-async fn fanout(a: FanoutArgs) -> Result<(), String> {
-    check_sources(&a.sources)?;
-    let url = a.url.clone().unwrap_or(default_url(a.target).into());
-    let ep = Arc::new(
-        endpoint(
-            a.target,
-            a.transport,
-            node_url(&url, a.child, a.procs)?,
-            Some(a.channel.clone()),
-        )
-        .await?,
-    );
-    let api = match (&a.api, a.target) {
-        (Some(api), _) => api.clone(),
-        (None, Target::Tether) => "http://127.0.0.1:7701".into(),
-        (None, Target::Nchan) => format!("http://{}", ep.host),
-    };
-    check_loopback(&api, "http://").await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
-    let drain = Duration::from_secs(a.drain_secs);
-    let procs = a.procs.max(1);
-    let buf = a.buf_kib.max(4) * 1024;
-    let (ep_ref, sources, concurrency, messages) = (&ep, &a.sources, a.concurrency, a.messages);
-    let start = move |idx| start_local(ep_ref, idx, sources, concurrency, buf, messages, deadline);
-    if let Some(k) = a.child {
-        let (local, opened, errors) = start(procs::share(k, procs, a.subscribers)).await;
-        println!("READY {}", json!({"opened": opened, "errors": errors}));
-        let mut orders = procs::stdin_lines();
-        // PUBLISHED (or EOF: the parent is gone) starts the drain clock.
-        let _ = tokio::time::timeout_at(deadline, async {
-            while let Some(line) = orders.recv().await {
-                if line.trim() == "PUBLISHED" {
-                    break;
-                }
-            }
-        })
-        .await;
-        let part = local.finish(drain, deadline).await;
-        println!(
-            "RESULT {}",
-            serde_json::to_string(&part).map_err(|e| e.to_string())?
-        );
-        return Ok(());
-    }
-    let publisher = Publisher::new(a.target, &api, &a.channel)?;
-    let mut opened = 0;
-    let mut errors = BTreeMap::<String, usize>::new();
-    let (local, mut children) = if procs > 1 {
+/// The subscribers of a parent process: in `--procs` children or in this process.
+pub(crate) struct Subscribers<L> {
+    /// This process's, with one process.
+    local: Option<L>,
+    /// The children, with several.
+    children: Option<Children>,
+    /// Subscribers ready, over every process.
+    opened: usize,
+    /// Connect errors by reason, over every process.
+    errors: BTreeMap<String, usize>,
+}
+
+/// With `procs` > 1 spawns the children and adds up their `READY` lines; else opens
+/// the subscribers here through `here` (`(local, opened, errors)`).
+pub(crate) async fn open_subscribers<L, F>(
+    procs: usize,
+    deadline: tokio::time::Instant,
+    here: impl FnOnce() -> F,
+) -> Result<Subscribers<L>, String>
+where
+    F: std::future::Future<Output = (L, usize, BTreeMap<String, usize>)>,
+{
+    if procs > 1 {
         let mut kids = Children::spawn(procs)?;
+        let mut opened = 0;
+        let mut errors = BTreeMap::<String, usize>::new();
         for r in kids
             .collect("READY", deadline + Duration::from_secs(10))
             .await?
@@ -779,278 +710,29 @@ async fn fanout(a: FanoutArgs) -> Result<(), String> {
             opened += r["opened"].as_u64().unwrap_or(0) as usize;
             merge_counts(&mut errors, &r["errors"]);
         }
-        (None, Some(kids))
-    } else {
-        let (l, o, e) = start((0..a.subscribers).collect()).await;
-        opened = o;
-        errors = e;
-        (Some(l), None)
-    };
-    tokio::time::sleep(Duration::from_millis(a.settle_ms)).await;
-    let pad = "x".repeat(a.bytes.saturating_sub(40));
-    let cpu_before = processes_cpu_secs(&a.pid)?;
-    // `--poll-stats-ms`: the API's stats latency from the first publish until every
-    // receiver is done (Tether only).
-    let (poll_stop, poll_rx) = watch::channel(false);
-    let poller = if a.poll_stats_ms > 0 && a.target == Target::Tether {
-        Some(
-            statspoll::spawn(
-                format!("{}/api/stats", api.trim_end_matches('/')),
-                Duration::from_millis(a.poll_stats_ms),
-                poll_rx,
-            )
-            .map_err(|e| format!("stats poller: {e}"))?,
-        )
-    } else {
-        None
-    };
-    let started = Instant::now();
-    let started_us = now_micros();
-    let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate));
-    let publishers = if interval.is_some() {
-        1
-    } else {
-        a.publishers.clamp(1, a.messages.max(1))
-    };
-    let publisher = Arc::new(publisher);
-    let pad = Arc::new(pad);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..publishers {
-        let (publisher, pad, next, messages) =
-            (publisher.clone(), pad.clone(), next.clone(), a.messages);
-        workers.push(tokio::spawn(async move {
-            let mut errors = 0usize;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= messages {
-                    break errors;
-                }
-                if let Some(iv) = interval {
-                    tokio::time::sleep_until(tokio::time::Instant::from_std(
-                        started + iv.mul_f64(i as f64),
-                    ))
-                    .await;
-                }
-                if !publisher.publish(now_micros(), &pad).await {
-                    errors += 1;
-                }
-            }
-        }));
+        return Ok(Subscribers {
+            local: None,
+            children: Some(kids),
+            opened,
+            errors,
+        });
     }
-    let mut publish_errors = 0usize;
-    for w in workers {
-        publish_errors += w.await.map_err(|e| format!("publisher: {e}"))?;
-    }
-    let published_secs = started.elapsed().as_secs_f64();
-    let mut parts = Vec::new();
-    if let Some(l) = local {
-        parts.push(l.finish(drain, deadline).await);
-    }
-    if let Some(kids) = children.as_mut() {
-        kids.tell("PUBLISHED");
-        for v in kids
-            .collect("RESULT", deadline + drain + Duration::from_secs(30))
-            .await?
-        {
-            parts.push(serde_json::from_value(v).map_err(|e| format!("child RESULT: {e}"))?);
-        }
-    }
-    let _ = poll_stop.send(true);
-    let stats_poll = match poller {
-        Some(p) => tokio::task::spawn_blocking(move || p.join())
-            .await
-            .map_err(|e| format!("stats poller: {e}"))?
-            .map_err(|_| "stats poller panicked".to_owned())?
-            .to_json(a.poll_stats_ms),
-        None if a.poll_stats_ms > 0 => {
-            eprintln!("tether bench: --poll-stats-ms: Nchan has no stats endpoint, not polled");
-            statspoll::unavailable(a.target)
-        }
-        None => serde_json::Value::Null,
-    };
-    let cpu_after = processes_cpu_secs(&a.pid)?;
-    let mem = processes_memory(&a.pid)?;
-    if let Some(kids) = children {
-        kids.finish(Duration::from_secs(10)).await;
-    }
-    let mut hist = Hist::default();
-    let (mut delivered, mut last_us, mut incomplete) = (0u64, 0u64, 0usize);
-    let mut ends = BTreeMap::<String, usize>::new();
-    for p in &parts {
-        delivered += p.delivered;
-        last_us = last_us.max(p.last_us);
-        incomplete += p.incomplete;
-        hist.merge_sparse(&p.hist);
-        for (k, v) in &p.ends {
-            *ends.entry(k.clone()).or_default() += v;
-        }
-    }
-    // From the first publish to the last delivery.
-    let total_secs = if last_us > started_us {
+    let (local, opened, errors) = here().await;
+    Ok(Subscribers {
+        local: Some(local),
+        children: None,
+        opened,
+        errors,
+    })
+}
+
+/// Seconds from the first publish (`started_us` µs since the epoch, `started`) to the
+/// last delivery (`last_us`); the time elapsed when nothing was delivered after it.
+pub(crate) fn secs_to_last_delivery(last_us: u64, started_us: u64, started: Instant) -> f64 {
+    if last_us > started_us {
         (last_us - started_us) as f64 / 1e6
     } else {
         started.elapsed().as_secs_f64()
-    };
-    let cpu = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
-    let mut out = json!({
-        "scenario": "fanout",
-        "target": a.target,
-        "transport": a.transport,
-        "url": url,
-        "api": api,
-        "mode": if interval.is_some() { "paced" } else { "back_to_back" },
-        "rate": a.rate,
-        "publishers": publishers,
-        "subscribers": a.subscribers,
-        "opened": opened,
-        "errors": errors,
-        "messages": a.messages,
-        "bytes": a.bytes,
-        "procs": procs,
-        "sources": a.sources,
-        "publish_errors": publish_errors,
-        "expected_deliveries": opened * a.messages,
-        "deliveries": delivered,
-        "incomplete_receivers": incomplete,
-        "receiver_ends": ends,
-        "publish_secs": published_secs,
-        "total_secs": total_secs,
-        "deliveries_per_sec": delivered as f64 / total_secs,
-        "latency_samples": hist.len(),
-        "latency_ms_p50": hist.percentile_ms(0.50),
-        "latency_ms_p99": hist.percentile_ms(0.99),
-        "latency_ms_p999": hist.percentile_ms(0.999),
-        "latency_ms_max": hist.max_ms(),
-        "server_pid": a.pid.first(),
-        "server_pids": a.pid,
-        "server_cpu_secs": cpu,
-        "server_cpu_us_per_delivery": cpu.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
-        "server_rss_kib": mem.map(|m| m.0),
-        "server_pss_kib": mem.map(|m| m.1),
-    });
-    if !stats_poll.is_null() {
-        out["stats_poll"] = stats_poll;
-    }
-    println!("{out}");
-    Ok(())
-}
-
-/// One cycle: connect, read the welcome, subscribe, read `subscribed`, close (Tether);
-/// connect to the channel's URL (which subscribes), close (Nchan).
-async fn churn_cycle(url: &str, i: usize, channel: &str, target: Target) -> Result<(), String> {
-    use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
-    let url = match target {
-        Target::Tether => format!("{url}?client=churn-{i}"),
-        Target::Nchan => format!("{}/{channel}", url.trim_end_matches('/')),
-    };
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .map_err(|e| e.to_string())?;
-    if target == Target::Tether {
-        ws.next()
-            .await
-            .ok_or("no welcome")?
-            .map_err(|e| e.to_string())?;
-        let sub = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
-        ws.send(Message::text(sub))
-            .await
-            .map_err(|e| e.to_string())?;
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) if t.as_str().contains(r#""type":"subscribed""#) => {}
-            other => return Err(format!("no subscribed: {other:?}")),
-        }
-    }
-    ws.close(None).await.map_err(|e| e.to_string())?;
-    while let Some(Ok(_)) = ws.next().await {}
-    Ok(())
-}
-
-async fn churn(a: ChurnArgs) -> Result<(), String> {
-    let url = a.url.clone().unwrap_or(default_url(a.target).into());
-    check_loopback(&url, "ws://").await?;
-    if a.target == Target::Tether {
-        check_loopback(&a.api, "http://").await?;
-    }
-    let until = Instant::now() + Duration::from_secs(a.secs);
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for w in 0..a.workers.max(1) {
-        let (url, channel, target) = (url.clone(), a.channel.clone(), a.target);
-        workers.push(tokio::spawn(async move {
-            let (mut ok, mut failed) = (0usize, 0usize);
-            let mut cycle = Hist::default();
-            let mut i = w;
-            while Instant::now() < until {
-                let t = Instant::now();
-                match churn_cycle(&url, i, &channel, target).await {
-                    Ok(()) => {
-                        ok += 1;
-                        cycle.record(t.elapsed().as_micros() as u64);
-                    }
-                    Err(_) => failed += 1,
-                }
-                i += 1_000_000;
-            }
-            (ok, failed, cycle.sparse())
-        }));
-    }
-    let (mut ok, mut failed) = (0, 0);
-    // How long one whole cycle took (connect to closed), over every worker.
-    let mut cycle = Hist::default();
-    for w in workers {
-        let (o, f, h) = w.await.map_err(|e| e.to_string())?;
-        ok += o;
-        failed += f;
-        cycle.merge_sparse(&h);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    // Tether's registry must return to zero: poll the API for up to 10 s.
-    let mut stats = serde_json::Value::Null;
-    let mut zero = None;
-    if a.target == Target::Tether {
-        let http = reqwest::Client::new();
-        let mut z = false;
-        for _ in 0..100 {
-            stats = http
-                .get(format!("{}/api/stats", a.api))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
-            z = stats["connections"]["ws"] == 0 && stats["clients"] == 0 && stats["tasks"] == 0;
-            if z {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        zero = Some(z);
-    }
-    println!(
-        "{}",
-        json!({
-            "scenario": "churn",
-            "target": a.target,
-            "transport": Transport::Ws,
-            "workers": a.workers,
-            "secs": secs,
-            "cycles": ok,
-            "failed": failed,
-            "cycles_per_sec": ok as f64 / secs,
-            "cycle_ms_p50": cycle.percentile_ms(0.5),
-            "cycle_ms_p99": cycle.percentile_ms(0.99),
-            "cycle_ms_max": cycle.max_ms(),
-            "registry_back_to_zero": zero,
-            "stats_after": stats,
-        })
-    );
-    if zero == Some(false) {
-        Err("the registry did not return to zero".into())
-    } else {
-        Ok(())
     }
 }
 

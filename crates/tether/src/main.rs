@@ -109,8 +109,7 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+    match Cli::parse().command {
         Command::Config {
             command: ConfigCommand::Default,
         } => {
@@ -119,123 +118,157 @@ fn main() -> ExitCode {
         }
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => match Config::from_file(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(2)
-            }
-        },
+        } => config_check(&file),
         Command::Publish {
             api,
             channel,
             key,
             idempotency_key,
             data,
-        } => {
-            match runtime()
-                .and_then(|rt| rt.block_on(publish(api, channel, key, idempotency_key, data)))
-            {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tether publish: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        } => publish_command(api, channel, key, idempotency_key, data),
         Command::Token {
             secret,
             sub,
             channels,
             ttl,
-        } => {
-            let minted = parse_ttl(&ttl).and_then(|secs| {
-                tether_server::auth::mint_hs256(&secret, &sub, &channels, secs)
-                    .map_err(|e| e.to_string())
-            });
-            match minted {
-                Ok(t) => {
-                    println!("{t}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("tether token: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        } => token(&secret, &sub, &channels, &ttl),
         Command::Connect {
             url,
             client,
             token,
             channels,
             stats,
-        } => {
-            let args = connect::ConnectArgs {
-                url,
-                client,
-                token,
-                channels,
-                stats,
-            };
-            runtime()
-                .map(|rt| ExitCode::from(rt.block_on(connect::run(args))))
-                .unwrap_or_else(|e| {
-                    eprintln!("tether connect: {e}");
-                    ExitCode::FAILURE
-                })
-        }
-        Command::Bench(args) => runtime()
-            .and_then(|rt| rt.block_on(tether_bench::run(args)))
-            .map_or_else(
-                |e| {
-                    eprintln!("tether bench: {e}");
-                    ExitCode::FAILURE
-                },
-                |()| ExitCode::SUCCESS,
-            ),
+        } => connect(connect::ConnectArgs {
+            url,
+            client,
+            token,
+            channels,
+            stats,
+        }),
+        Command::Bench(args) => bench(args),
         Command::Serve {
             config,
             listen,
             api_listen,
             node_id,
-        } => {
-            let mut flags = Vec::new();
-            let mut flag = |name: &str, path: &[&str], value: Option<String>| {
-                if let Some(value) = value {
-                    flags.push(Override {
-                        source_name: name.into(),
-                        path: path.iter().map(|s| s.to_string()).collect(),
-                        value,
-                    });
-                }
-            };
-            flag("--listen", &["listen"], listen);
-            flag("--api-listen", &["api", "listen"], api_listen);
-            flag("--node-id", &["node_id"], node_id);
-            let (cfg, report) = match Config::load(config.as_deref(), std::env::vars(), flags) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("tether: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            // Held until `serve` returns: dropping it flushes the log.
-            let _log = init_logging(&cfg.log.level);
-            for w in report.warnings {
-                tracing::warn!("{w}");
-            }
-            match runtime().and_then(|rt| rt.block_on(serve(cfg))) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("tether: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+        } => serve_command(config, overrides(listen, api_listen, node_id)),
+    }
+}
+
+/// `tether config check FILE`: exit 2 with the bad key, value and line.
+fn config_check(file: &std::path::Path) -> ExitCode {
+    match Config::from_file(file) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `tether publish`: prints the API's answer.
+fn publish_command(
+    api: String,
+    channel: String,
+    key: Option<String>,
+    idempotency_key: Option<String>,
+    data: String,
+) -> ExitCode {
+    match runtime().and_then(|rt| rt.block_on(publish(api, channel, key, idempotency_key, data))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether publish: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tether token`: prints the token alone; exit 2 on a bad `--ttl` or secret.
+fn token(secret: &str, sub: &str, channels: &[String], ttl: &str) -> ExitCode {
+    let minted = parse_ttl(ttl).and_then(|secs| {
+        tether_server::auth::mint_hs256(secret, sub, channels, secs).map_err(|e| e.to_string())
+    });
+    match minted {
+        Ok(t) => {
+            println!("{t}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether token: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `tether connect`: the client's own exit code.
+fn connect(args: connect::ConnectArgs) -> ExitCode {
+    runtime()
+        .map(|rt| ExitCode::from(rt.block_on(connect::run(args))))
+        .unwrap_or_else(|e| {
+            eprintln!("tether connect: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `tether bench …`.
+fn bench(args: tether_bench::BenchArgs) -> ExitCode {
+    runtime()
+        .and_then(|rt| rt.block_on(tether_bench::run(args)))
+        .map_or_else(
+            |e| {
+                eprintln!("tether bench: {e}");
+                ExitCode::FAILURE
+            },
+            |()| ExitCode::SUCCESS,
+        )
+}
+
+/// `serve`'s flags as configuration overrides (they win over the file and the
+/// environment).
+fn overrides(
+    listen: Option<String>,
+    api_listen: Option<String>,
+    node_id: Option<String>,
+) -> Vec<Override> {
+    let mut flags = Vec::new();
+    let mut flag = |name: &str, path: &[&str], value: Option<String>| {
+        if let Some(value) = value {
+            flags.push(Override {
+                source_name: name.into(),
+                path: path.iter().map(|s| s.to_string()).collect(),
+                value,
+            });
+        }
+    };
+    flag("--listen", &["listen"], listen);
+    flag("--api-listen", &["api", "listen"], api_listen);
+    flag("--node-id", &["node_id"], node_id);
+    flags
+}
+
+/// `tether serve`: exit 2 on a bad configuration, 1 when the server fails.
+fn serve_command(config: Option<PathBuf>, flags: Vec<Override>) -> ExitCode {
+    let (cfg, report) = match Config::load(config.as_deref(), std::env::vars(), flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Held until `serve` returns: dropping it flushes the log.
+    let _log = init_logging(&cfg.log.level);
+    for w in report.warnings {
+        tracing::warn!("{w}");
+    }
+    match runtime().and_then(|rt| rt.block_on(serve(cfg))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("tether: {e}");
+            ExitCode::FAILURE
         }
     }
 }

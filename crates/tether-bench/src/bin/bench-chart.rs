@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Parser;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -138,13 +139,33 @@ fn short(v: f64) -> String {
 }
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+type Drawn = Result<(), Box<dyn std::error::Error>>;
 
-fn draw_panel(
+/// Draws `text` at `at` on `root`, centred horizontally, `v` the vertical anchor.
+fn centred(
     root: &Area<'_>,
-    area: &Area<'_>,
-    title: &str,
-    p: &Panel,
-) -> Result<(), Box<dyn std::error::Error>> {
+    text: String,
+    at: (i32, i32),
+    size: u32,
+    color: &RGBColor,
+    v: VPos,
+) -> Drawn {
+    root.draw(&Text::new(
+        text,
+        at,
+        ("sans-serif", size)
+            .into_font()
+            .color(color)
+            .pos(Pos::new(HPos::Center, v)),
+    ))?;
+    Ok(())
+}
+
+/// One panel: a pair of bars per scenario label (Tether, Nchan), the label under them
+/// and, where both have a figure, their ratio.
+fn draw_panel(root: &Area<'_>, area: &Area<'_>, title: &str, p: &Panel) -> Drawn {
     let n = p.labels.len().max(1);
     let means = || p.values.values().map(|(s, c)| s / f64::from(*c));
     let top = means().fold(0.0f64, f64::max);
@@ -167,59 +188,55 @@ fn draw_panel(
         .label_style(("sans-serif", 14))
         .draw()?;
     if p.labels.is_empty() {
-        let (x, y) = chart.backend_coord(&(0.5, top / 2.0));
-        root.draw(&Text::new(
-            "no data",
-            (x, y),
-            ("sans-serif", 18)
-                .into_font()
-                .color(&BLACK)
-                .pos(Pos::new(HPos::Center, VPos::Center)),
-        ))?;
-        return Ok(());
+        let at = chart.backend_coord(&(0.5, top / 2.0));
+        return centred(root, "no data".into(), at, 18, &BLACK, VPos::Center);
     }
     for (i, label) in p.labels.iter().enumerate() {
-        let x0 = i as f64;
-        for (target, color, from, to) in
-            [("tether", TETHER, 0.12, 0.48), ("nchan", NCHAN, 0.52, 0.88)]
-        {
-            let Some(v) = p.mean(label, target) else {
-                continue;
-            };
-            chart.draw_series(std::iter::once(Rectangle::new(
-                [(x0 + from, 0.0), (x0 + to, v)],
-                color.filled(),
-            )))?;
-            let (tx, ty) = chart.backend_coord(&(x0 + (from + to) / 2.0, v.max(0.0)));
-            root.draw(&Text::new(
-                short(v),
-                (tx, ty - 4),
-                ("sans-serif", 14)
-                    .into_font()
-                    .color(&BLACK)
-                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
-            ))?;
-        }
-        let (lx, ly) = chart.backend_coord(&(x0 + 0.5, bottom));
-        root.draw(&Text::new(
-            label.clone(),
-            (lx, ly + 8),
-            ("sans-serif", 14)
-                .into_font()
-                .color(&BLACK)
-                .pos(Pos::new(HPos::Center, VPos::Top)),
-        ))?;
-        if let (Some(t), Some(n)) = (p.mean(label, "tether"), p.mean(label, "nchan")) {
-            if n > 0.0 {
-                root.draw(&Text::new(
-                    format!("Tether/Nchan {:.2}", t / n),
-                    (lx, ly + 26),
-                    ("sans-serif", 13)
-                        .into_font()
-                        .color(&RGBColor(90, 90, 90))
-                        .pos(Pos::new(HPos::Center, VPos::Top)),
-                ))?;
-            }
+        draw_bars(root, &mut chart, p, i as f64, label)?;
+        draw_label(root, &chart, p, i as f64, label, bottom)?;
+    }
+    Ok(())
+}
+
+/// The Tether and Nchan bars of `label` at `x0`, each with its figure above it.
+fn draw_bars(root: &Area<'_>, chart: &mut Chart<'_, '_>, p: &Panel, x0: f64, label: &str) -> Drawn {
+    for (target, color, from, to) in [("tether", TETHER, 0.12, 0.48), ("nchan", NCHAN, 0.52, 0.88)]
+    {
+        let Some(v) = p.mean(label, target) else {
+            continue;
+        };
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(x0 + from, 0.0), (x0 + to, v)],
+            color.filled(),
+        )))?;
+        let (tx, ty) = chart.backend_coord(&(x0 + (from + to) / 2.0, v.max(0.0)));
+        centred(root, short(v), (tx, ty - 4), 14, &BLACK, VPos::Bottom)?;
+    }
+    Ok(())
+}
+
+/// `label` under its bars at `x0` and, where Nchan's figure is not zero, the ratio.
+fn draw_label(
+    root: &Area<'_>,
+    chart: &Chart<'_, '_>,
+    p: &Panel,
+    x0: f64,
+    label: &str,
+    bottom: f64,
+) -> Drawn {
+    let (lx, ly) = chart.backend_coord(&(x0 + 0.5, bottom));
+    centred(root, label.to_owned(), (lx, ly + 8), 14, &BLACK, VPos::Top)?;
+    if let (Some(t), Some(n)) = (p.mean(label, "tether"), p.mean(label, "nchan")) {
+        if n > 0.0 {
+            let ratio = format!("Tether/Nchan {:.2}", t / n);
+            centred(
+                root,
+                ratio,
+                (lx, ly + 26),
+                13,
+                &RGBColor(90, 90, 90),
+                VPos::Top,
+            )?;
         }
     }
     Ok(())
@@ -235,52 +252,88 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    let font = std::fs::read(&cli.font).map_err(|e| format!("{}: {e}", cli.font.display()))?;
-    // plotters keeps registered fonts for the life of the process.
-    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| format!("{}: not a usable font", cli.font.display()))?;
-    let text =
-        std::fs::read_to_string(&cli.input).map_err(|e| format!("{}: {e}", cli.input.display()))?;
-    let (mut rate, mut p99, mut cpu, mut mem) = (
-        Panel::default(),
-        Panel::default(),
-        Panel::default(),
-        Panel::default(),
-    );
-    let mut runs = 0;
-    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (Some(label), Some(target)) = (scenario_label(&v), v["target"].as_str()) else {
-            continue;
-        };
-        runs += 1;
+/// How a JSON line starts (the others are passed over).
+const OBJECT: char = '{';
+
+/// The runs in bench JSON lines: `(scenario label, target, the object)` of every line
+/// that parses, has a target and a scenario with a label; other lines are passed over.
+fn results(text: &str) -> impl Iterator<Item = (String, String, serde_json::Value)> + '_ {
+    text.lines()
+        .filter(|l| l.trim_start().starts_with(OBJECT))
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|v| {
+            let label = scenario_label(&v)?;
+            let target = v["target"].as_str()?.to_owned();
+            Some((label, target, v))
+        })
+}
+
+/// The chart's four panels.
+#[derive(Default)]
+struct Panels {
+    rate: Panel,
+    p99: Panel,
+    cpu: Panel,
+    mem: Panel,
+}
+
+impl Panels {
+    /// The panels of every run in `text`, and how many runs there were.
+    fn of(text: &str) -> (Panels, usize) {
+        let mut ps = Panels::default();
+        let mut runs = 0;
+        for (label, target, v) in results(text) {
+            runs += 1;
+            ps.add(&label, &target, &v);
+        }
+        (ps, runs)
+    }
+
+    fn add(&mut self, label: &str, target: &str, v: &serde_json::Value) {
         match v["scenario"].as_str() {
-            Some("idle") => mem.add(
-                &label,
+            Some("idle") => self.mem.add(
+                label,
                 target,
                 v["pss_bytes_per_connection"].as_f64().map(|b| b / 1024.0),
             ),
             // The same burst polled for its stats is in the tables only.
             Some("fanout") if !v["stats_poll"].is_null() => {}
             Some("chat") => {
-                rate.add(&label, target, v["deliveries_per_sec"].as_f64());
-                p99.add(&label, target, v["latency_ms_p99"].as_f64());
-                cpu.add(&label, target, v["server_cpu_us_per_delivery"].as_f64());
+                self.rate
+                    .add(label, target, v["deliveries_per_sec"].as_f64());
+                self.p99.add(label, target, v["latency_ms_p99"].as_f64());
+                self.cpu
+                    .add(label, target, v["server_cpu_us_per_delivery"].as_f64());
             }
             Some("fanout") => {
                 if v["mode"].as_str() != Some("paced") {
-                    rate.add(&label, target, v["deliveries_per_sec"].as_f64());
+                    self.rate
+                        .add(label, target, v["deliveries_per_sec"].as_f64());
                 }
-                p99.add(&label, target, v["latency_ms_p99"].as_f64());
-                cpu.add(&label, target, v["server_cpu_us_per_delivery"].as_f64());
+                self.p99.add(label, target, v["latency_ms_p99"].as_f64());
+                self.cpu
+                    .add(label, target, v["server_cpu_us_per_delivery"].as_f64());
             }
             _ => {}
         }
     }
+}
+
+/// Registers the TrueType file at `path` as the charts' "sans-serif".
+fn register_font(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let font = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // plotters keeps registered fonts for the life of the process.
+    let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| format!("{}: not a usable font", path.display()))?;
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    register_font(&cli.font)?;
+    let text =
+        std::fs::read_to_string(&cli.input).map_err(|e| format!("{}: {e}", cli.input.display()))?;
+    let (panels, runs) = Panels::of(&text);
     if runs == 0 {
         return Err(format!(
             "{}: no idle, fanout, chat or churn results",
@@ -294,16 +347,43 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = cli.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
+    draw_chart(&cli, &panels)?;
+    println!("{}", cli.output.display());
+    Ok(())
+}
+
+/// The PNG: a header (title, subtitle, legend) over the four panels, 2 × 2.
+fn draw_chart(cli: &Cli, panels: &Panels) -> Drawn {
     let root = BitMapBackend::new(&cli.output, (1600, 1100)).into_drawing_area();
     root.fill(&WHITE)?;
     let (head, body) = root.split_vertically(70);
+    draw_header(&head, &cli.subtitle)?;
+    let areas = body.split_evenly((2, 2));
+    let specs = [
+        ("deliveries/s (higher is better)", &panels.rate),
+        ("p99 latency, ms (lower is better)", &panels.p99),
+        ("server CPU per delivery, µs (lower is better)", &panels.cpu),
+        (
+            "server PSS per idle connection, KiB (lower is better)",
+            &panels.mem,
+        ),
+    ];
+    for (area, (title, panel)) in areas.iter().zip(specs) {
+        draw_panel(&root, area, title, panel)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// The title, `subtitle` and the legend.
+fn draw_header(head: &Area<'_>, subtitle: &str) -> Drawn {
     head.draw(&Text::new(
         "Tether vs Nchan (tether bench, loopback)",
         (24, 12),
         ("sans-serif", 28).into_font().color(&BLACK),
     ))?;
     head.draw(&Text::new(
-        cli.subtitle.clone(),
+        subtitle.to_owned(),
         (24, 46),
         ("sans-serif", 15).into_font().color(&RGBColor(90, 90, 90)),
     ))?;
@@ -316,21 +396,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             ("sans-serif", 18).into_font().color(&BLACK),
         ))?;
     }
-    let panels = body.split_evenly((2, 2));
-    let specs = [
-        ("deliveries/s (higher is better)", &rate),
-        ("p99 latency, ms (lower is better)", &p99),
-        ("server CPU per delivery, µs (lower is better)", &cpu),
-        (
-            "server PSS per idle connection, KiB (lower is better)",
-            &mem,
-        ),
-    ];
-    for (area, (title, panel)) in panels.iter().zip(specs) {
-        draw_panel(&root, area, title, panel)?;
-    }
-    root.present()?;
-    println!("{}", cli.output.display());
     Ok(())
 }
 
@@ -375,7 +440,7 @@ const IDLE: &[Metric] = &[
     ),
 ];
 
-const FANOUT: &[Metric] = &[
+const FANOUT_COUNTS: &[Metric] = &[
     ("subscribers ready", |v| f(v, "opened"), Fmt::Int),
     ("connect errors", |v| count_map(&v["errors"]), Fmt::Int),
     ("publish errors", |v| f(v, "publish_errors"), Fmt::Int),
@@ -390,23 +455,10 @@ const FANOUT: &[Metric] = &[
         |v| f(v, "incomplete_receivers"),
         Fmt::Int,
     ),
-    ("deliveries/s", |v| f(v, "deliveries_per_sec"), Fmt::Int),
-    ("latency p50, ms", |v| f(v, "latency_ms_p50"), Fmt::Num),
-    ("latency p99, ms", |v| f(v, "latency_ms_p99"), Fmt::Num),
-    ("latency p99.9, ms", |v| f(v, "latency_ms_p999"), Fmt::Num),
-    ("latency max, ms", |v| f(v, "latency_ms_max"), Fmt::Num),
-    ("server CPU, s", |v| f(v, "server_cpu_secs"), Fmt::Num),
-    (
-        "server CPU per delivery, µs",
-        |v| f(v, "server_cpu_us_per_delivery"),
-        Fmt::Num,
-    ),
-    (
-        "server PSS after, MiB",
-        |v| f(v, "server_pss_kib").map(|k| k / 1024.0),
-        Fmt::Num,
-    ),
-    // `--poll-stats-ms` (Tether only; rows without figures are left out).
+];
+
+/// `fanout`'s `--poll-stats-ms` rows (Tether only; rows without figures are left out).
+const STATS_POLL: &[Metric] = &[
     (
         "GET /api/stats polls",
         |v| v["stats_poll"]["polls"].as_f64(),
@@ -434,7 +486,7 @@ const FANOUT: &[Metric] = &[
     ),
 ];
 
-const CHAT: &[Metric] = &[
+const CHAT_COUNTS: &[Metric] = &[
     ("connections ready", |v| f(v, "opened"), Fmt::Int),
     (
         "connect errors",
@@ -462,6 +514,11 @@ const CHAT: &[Metric] = &[
         Fmt::Int,
     ),
     ("deliveries", |v| f(v, "deliveries"), Fmt::Int),
+];
+
+/// The delivery rows `fanout` and `chat` share: the rate, the latency, the server's
+/// CPU and memory.
+const DELIVERY: &[Metric] = &[
     ("deliveries/s", |v| f(v, "deliveries_per_sec"), Fmt::Int),
     ("latency p50, ms", |v| f(v, "latency_ms_p50"), Fmt::Num),
     ("latency p99, ms", |v| f(v, "latency_ms_p99"), Fmt::Num),
@@ -479,6 +536,13 @@ const CHAT: &[Metric] = &[
         Fmt::Num,
     ),
 ];
+
+/// A scenario's table: its groups of rows, in order.
+type Table = &'static [&'static [Metric]];
+
+const FANOUT: Table = &[FANOUT_COUNTS, DELIVERY, STATS_POLL];
+
+const CHAT: Table = &[CHAT_COUNTS, DELIVERY];
 
 const CHURN: &[Metric] = &[
     ("cycles/s", |v| f(v, "cycles_per_sec"), Fmt::Int),
@@ -542,26 +606,20 @@ fn cell(vals: &[f64], fmt: Fmt) -> String {
 /// Markdown tables: one per scenario label, a row per metric, Tether and Nchan
 /// side by side (mean over rounds, range in parentheses) and their ratio.
 fn markdown(text: &str) -> String {
-    let mut labels: Vec<(String, &'static [Metric])> = Vec::new();
+    let mut labels: Vec<(String, Table)> = Vec::new();
     let mut runs: BTreeMap<(String, String), Vec<serde_json::Value>> = BTreeMap::new();
-    for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let (Some(label), Some(target)) = (scenario_label(&v), v["target"].as_str()) else {
-            continue;
-        };
-        let metrics: &'static [Metric] = match v["scenario"].as_str() {
-            Some("idle") => IDLE,
+    for (label, target, v) in results(text) {
+        let metrics: Table = match v["scenario"].as_str() {
+            Some("idle") => &[IDLE],
             Some("fanout") => FANOUT,
             Some("chat") => CHAT,
-            Some("churn") => CHURN,
+            Some("churn") => &[CHURN],
             _ => continue,
         };
         if !labels.iter().any(|(l, _)| *l == label) {
             labels.push((label.clone(), metrics));
         }
-        runs.entry((label, target.to_owned())).or_default().push(v);
+        runs.entry((label, target)).or_default().push(v);
     }
     let mut out = String::new();
     for (label, metrics) in labels {
@@ -575,7 +633,7 @@ fn markdown(text: &str) -> String {
             rounds(nchan),
             if rounds(nchan) == 1 { "" } else { "s" },
         ));
-        for (name, get_v, fmt) in metrics {
+        for (name, get_v, fmt) in metrics.iter().copied().flatten() {
             if *name == "deliveries/s" && label.contains("paced") {
                 continue; // paced: the publish rate sets it
             }
