@@ -15,6 +15,7 @@ use tether_redis::testing::{RedisCluster, RedisServer};
 use tether_server::config::{BrokerKind, Config};
 use tokio::sync::broadcast::Receiver;
 
+use crate::support::cluster::refused;
 use crate::support::{
     self, assert_alive, client_close, collect_events, expect_close, read_sse_until, TestServer,
 };
@@ -81,22 +82,6 @@ async fn readyz(srv: &TestServer) -> u16 {
     }
 }
 
-/// A handshake that must be refused: its HTTP status and JSON body.
-async fn refused(srv: &TestServer, query: &str) -> (u16, Value) {
-    match tokio_tungstenite::connect_async(srv.ws_url(query)).await {
-        Ok(_) => panic!("{query} was admitted"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or(Value::Null);
-            (resp.status().as_u16(), body)
-        }
-        Err(e) => panic!("{query}: {e}"),
-    }
-}
-
 /// A shard's client keys but release receipts, each of which must expire (SPEC 3's
 /// once-only offline after a lost reply needs them a while).
 fn client_keys_left(redis: &RedisServer) -> Vec<String> {
@@ -123,6 +108,33 @@ async fn assert_no_client_keys(redis: &RedisServer) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("client keys left in redis: {left:?}");
+}
+
+/// A node's configuration under `on_unavailable = "admit_local"`, with a per-client
+/// limit of `limit` under `policy` and commands that time out after 300 ms.
+fn admit_local(limit: u64, policy: ClientLimitPolicy) -> impl Fn(&mut Config) + Copy {
+    move |c: &mut Config| {
+        c.clients.max_connections_per_client = limit.try_into().unwrap();
+        c.clients.on_client_limit = policy;
+        c.broker.on_unavailable = tether_server::config::OnUnavailable::AdmitLocal;
+        c.broker.command_timeout_ms = 300.try_into().unwrap();
+    }
+}
+
+/// Redis stops answering (`CLIENT PAUSE`, its data kept) for `ms`; returns once
+/// `srv` has seen it unreachable.
+async fn pause_until_seen(redis: &RedisServer, srv: &TestServer, ms: u64) {
+    redis
+        .cli(&["client", "pause", &ms.to_string(), "all"])
+        .unwrap();
+    for _ in 0..100 {
+        // `cluster` is null while the node's link to Redis is down.
+        if srv.stats().await["cluster"].is_null() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    panic!("the node never saw redis unreachable");
 }
 
 /// How many events of `kind` for `client` are in `events`.
@@ -552,25 +564,11 @@ async fn redis_down_refuses_handshakes_and_a_restarted_redis_gets_every_connecti
 #[tokio::test(flavor = "multi_thread")]
 async fn admit_local_admits_during_an_outage_and_settles_the_limit_after_it() {
     let redis = RedisServer::start().unwrap();
-    let local = |c: &mut Config| {
-        c.clients.max_connections_per_client = 1.try_into().unwrap();
-        c.broker.on_unavailable = tether_server::config::OnUnavailable::AdmitLocal;
-        c.broker.command_timeout_ms = 300.try_into().unwrap();
-    };
+    let local = admit_local(1, ClientLimitPolicy::Reject);
     let a = node(&redis, "a", local).await;
     let b = node(&redis, "b", local).await;
     let (mut first, _) = a.ws("?client=x").await;
-    // Redis stops answering (its data kept) for 4 s.
-    redis.cli(&["client", "pause", "4000", "all"]).unwrap();
-    let mut down = false;
-    for _ in 0..100 {
-        if b.stats().await["cluster"].is_null() {
-            down = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    assert!(down, "b never saw redis unreachable");
+    pause_until_seen(&redis, &b, 4000).await;
     assert_eq!(readyz(&b).await, 200, "admit_local keeps the node ready");
     // b's own view has no connection of x: admitted.
     let (mut second, _) = b.ws("?client=x").await;
@@ -727,26 +725,13 @@ async fn a_last_close_during_an_outage_of_a_redis_that_comes_back_empty_goes_off
 #[tokio::test(flavor = "multi_thread")]
 async fn admit_local_announces_a_client_once_even_when_it_was_online_elsewhere() {
     let redis = RedisServer::start().unwrap();
-    let local = |c: &mut Config| {
-        c.clients.max_connections_per_client = 2.try_into().unwrap();
-        c.broker.on_unavailable = tether_server::config::OnUnavailable::AdmitLocal;
-        c.broker.command_timeout_ms = 300.try_into().unwrap();
-    };
+    let local = admit_local(2, ClientLimitPolicy::Reject);
     let a = node(&redis, "a", local).await;
     let b = node(&redis, "b", local).await;
     let mut ra = a.app.registry.events().subscribe();
     let mut rb = b.app.registry.events().subscribe();
     let (xb, _) = b.ws("?client=x").await;
-    redis.cli(&["client", "pause", "3000", "all"]).unwrap();
-    let mut down = false;
-    for _ in 0..100 {
-        if a.stats().await["cluster"].is_null() {
-            down = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    assert!(down, "a never saw redis unreachable");
+    pause_until_seen(&redis, &a, 3000).await;
     // x is online on b; y nowhere. a cannot know: neither is announced now.
     let (xa, _) = a.ws("?client=x").await;
     let (ya, _) = a.ws("?client=y").await;
@@ -885,25 +870,11 @@ async fn after_an_outage_no_node_declares_another_dead_before_it_has_been_connec
 #[tokio::test(flavor = "multi_thread")]
 async fn admit_local_under_replace_oldest_closes_the_oldest_once_redis_is_back() {
     let redis = RedisServer::start().unwrap();
-    let local = |c: &mut Config| {
-        c.clients.max_connections_per_client = 1.try_into().unwrap();
-        c.clients.on_client_limit = ClientLimitPolicy::ReplaceOldest;
-        c.broker.on_unavailable = tether_server::config::OnUnavailable::AdmitLocal;
-        c.broker.command_timeout_ms = 300.try_into().unwrap();
-    };
+    let local = admit_local(1, ClientLimitPolicy::ReplaceOldest);
     let a = node(&redis, "a", local).await;
     let b = node(&redis, "b", local).await;
     let (mut first, _) = a.ws("?client=x").await;
-    redis.cli(&["client", "pause", "2500", "all"]).unwrap();
-    let mut down = false;
-    for _ in 0..100 {
-        if b.stats().await["cluster"].is_null() {
-            down = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    assert!(down, "b never saw redis unreachable");
+    pause_until_seen(&redis, &b, 2500).await;
     let (mut second, _) = b.ws("?client=x").await;
     // Once Redis answers, b registers the newer connection: over the limit of 1, the
     // oldest, on a, is replaced.

@@ -268,22 +268,6 @@ async fn admission_fails_only_for_clients_whose_keys_are_on_the_dead_shard() {
     a.stop().await;
 }
 
-/// A handshake that must be refused: its HTTP status and JSON body.
-async fn refused(srv: &TestServer, query: &str) -> (u16, Value) {
-    match tokio_tungstenite::connect_async(srv.ws_url(query)).await {
-        Ok(_) => panic!("{query} was admitted"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or(Value::Null);
-            (resp.status().as_u16(), body)
-        }
-        Err(e) => panic!("{query}: {e}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_failover_a_channel_is_followed_on_its_new_primary() {
     let mut cluster = RedisCluster::start_with_replicas(3, 1).unwrap();

@@ -144,3 +144,19 @@ pub async fn followers_become(servers: &[&RedisServer], channel: &str, sharded: 
         followers(servers, channel, sharded)
     );
 }
+
+/// A handshake that must be refused: its HTTP status and JSON body.
+pub async fn refused(srv: &TestServer, query: &str) -> (u16, Value) {
+    match tokio_tungstenite::connect_async(srv.ws_url(query)).await {
+        Ok(_) => panic!("{query} was admitted"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            (resp.status().as_u16(), body)
+        }
+        Err(e) => panic!("{query}: {e}"),
+    }
+}
