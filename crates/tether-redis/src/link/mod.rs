@@ -214,12 +214,6 @@ impl Link {
             .map(|s| s.to_string())
     }
 
-    /// The subscriber client (on a Redis Cluster, fred's clustered one, which the
-    /// broker does not use: see [`Link::subscriber_for`]).
-    pub fn subscriber(&self) -> &SubscriberClient {
-        &self.subscriber
-    }
-
     /// The node's pub/sub messages, from every shard (see [`pubsub`]).
     pub fn events(&self) -> Events {
         match &self.shards {

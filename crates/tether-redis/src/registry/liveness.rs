@@ -204,17 +204,14 @@ impl ClusterRegistry {
         if conn.is_closing() {
             return Ok(());
         }
-        {
+        let _registering = {
             let unsettled = self.unsettled.lock();
             if unsettled.contains_key(conn.id()) {
                 return Ok(());
             }
-            *self.registering.lock() = Some(conn.id().to_owned());
-        }
-        let done = self.register_now(conn, lost).await;
-        *self.registering.lock() = None;
-        self.registered.notify_waiters();
-        done
+            Registering::new(self, conn.id())
+        };
+        self.register_now(conn, lost).await
     }
 
     async fn register_now(&self, conn: &Connection, lost: bool) -> Result<(), RegistryError> {
@@ -289,5 +286,23 @@ impl ClusterRegistry {
             }
         }
         Ok(())
+    }
+}
+
+/// The connection being registered again, cleared (and its waiting release woken)
+/// when this drops: on every way out of the registration, a cancelled one too.
+struct Registering<'a>(&'a ClusterRegistry);
+
+impl<'a> Registering<'a> {
+    fn new(cluster: &'a ClusterRegistry, conn_id: &str) -> Self {
+        *cluster.registering.lock() = Some(conn_id.to_owned());
+        Registering(cluster)
+    }
+}
+
+impl Drop for Registering<'_> {
+    fn drop(&mut self) {
+        *self.0.registering.lock() = None;
+        self.0.registered.notify_waiters();
     }
 }

@@ -358,6 +358,20 @@ mod tests {
         [conn, "n1", "ws", "1000", "2", policy]
     }
 
+    /// Admits and commits `conn` of `client` on node n1 under `reject`.
+    async fn online(c: &Client, k: &Keys, client: &str, conn: &str) {
+        admit(c, k, client, args(conn, "reject")).await.unwrap();
+        commit(
+            c,
+            k,
+            client,
+            commit_args(conn, "n1", "reject"),
+            Mode::Commit,
+        )
+        .await
+        .unwrap();
+    }
+
     fn commit_args<'a>(conn: &'a str, node: &'a str, policy: &'a str) -> [&'a str; 6] {
         [conn, node, "ws", "1000", "2", policy]
     }
@@ -471,10 +485,7 @@ mod tests {
     async fn offline_fires_once_after_the_grace_unless_the_client_came_back() {
         let redis = RedisServer::start().unwrap();
         let (c, k) = (client(&redis).await, Keys::new("t"));
-        admit(&c, &k, "x", args("c1", "reject")).await.unwrap();
-        commit(&c, &k, "x", commit_args("c1", "n1", "reject"), Mode::Commit)
-            .await
-            .unwrap();
+        online(&c, &k, "x", "c1").await;
         let r = release(&c, &k, "x", "c1", 5000, "tok1").await.unwrap();
         assert_eq!(r, Released::Lingering);
         // Back within the grace (another node): the old grace ends in nothing.
@@ -501,10 +512,7 @@ mod tests {
     async fn a_release_run_again_answers_what_it_answered_the_first_time() {
         let redis = RedisServer::start().unwrap();
         let (c, k) = (client(&redis).await, Keys::new("t"));
-        admit(&c, &k, "x", args("c1", "reject")).await.unwrap();
-        commit(&c, &k, "x", commit_args("c1", "n1", "reject"), Mode::Commit)
-            .await
-            .unwrap();
+        online(&c, &k, "x", "c1").await;
         let first = release(&c, &k, "x", "c1", 0, "t1").await.unwrap();
         assert_eq!(first, Released::Offline);
         // The same release again (its reply was lost): the same answer.
@@ -518,10 +526,7 @@ mod tests {
         assert_eq!(never, Released::Unknown);
         assert!(keys_left(&c).await.is_empty());
         // A lingering answer is replayed too.
-        admit(&c, &k, "y", args("c2", "reject")).await.unwrap();
-        commit(&c, &k, "y", commit_args("c2", "n1", "reject"), Mode::Commit)
-            .await
-            .unwrap();
+        online(&c, &k, "y", "c2").await;
         let r = release(&c, &k, "y", "c2", 5000, "t4").await.unwrap();
         assert_eq!(r, Released::Lingering);
         let r = release(&c, &k, "y", "c2", 5000, "t4").await.unwrap();

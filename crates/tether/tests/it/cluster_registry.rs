@@ -137,6 +137,18 @@ async fn pause_until_seen(redis: &RedisServer, srv: &TestServer, ms: u64) {
     panic!("the node never saw redis unreachable");
 }
 
+/// The end of a test: every node back to zero (registry, tasks, channels), no
+/// client keys left in Redis, every node stopped.
+async fn finish<const N: usize>(redis: &RedisServer, nodes: [TestServer; N]) {
+    for n in &nodes {
+        n.assert_clean().await;
+    }
+    assert_no_client_keys(redis).await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
 /// How many events of `kind` for `client` are in `events`.
 fn count(events: &[Arc<LifecycleEvent>], kind: &str, client: &str) -> usize {
     events
@@ -211,11 +223,7 @@ async fn client_limit_holds_across_nodes_also_for_concurrent_handshakes() {
     for ws in admitted.into_iter().chain([wa, wb]) {
         client_close(ws).await;
     }
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -263,11 +271,7 @@ async fn replace_oldest_evicts_on_the_other_node_and_a_kick_reaches_every_node()
     assert_eq!(expect_close(&mut kb).await.1, 4002);
     client_close(new).await;
     client_close(mid).await;
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }
 
 /// `/api/send` on any node reaches the client's connections on every node, and
@@ -297,11 +301,7 @@ async fn send_reaches_the_clients_connections_on_every_node() {
     assert_eq!((status, body), (200, json!({"connections": 0})));
     client_close(on_a).await;
     client_close(on_b).await;
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -319,11 +319,7 @@ async fn online_and_offline_fire_once_cluster_wide() {
     assert_eq!(count(&events, "client.online", "o"), 1, "{events:?}");
     assert_eq!(count(&events, "client.offline", "o"), 1, "{events:?}");
     assert_eq!(count(&events, "connection.opened", "o"), 2);
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -360,11 +356,7 @@ async fn a_reconnect_on_another_node_within_the_grace_fires_no_pair() {
         offline_on_b, 1,
         "the node that made the transition fires it"
     );
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }
 
 fn collect_kinds_on(events: &[Arc<LifecycleEvent>], kind: &str, node: &str) -> usize {
@@ -554,11 +546,7 @@ async fn redis_down_refuses_handshakes_and_a_restarted_redis_gets_every_connecti
     assert_eq!(stats["cluster"], want, "{stats}");
     assert_alive(&mut r).await;
     client_close(r).await;
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -580,11 +568,7 @@ async fn admit_local_admits_during_an_outage_and_settles_the_limit_after_it() {
     let (_, x) = b.get("/api/clients/x").await;
     assert_eq!(x["connections"].as_array().map(Vec::len), Some(1), "{x}");
     client_close(first).await;
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -715,11 +699,7 @@ async fn a_last_close_during_an_outage_of_a_redis_that_comes_back_empty_goes_off
     assert_eq!(count(&events, "client.offline", "y"), 1, "{events:?}");
     // Only the online before the outage: registering again after it announces none.
     assert_eq!(count(&events, "client.online", "x"), 1, "{events:?}");
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -774,11 +754,7 @@ async fn admit_local_announces_a_client_once_even_when_it_was_online_elsewhere()
     assert_eq!(count(&events, "client.online", "y"), 1, "{events:?}");
     assert_eq!(count(&events, "client.offline", "x"), 1, "{events:?}");
     assert_eq!(count(&events, "client.offline", "y"), 1, "{events:?}");
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -883,9 +859,5 @@ async fn admit_local_under_replace_oldest_closes_the_oldest_once_redis_is_back()
     assert_alive(&mut second).await;
     wait_connections(&a, "x", 1).await;
     client_close(second).await;
-    a.assert_clean().await;
-    b.assert_clean().await;
-    assert_no_client_keys(&redis).await;
-    a.stop().await;
-    b.stop().await;
+    finish(&redis, [a, b]).await;
 }

@@ -36,6 +36,25 @@ fn named(
         .expect("a name on the wanted shard")
 }
 
+/// A client's registry key (its shard is the client's).
+fn client_key(client: &str) -> String {
+    format!("tether:{{c:{client}}}:conns")
+}
+
+/// SIGKILLs shard `victim` and waits until the others have marked it failed.
+fn kill_shard(cluster: &mut RedisCluster, victim: usize) {
+    cluster.shards[victim].kill();
+    cluster.wait_marked_failed(victim, true).unwrap();
+}
+
+/// Restarts shard `victim` without its data (same port and cluster config) and
+/// waits until the cluster serves every slot again.
+fn restart_shard_empty(cluster: &mut RedisCluster, victim: usize) {
+    cluster.shards[victim].restart_empty().unwrap();
+    cluster.wait_marked_failed(victim, false).unwrap();
+    cluster.wait_ok().unwrap();
+}
+
 fn channel_key(ch: &str) -> String {
     format!("tether:{{{ch}}}:meta")
 }
@@ -85,13 +104,7 @@ async fn a_dead_shard_fails_only_its_own_channels_and_they_come_back() {
     let b = node_off(&cluster, "b", victim).await;
     let live = named(&cluster, "live", channel_key, victim, false);
     let dead = named(&cluster, "dead", channel_key, victim, true);
-    let client = named(
-        &cluster,
-        "u",
-        |n| format!("tether:{{c:{n}}}:conns"),
-        victim,
-        false,
-    );
+    let client = named(&cluster, "u", client_key, victim, false);
     let (mut ws, _) = b.ws(&format!("?client={client}")).await;
     for ch in [&live, &dead] {
         assert_eq!(subscribe(&mut ws, ch, None).await["type"], "subscribed");
@@ -230,11 +243,9 @@ async fn admission_fails_only_for_clients_whose_keys_are_on_the_dead_shard() {
     let mut cluster = RedisCluster::start(3).unwrap();
     let victim = victim(&cluster);
     let a = node_off(&cluster, "a", victim).await;
-    let client_key = |n: &str| format!("tether:{{c:{n}}}:conns");
     let on_dead = named(&cluster, "d", client_key, victim, true);
     let on_live = named(&cluster, "l", client_key, victim, false);
-    cluster.shards[victim].kill();
-    cluster.wait_marked_failed(victim, true).unwrap();
+    kill_shard(&mut cluster, victim);
     assert!(ready_within(&a, true).await, "ready with one shard down");
     // `on_unavailable = "reject"` (the default): refused 503 broker_unavailable.
     let (status, body) = refused(&a, &format!("?client={on_dead}")).await;
@@ -247,9 +258,7 @@ async fn admission_fails_only_for_clients_whose_keys_are_on_the_dead_shard() {
     assert_alive(&mut ws).await;
     client_close(ws).await;
 
-    cluster.shards[victim].restart_empty().unwrap();
-    cluster.wait_marked_failed(victim, false).unwrap();
-    cluster.wait_ok().unwrap();
+    restart_shard_empty(&mut cluster, victim);
     let mut admitted = None;
     for _ in 0..100 {
         if let Ok((ws, _)) =
@@ -354,16 +363,9 @@ async fn a_node_whose_own_record_is_on_the_dead_shard_is_not_ready() {
     let off_id = named(&cluster, "off", record, victim, false);
     let on = node_with(BrokerKind::RedisCluster, &cluster.url(), &on_id, quick).await;
     let off = node_with(BrokerKind::RedisCluster, &cluster.url(), &off_id, quick).await;
-    let client = named(
-        &cluster,
-        "u",
-        |n| format!("tether:{{c:{n}}}:conns"),
-        victim,
-        false,
-    );
+    let client = named(&cluster, "u", client_key, victim, false);
 
-    cluster.shards[victim].kill();
-    cluster.wait_marked_failed(victim, true).unwrap();
+    kill_shard(&mut cluster, victim);
     assert!(
         ready_within(&on, false).await,
         "its registry is unreachable"
@@ -379,9 +381,7 @@ async fn a_node_whose_own_record_is_on_the_dead_shard_is_not_ready() {
     assert_alive(&mut ws).await;
     client_close(ws).await;
 
-    cluster.shards[victim].restart_empty().unwrap();
-    cluster.wait_marked_failed(victim, false).unwrap();
-    cluster.wait_ok().unwrap();
+    restart_shard_empty(&mut cluster, victim);
     assert!(
         ready_within(&on, true).await,
         "ready again once its shard is back"
@@ -399,16 +399,9 @@ async fn a_kick_across_nodes_is_acknowledged_with_a_shard_down() {
     let victim = victim(&cluster);
     let a = node_off(&cluster, "a", victim).await;
     let b = node_off(&cluster, "b", victim).await;
-    let client = named(
-        &cluster,
-        "k",
-        |n| format!("tether:{{c:{n}}}:conns"),
-        victim,
-        false,
-    );
+    let client = named(&cluster, "k", client_key, victim, false);
     let (mut ws, _) = b.ws(&format!("?client={client}")).await;
-    cluster.shards[victim].kill();
-    cluster.wait_marked_failed(victim, true).unwrap();
+    kill_shard(&mut cluster, victim);
     let (status, body) = a
         .post("/api/disconnect", json!({"client_id": client}))
         .await;
